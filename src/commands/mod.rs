@@ -1,0 +1,3 @@
+//! What each command-line verb does, given its parsed arguments.
+
+pub mod hub;

@@ -1,0 +1,141 @@
+//! The device registry over REST: `PUT/GET/DELETE /devices/{id}`, `GET /devices`, and the
+//! registry and service statistics.
+
+use axum::extract::{Path, Query};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{authorize, if_match, ApiError, ApiVersion, AppState};
+use crate::hub::auth::Permission;
+use crate::hub::registry::{DeviceSpec, DeviceStatus};
+
+/// The part of a Device document a client may set.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceBody {
+    device_id: Option<String>,
+    status: Option<DeviceStatus>,
+    status_reason: Option<String>,
+    authentication: Option<Authentication>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    symmetric_key: Option<SymmetricKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKey {
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+pub async fn create_or_update(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
+    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("device body: {}", e.body_text())))?;
+    if body.device_id.as_deref().is_some_and(|b| b != id) {
+        return Err(ApiError::bad_request("deviceId in the body differs from the one in the path"));
+    }
+    let authentication = body.authentication;
+    if let Some(kind) = authentication.as_ref().and_then(|a| a.kind.as_deref()) {
+        if !kind.eq_ignore_ascii_case("sas") {
+            return Err(ApiError::bad_request(format!(
+                "authentication type {kind:?} is not supported by this hub; use \"sas\""
+            )));
+        }
+    }
+    let keys = authentication.and_then(|a| a.symmetric_key);
+    let status = body.status.unwrap_or(DeviceStatus::Enabled);
+    let spec = DeviceSpec {
+        id: id.clone(),
+        status,
+        status_reason: body.status_reason,
+        primary_key: keys.as_ref().and_then(|k| k.primary_key.clone()),
+        secondary_key: keys.and_then(|k| k.secondary_key),
+    };
+    let device = match if_match(&headers) {
+        None => state.registry.create(spec)?,
+        Some(etag) => {
+            let device = state.registry.update_identity(spec, Some(etag))?;
+            if status == DeviceStatus::Disabled {
+                // A disabled device is disconnected at once, as on IoT Hub.
+                state.sessions.remove(&id);
+            }
+            device
+        }
+    };
+    Ok(Json(device))
+}
+
+pub async fn get_one(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryRead)?;
+    Ok(Json(state.registry.get(&id, |d| d.to_device_json())?))
+}
+
+pub async fn delete(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
+    state.registry.delete(&id, if_match(&headers))?;
+    state.sessions.remove(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    top: Option<usize>,
+}
+
+pub async fn list(
+    state: AppState,
+    version: Query<ApiVersion>,
+    Query(params): Query<ListParams>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryRead)?;
+    let top = params.top.unwrap_or(1000).min(1000);
+    Ok(Json(Value::Array(state.registry.list(top))))
+}
+
+pub async fn statistics(
+    state: AppState,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryRead)?;
+    let stats = state.registry.stats();
+    Ok(Json(json!({
+        "totalDeviceCount": stats.total,
+        "enabledDeviceCount": stats.enabled,
+        "disabledDeviceCount": stats.disabled,
+    })))
+}
+
+pub async fn service_statistics(
+    state: AppState,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
+    Ok(Json(json!({ "connectedDeviceCount": state.registry.stats().connected })))
+}

@@ -1,0 +1,147 @@
+//! The service side of the hub: the IoT Hub REST API (api-version 2021-04-12) over HTTPS.
+//!
+//! `serve` accepts TLS connections and runs each through hyper with the axum router built in
+//! `router`. Handlers live by resource: `devices` (registry and statistics), `twins` (twins
+//! and direct methods), `query` (`POST /devices/query`), `events` (the simdevice extension
+//! that reads recent telemetry). Every handler first checks the caller's SAS token for the
+//! permission the operation needs (`authorize`).
+
+mod devices;
+mod error;
+mod events;
+mod query;
+mod twins;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::Service;
+
+pub use error::ApiError;
+
+use super::auth::{self, Permission};
+use super::HubState;
+
+type AppState = State<Arc<HubState>>;
+
+/// Time a client has to finish its TLS handshake.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn router(state: Arc<HubState>) -> Router {
+    Router::new()
+        .route("/devices", get(devices::list))
+        .route(
+            "/devices/{id}",
+            get(devices::get_one)
+                .put(devices::create_or_update)
+                .delete(devices::delete),
+        )
+        .route("/statistics/devices", get(devices::statistics))
+        .route("/statistics/service", get(devices::service_statistics))
+        .route(
+            "/twins/{id}",
+            get(twins::get_twin).patch(twins::update).put(twins::replace),
+        )
+        .route("/twins/{id}/methods", post(twins::invoke_method))
+        .route("/devices/query", post(query::run))
+        .route("/simdevice/events", get(events::list))
+        .fallback(|| async {
+            ApiError::from(super::error::IotHubError::new(
+                crate::protocol::error_code::ErrorCode::ArgumentInvalid,
+                "no such operation in the IoT Hub service API",
+            ))
+            .with_status(axum::http::StatusCode::NOT_FOUND)
+        })
+        .with_state(state)
+}
+
+/// The `api-version` every request carries; any version is accepted, none is an error.
+#[derive(Deserialize)]
+pub struct ApiVersion {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+/// Checks the SAS token and the api-version of a request.
+fn authorize(
+    state: &HubState,
+    headers: &HeaderMap,
+    query: &Query<ApiVersion>,
+    needed: Permission,
+) -> Result<(), ApiError> {
+    if query.api_version.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::bad_request("the api-version query parameter is required"));
+    }
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    auth::authorize_service(state, header, needed).map_err(|failure| {
+        tracing::info!(reason = %failure, "service request refused");
+        ApiError::unauthorized()
+    })?;
+    Ok(())
+}
+
+fn if_match(headers: &HeaderMap) -> Option<&str> {
+    headers.get("if-match").and_then(|v: &HeaderValue| v.to_str().ok())
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let app = router(state);
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = socket.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "API TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(move |request| app.clone().call(request));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,306 @@
+//! The local IoT Hub: an emulator of Azure IoT Hub for devices (MQTT over TLS) and services
+//! (the REST API over HTTPS), with its state in a directory.
+//!
+//! [`Hub::start`] loads or creates the state (CA, policies, registry), binds both listeners and
+//! returns a handle; [`Hub::shutdown`] stops the listeners and every connection. The pieces:
+//! `tls` (certificates), `store` (SQLite), `auth` (policies and SAS checks), `registry`
+//! (devices), `twins` (where twin changes are applied), `methods` (direct method calls),
+//! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
+//! messages), `mqtt` (the device listener) and `api` (the service REST API).
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod methods;
+pub mod mqtt;
+pub mod query;
+pub mod registry;
+pub mod sessions;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod twins;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::protocol::connection_string::{DeviceConnectionString, ServiceConnectionString};
+use crate::protocol::sas;
+
+/// Events kept for `GET /simdevice/events`.
+const RECENT_EVENTS: usize = 10_000;
+/// The MQTT port every device SDK dials.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+pub const DEFAULT_API_PORT: u16 = 8443;
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub state_dir: PathBuf,
+    pub bind: IpAddr,
+    pub mqtt_port: u16,
+    pub api_port: u16,
+    /// Names besides `localhost` and the loopback addresses to put in the server certificate.
+    pub hostnames: Vec<String>,
+    pub auto_register: bool,
+}
+
+impl HubConfig {
+    /// A hub on loopback with OS-chosen ports: what tests use.
+    pub fn ephemeral(state_dir: &Path) -> HubConfig {
+        HubConfig {
+            state_dir: state_dir.to_owned(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            mqtt_port: 0,
+            api_port: 0,
+            hostnames: Vec::new(),
+            auto_register: false,
+        }
+    }
+}
+
+/// What `hub.json` says, for scripts and for `simdevice service --local`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HubInfo {
+    pub hostname: String,
+    pub mqtt_port: u16,
+    pub api_port: u16,
+    pub ca_file: PathBuf,
+    pub service_connection_string: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<String>,
+}
+
+impl HubInfo {
+    pub const FILE_NAME: &'static str = "hub.json";
+
+    pub fn read(state_dir: &Path) -> Result<HubInfo, HubError> {
+        let path = state_dir.join(Self::FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| HubError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| HubError::BadInfo {
+            path,
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a hub.json this version understands: {reason}")]
+    BadInfo { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("loading the registry: {0}")]
+    Registry(#[from] error::IotHubError),
+}
+
+/// Everything the listeners and the API share.
+pub struct HubState {
+    pub host_names: auth::HostNames,
+    pub policies: auth::Policies,
+    pub registry: registry::Registry,
+    pub sessions: sessions::Sessions,
+    pub methods: methods::MethodCalls,
+    pub telemetry: telemetry::Telemetry,
+    /// Set with `--auto-register`: devices whose key derives from it register themselves.
+    pub group_key: Option<String>,
+}
+
+/// A running hub.
+pub struct Hub {
+    state: Arc<HubState>,
+    info: HubInfo,
+    mqtt_addr: SocketAddr,
+    api_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HubError::Bind { addr, source })
+}
+
+impl Hub {
+    pub async fn start(config: HubConfig) -> Result<Hub, HubError> {
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).map_err(|source| HubError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let identity = tls::load_or_create(dir, &config.hostnames)?;
+        let store = Arc::new(store::Store::open(&dir.join("hub.db"))?);
+        let policies = auth::Policies::load_or_create(&store)?;
+        let group_key = if config.auto_register {
+            Some(match store.setting("group_key")? {
+                Some(key) => key,
+                None => {
+                    let key = sas::generate_key();
+                    store.put_setting("group_key", &key)?;
+                    key
+                }
+            })
+        } else {
+            None
+        };
+        let registry = registry::Registry::load(store)?;
+
+        let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
+        let api_listener = bind(config.bind, config.api_port).await?;
+        let mqtt_addr = mqtt_listener.local_addr().map_err(|source| HubError::Bind {
+            addr: SocketAddr::new(config.bind, config.mqtt_port),
+            source,
+        })?;
+        let api_addr = api_listener.local_addr().map_err(|source| HubError::Bind {
+            addr: SocketAddr::new(config.bind, config.api_port),
+            source,
+        })?;
+
+        let owner = policies
+            .get("iothubowner")
+            .expect("the default policies always include iothubowner");
+        let info = HubInfo {
+            hostname: "localhost".into(),
+            mqtt_port: mqtt_addr.port(),
+            api_port: api_addr.port(),
+            ca_file: std::path::absolute(&identity.ca_file).unwrap_or(identity.ca_file.clone()),
+            service_connection_string: ServiceConnectionString {
+                host_name: format!("localhost:{}", api_addr.port()),
+                shared_access_key_name: owner.name.clone(),
+                shared_access_key: owner.primary_key.clone(),
+            }
+            .to_string(),
+            group_key: group_key.clone(),
+        };
+
+        let state = Arc::new(HubState {
+            host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
+            policies,
+            registry,
+            sessions: sessions::Sessions::default(),
+            methods: methods::MethodCalls::default(),
+            telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
+            group_key,
+        });
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+        tasks.spawn(mqtt::listener::serve(
+            mqtt_listener,
+            acceptor.clone(),
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(api::serve(
+            api_listener,
+            acceptor,
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+
+        let info_path = dir.join(HubInfo::FILE_NAME);
+        let text = serde_json::to_string_pretty(&info).expect("HubInfo always serializes");
+        write_private(&info_path, &text)?;
+        Ok(Hub {
+            state,
+            info,
+            mqtt_addr,
+            api_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn info(&self) -> &HubInfo {
+        &self.info
+    }
+
+    pub fn state(&self) -> &Arc<HubState> {
+        &self.state
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The connection string a device uses to reach this hub. `GatewayHostName` carries the
+    /// MQTT port when it is not the standard 8883 (the agent honours it; SDKs that dial 8883
+    /// need the standard port).
+    pub fn device_connection_string(&self, device_id: &str) -> Option<String> {
+        let key = self
+            .state
+            .registry
+            .get(device_id, |d| d.primary_key.clone())
+            .ok()?;
+        let gateway = (self.mqtt_addr.port() != DEFAULT_MQTT_PORT)
+            .then(|| format!("localhost:{}", self.mqtt_addr.port()));
+        Some(
+            DeviceConnectionString {
+                host_name: self.info.hostname.clone(),
+                device_id: device_id.to_string(),
+                module_id: None,
+                shared_access_key: Some(key),
+                shared_access_signature: None,
+                gateway_host_name: gateway,
+                x509: false,
+            }
+            .to_string(),
+        )
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), HubError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_err = |source| HubError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    // Written under a temporary name and renamed, so a reader never sees half a file.
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.write_all(text.as_bytes()).map_err(io_err)?;
+    std::fs::rename(&tmp, path).map_err(io_err)
+}

@@ -1,0 +1,343 @@
+//! One device connection, from TLS handshake to close.
+//!
+//! The task owns the socket: it decodes packets from the device and acts on them, and it
+//! writes what the rest of the hub sends through the session's channel. As IoT Hub does, it
+//! answers most protocol violations by closing the connection (QoS 2 publish, undocumented or
+//! foreign topics, oversize or malformed packets, a second CONNECT). It also closes when the
+//! keep-alive (1.5 x the client's) or the SAS token runs out, when a newer connection takes
+//! over the identity, and when the hub stops. Each close is logged once with its reason.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck,
+    SubscribeReasonCode, UnsubAck,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::auth::{self, DeviceLogin};
+use crate::hub::registry::LiveStats;
+use crate::hub::sessions::{Attached, Outbound};
+use crate::hub::{twins, HubState};
+use crate::protocol::topic::{
+    parse_device_publish, parse_subscription, twin_response_topic, DevicePublish,
+    SubscriptionKind,
+};
+
+/// Time a new connection has for its TLS handshake and CONNECT.
+pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// Time a write to a device may take before the device counts as gone.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest packet accepted: a 256 KB message plus topic and header room.
+pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 8 * 1024;
+/// Largest telemetry message: body plus property names and values.
+pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
+/// The hub's keep-alive cap: 1.5 x 1177 s.
+const MAX_IDLE: Duration = Duration::from_secs(1767);
+
+type Stream = TlsStream<TcpStream>;
+
+pub async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    handshake_permit: OwnedSemaphorePermit,
+) {
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let opened = tokio::time::timeout(CONNECT_DEADLINE, async {
+        let mut stream = acceptor.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
+        let packet = read_packet(&mut stream, &mut inbuf).await?;
+        Ok::<_, String>((stream, packet))
+    })
+    .await;
+    let (mut stream, first) = match opened {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, reason, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT within the deadline; closed");
+            return;
+        }
+    };
+    let Packet::Connect(connect) = first else {
+        tracing::debug!(%peer, "first packet was not CONNECT; closed");
+        return;
+    };
+    let (username, password) = match &connect.login {
+        Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
+        None => (None, None),
+    };
+    let login = match auth::authenticate_device(&state, &connect.client_id, username, password) {
+        Ok(login) => login,
+        Err(failure) => {
+            tracing::info!(%peer, client_id = %connect.client_id, reason = %failure, "device refused (CONNACK 5)");
+            let mut out = BytesMut::new();
+            let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
+            let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    drop(handshake_permit);
+
+    let Ok(live) = state.registry.get(&login.device_id, |d| d.live.clone()) else {
+        return;
+    };
+    let attached = state.sessions.attach(&login.device_id, connect.clean_session);
+    live.connected.store(true, Ordering::Relaxed);
+    live.touch();
+    let keep_alive = match connect.keep_alive {
+        0 => MAX_IDLE,
+        secs => (Duration::from_secs(u64::from(secs)) * 3 / 2).min(MAX_IDLE),
+    };
+    tracing::info!(device = %login.device_id, %peer, session_present = attached.session_present,
+        keep_alive_s = connect.keep_alive, "device connected");
+
+    let connection_id = attached.connection_id;
+    let mut connection = Connection {
+        device_id: Arc::from(login.device_id.as_str()),
+        state: &state,
+        live: &live,
+        out: BytesMut::with_capacity(256),
+    };
+    let reason = connection
+        .run(&mut stream, &mut inbuf, attached, &login, keep_alive, &shutdown)
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    if state.sessions.detach(&login.device_id, connection_id) {
+        live.connected.store(false, Ordering::Relaxed);
+    }
+    tracing::info!(device = %login.device_id, %peer, reason, "device disconnected");
+}
+
+/// Reads until one whole packet is buffered.
+async fn read_packet(stream: &mut Stream, inbuf: &mut BytesMut) -> Result<Packet, String> {
+    loop {
+        match Packet::read(inbuf, MAX_PACKET_SIZE) {
+            Ok(packet) => return Ok(packet),
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("malformed packet: {e}")),
+        }
+        match stream.read_buf(inbuf).await {
+            Ok(0) => return Err("closed by the peer".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+}
+
+fn unix_to_instant(unix: u64) -> Instant {
+    let now = chrono::Utc::now().timestamp().max(0) as u64;
+    Instant::now() + Duration::from_secs(unix.saturating_sub(now))
+}
+
+struct Connection<'a> {
+    device_id: Arc<str>,
+    state: &'a HubState,
+    live: &'a LiveStats,
+    out: BytesMut,
+}
+
+/// Why the loop ended; logged once.
+type CloseReason = String;
+
+impl Connection<'_> {
+    async fn run(
+        &mut self,
+        stream: &mut Stream,
+        inbuf: &mut BytesMut,
+        mut attached: Attached,
+        login: &DeviceLogin,
+        keep_alive: Duration,
+        shutdown: &CancellationToken,
+    ) -> CloseReason {
+        let _ = ConnAck::new(ConnectReturnCode::Success, attached.session_present)
+            .write(&mut self.out);
+        for publish in std::mem::take(&mut attached.resend) {
+            let _ = publish.write(&mut self.out);
+        }
+        let token_expires = unix_to_instant(login.token_expiry);
+        let mut idle_deadline = Instant::now() + keep_alive;
+        loop {
+            if !self.out.is_empty() {
+                match tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&self.out)).await {
+                    Ok(Ok(())) => self.out.clear(),
+                    Ok(Err(e)) => return format!("write failed: {e}"),
+                    Err(_) => return "the device stopped reading (write timed out)".into(),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return "the hub is stopping".into(),
+                _ = tokio::time::sleep_until(token_expires) => return "the SAS token expired".into(),
+                _ = tokio::time::sleep_until(idle_deadline) => return "keep-alive timed out".into(),
+                outbound = attached.rx.recv() => match outbound {
+                    Some(Outbound::Publish(publish)) => {
+                        let _ = publish.write(&mut self.out);
+                    }
+                    None => return "replaced by a newer connection, or the device was removed".into(),
+                },
+                read = stream.read_buf(inbuf) => match read {
+                    Ok(0) => return "closed by the device".into(),
+                    Err(e) => return format!("read failed: {e}"),
+                    Ok(_) => {
+                        idle_deadline = Instant::now() + keep_alive;
+                        self.live.touch();
+                        if let Err(reason) = self.handle_buffered(inbuf) {
+                            // Flush what was answered before the violation, then close.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.out)).await;
+                            return reason;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Handles every complete packet in the buffer.
+    fn handle_buffered(&mut self, inbuf: &mut BytesMut) -> Result<(), CloseReason> {
+        loop {
+            match Packet::read(inbuf, MAX_PACKET_SIZE) {
+                Ok(packet) => self.handle(packet)?,
+                Err(rumqttc::Error::InsufficientBytes(_)) => return Ok(()),
+                Err(e) => return Err(format!("malformed packet: {e}")),
+            }
+        }
+    }
+
+    fn handle(&mut self, packet: Packet) -> Result<(), CloseReason> {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(publish),
+            Packet::PubAck(ack) => {
+                self.state.sessions.acknowledge(&self.device_id, ack.pkid);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => {
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                for filter in &subscribe.filters {
+                    let kind = parse_subscription(&filter.path, &self.device_id)
+                        .map_err(|e| format!("subscription refused: {e}"))?;
+                    let granted = self.state.sessions.subscribe(&self.device_id, kind, filter.qos);
+                    codes.push(SubscribeReasonCode::Success(granted));
+                }
+                let _ = SubAck::new(subscribe.pkid, codes).write(&mut self.out);
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                for topic in &unsubscribe.topics {
+                    let kind = parse_subscription(topic, &self.device_id)
+                        .map_err(|e| format!("unsubscribe refused: {e}"))?;
+                    self.state.sessions.unsubscribe(&self.device_id, kind);
+                }
+                let _ = UnsubAck::new(unsubscribe.pkid).write(&mut self.out);
+                Ok(())
+            }
+            Packet::PingReq => {
+                let _ = PingResp.write(&mut self.out);
+                Ok(())
+            }
+            Packet::Disconnect => Err("the device disconnected".into()),
+            Packet::Connect(_) => Err("a second CONNECT on one connection".into()),
+            other => Err(format!("unexpected packet {:?}", packet_name(&other))),
+        }
+    }
+
+    fn on_publish(&mut self, publish: Publish) -> Result<(), CloseReason> {
+        if publish.qos == QoS::ExactlyOnce {
+            return Err("QoS 2 is not supported".into());
+        }
+        let message = parse_device_publish(&publish.topic, &self.device_id)
+            .map_err(|e| format!("publish refused: {e}"))?;
+        match message {
+            DevicePublish::Telemetry { properties } => {
+                let size = publish.payload.len() + properties.size_for_limit();
+                if size > MAX_MESSAGE_SIZE {
+                    return Err(format!(
+                        "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
+                    ));
+                }
+                self.state
+                    .telemetry
+                    .record(self.device_id.clone(), properties, publish.payload.clone());
+                self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
+                self.puback(&publish);
+            }
+            DevicePublish::TwinGet { rid } => {
+                self.puback(&publish);
+                let (status, body) = match twins::device_view(self.state, &self.device_id) {
+                    Ok(view) => (200, serde_json::to_vec(&view).unwrap_or_default()),
+                    Err(e) => (500, error_body(500, &e.message)),
+                };
+                self.twin_response(status, &rid, None, body);
+            }
+            DevicePublish::TwinReportedPatch { rid } => {
+                self.puback(&publish);
+                match twins::patch_reported(self.state, &self.device_id, &publish.payload) {
+                    Ok(version) => self.twin_response(204, &rid, Some(version), Vec::new()),
+                    Err(e) => {
+                        tracing::info!(device = %self.device_id, rid, error = %e.message, "reported patch refused");
+                        self.twin_response(400, &rid, None, error_body(400, &e.message));
+                    }
+                }
+            }
+            DevicePublish::MethodResponse { status, rid } => {
+                self.puback(&publish);
+                if !self.state.methods.complete(&self.device_id, &rid, status, &publish.payload) {
+                    tracing::debug!(device = %self.device_id, rid, "method answer for no waiting call");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn puback(&mut self, publish: &Publish) {
+        if publish.qos == QoS::AtLeastOnce {
+            let _ = PubAck::new(publish.pkid).write(&mut self.out);
+        }
+    }
+
+    /// Sends a twin response if the device subscribed to them (as MQTT requires).
+    fn twin_response(&mut self, status: u16, rid: &str, version: Option<u64>, body: Vec<u8>) {
+        let topic = twin_response_topic(status, rid, version);
+        if let Err(reason) = self.state.sessions.deliver(
+            &self.device_id,
+            SubscriptionKind::TwinResponses,
+            topic,
+            Bytes::from(body),
+        ) {
+            tracing::warn!(device = %self.device_id, rid, %reason, "twin response not delivered");
+        }
+    }
+}
+
+/// The error body of a twin response: some SDKs look only for `errorCode`.
+fn error_body(status: u16, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "errorCode": status, "message": message }))
+        .unwrap_or_default()
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    match packet {
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingResp => "PINGRESP",
+        _ => "packet",
+    }
+}

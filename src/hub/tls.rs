@@ -1,0 +1,151 @@
+//! The hub's TLS identity: a local certificate authority kept in the state directory and a
+//! server certificate signed by it on every start.
+//!
+//! Clients trust `ca.pem`; the CA key never leaves the state directory (mode 0600). The server
+//! certificate is re-issued at each start so that new `--hostname` names take effect at once.
+//! Keys are ECDSA P-256: the cheapest handshake for rustls (see shared/docs/performance.md).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Datelike;
+use rcgen::{
+    date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+const CA_CERT_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const CA_COMMON_NAME: &str = "simdevice local IoT Hub CA";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read or write {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("the TLS configuration was refused: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("{path} is not a usable CA key: {reason}")]
+    BadCaKey { path: PathBuf, reason: String },
+}
+
+/// What the listeners need: the server configuration, and where clients find the CA.
+pub struct TlsIdentity {
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub ca_file: PathBuf,
+    pub ca_pem: String,
+}
+
+/// Loads the CA from `state_dir` (creating it on first use) and issues a fresh server
+/// certificate for `localhost`, `127.0.0.1`, `::1` and every name in `extra_names`.
+pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> Result<TlsIdentity, TlsError> {
+    let ca_file = state_dir.join(CA_CERT_FILE);
+    let ca_key_file = state_dir.join(CA_KEY_FILE);
+    let (ca_key, ca_pem) = if ca_key_file.exists() && ca_file.exists() {
+        let key_pem = read(&ca_key_file)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::BadCaKey {
+            path: ca_key_file.clone(),
+            reason: e.to_string(),
+        })?;
+        (key, read(&ca_file)?)
+    } else {
+        let key = KeyPair::generate()?;
+        let cert = ca_params().self_signed(&key)?;
+        write_private(&ca_key_file, &key.serialize_pem())?;
+        write(&ca_file, &cert.pem())?;
+        (key, cert.pem())
+    };
+    // rcgen signs with a `Certificate` value; rebuilding it from the same parameters and key
+    // gives the same subject and key identifier as the stored ca.pem, so what it signs chains
+    // to the file clients trust.
+    let ca_cert = ca_params().self_signed(&ca_key)?;
+
+    let server_key = KeyPair::generate()?;
+    let server_cert = server_params(extra_names)?.signed_by(&server_key, &ca_cert, &ca_key)?;
+    let chain = vec![server_cert.der().clone(), ca_cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
+    Ok(TlsIdentity {
+        server_config: Arc::new(server_config),
+        ca_file,
+        ca_pem,
+    })
+}
+
+fn ca_params() -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, CA_COMMON_NAME);
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = date_time_ymd(2024, 1, 1);
+    params.not_after = date_time_ymd(2049, 12, 31);
+    params
+}
+
+fn server_params(extra_names: &[String]) -> Result<CertificateParams, TlsError> {
+    let mut names = vec!["localhost".to_string()];
+    names.extend(extra_names.iter().cloned());
+    let mut params = CertificateParams::new(names)?;
+    for ip in ["127.0.0.1", "::1"] {
+        let addr = ip.parse().expect("a literal IP address");
+        params.subject_alt_names.push(SanType::IpAddress(addr));
+    }
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "localhost");
+    params.distinguished_name = name;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let year = chrono::Utc::now().year();
+    params.not_before = date_time_ymd(year - 1, 1, 1);
+    params.not_after = date_time_ymd(year + 2, 1, 1);
+    Ok(params)
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), TlsError> {
+    fs::write(path, text).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io_err = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err)?;
+    file.write_all(text.as_bytes()).map_err(io_err)
+}
+
+/// Reads PEM certificates, for clients that trust the hub's CA.
+pub fn parse_pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, io::Error> {
+    rustls_pemfile::certs(&mut pem.as_bytes()).collect()
+}

@@ -1,0 +1,17 @@
+//! simdevice: a simulated Azure IoT device and a local Azure IoT Hub to run it against.
+//!
+//! - [`protocol`]: pure IoT Hub conventions (connection strings, SAS tokens, topics, property
+//!   bags, twin documents), shared by every side so they cannot drift apart. No I/O.
+//! - [`hub`]: the local IoT Hub emulator (device MQTT over TLS, service REST API over HTTPS).
+//! - [`service`]: a client of the service REST API of any hub, behind `simdevice service`.
+//! - [`cli`] and [`commands`]: the command line and what each verb does.
+//! - [`logging`]: tracing set-up.
+//!
+//! ARCHITECTURE.md at the repository root has the map and the message flows.
+
+pub mod cli;
+pub mod commands;
+pub mod hub;
+pub mod logging;
+pub mod protocol;
+pub mod service;

@@ -1,0 +1,20 @@
+//! Tracing set-up: human-readable lines by default, JSON with `--log-format json`, filtered by
+//! `RUST_LOG` (default `info`). Logs go to stderr; stdout is for command output.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(error) = result {
+        eprintln!("logging is already set up: {error}");
+    }
+}

@@ -1,0 +1,35 @@
+//! The `simdevice` binary: parse the command line, start logging, run one verb, map its error
+//! to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use simdevice::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    simdevice::logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
+        match cli.command {
+            Command::Hub(args) => {
+                simdevice::commands::hub::run(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Service(args) => Ok(simdevice::service::cli::run(args).await),
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

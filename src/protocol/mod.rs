@@ -1,0 +1,15 @@
+//! Pure Azure IoT Hub conventions shared by the device agent and the hub emulator: percent-encoding,
+//! connection strings, SAS tokens, property bags, MQTT topic names, twin documents and patch merging,
+//! direct-method requests and service error codes.
+//!
+//! Nothing here does I/O: no tokio, no sockets, no files, no clock reads (callers pass the time in).
+//! Both sides build and parse the wire format through these functions, so they cannot drift apart.
+
+pub mod connection_string;
+pub mod encoding;
+pub mod error_code;
+pub mod method;
+pub mod property_bag;
+pub mod sas;
+pub mod topic;
+pub mod twin;

@@ -1,0 +1,351 @@
+//! Test support: an in-process hub on 127.0.0.1 with free ports, a raw MQTT-over-TLS device
+//! that speaks packet by packet (to test refusals exactly), and a service REST client.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::{Connect, Login, Packet, Publish, QoS, Subscribe};
+use serde_json::Value;
+use simdevice::hub::registry::{DeviceSpec, DeviceStatus};
+use simdevice::hub::{Hub, HubConfig};
+use simdevice::protocol::sas;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestHub {
+    pub hub: Hub,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut HubConfig)) -> TestHub {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = HubConfig::ephemeral(dir.path());
+        adjust(&mut config);
+        let hub = Hub::start(config).await.expect("hub starts");
+        TestHub { hub, dir }
+    }
+
+    /// Registers a device and returns its primary key.
+    pub fn add_device(&self, id: &str) -> String {
+        self.hub
+            .state()
+            .registry
+            .create(DeviceSpec {
+                id: id.into(),
+                status: DeviceStatus::Enabled,
+                status_reason: None,
+                primary_key: None,
+                secondary_key: None,
+            })
+            .expect("device created");
+        self.device_key(id)
+    }
+
+    pub fn device_key(&self, id: &str) -> String {
+        self.hub
+            .state()
+            .registry
+            .get(id, |d| d.primary_key.clone())
+            .expect("device exists")
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(&self.hub.info().ca_file).expect("CA file")
+    }
+
+    pub fn tls_connector(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in simdevice::hub::tls::parse_pem_certificates(&self.ca_pem()).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    pub fn service(&self) -> Service {
+        Service::new(self, "iothubowner")
+    }
+
+    pub async fn stop(self) {
+        self.hub.shutdown().await;
+    }
+}
+
+pub fn now() -> u64 {
+    chrono::Utc::now().timestamp() as u64
+}
+
+/// A device token for `localhost/devices/{id}` valid for an hour.
+pub fn device_token(id: &str, key: &str) -> String {
+    sas::generate_token(&sas::device_resource("localhost", id, None), key, None, now() + 3600)
+        .unwrap()
+}
+
+pub fn connect_packet(id: &str, password: &str, clean_session: bool, keep_alive: u16) -> Connect {
+    let mut connect = Connect::new(id);
+    connect.clean_session = clean_session;
+    connect.keep_alive = keep_alive;
+    connect.login = Some(Login::new(
+        format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=simdevice-tests"),
+        password,
+    ));
+    connect
+}
+
+/// A device that speaks MQTT packet by packet over TLS.
+pub struct RawDevice {
+    pub stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+    next_pkid: u16,
+}
+
+impl RawDevice {
+    pub async fn open(hub: &TestHub) -> RawDevice {
+        let tcp = TcpStream::connect(hub.hub.mqtt_addr()).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = hub.tls_connector().connect(name, tcp).await.unwrap();
+        RawDevice {
+            stream,
+            buf: BytesMut::new(),
+            next_pkid: 0,
+        }
+    }
+
+    /// Opens a connection and sends CONNECT; returns the device and the CONNACK code.
+    pub async fn connect_with(hub: &TestHub, connect: Connect) -> (RawDevice, rumqttc::ConnAck) {
+        let mut device = Self::open(hub).await;
+        device.send(Packet::Connect(connect)).await;
+        match device.recv().await {
+            Some(Packet::ConnAck(ack)) => (device, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Connects with the device's key; panics unless accepted.
+    pub async fn connect(hub: &TestHub, id: &str, key: &str) -> RawDevice {
+        let (device, ack) =
+            Self::connect_with(hub, connect_packet(id, &device_token(id, key), false, 60)).await;
+        assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+        device
+    }
+
+    pub async fn send(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, 1 << 20).unwrap();
+        self.send_bytes(&out).await;
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        // A write may fail once the hub has closed; the test then sees the close on recv.
+        let _ = self.stream.write_all(bytes).await;
+        let _ = self.stream.flush().await;
+    }
+
+    /// The next packet, or None when the hub closed the connection. Panics after WAIT.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT).await.expect("no packet and no close in time")
+    }
+
+    /// Ok(None): closed; Err: nothing within `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match Packet::read(&mut self.buf, 1 << 20) {
+                Ok(packet) => return Ok(Some(packet)),
+                Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("hub sent a malformed packet: {e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Asserts that the hub closes the connection (after any packets it still sends).
+    pub async fn expect_closed(&mut self) {
+        loop {
+            match self.recv().await {
+                None => return,
+                Some(Packet::PubAck(_)) | Some(Packet::SubAck(_)) => continue,
+                Some(other) => panic!("expected the hub to close, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn pkid(&mut self) -> u16 {
+        self.next_pkid += 1;
+        self.next_pkid
+    }
+
+    pub async fn publish(&mut self, topic: &str, qos: QoS, payload: impl Into<Vec<u8>>) -> u16 {
+        let mut publish = Publish::new(topic, qos, payload);
+        if qos != QoS::AtMostOnce {
+            publish.pkid = self.pkid();
+        }
+        let pkid = publish.pkid;
+        self.send(Packet::Publish(publish)).await;
+        pkid
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> rumqttc::SubAck {
+        let mut subscribe = Subscribe::new(filter, qos);
+        subscribe.pkid = self.pkid();
+        self.send(Packet::Subscribe(subscribe)).await;
+        loop {
+            match self.recv().await {
+                Some(Packet::SubAck(ack)) => return ack,
+                Some(_) => continue,
+                None => panic!("closed while waiting for SUBACK to {filter}"),
+            }
+        }
+    }
+
+    /// Waits for the next PUBLISH from the hub, acknowledging QoS 1 ones.
+    pub async fn next_publish(&mut self) -> Publish {
+        loop {
+            match self.recv().await {
+                Some(Packet::Publish(publish)) => {
+                    if publish.qos == QoS::AtLeastOnce {
+                        self.send(Packet::PubAck(rumqttc::PubAck::new(publish.pkid))).await;
+                    }
+                    return publish;
+                }
+                Some(_) => continue,
+                None => panic!("closed while waiting for a publish"),
+            }
+        }
+    }
+
+    /// Twin GET over MQTT; returns (status, body).
+    pub async fn twin_get(&mut self, rid: &str) -> (u16, Value) {
+        self.publish(&format!("$iothub/twin/GET/?$rid={rid}"), QoS::AtLeastOnce, " ")
+            .await;
+        let publish = self.next_publish().await;
+        assert!(publish.topic.contains(&format!("$rid={rid}")), "{}", publish.topic);
+        (status_of(&publish.topic), serde_json::from_slice(&publish.payload).unwrap())
+    }
+
+    /// Reported patch over MQTT; returns the response topic and body.
+    pub async fn twin_patch(&mut self, rid: &str, body: &str) -> (u16, String, Vec<u8>) {
+        self.publish(
+            &format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            body,
+        )
+        .await;
+        let publish = self.next_publish().await;
+        (status_of(&publish.topic), publish.topic, publish.payload.to_vec())
+    }
+}
+
+/// The status segment of `$iothub/twin/res/{status}/...`.
+pub fn status_of(topic: &str) -> u16 {
+    topic.split('/').nth(3).unwrap().parse().unwrap()
+}
+
+/// A service REST client with a policy's token.
+pub struct Service {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn error_code(&self) -> Option<u64> {
+        self.body["errorCode"].as_u64()
+    }
+}
+
+impl Service {
+    pub fn new(hub: &TestHub, policy: &str) -> Service {
+        let key = hub
+            .hub
+            .state()
+            .policies
+            .get(policy)
+            .expect("policy")
+            .primary_key
+            .clone();
+        Self::with_key(hub, policy, &key, now() + 3600)
+    }
+
+    pub fn with_key(hub: &TestHub, policy: &str, key: &str, expiry: u64) -> Service {
+        let host = format!("localhost:{}", hub.hub.api_addr().port());
+        let token = sas::generate_token(&host, key, Some(policy), expiry).unwrap();
+        let ca = reqwest::Certificate::from_pem(hub.ca_pem().as_bytes()).unwrap();
+        let client = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .resolve("localhost", hub.hub.api_addr())
+            .build()
+            .unwrap();
+        Service {
+            client,
+            base: format!("https://{host}"),
+            token,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version=2021-04-12", self.base);
+        let mut request = self
+            .client
+            .request(method, url)
+            .header("Authorization", &self.token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request sent");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.call(reqwest::Method::GET, path, None, &[]).await
+    }
+}
