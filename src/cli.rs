@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "simdevice", version, about = "A simulated Azure IoT device, and a local Azure IoT Hub to run it against")]
+#[command(
+    name = "simdevice",
+    version,
+    about = "A simulated Azure IoT device, and a local Azure IoT Hub to run it against"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -45,7 +45,11 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path) {
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
-    let _ = writeln!(out, "  state directory:  {} (hub.json has all of this)", state_dir.display());
+    let _ = writeln!(
+        out,
+        "  state directory:  {} (hub.json has all of this)",
+        state_dir.display()
+    );
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
     if info.group_key.is_some() {
@@ -53,7 +57,10 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path) {
     }
     let ids = hub.state().registry.ids();
     if ids.is_empty() {
-        let _ = writeln!(out, "  no devices yet: `simdevice service --local device create ID`");
+        let _ = writeln!(
+            out,
+            "  no devices yet: `simdevice service --local device create ID`"
+        );
     } else {
         let _ = writeln!(out, "  devices:");
         for id in ids {

@@ -242,7 +242,8 @@ pub fn authenticate_device(
     if !state.host_names.accepts(host) {
         return Err(AuthFailure::WrongHost(host.to_string()));
     }
-    let password = password.ok_or_else(|| AuthFailure::Malformed("no password (SAS token)".into()))?;
+    let password =
+        password.ok_or_else(|| AuthFailure::Malformed("no password (SAS token)".into()))?;
     let token = SasToken::parse(password).map_err(|e| AuthFailure::Malformed(e.to_string()))?;
     let (token_host, token_device) = token
         .resource
@@ -275,10 +276,14 @@ pub fn authenticate_device(
     })
 }
 
-fn verify_device_key(state: &HubState, token: &SasToken, device_id: &str) -> Result<(), AuthFailure> {
-    let keys = state
-        .registry
-        .get(device_id, |d| (d.primary_key.clone(), d.secondary_key.clone()));
+fn verify_device_key(
+    state: &HubState,
+    token: &SasToken,
+    device_id: &str,
+) -> Result<(), AuthFailure> {
+    let keys = state.registry.get(device_id, |d| {
+        (d.primary_key.clone(), d.secondary_key.clone())
+    });
     match (keys, &state.group_key) {
         (Ok((primary, secondary)), _) => verify_with_any(token, [&primary, &secondary]),
         (Err(_), Some(group_key)) => {

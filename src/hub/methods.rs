@@ -30,7 +30,9 @@ pub struct MethodCalls {
 }
 
 impl MethodCalls {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<MethodResult>)>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<MethodResult>)>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -102,6 +104,8 @@ pub async fn invoke(
         .deliver(
             device_id,
             SubscriptionKind::Methods,
+            // Method calls travel at QoS 0, as on IoT Hub: a lost call times out.
+            rumqttc::QoS::AtMostOnce,
             method_request_topic(&invocation.method_name, &rid),
             Bytes::from(payload),
         )
@@ -137,7 +141,10 @@ async fn wait_until_reachable(
         let changed = state.sessions.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if state.sessions.is_reachable(device_id, SubscriptionKind::Methods) {
+        if state
+            .sessions
+            .is_reachable(device_id, SubscriptionKind::Methods)
+        {
             return Ok(());
         }
         if tokio::time::timeout_at(deadline, changed).await.is_err() {

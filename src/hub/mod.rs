@@ -169,10 +169,12 @@ impl Hub {
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
         let api_listener = bind(config.bind, config.api_port).await?;
-        let mqtt_addr = mqtt_listener.local_addr().map_err(|source| HubError::Bind {
-            addr: SocketAddr::new(config.bind, config.mqtt_port),
-            source,
-        })?;
+        let mqtt_addr = mqtt_listener
+            .local_addr()
+            .map_err(|source| HubError::Bind {
+                addr: SocketAddr::new(config.bind, config.mqtt_port),
+                source,
+            })?;
         let api_addr = api_listener.local_addr().map_err(|source| HubError::Bind {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,

@@ -110,7 +110,10 @@ impl Sessions {
         };
         session.clean = clean_session;
         // Dropping the old handle closes the old connection's channel: it ends itself.
-        session.connection = Some(ConnectionHandle { id: connection_id, tx });
+        session.connection = Some(ConnectionHandle {
+            id: connection_id,
+            tx,
+        });
         let resend = session
             .inflight
             .values()
@@ -185,17 +188,18 @@ impl Sessions {
 
     /// Whether the device is connected now and subscribed to `kind`.
     pub fn is_reachable(&self, device_id: &str, kind: SubscriptionKind) -> bool {
-        self.lock().get(device_id).is_some_and(|s| {
-            s.connection.is_some() && s.subscription(kind).is_some()
-        })
+        self.lock()
+            .get(device_id)
+            .is_some_and(|s| s.connection.is_some() && s.subscription(kind).is_some())
     }
 
-    /// Sends a message to a connected, subscribed device at the QoS it subscribed with.
-    /// QoS 1 messages stay in the session until acknowledged.
+    /// Sends a message to a connected, subscribed device at the lower of `max_qos` and the
+    /// QoS it subscribed with. QoS 1 messages stay in the session until acknowledged.
     pub fn deliver(
         &self,
         device_id: &str,
         kind: SubscriptionKind,
+        max_qos: QoS,
         topic: String,
         payload: Bytes,
     ) -> Result<(), DeliveryError> {
@@ -203,9 +207,14 @@ impl Sessions {
         let session = sessions
             .get_mut(device_id)
             .ok_or(DeliveryError::NotConnected)?;
-        let qos = session
+        let granted = session
             .subscription(kind)
             .ok_or(DeliveryError::NotSubscribed)?;
+        let qos = if granted == QoS::AtMostOnce || max_qos == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
         if session.connection.is_none() {
             return Err(DeliveryError::NotConnected);
         }
@@ -244,7 +253,13 @@ mod tests {
         assert!(!first.session_present);
         sessions.subscribe("d1", SubscriptionKind::CloudToDevice, QoS::ExactlyOnce);
         sessions
-            .deliver("d1", SubscriptionKind::CloudToDevice, "t".into(), Bytes::from("x"))
+            .deliver(
+                "d1",
+                SubscriptionKind::CloudToDevice,
+                QoS::AtLeastOnce,
+                "t".into(),
+                Bytes::from("x"),
+            )
             .unwrap();
         let Some(Outbound::Publish(sent)) = first.rx.recv().await else {
             panic!("expected a publish");
@@ -252,7 +267,10 @@ mod tests {
         assert_eq!(sent.qos, QoS::AtLeastOnce, "QoS 2 is granted as 1");
 
         let second = sessions.attach("d1", false);
-        assert!(first.rx.recv().await.is_none(), "the old connection is told to end");
+        assert!(
+            first.rx.recv().await.is_none(),
+            "the old connection is told to end"
+        );
         assert!(second.session_present);
         assert_eq!(second.resend.len(), 1);
         assert!(second.resend[0].dup);
@@ -271,7 +289,13 @@ mod tests {
     fn delivery_needs_a_connection_and_a_subscription() {
         let sessions = Sessions::default();
         let send = |s: &Sessions| {
-            s.deliver("d1", SubscriptionKind::Methods, "t".into(), Bytes::new())
+            s.deliver(
+                "d1",
+                SubscriptionKind::Methods,
+                QoS::AtMostOnce,
+                "t".into(),
+                Bytes::new(),
+            )
         };
         assert_eq!(send(&sessions), Err(DeliveryError::NotConnected));
         let attached = sessions.attach("d1", false);

@@ -61,7 +61,9 @@ impl Store {
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent, so the poison flag
         // carries no information worth stopping for.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn load_devices(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -88,8 +90,9 @@ impl Store {
 
     pub fn load_policies(&self) -> Result<Vec<PolicyRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn
-            .prepare("SELECT name, primary_key, secondary_key, rights FROM policies ORDER BY name")?;
+        let mut stmt = conn.prepare(
+            "SELECT name, primary_key, secondary_key, rights FROM policies ORDER BY name",
+        )?;
         let rows = stmt.query_map([], |row| {
             Ok(PolicyRow {
                 name: row.get(0)?,

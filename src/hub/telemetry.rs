@@ -35,8 +35,14 @@ impl Event {
         for (key, value) in self.properties.system_properties() {
             system.insert(system_property_name(key), json!(value));
         }
-        system.insert("iothub-connection-device-id".into(), json!(&*self.device_id));
-        system.insert("iothub-connection-auth-method".into(), json!("{\"scope\":\"device\",\"type\":\"sas\",\"issuer\":\"iothub\"}"));
+        system.insert(
+            "iothub-connection-device-id".into(),
+            json!(&*self.device_id),
+        );
+        system.insert(
+            "iothub-connection-auth-method".into(),
+            json!("{\"scope\":\"device\",\"type\":\"sas\",\"issuer\":\"iothub\"}"),
+        );
         system.insert("iothub-enqueuedtime".into(), json!(enqueued));
         let mut properties = Map::new();
         for (key, value) in self.properties.application_properties() {

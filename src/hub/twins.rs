@@ -127,7 +127,10 @@ fn tags_and_desired(body: &Value) -> Result<(Option<&Value>, Option<&Value>), Io
     if body
         .get("properties")
         .and_then(|p| p.get("reported"))
-        .is_some_and(|r| r.as_object().is_some_and(|o| o.keys().any(|k| !k.starts_with('$'))))
+        .is_some_and(|r| {
+            r.as_object()
+                .is_some_and(|o| o.keys().any(|k| !k.starts_with('$')))
+        })
     {
         return Err(IotHubError::argument(
             "reported properties are set by the device only",
@@ -136,14 +139,19 @@ fn tags_and_desired(body: &Value) -> Result<(Option<&Value>, Option<&Value>), Io
     Ok((tags, desired))
 }
 
-fn merged_tags(current: &Map<String, Value>, patch: &Value) -> Result<Map<String, Value>, IotHubError> {
+fn merged_tags(
+    current: &Map<String, Value>,
+    patch: &Value,
+) -> Result<Map<String, Value>, IotHubError> {
     twin::validate_patch(Section::Tags, patch).map_err(|e| IotHubError::argument(e.to_string()))?;
     let patch = patch
         .as_object()
         .ok_or_else(|| IotHubError::argument("tags must be a JSON object"))?;
     let mut tags = current.clone();
     twin::merge_patch(&mut tags, patch);
-    let size = serde_json::to_vec(&tags).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&tags)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if size > TAGS_LIMIT {
         return Err(IotHubError::new(
             ErrorCode::ArgumentInvalid,
@@ -168,6 +176,7 @@ fn push_desired(state: &HubState, device_id: &str, version: u64, body: Bytes) {
     if let Err(reason) = state.sessions.deliver(
         device_id,
         SubscriptionKind::DesiredPatches,
+        rumqttc::QoS::AtLeastOnce,
         desired_patch_topic(version),
         body,
     ) {

@@ -28,6 +28,11 @@ impl TestHub {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut HubConfig)) -> TestHub {
+        // RUST_LOG=debug shows the hub's log in failing tests.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = HubConfig::ephemeral(dir.path());
         adjust(&mut config);
@@ -93,8 +98,13 @@ pub fn now() -> u64 {
 
 /// A device token for `localhost/devices/{id}` valid for an hour.
 pub fn device_token(id: &str, key: &str) -> String {
-    sas::generate_token(&sas::device_resource("localhost", id, None), key, None, now() + 3600)
-        .unwrap()
+    sas::generate_token(
+        &sas::device_resource("localhost", id, None),
+        key,
+        None,
+        now() + 3600,
+    )
+    .unwrap()
 }
 
 pub fn connect_packet(id: &str, password: &str, clean_session: bool, keep_alive: u16) -> Connect {
@@ -160,7 +170,9 @@ impl RawDevice {
 
     /// The next packet, or None when the hub closed the connection. Panics after WAIT.
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT).await.expect("no packet and no close in time")
+        self.recv_within(WAIT)
+            .await
+            .expect("no packet and no close in time")
     }
 
     /// Ok(None): closed; Err: nothing within `limit`.
@@ -225,7 +237,8 @@ impl RawDevice {
             match self.recv().await {
                 Some(Packet::Publish(publish)) => {
                     if publish.qos == QoS::AtLeastOnce {
-                        self.send(Packet::PubAck(rumqttc::PubAck::new(publish.pkid))).await;
+                        self.send(Packet::PubAck(rumqttc::PubAck::new(publish.pkid)))
+                            .await;
                     }
                     return publish;
                 }
@@ -237,11 +250,22 @@ impl RawDevice {
 
     /// Twin GET over MQTT; returns (status, body).
     pub async fn twin_get(&mut self, rid: &str) -> (u16, Value) {
-        self.publish(&format!("$iothub/twin/GET/?$rid={rid}"), QoS::AtLeastOnce, " ")
-            .await;
+        self.publish(
+            &format!("$iothub/twin/GET/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            " ",
+        )
+        .await;
         let publish = self.next_publish().await;
-        assert!(publish.topic.contains(&format!("$rid={rid}")), "{}", publish.topic);
-        (status_of(&publish.topic), serde_json::from_slice(&publish.payload).unwrap())
+        assert!(
+            publish.topic.contains(&format!("$rid={rid}")),
+            "{}",
+            publish.topic
+        );
+        (
+            status_of(&publish.topic),
+            serde_json::from_slice(&publish.payload).unwrap(),
+        )
     }
 
     /// Reported patch over MQTT; returns the response topic and body.
@@ -253,7 +277,11 @@ impl RawDevice {
         )
         .await;
         let publish = self.next_publish().await;
-        (status_of(&publish.topic), publish.topic, publish.payload.to_vec())
+        (
+            status_of(&publish.topic),
+            publish.topic,
+            publish.payload.to_vec(),
+        )
     }
 }
 

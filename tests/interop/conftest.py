@@ -129,6 +129,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """When an SDK call fails on an HTTP status, show the request and the hub's whole answer.
+
+    msrest's own message is only "Operation returned an invalid status code 'Not Found'".
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None:
+        return
+    response = getattr(call.excinfo.value, "response", None)
+    request = getattr(response, "request", None)
+    if response is None or request is None or not hasattr(response, "status_code"):
+        return
+    body = request.body.decode(errors="replace") if isinstance(request.body, bytes) else request.body
+    report.sections.append(
+        (
+            "HTTP exchange with the hub",
+            "{} {}\nrequest body: {}\n-> {} {}\nresponse headers: {}\nresponse body: {}".format(
+                request.method,
+                request.url,
+                body,
+                response.status_code,
+                getattr(response, "reason", ""),
+                dict(response.headers),
+                (response.text or "")[:2000],
+            ),
+        )
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # the hub process
 

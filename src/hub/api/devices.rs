@@ -44,9 +44,12 @@ pub async fn create_or_update(
     body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::RegistryWrite)?;
-    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("device body: {}", e.body_text())))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("device body: {}", e.body_text())))?;
     if body.device_id.as_deref().is_some_and(|b| b != id) {
-        return Err(ApiError::bad_request("deviceId in the body differs from the one in the path"));
+        return Err(ApiError::bad_request(
+            "deviceId in the body differs from the one in the path",
+        ));
     }
     let authentication = body.authentication;
     if let Some(kind) = authentication.as_ref().and_then(|a| a.kind.as_deref()) {
@@ -137,5 +140,7 @@ pub async fn service_statistics(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    Ok(Json(json!({ "connectedDeviceCount": state.registry.stats().connected })))
+    Ok(Json(
+        json!({ "connectedDeviceCount": state.registry.stats().connected }),
+    ))
 }

@@ -31,5 +31,7 @@ pub async fn list(
         params.after.unwrap_or(0),
         params.limit.unwrap_or(1000).min(10_000),
     );
-    Ok(Json(Value::Array(events.iter().map(|e| e.to_json()).collect())))
+    Ok(Json(Value::Array(
+        events.iter().map(|e| e.to_json()).collect(),
+    )))
 }

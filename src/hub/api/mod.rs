@@ -50,7 +50,9 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/statistics/service", get(devices::service_statistics))
         .route(
             "/twins/{id}",
-            get(twins::get_twin).patch(twins::update).put(twins::replace),
+            get(twins::get_twin)
+                .patch(twins::update)
+                .put(twins::replace),
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
         .route("/devices/query", post(query::run))
@@ -80,7 +82,9 @@ fn authorize(
     needed: Permission,
 ) -> Result<(), ApiError> {
     if query.api_version.as_deref().is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request("the api-version query parameter is required"));
+        return Err(ApiError::bad_request(
+            "the api-version query parameter is required",
+        ));
     }
     let header = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -93,7 +97,9 @@ fn authorize(
 }
 
 fn if_match(headers: &HeaderMap) -> Option<&str> {
-    headers.get("if-match").and_then(|v: &HeaderValue| v.to_str().ok())
+    headers
+        .get("if-match")
+        .and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
 pub async fn serve(
@@ -121,7 +127,8 @@ pub async fn serve(
         let app = app.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await {
+            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "API TLS handshake failed");

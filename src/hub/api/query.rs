@@ -31,7 +31,8 @@ pub async fn run(
     body: Result<Json<QueryBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    let Json(body) = body.map_err(|e| ApiError::bad_request(format!("query body: {}", e.body_text())))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::bad_request(format!("query body: {}", e.body_text())))?;
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let documents = match parsed.source() {
         Source::Devices => state.registry.twin_documents(),
@@ -45,12 +46,20 @@ pub async fn run(
     let page_size = header_usize(&headers, "x-ms-max-item-count")?
         .unwrap_or(DEFAULT_PAGE)
         .clamp(1, MAX_PAGE);
-    let start = match headers.get("x-ms-continuation").and_then(|v| v.to_str().ok()) {
+    let start = match headers
+        .get("x-ms-continuation")
+        .and_then(|v| v.to_str().ok())
+    {
         None | Some("") => 0,
         Some(token) => decode_token(token)?,
     };
     let total = result.items.len();
-    let page: Vec<Value> = result.items.into_iter().skip(start).take(page_size).collect();
+    let page: Vec<Value> = result
+        .items
+        .into_iter()
+        .skip(start)
+        .take(page_size)
+        .collect();
     let next = start + page.len();
     let mut response = Json(Value::Array(page)).into_response();
     let response_headers = response.headers_mut();

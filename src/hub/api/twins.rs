@@ -37,7 +37,12 @@ pub async fn update(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let patch = body(patch)?;
-    Ok(Json(twins::update(&state, &id, &patch, if_match(&headers))?))
+    Ok(Json(twins::update(
+        &state,
+        &id,
+        &patch,
+        if_match(&headers),
+    )?))
 }
 
 pub async fn replace(
@@ -49,7 +54,12 @@ pub async fn replace(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let twin = body(twin)?;
-    Ok(Json(twins::replace(&state, &id, &twin, if_match(&headers))?))
+    Ok(Json(twins::replace(
+        &state,
+        &id,
+        &twin,
+        if_match(&headers),
+    )?))
 }
 
 pub async fn invoke_method(

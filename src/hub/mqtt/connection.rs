@@ -30,8 +30,7 @@ use crate::hub::registry::LiveStats;
 use crate::hub::sessions::{Attached, Outbound};
 use crate::hub::{twins, HubState};
 use crate::protocol::topic::{
-    parse_device_publish, parse_subscription, twin_response_topic, DevicePublish,
-    SubscriptionKind,
+    parse_device_publish, parse_subscription, twin_response_topic, DevicePublish, SubscriptionKind,
 };
 
 /// Time a new connection has for its TLS handshake and CONNECT.
@@ -57,7 +56,10 @@ pub async fn serve(
 ) {
     let mut inbuf = BytesMut::with_capacity(1024);
     let opened = tokio::time::timeout(CONNECT_DEADLINE, async {
-        let mut stream = acceptor.accept(socket).await.map_err(|e| format!("TLS: {e}"))?;
+        let mut stream = acceptor
+            .accept(socket)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
         let packet = read_packet(&mut stream, &mut inbuf).await?;
         Ok::<_, String>((stream, packet))
     })
@@ -97,7 +99,9 @@ pub async fn serve(
     let Ok(live) = state.registry.get(&login.device_id, |d| d.live.clone()) else {
         return;
     };
-    let attached = state.sessions.attach(&login.device_id, connect.clean_session);
+    let attached = state
+        .sessions
+        .attach(&login.device_id, connect.clean_session);
     live.connected.store(true, Ordering::Relaxed);
     live.touch();
     let keep_alive = match connect.keep_alive {
@@ -115,7 +119,14 @@ pub async fn serve(
         out: BytesMut::with_capacity(256),
     };
     let reason = connection
-        .run(&mut stream, &mut inbuf, attached, &login, keep_alive, &shutdown)
+        .run(
+            &mut stream,
+            &mut inbuf,
+            attached,
+            &login,
+            keep_alive,
+            &shutdown,
+        )
         .await;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     if state.sessions.detach(&login.device_id, connection_id) {
@@ -165,8 +176,8 @@ impl Connection<'_> {
         keep_alive: Duration,
         shutdown: &CancellationToken,
     ) -> CloseReason {
-        let _ = ConnAck::new(ConnectReturnCode::Success, attached.session_present)
-            .write(&mut self.out);
+        let _ =
+            ConnAck::new(ConnectReturnCode::Success, attached.session_present).write(&mut self.out);
         for publish in std::mem::take(&mut attached.resend) {
             let _ = publish.write(&mut self.out);
         }
@@ -230,7 +241,10 @@ impl Connection<'_> {
                 for filter in &subscribe.filters {
                     let kind = parse_subscription(&filter.path, &self.device_id)
                         .map_err(|e| format!("subscription refused: {e}"))?;
-                    let granted = self.state.sessions.subscribe(&self.device_id, kind, filter.qos);
+                    let granted = self
+                        .state
+                        .sessions
+                        .subscribe(&self.device_id, kind, filter.qos);
                     codes.push(SubscribeReasonCode::Success(granted));
                 }
                 let _ = SubAck::new(subscribe.pkid, codes).write(&mut self.out);
@@ -269,9 +283,11 @@ impl Connection<'_> {
                         "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
                     ));
                 }
-                self.state
-                    .telemetry
-                    .record(self.device_id.clone(), properties, publish.payload.clone());
+                self.state.telemetry.record(
+                    self.device_id.clone(),
+                    properties,
+                    publish.payload.clone(),
+                );
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
             }
@@ -295,7 +311,11 @@ impl Connection<'_> {
             }
             DevicePublish::MethodResponse { status, rid } => {
                 self.puback(&publish);
-                if !self.state.methods.complete(&self.device_id, &rid, status, &publish.payload) {
+                if !self
+                    .state
+                    .methods
+                    .complete(&self.device_id, &rid, status, &publish.payload)
+                {
                     tracing::debug!(device = %self.device_id, rid, "method answer for no waiting call");
                 }
             }
@@ -315,6 +335,7 @@ impl Connection<'_> {
         if let Err(reason) = self.state.sessions.deliver(
             &self.device_id,
             SubscriptionKind::TwinResponses,
+            QoS::AtLeastOnce,
             topic,
             Bytes::from(body),
         ) {

@@ -163,7 +163,7 @@ impl Query {
         self.ast
             .condition
             .as_ref()
-            .map_or(true, |condition| eval::matches(condition, doc))
+            .is_none_or(|condition| eval::matches(condition, doc))
     }
 }
 
