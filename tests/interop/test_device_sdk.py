@@ -5,11 +5,12 @@ import datetime
 import json
 import os
 import queue
+import time
 import uuid
 
 import pytest
 from azure.iot.device import Message, MethodResponse
-from azure.iot.device.exceptions import CredentialError
+from azure.iot.device.exceptions import ClientError, CredentialError
 from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
 
@@ -21,19 +22,36 @@ def connect(client):
     assert client.connected
 
 
+def wait_for_connection_state(registry_manager, device_id, state):
+    """What the service reports for the device (Device.connectionState) reaches `state`."""
+    wait_for(
+        lambda: call_with_timeout(registry_manager.get_device, device_id).connection_state == state,
+        timeout=10,
+        what="the service to report {} as {}".format(device_id, state),
+    )
+
+
 def test_device_connects_with_the_hub_ca(make_device, device_client_factory, registry_manager):
     device_id, _, connection_string = make_device("conn")
     client = device_client_factory(connection_string)
 
     connect(client)
 
-    device = wait_for(
-        lambda: (lambda d: d if d.connection_state == "Connected" else None)(
-            call_with_timeout(registry_manager.get_device, device_id)
-        ),
-        what="the service to report the device as Connected",
-    )
-    assert device.device_id == device_id
+    wait_for_connection_state(registry_manager, device_id, "Connected")
+
+    call_with_timeout(client.disconnect, what="disconnect")
+    wait_for_connection_state(registry_manager, device_id, "Disconnected")
+
+
+def test_device_without_the_hub_ca_does_not_trust_the_hub(make_device, device_client_factory):
+    """The hub's certificate chains to its own CA only: without it TLS verification fails."""
+    _, _, connection_string = make_device("noca")
+    client = device_client_factory(connection_string, server_verification_cert=None)
+
+    with pytest.raises(ClientError) as caught:
+        call_with_timeout(client.connect, what="connect trusting only the system CAs")
+    assert not isinstance(caught.value, CredentialError)
+    assert not client.connected
 
 
 def test_wrong_device_key_is_refused(make_device, device_client_factory, hub):
@@ -44,6 +62,14 @@ def test_wrong_device_key_is_refused(make_device, device_client_factory, hub):
     with pytest.raises(CredentialError):
         call_with_timeout(client.connect, what="connect with a wrong key")
     assert not client.connected
+
+
+def test_disabled_device_is_refused(make_device, device_client_factory):
+    _, _, connection_string = make_device("disabled", status="disabled")
+    client = device_client_factory(connection_string)
+
+    with pytest.raises(CredentialError):
+        call_with_timeout(client.connect, what="connect as a disabled device")
 
 
 def test_telemetry_reaches_the_hub_with_body_and_properties(make_device, device_client_factory, hub):
@@ -212,3 +238,56 @@ def test_direct_method_on_offline_device_is_404103(make_device, registry_manager
         )
     assert http_error_status(caught.value) == 404
     assert "404103" in http_error_text(caught.value)
+
+
+def test_subscriptions_survive_a_reconnect(make_device, device_client_factory, registry_manager):
+    """The SDK connects with clean session = 0 and never re-subscribes after a reconnect.
+
+    It relies on the hub keeping the session's subscriptions, as IoT Hub does; without that a
+    device silently stops receiving method calls and twin responses after any reconnect.
+    """
+    device_id, _, connection_string = make_device("resub")
+    client = device_client_factory(connection_string)
+    connect(client)
+
+    def on_method(request):
+        client.send_method_response(MethodResponse.create_from_method_request(request, 200, {"pong": True}))
+
+    call_with_timeout(setattr, client, "on_method_request_received", on_method, what="subscribe to methods")
+    call_with_timeout(client.get_twin, what="get_twin (subscribes to twin responses)")
+
+    call_with_timeout(client.disconnect, what="disconnect")
+    wait_for_connection_state(registry_manager, device_id, "Disconnected")
+    connect(client)
+
+    result = call_with_timeout(
+        registry_manager.invoke_device_method,
+        device_id,
+        CloudToDeviceMethod(method_name="ping", payload=None, response_timeout_in_seconds=10),
+        what="invoke_device_method after reconnect",
+    )
+    assert (result.status, result.payload) == (200, {"pong": True})
+    twin = call_with_timeout(client.get_twin, what="get_twin after reconnect")
+    assert "desired" in twin
+
+
+def test_direct_method_without_answer_times_out_with_504101(make_device, device_client_factory, registry_manager):
+    device_id, _, connection_string = make_device("silent")
+    client = device_client_factory(connection_string)
+    connect(client)
+    received = queue.Queue()
+    call_with_timeout(setattr, client, "on_method_request_received", received.put, what="subscribe to methods")
+
+    started = time.monotonic()
+    with pytest.raises(HttpOperationError) as caught:
+        call_with_timeout(
+            registry_manager.invoke_device_method,
+            device_id,
+            CloudToDeviceMethod(method_name="slow", payload={}, response_timeout_in_seconds=5),
+            what="invoke_device_method that the device never answers",
+        )
+    elapsed = time.monotonic() - started
+    assert http_error_status(caught.value) == 504
+    assert "504101" in http_error_text(caught.value)
+    assert 4.5 <= elapsed < 15, "responseTimeoutInSeconds=5 but the call took {:.1f} s".format(elapsed)
+    assert received.get(timeout=1).name == "slow"
