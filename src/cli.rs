@@ -28,6 +28,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the device agent (the daemon): telemetry, twin, direct methods.
+    Run(crate::commands::run::RunArgs),
+    /// Check the agent's configuration.
+    Config(crate::commands::config::ConfigArgs),
     /// Run a local emulator of Azure IoT Hub (device MQTT on 8883, service REST API on 8443).
     Hub(HubArgs),
     /// Talk to the service API of an IoT Hub, real or local.

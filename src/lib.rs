@@ -1,5 +1,6 @@
 //! simdevice: a simulated Azure IoT device and a local Azure IoT Hub to run it against.
 //!
+//! - [`agent`]: the device agent behind `simdevice run`, configured by [`config`].
 //! - [`protocol`]: pure IoT Hub conventions (connection strings, SAS tokens, topics, property
 //!   bags, twin documents), shared by every side so they cannot drift apart. No I/O.
 //! - [`hub`]: the local IoT Hub emulator (device MQTT over TLS, service REST API over HTTPS).
@@ -9,8 +10,10 @@
 //!
 //! ARCHITECTURE.md at the repository root has the map and the message flows.
 
+pub mod agent;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod hub;
 pub mod logging;
 pub mod protocol;

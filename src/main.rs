@@ -23,6 +23,8 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Service(args) => Ok(simdevice::service::cli::run(args).await),
+            Command::Run(args) => Ok(simdevice::commands::run::run(args).await),
+            Command::Config(args) => Ok(simdevice::commands::config::run(args)),
         }
     });
     match result {

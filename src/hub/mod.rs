@@ -5,12 +5,14 @@
 //! returns a handle; [`Hub::shutdown`] stops the listeners and every connection. The pieces:
 //! `tls` (certificates), `store` (SQLite), `auth` (policies and SAS checks), `registry`
 //! (devices), `twins` (where twin changes are applied), `methods` (direct method calls),
-//! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
-//! messages), `mqtt` (the device listener) and `api` (the service REST API).
+//! `jobs` (scheduled jobs and their scheduler task), `sessions` (MQTT sessions and the route to
+//! a connected device), `telemetry` (accepted messages), `mqtt` (the device listener) and `api`
+//! (the service REST API).
 
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod methods;
 pub mod mqtt;
 pub mod query;
@@ -121,6 +123,7 @@ pub struct HubState {
     pub registry: registry::Registry,
     pub sessions: sessions::Sessions,
     pub methods: methods::MethodCalls,
+    pub jobs: jobs::Jobs,
     pub telemetry: telemetry::Telemetry,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
     pub group_key: Option<String>,
@@ -165,6 +168,7 @@ impl Hub {
         } else {
             None
         };
+        let jobs = jobs::Jobs::load(store.clone())?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
@@ -203,6 +207,7 @@ impl Hub {
             registry,
             sessions: sessions::Sessions::default(),
             methods: methods::MethodCalls::default(),
+            jobs,
             telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
             group_key,
         });
@@ -213,6 +218,11 @@ impl Hub {
         tasks.spawn(mqtt::listener::serve(
             mqtt_listener,
             acceptor.clone(),
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        tasks.spawn(jobs::run_scheduler(
             state.clone(),
             shutdown.clone(),
             tasks.clone(),

@@ -1,7 +1,8 @@
 //! Crash-safe persistence of the hub's state in one SQLite file (`hub.db`).
 //!
 //! The store knows rows, not IoT Hub rules: devices are kept as JSON documents keyed by id,
-//! shared access policies as rows, and a few settings (the group key) as name/value pairs. It
+//! shared access policies as rows, a few settings (the group key) as name/value pairs, and
+//! scheduled jobs as JSON documents with one JSON row per (job, device). It
 //! runs in WAL mode with `synchronous=NORMAL`: a crash of the process never loses a committed
 //! write and never corrupts the file; a power cut may lose the last commits but not the file.
 //! Calls are synchronous and short (one row each), made under a mutex.
@@ -50,7 +51,10 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, primary_key TEXT NOT NULL,
                  secondary_key TEXT NOT NULL, rights TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS job_devices (job_id TEXT NOT NULL, device_id TEXT NOT NULL,
+                 doc TEXT NOT NULL, PRIMARY KEY (job_id, device_id));",
         )
         .map_err(open_err)?;
         Ok(Store {
@@ -138,6 +142,63 @@ impl Store {
     }
 }
 
+impl Store {
+    pub fn load_jobs(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, doc FROM jobs ORDER BY id")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_job(&self, id: &str, doc: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO jobs (id, doc) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+            params![id, doc],
+        )?;
+        Ok(())
+    }
+
+    /// Every per-device job row as (job id, device id, doc).
+    pub fn load_job_devices(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT job_id, device_id, doc FROM job_devices ORDER BY job_id, device_id")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Writes a job document and any number of its device rows (device id, doc) in one
+    /// transaction.
+    pub fn put_job_with_devices(
+        &self,
+        id: &str,
+        doc: Option<&str>,
+        devices: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some(doc) = doc {
+            tx.execute(
+                "INSERT INTO jobs (id, doc) VALUES (?1, ?2)
+                 ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                params![id, doc],
+            )?;
+        }
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO job_devices (job_id, device_id, doc) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(job_id, device_id) DO UPDATE SET doc = excluded.doc",
+            )?;
+            for (device_id, doc) in devices {
+                stmt.execute(params![id, device_id, doc])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +222,34 @@ mod tests {
         );
         assert_eq!(store.setting("group_key").unwrap().as_deref(), Some("k"));
         assert_eq!(store.setting("other").unwrap(), None);
+    }
+
+    #[test]
+    fn jobs_and_their_device_rows_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_job("j1", "{\"s\":1}").unwrap();
+            let rows = vec![("d1".to_string(), "{}".to_string())];
+            store
+                .put_job_with_devices("j1", Some("{\"s\":2}"), &rows)
+                .unwrap();
+            let rows = vec![("d1".to_string(), "{\"done\":true}".to_string())];
+            store.put_job_with_devices("j1", None, &rows).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.load_jobs().unwrap(),
+            vec![("j1".to_string(), "{\"s\":2}".to_string())]
+        );
+        assert_eq!(
+            store.load_job_devices().unwrap(),
+            vec![(
+                "j1".to_string(),
+                "d1".to_string(),
+                "{\"done\":true}".to_string()
+            )]
+        );
     }
 }

@@ -377,3 +377,61 @@ impl Service {
         self.call(reqwest::Method::GET, path, None, &[]).await
     }
 }
+
+/// A TCP relay between a client and a server on loopback that a test can cut and restore,
+/// to take a device offline without touching either side.
+pub struct Relay {
+    pub addr: std::net::SocketAddr,
+    state: Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (state, _) = tokio::sync::watch::channel(true);
+        let state = Arc::new(state);
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !*state.borrow() {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut up = state.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (mut a, mut b) = (inbound, outbound);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = up.wait_for(|open| !*open) => {}
+                        }
+                    });
+                }
+            }
+        });
+        Relay { addr, state, task }
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.state.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.state.send_replace(true);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -6,8 +6,10 @@ import os
 
 import pytest
 from azure.iot.hub import IoTHubJobManager, IoTHubRegistryManager
-from azure.iot.hub.models import JobRequest, QuerySpecification, Twin, TwinProperties
+from azure.iot.hub.models import CloudToDeviceMethod, JobRequest, QuerySpecification, Twin, TwinProperties
 from msrest.exceptions import HttpOperationError
+
+from azure.iot.device import MethodResponse
 
 from conftest import call_with_timeout, http_error_status, http_error_text, unique_id, wait_for
 
@@ -236,3 +238,65 @@ def test_scheduled_twin_update_job(make_device, registry_manager, hub):
     assert call_with_timeout(registry_manager.get_twin, device_id).properties.desired["jobSet"] == 7
 
     expect_http_error(404, jobs.get_scheduled_job, unique_id("nojob"), what="get an unknown job")
+
+
+def test_scheduled_device_method_job(make_device, device_client_factory, registry_manager, hub):
+    """Scenario 3: a job calls lockDoor on the devices its condition matches."""
+    device_id, _, connection_string = make_device("jobdoor")
+    client = device_client_factory(connection_string)
+    call_with_timeout(client.connect, what="IoTHubDeviceClient.connect")
+    seen = []
+
+    def on_method(request):
+        seen.append((request.name, request.payload))
+        client.send_method_response(
+            MethodResponse.create_from_method_request(
+                request, 200, {"Response": "lockDoor called successfully"}
+            )
+        )
+
+    call_with_timeout(setattr, client, "on_method_request_received", on_method, what="subscribe to methods")
+
+    jobs = IoTHubJobManager.from_connection_string(hub.service_connection_string)
+    job_id = unique_id("jobm")
+    request = JobRequest(
+        job_id=job_id,
+        type="scheduleDeviceMethod",
+        cloud_to_device_method=CloudToDeviceMethod(
+            method_name="lockDoor", payload={"lockTime": "10m"}, response_timeout_in_seconds=60
+        ),
+        query_condition="deviceId IN ['{}']".format(device_id),
+        start_time=datetime.datetime.now(datetime.timezone.utc),
+        max_execution_time_in_seconds=60,
+    )
+
+    created = call_with_timeout(jobs.create_scheduled_job, job_id, request)
+    assert created.job_id == job_id
+    assert created.type == "scheduleDeviceMethod"
+    assert created.status in {"queued", "scheduled", "running", "completed"}
+
+    def finished():
+        job = call_with_timeout(jobs.get_scheduled_job, job_id)
+        return job if job.status in {"completed", "failed", "cancelled"} else None
+
+    job = wait_for(finished, timeout=30, interval=0.5, what="the job to finish")
+    assert job.status == "completed", "job ended {} ({})".format(job.status, job.failure_reason)
+    assert job.device_job_statistics.device_count == 1
+    assert job.device_job_statistics.succeeded_count == 1
+    assert job.device_job_statistics.failed_count == 0
+    assert job.end_time is not None
+    assert seen == [("lockDoor", {"lockTime": "10m"})]
+
+    listed = call_with_timeout(jobs.query_scheduled_jobs, "scheduleDeviceMethod", "completed")
+    assert job_id in [item["jobId"] for item in listed.items]
+
+    rows = call_with_timeout(
+        registry_manager.query_iot_hub,
+        QuerySpecification(query="SELECT * FROM devices.jobs WHERE jobId = '{}'".format(job_id)),
+    )
+    assert rows.type == "DeviceJob"
+    assert [(row.device_id, row.status) for row in rows.items] == [(device_id, "completed")]
+    assert rows.items[0].additional_properties["outcome"]["deviceMethodResponse"] == {
+        "status": 200,
+        "payload": {"Response": "lockDoor called successfully"},
+    }

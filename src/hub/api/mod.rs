@@ -2,13 +2,18 @@
 //!
 //! `serve` accepts TLS connections and runs each through hyper with the axum router built in
 //! `router`. Handlers live by resource: `devices` (registry and statistics), `twins` (twins
-//! and direct methods), `query` (`POST /devices/query`), `events` (the simdevice extension
-//! that reads recent telemetry). Every handler first checks the caller's SAS token for the
-//! permission the operation needs (`authorize`).
+//! and direct methods), `query` (`POST /devices/query`), `jobs` (`/jobs/v2`), `events` (the
+//! simdevice extension that reads recent telemetry). Every handler first checks the caller's
+//! SAS token for the permission the operation needs (`authorize`).
+//!
+//! A path that is no operation of the API answers 400 with 400004 ArgumentInvalid: the status
+//! and the code agree (the code list has no generic "no such resource" 404 code), and a 4xx is
+//! never retried by the SDKs.
 
 mod devices;
 mod error;
 mod events;
+mod jobs;
 mod query;
 mod twins;
 
@@ -56,13 +61,12 @@ pub fn router(state: Arc<HubState>) -> Router {
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
         .route("/devices/query", post(query::run))
+        .route("/jobs/v2/query", get(jobs::query))
+        .route("/jobs/v2/{id}", get(jobs::get_one).put(jobs::create))
+        .route("/jobs/v2/{id}/cancel", post(jobs::cancel))
         .route("/simdevice/events", get(events::list))
         .fallback(|| async {
-            ApiError::from(super::error::IotHubError::new(
-                crate::protocol::error_code::ErrorCode::ArgumentInvalid,
-                "no such operation in the IoT Hub service API",
-            ))
-            .with_status(axum::http::StatusCode::NOT_FOUND)
+            ApiError::bad_request("no such operation in the IoT Hub service API")
         })
         .with_state(state)
 }

@@ -1,4 +1,5 @@
-//! `POST /devices/query`: runs an IoT Hub query over the twins, one page at a time.
+//! `POST /devices/query`: runs an IoT Hub query over the twins (`FROM devices`) or the
+//! per-device job rows (`FROM devices.jobs`, item type `DeviceJob`), one page at a time.
 //!
 //! The page size comes from `x-ms-max-item-count` (default 100, at most 1000). The
 //! continuation token is the offset of the next row; the header is left out on the last page,
@@ -36,8 +37,9 @@ pub async fn run(
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let documents = match parsed.source() {
         Source::Devices => state.registry.twin_documents(),
-        // This hub has no module identities and, until jobs exist, no job rows.
-        Source::DevicesModules | Source::DevicesJobs => Vec::new(),
+        Source::DevicesJobs => state.jobs.device_rows(),
+        // This hub has no module identities.
+        Source::DevicesModules => Vec::new(),
     };
     let result = parsed
         .execute(&documents)

@@ -185,7 +185,11 @@ impl Connection<'_> {
         let mut idle_deadline = Instant::now() + keep_alive;
         loop {
             if !self.out.is_empty() {
-                match tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&self.out)).await {
+                let write = async {
+                    stream.write_all(&self.out).await?;
+                    stream.flush().await
+                };
+                match tokio::time::timeout(WRITE_DEADLINE, write).await {
                     Ok(Ok(())) => self.out.clear(),
                     Ok(Err(e)) => return format!("write failed: {e}"),
                     Err(_) => return "the device stopped reading (write timed out)".into(),

@@ -1,0 +1,174 @@
+//! `simdevice run`: the device agent as a daemon. With `--local`, an IoT Hub emulator runs in
+//! the same process, the device is registered there and the agent trusts its CA, so the whole
+//! thing works with no Azure account and no set-up.
+//!
+//! Signals: SIGTERM or SIGINT stop the agent gracefully (exit 0); SIGHUP reloads the
+//! configuration file and applies the telemetry and handler settings without reconnecting.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::Agent;
+use crate::cli::default_hub_state_dir;
+use crate::config::{Config, Identity, Secret};
+use crate::hub::registry::{DeviceSpec, DeviceStatus};
+use crate::hub::{Hub, HubConfig};
+
+/// Exit code for a configuration the agent cannot run with (sysexits EX_CONFIG); the systemd
+/// unit lists it in RestartPreventExitStatus so a broken configuration does not restart-loop.
+pub const EX_CONFIG: u8 = 78;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The configuration file [default: /etc/simdevice/config.toml]
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run against a local IoT Hub started in this process (no Azure account needed).
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: the hub's state directory [default: the per-user data directory, the
+    /// same `simdevice hub` and `simdevice service --local` use]
+    #[arg(long, requires = "local", env = "SIMDEVICE_HUB_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// With --local: the device id to register and run as.
+    #[arg(long, requires = "local", default_value = "door-01")]
+    pub device_id: String,
+}
+
+pub async fn run(args: RunArgs) -> ExitCode {
+    let (config, hub) = if args.local {
+        match start_local(&args).await {
+            Ok(pair) => pair,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    } else {
+        match Config::load(args.config.as_deref()) {
+            Ok(config) => (config, None),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        }
+    };
+    let agent = match Agent::new(config) {
+        Ok(agent) => agent,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let handle = agent.handle();
+    let shutdown = CancellationToken::new();
+    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+
+    let reload_path = (!args.local).then(|| {
+        args.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH))
+    });
+    wait_for_stop(&shutdown, reload_path, &handle).await;
+    tracing::info!("stopping: finishing in-flight work");
+    shutdown.cancel();
+    if let Err(error) = agent_task.await {
+        tracing::error!(%error, "the agent task failed");
+    }
+    if let Some(hub) = hub {
+        hub.shutdown().await;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT; on SIGHUP reloads the configuration file.
+async fn wait_for_stop(
+    shutdown: &CancellationToken,
+    reload_path: Option<PathBuf>,
+    handle: &crate::agent::AgentHandle,
+) {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the agent");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => match &reload_path {
+                None => tracing::info!("SIGHUP: nothing to reload with --local"),
+                Some(path) => match Config::load(Some(path)) {
+                    Ok(config) => {
+                        if let Err(error) = handle.reload(&config) {
+                            tracing::error!(%error, "SIGHUP: the new configuration was not applied");
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "SIGHUP: the configuration has an error; keeping the running one"),
+                },
+            },
+        }
+    }
+}
+
+/// Starts the embedded hub, registers the device, and returns the agent's configuration.
+async fn start_local(args: &RunArgs) -> Result<(Config, Option<Hub>), String> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_hub_state_dir);
+    let mut hub_config = HubConfig::ephemeral(&state_dir);
+    hub_config.auto_register = false;
+    let hub = Hub::start(hub_config)
+        .await
+        .map_err(|e| format!("cannot start the local hub: {e}"))?;
+    let registry = &hub.state().registry;
+    if !registry.contains(&args.device_id) {
+        registry
+            .create(DeviceSpec {
+                id: args.device_id.clone(),
+                status: DeviceStatus::Enabled,
+                status_reason: None,
+                primary_key: None,
+                secondary_key: None,
+            })
+            .map_err(|e| format!("cannot register {}: {e}", args.device_id))?;
+    }
+    let key = registry
+        .get(&args.device_id, |d| d.primary_key.clone())
+        .map_err(|e| e.to_string())?;
+    let info = hub.info().clone();
+    let identity = Identity {
+        host_name: info.hostname.clone(),
+        device_id: args.device_id.clone(),
+        key: Secret::new(key),
+        gateway_host_name: Some(format!("localhost:{}", info.mqtt_port)),
+        ca_file: Some(info.ca_file.clone()),
+    };
+    println!(
+        "simdevice: running device {} against a local IoT Hub",
+        args.device_id
+    );
+    println!("  hub state: {} (hub.json)", state_dir.display());
+    println!(
+        "  device MQTT/TLS: localhost:{}   service HTTPS: localhost:{}",
+        info.mqtt_port, info.api_port
+    );
+    println!("From another terminal:");
+    println!(
+        "  simdevice service --local invoke {} lockDoor '{{\"lockTime\":\"10m\"}}'",
+        args.device_id
+    );
+    println!("  simdevice service --local twin show {}", args.device_id);
+    println!(
+        "  simdevice service --local twin update {} --desired '{{\"telemetryInterval\":5}}'",
+        args.device_id
+    );
+    println!("  simdevice service --local events {}", args.device_id);
+    println!("Ctrl-C stops both.");
+    Ok((Config::for_identity(identity), Some(hub)))
+}

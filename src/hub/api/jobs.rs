@@ -1,0 +1,78 @@
+//! Scheduled jobs over REST: `PUT/GET /jobs/v2/{id}`, `POST /jobs/v2/{id}/cancel` and
+//! `GET /jobs/v2/query?jobType=&jobStatus=`. The rules live in `hub::jobs`.
+//!
+//! Permissions follow Azure's how-to for jobs, which asks for a policy with registry read and
+//! registry write (`registryReadWrite`): creating and cancelling need RegistryWrite, reading
+//! and listing need RegistryRead. (`iothubowner` has both; `service` alone has neither.)
+//!
+//! The list answers an object `{"type":"jobResponse","items":[...],"continuationToken":null}`,
+//! the `QueryResult` the service SDKs deserialize, with every matching job on one page.
+
+use axum::extract::{Path, Query};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{authorize, ApiError, ApiVersion, AppState};
+use crate::hub::auth::Permission;
+use crate::hub::jobs::JobRequest;
+
+pub async fn create(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+    body: Result<Json<JobRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
+    let Json(request) =
+        body.map_err(|e| ApiError::bad_request(format!("job request: {}", e.body_text())))?;
+    Ok(Json(state.jobs.create(&id, request)?))
+}
+
+pub async fn get_one(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryRead)?;
+    Ok(Json(state.jobs.get(&id)?))
+}
+
+pub async fn cancel(
+    state: AppState,
+    Path(id): Path<String>,
+    version: Query<ApiVersion>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
+    Ok(Json(state.jobs.cancel(&id)?))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListParams {
+    job_type: Option<String>,
+    job_status: Option<String>,
+}
+
+pub async fn query(
+    state: AppState,
+    version: Query<ApiVersion>,
+    Query(params): Query<ListParams>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers, &version, Permission::RegistryRead)?;
+    let filter = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+    let items = state.jobs.list(
+        filter(&params.job_type).as_deref(),
+        filter(&params.job_status).as_deref(),
+    );
+    Ok(Json(json!({
+        "type": "jobResponse",
+        "items": items,
+        "continuationToken": null,
+    })))
+}

@@ -1,0 +1,435 @@
+//! The device agent against the in-process hub, through real TLS sockets: telemetry with
+//! contiguous sequence numbers across token renewals and hub restarts, the twin catch-up
+//! after an outage, the built-in and command methods, and desired-property acknowledgements.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use simdevice::agent::{Agent, AgentHandle};
+use simdevice::config::{CommandMethodConfig, Config, Identity, Secret};
+use tokio_util::sync::CancellationToken;
+
+fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config {
+    let mut config = Config::for_identity(Identity {
+        host_name: "localhost".into(),
+        device_id: id.into(),
+        key: Secret::new(key.to_string()),
+        gateway_host_name: Some(format!("localhost:{}", mqtt.port())),
+        ca_file: Some(hub.hub.info().ca_file.clone()),
+    });
+    config.telemetry.interval = Duration::from_millis(200);
+    config.telemetry.seed = Some(42);
+    config.connection.backoff_min = Duration::from_millis(100);
+    config.connection.backoff_max = Duration::from_millis(500);
+    config
+}
+
+struct RunningAgent {
+    handle: AgentHandle,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    fn start(config: Config) -> RunningAgent {
+        let agent = Agent::new(config).expect("agent starts");
+        let handle = agent.handle();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent.run(stop.clone()));
+        RunningAgent { handle, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("the agent stops within its grace period")
+            .unwrap();
+    }
+}
+
+/// Polls `check` until it returns Some, for at most `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn events(service: &Service, id: &str) -> Vec<Value> {
+    service
+        .get(&format!("/simdevice/events?deviceId={id}&limit=10000"))
+        .await
+        .body
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["body"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Asserts 1..=max each arrived exactly once (after de-duplication by message id).
+fn assert_contiguous(all: &[Value]) -> u64 {
+    let mut by_mid = std::collections::BTreeMap::new();
+    for event in all {
+        let mid = event["systemProperties"]["message-id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        by_mid.insert(mid, event["body"]["seq"].as_u64().unwrap());
+    }
+    let unique: BTreeSet<u64> = by_mid.values().copied().collect();
+    assert_eq!(unique.len(), by_mid.len(), "one message id per seq");
+    let max = *unique.iter().max().expect("some readings");
+    assert_eq!(
+        unique,
+        (1..=max).collect::<BTreeSet<u64>>(),
+        "no gap in seq"
+    );
+    max
+}
+
+async fn invoke(service: &Service, id: &str, method: &str, payload: Value) -> Reply {
+    let body = json!({"methodName": method, "payload": payload, "responseTimeoutInSeconds": 10});
+    service
+        .call(
+            Method::POST,
+            &format!("/twins/{id}/methods"),
+            Some(body),
+            &[],
+        )
+        .await
+}
+
+async fn reported(service: &Service, id: &str) -> Value {
+    service.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()
+}
+
+#[tokio::test]
+async fn telemetry_twin_and_methods_end_to_end() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("door-01");
+    let service = hub.service();
+    let agent = RunningAgent::start(agent_config(&hub, "door-01", &key, hub.hub.mqtt_addr()));
+
+    let readings = eventually(Duration::from_secs(10), || async {
+        let all = events(&service, "door-01").await;
+        (all.len() >= 3).then_some(all)
+    })
+    .await;
+    let first = &readings[0];
+    assert_eq!(first["body"]["id"], "door-01");
+    assert_eq!(first["body"]["seq"], 1);
+    assert!((70..=100).contains(&first["body"]["temperature"].as_i64().unwrap()));
+    assert!((70..=100).contains(&first["body"]["humidity"].as_i64().unwrap()));
+    assert!((0.0..=1.0).contains(&first["body"]["uv"].as_f64().unwrap()));
+    assert!(first["body"]["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        first["systemProperties"]["content-type"],
+        "application/json"
+    );
+    assert_eq!(first["systemProperties"]["content-encoding"], "utf-8");
+    assert!(first["properties"]["iothub-creation-time-utc"].is_string());
+    assert_ne!(
+        readings[0]["systemProperties"]["message-id"],
+        readings[1]["systemProperties"]["message-id"]
+    );
+
+    // Connectivity is reported on connect (scenario 2).
+    let twin = eventually(Duration::from_secs(10), || async {
+        let reported = reported(&service, "door-01").await;
+        reported.get("connectivity").is_some().then_some(reported)
+    })
+    .await;
+    assert_eq!(twin["connectivity"]["type"], "cellular");
+    assert!(twin["connectivity"]["signalStrengthDbm"].is_i64());
+    let query = json!({"query": "SELECT * FROM devices WHERE properties.reported.connectivity.type = 'cellular'"});
+    let found = service
+        .call(Method::POST, "/devices/query", Some(query), &[])
+        .await;
+    assert_eq!(found.body.as_array().unwrap().len(), 1);
+
+    // lockDoor with and without a payload, a bad payload, an unknown method.
+    let answer = invoke(&service, "door-01", "lockDoor", Value::Null).await;
+    assert_eq!(
+        answer.body,
+        json!({"status": 200, "payload": {"Response": "lockDoor called successfully"}})
+    );
+    let answer = invoke(&service, "door-01", "lockDoor", json!({"lockTime": "10m"})).await;
+    assert_eq!(answer.body["status"], 200);
+    let door = eventually(Duration::from_secs(10), || async {
+        let reported = reported(&service, "door-01").await;
+        reported["door"]["unlockAt"]
+            .is_string()
+            .then_some(reported["door"].clone())
+    })
+    .await;
+    assert_eq!(door["locked"], true);
+    let answer = invoke(&service, "door-01", "lockDoor", json!({"lockTime": "soon"})).await;
+    assert_eq!(answer.body["status"], 400);
+    assert!(answer.body["payload"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("soon"));
+    let answer = invoke(&service, "door-01", "selfDestruct", Value::Null).await;
+    assert_eq!(answer.body["status"], 404);
+    assert!(answer.body["payload"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("selfDestruct"));
+    let info = invoke(&service, "door-01", "getDeviceInfo", Value::Null).await;
+    assert_eq!(info.body["payload"]["deviceId"], "door-01");
+    assert!(
+        info.body["payload"]["counters"]["readingsAcknowledged"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+
+    // Desired properties are applied and acknowledged (scenario 3's twin half).
+    let patch =
+        json!({"properties": {"desired": {"building": 43, "floor": 3, "telemetryInterval": 0.5}}});
+    let updated = service
+        .call(Method::PATCH, "/twins/door-01", Some(patch), &[])
+        .await;
+    let version = updated.body["properties"]["desired"]["$version"]
+        .as_u64()
+        .unwrap();
+    let acks = eventually(Duration::from_secs(10), || async {
+        let reported = reported(&service, "door-01").await;
+        (reported["floor"]["av"] == version).then_some(reported)
+    })
+    .await;
+    assert_eq!(
+        acks["building"],
+        json!({"value": 43, "ac": 200, "av": version, "ad": "stored"})
+    );
+    assert_eq!(acks["telemetryInterval"]["ac"], 200);
+    assert_eq!(
+        agent.handle.ctx.telemetry_interval(),
+        Duration::from_millis(500)
+    );
+    let bad = json!({"properties": {"desired": {"telemetryInterval": "fast"}}});
+    service
+        .call(Method::PATCH, "/twins/door-01", Some(bad), &[])
+        .await;
+    let rejected = eventually(Duration::from_secs(10), || async {
+        let reported = reported(&service, "door-01").await;
+        (reported["telemetryInterval"]["ac"] == 400).then_some(reported)
+    })
+    .await;
+    assert!(rejected["telemetryInterval"]["ad"]
+        .as_str()
+        .unwrap()
+        .contains("number"));
+
+    agent.stop().await;
+    let state = eventually(Duration::from_secs(5), || async {
+        let twin = service.get("/twins/door-01").await.body;
+        (twin["connectionState"] == "Disconnected").then_some(())
+    })
+    .await;
+    let _ = state;
+    assert_contiguous(&events(&service, "door-01").await);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("d1");
+    let service = hub.service();
+    let relay = Relay::start(hub.hub.mqtt_addr()).await;
+    let agent = RunningAgent::start(agent_config(&hub, "d1", &key, relay.addr));
+    eventually(Duration::from_secs(10), || async {
+        (service.get("/twins/d1").await.body["connectionState"] == "Connected").then_some(())
+    })
+    .await;
+
+    relay.cut();
+    eventually(Duration::from_secs(10), || async {
+        (service.get("/twins/d1").await.body["connectionState"] == "Disconnected").then_some(())
+    })
+    .await;
+    let patch = json!({"properties": {"desired": {"floor": 7}}});
+    let updated = service
+        .call(Method::PATCH, "/twins/d1", Some(patch), &[])
+        .await;
+    let version = updated.body["properties"]["desired"]["$version"]
+        .as_u64()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.restore();
+
+    let ack = eventually(Duration::from_secs(15), || async {
+        let reported = reported(&service, "d1").await;
+        (reported["floor"]["av"] == version).then_some(reported["floor"].clone())
+    })
+    .await;
+    assert_eq!(
+        ack,
+        json!({"value": 7, "ac": 200, "av": version, "ad": "stored"})
+    );
+    // Readings produced while offline arrived after the reconnect, without a gap.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    agent.stop().await;
+    assert_contiguous(&events(&service, "d1").await);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_renewed_without_losing_or_repeating_readings() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("d1");
+    let service = hub.service();
+    let mut config = agent_config(&hub, "d1", &key, hub.hub.mqtt_addr());
+    config.connection.sas_lifetime = Duration::from_secs(2);
+    config.connection.renew_at = 0.5;
+    config.telemetry.interval = Duration::from_millis(50);
+    let agent = RunningAgent::start(config);
+    let handle = agent.handle.clone();
+    eventually(Duration::from_secs(30), || async {
+        let renewals = handle
+            .ctx
+            .counters()
+            .token_renewals
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (renewals >= 5).then_some(())
+    })
+    .await;
+    agent.stop().await;
+    let all = events(&service, "d1").await;
+    let max = assert_contiguous(&all);
+    assert_eq!(all.len() as u64, max, "no reading was delivered twice");
+    let acknowledged = handle
+        .ctx
+        .counters()
+        .readings_acknowledged
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(acknowledged, max);
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_hub_restarted_under_the_agent_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = simdevice::hub::HubConfig::ephemeral(dir.path());
+    let first = TestHub {
+        hub: simdevice::hub::Hub::start(config.clone()).await.unwrap(),
+        dir,
+    };
+    let key = first.add_device("d1");
+    config.mqtt_port = first.hub.mqtt_addr().port();
+    config.api_port = first.hub.api_addr().port();
+    let agent = RunningAgent::start(agent_config(&first, "d1", &key, first.hub.mqtt_addr()));
+    let service = first.service();
+    eventually(Duration::from_secs(10), || async {
+        (events(&service, "d1").await.len() >= 3).then_some(())
+    })
+    .await;
+
+    let mut received = events(&service, "d1").await;
+    let TestHub { hub, dir } = first;
+    hub.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = TestHub {
+        hub: simdevice::hub::Hub::start(config).await.unwrap(),
+        dir,
+    };
+    let service = second.service();
+    let produced_during_outage = eventually(Duration::from_secs(15), || async {
+        let after = events(&service, "d1").await;
+        let seqs = seqs(&after);
+        (seqs.len() >= 8).then_some(after)
+    })
+    .await;
+    agent.stop().await;
+    received.extend(events(&service, "d1").await);
+    let _ = produced_during_outage;
+    assert_contiguous(&received);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_configured_command_answers_a_method() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("d1");
+    let service = hub.service();
+    let script = hub.dir.path().join("echo-method.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nread -r payload\nprintf '{\"echo\":%s}' \"$payload\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = agent_config(&hub, "d1", &key, hub.hub.mqtt_addr());
+    config.methods.push(CommandMethodConfig {
+        name: "echo".into(),
+        command: vec![script.display().to_string()],
+        timeout: Duration::from_secs(5),
+    });
+    let agent = RunningAgent::start(config);
+    let answer = eventually(Duration::from_secs(10), || async {
+        let answer = invoke(&service, "d1", "echo", json!({"n": 1})).await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await;
+    assert_eq!(
+        answer.body,
+        json!({"status": 200, "payload": {"echo": {"n": 1}}})
+    );
+    agent.stop().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_device_backs_off_and_never_connects() {
+    let hub = TestHub::start().await;
+    hub.add_device("d1");
+    let wrong = simdevice::protocol::sas::generate_key();
+    let agent = RunningAgent::start(agent_config(&hub, "d1", &wrong, hub.hub.mqtt_addr()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connects = agent
+        .handle
+        .ctx
+        .counters()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(connects, 0);
+    let produced = agent
+        .handle
+        .ctx
+        .counters()
+        .readings_produced
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        produced > 3,
+        "telemetry keeps being produced into the queue"
+    );
+    agent.stop().await;
+    hub.stop().await;
+}
