@@ -290,7 +290,7 @@ impl Config {
         let raw: RawConfig = builder
             .build()
             .and_then(|merged| merged.try_deserialize())
-            .map_err(|error| check.from_config_error(error))?;
+            .map_err(|error| check.translate(error))?;
         check.config(raw)
     }
 
@@ -567,9 +567,6 @@ struct RawMethod {
     timeout_secs: Option<Scalar>,
 }
 
-/// Keys whose values are secret: errors about them never quote what was found.
-const SECRET_KEYS: [&str; 2] = ["identity.key", "identity.connection_string"];
-
 /// Turns raw values into checked ones, naming where each came from.
 struct Check<'a> {
     file: Option<&'a Path>,
@@ -587,15 +584,13 @@ impl Check<'_> {
         }
     }
 
-    fn from_config_error(&self, error: config::ConfigError) -> ConfigError {
-        self.from_config_error_at(error, None)
+    fn translate(&self, error: config::ConfigError) -> ConfigError {
+        self.translate_at(error, None)
     }
 
-    fn from_config_error_at(&self, error: config::ConfigError, at: Option<String>) -> ConfigError {
+    fn translate_at(&self, error: config::ConfigError, at: Option<String>) -> ConfigError {
         match error {
-            config::ConfigError::At { error, key, .. } => {
-                self.from_config_error_at(*error, key.or(at))
-            }
+            config::ConfigError::At { error, key, .. } => self.translate_at(*error, key.or(at)),
             config::ConfigError::Type {
                 unexpected,
                 expected,
@@ -603,14 +598,8 @@ impl Check<'_> {
                 ..
             } => {
                 let key = key.or(at).unwrap_or_default();
-                let found = unexpected.to_string();
-                // Never quote a string: it could be a key or a connection string.
-                let found = if found.starts_with("string") || SECRET_KEYS.contains(&key.as_str()) {
-                    "a string".to_string()
-                } else {
-                    found
-                };
-                self.invalid(&key, format!("expected {expected}, found {found}"))
+                let message = wrong_type(&unexpected.to_string(), expected);
+                self.invalid(&key, message)
             }
             config::ConfigError::Message(message) => {
                 let parent = at.unwrap_or_default();
@@ -621,10 +610,20 @@ impl Check<'_> {
                         format!("{parent}.{field}")
                     };
                     self.invalid(&key, format!("unknown key ({rest})"))
-                } else if parent.is_empty() {
-                    self.invalid("(configuration)", message)
                 } else {
-                    self.invalid(&parent, message)
+                    let message = match message
+                        .strip_prefix("invalid type: ")
+                        .and_then(|rest| rest.rsplit_once(", expected "))
+                    {
+                        Some((found, expected)) => wrong_type(found, expected),
+                        None => message,
+                    };
+                    let key = if parent.is_empty() {
+                        "(configuration)"
+                    } else {
+                        &parent
+                    };
+                    self.invalid(key, message)
                 }
             }
             config::ConfigError::FileParse { cause, .. } => ConfigError::Parse {
@@ -1082,9 +1081,24 @@ impl Check<'_> {
             .map_err(|error| self.invalid(&prefix, format!("invalid method name: {error}")))?;
         let command_key = format!("{prefix}.command");
         let Some(raw_command) = raw.command else {
+            let from_env = self
+                .env_keys
+                .keys()
+                .any(|key| key.starts_with(&format!("{prefix}.")));
+            let hint = if from_env {
+                format!(
+                    " (environment variables set keys of {prefix}, but the command can only \
+                     come from the file; environment keys are lowercased, so only a method \
+                     with a lowercase name can be overridden)"
+                )
+            } else {
+                String::new()
+            };
             return Err(self.invalid(
                 &command_key,
-                "is missing (e.g. command = [\"/usr/local/bin/reboot-device\", \"--now\"])",
+                format!(
+                    "is missing (e.g. command = [\"/usr/local/bin/reboot-device\", \"--now\"]){hint}"
+                ),
             ));
         };
         let mut command = Vec::with_capacity(raw_command.len());
@@ -1127,6 +1141,32 @@ impl Check<'_> {
             timeout,
         })
     }
+}
+
+/// "expected a table, found a string", from serde's "invalid type" parts, never quoting the
+/// value found: it could be a key or a connection string.
+fn wrong_type(found: &str, expected: &str) -> String {
+    let found = if found.starts_with("string") || found.starts_with("character") {
+        "a string"
+    } else if found.starts_with("sequence") {
+        "a list"
+    } else if found.starts_with("map") {
+        "a table"
+    } else if found.starts_with("boolean") {
+        "a boolean"
+    } else if found.starts_with("unit") {
+        "nothing"
+    } else {
+        "a number"
+    };
+    let expected = if expected.starts_with("struct") || expected == "a map" {
+        "a table"
+    } else if expected == "a sequence" {
+        "a list"
+    } else {
+        expected
+    };
+    format!("expected {expected}, found {found}")
 }
 
 /// `unknown field `x`, expected ...` (serde's wording) -> (`x`, `expected ...`).
