@@ -2,7 +2,7 @@
 //! variables `SIMDEVICE__SECTION__KEY`, checked into the types the agent uses.
 //!
 //! The layers are merged by the `config` crate into raw structs that refuse unknown keys; every
-//! leaf is read as a loose [`Scalar`] and checked here, so each error names its key
+//! leaf is read as a loose `Scalar` and checked here, so each error names its key
 //! (`telemetry.interval_secs`), the file, and the environment variable when the value came from
 //! one. Secrets (the device key, a connection string) never appear in an error, in `Debug`
 //! output or in [`Config::to_masked_toml`]. This module reads the configuration file, the key
