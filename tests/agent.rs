@@ -430,3 +430,68 @@ async fn a_refused_device_backs_off_and_never_connects() {
     agent.stop().await;
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_received() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("d1");
+    let service = hub.service();
+    let script = hub.dir.path().join("slow.sh");
+    std::fs::write(&script, "#!/bin/sh\nsleep 3\necho '{}'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = agent_config(&hub, "d1", &key, hub.hub.mqtt_addr());
+    config.methods.push(CommandMethodConfig {
+        name: "slow".into(),
+        command: vec![script.display().to_string()],
+        timeout: Duration::from_secs(10),
+    });
+    let agent = RunningAgent::start(config);
+    eventually(Duration::from_secs(10), || async {
+        (events(&service, "d1").await.len() >= 2).then_some(())
+    })
+    .await;
+
+    let slow = tokio::spawn({
+        let service = hub.service();
+        async move { invoke(&service, "d1", "slow", Value::Null).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = events(&service, "d1").await.len();
+    let started = std::time::Instant::now();
+    let quick = invoke(&service, "d1", "getDeviceInfo", Value::Null).await;
+    assert_eq!(quick.body["status"], 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "getDeviceInfo waited for the slow call"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        events(&service, "d1").await.len() > before,
+        "telemetry went on"
+    );
+    assert_eq!(slow.await.unwrap().body["status"], 200);
+
+    let body = json!({"payload": {"hello": "device"}});
+    let sent = service
+        .call(
+            Method::POST,
+            "/simdevice/devices/d1/messages/devicebound",
+            Some(body),
+            &[],
+        )
+        .await;
+    assert_eq!(sent.status, 200);
+    let counters = &agent.handle.ctx;
+    eventually(Duration::from_secs(5), || async {
+        (counters
+            .counters()
+            .cloud_to_device
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1)
+            .then_some(())
+    })
+    .await;
+    agent.stop().await;
+    hub.stop().await;
+}

@@ -686,3 +686,70 @@ async fn auto_register_accepts_keys_derived_from_the_group_key() {
     assert!(!hub.hub.state().registry.contains("fleet-0002"));
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn cloud_to_device_messages_are_delivered_and_queued_for_offline_devices() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("d1");
+    let service = hub.service();
+    let send = |payload: serde_json::Value| {
+        let service = &service;
+        async move {
+            let body =
+                json!({"payload": payload, "properties": {"kind": "note"}, "messageId": "c2d-1"});
+            service
+                .call(
+                    reqwest::Method::POST,
+                    "/simdevice/devices/d1/messages/devicebound",
+                    Some(body),
+                    &[],
+                )
+                .await
+        }
+    };
+    // Queued before the device ever connected; delivered after it connects.
+    assert_eq!(send(json!({"n": 1})).await.status, 200);
+    let (mut device, ack) = RawDevice::connect_with(
+        &hub,
+        connect_packet("d1", &device_token("d1", &key), false, 60),
+    )
+    .await;
+    assert!(!ack.session_present, "a queue is not a session to resume");
+    let message = device.next_publish().await;
+    assert_eq!(message.qos, QoS::AtLeastOnce);
+    assert!(
+        message
+            .topic
+            .starts_with("devices/d1/messages/devicebound/"),
+        "{}",
+        message.topic
+    );
+    assert!(message.topic.contains("%24.mid=c2d-1") && message.topic.contains("kind=note"));
+    assert_eq!(&message.payload[..], br#"{"n":1}"#);
+
+    // Connected and subscribed: delivered at once.
+    device
+        .subscribe("devices/d1/messages/devicebound/#", QoS::AtLeastOnce)
+        .await;
+    assert_eq!(send(json!("text")).await.status, 200);
+    assert_eq!(&device.next_publish().await.payload[..], b"text");
+
+    // At most 50 wait; the 51st is refused with an error that says so.
+    drop(device);
+    for _ in 0..50 {
+        send(json!(1)).await;
+    }
+    let refused = send(json!(1)).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.error_code(), Some(403004));
+    let unknown = service
+        .call(
+            reqwest::Method::POST,
+            "/simdevice/devices/nobody/messages/devicebound",
+            Some(json!({})),
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.error_code(), Some(404001));
+    hub.stop().await;
+}

@@ -67,12 +67,10 @@ pub async fn run(args: RunArgs) -> ExitCode {
     let shutdown = CancellationToken::new();
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
 
-    let reload_path = (!args.local).then(|| {
-        args.config
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_CONFIG_PATH))
-    });
-    wait_for_stop(&shutdown, reload_path, &handle).await;
+    // SIGHUP reloads from the same sources as at start (None: the default file, if present,
+    // and the environment); --local has no file to reload.
+    let reload = (!args.local).then_some(args.config.as_deref());
+    wait_for_stop(&shutdown, reload, &handle).await;
     tracing::info!("stopping: finishing in-flight work");
     shutdown.cancel();
     if let Err(error) = agent_task.await {
@@ -87,7 +85,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
 /// Waits for SIGTERM or SIGINT; on SIGHUP reloads the configuration file.
 async fn wait_for_stop(
     shutdown: &CancellationToken,
-    reload_path: Option<PathBuf>,
+    reload: Option<Option<&std::path::Path>>,
     handle: &crate::agent::AgentHandle,
 ) {
     let (Ok(mut term), Ok(mut hup)) = (
@@ -103,9 +101,9 @@ async fn wait_for_stop(
             _ = shutdown.cancelled() => return,
             _ = term.recv() => return,
             _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => match &reload_path {
+            _ = hup.recv() => match reload {
                 None => tracing::info!("SIGHUP: nothing to reload with --local"),
-                Some(path) => match Config::load(Some(path)) {
+                Some(path) => match Config::load(path) {
                     Ok(config) => {
                         if let Err(error) = handle.reload(&config) {
                             tracing::error!(%error, "SIGHUP: the new configuration was not applied");

@@ -55,6 +55,9 @@ struct Session {
     connection: Option<ConnectionHandle>,
     /// Set by a CONNECT with clean session = 1: the session ends with the connection.
     clean: bool,
+    /// False for a session made by a queued cloud-to-device message before any connection:
+    /// its messages carry over, but the device is told there was no session to resume.
+    connected_before: bool,
 }
 
 impl Session {
@@ -105,10 +108,14 @@ impl Sessions {
         let mut sessions = self.lock();
         let existing = sessions.remove(device_id);
         let (mut session, session_present) = match existing {
-            Some(old) if !clean_session && !old.clean => (old, true),
+            Some(old) if !clean_session && !old.clean => {
+                let present = old.connected_before;
+                (old, present)
+            }
             _ => (Session::default(), false),
         };
         session.clean = clean_session;
+        session.connected_before = true;
         // Dropping the old handle closes the old connection's channel: it ends itself.
         session.connection = Some(ConnectionHandle {
             id: connection_id,
@@ -191,6 +198,38 @@ impl Sessions {
         self.lock()
             .get(device_id)
             .is_some_and(|s| s.connection.is_some() && s.subscription(kind).is_some())
+    }
+
+    /// Queues a cloud-to-device message at QoS 1 in the device's session, creating a
+    /// persistent session if the device has none, and sends it now if the device is connected
+    /// and subscribed; otherwise it goes out when a persistent session resumes. At most
+    /// [`MAX_INFLIGHT`] wait per device.
+    pub fn enqueue_cloud_to_device(
+        &self,
+        device_id: &str,
+        topic: String,
+        payload: Bytes,
+    ) -> Result<(), DeliveryError> {
+        let mut sessions = self.lock();
+        let session = sessions.entry(device_id.to_string()).or_default();
+        if session.inflight.len() >= MAX_INFLIGHT {
+            return Err(DeliveryError::TooManyPending);
+        }
+        let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
+        publish.pkid = session.next_pkid();
+        session.inflight.insert(publish.pkid, publish.clone());
+        let subscribed = session
+            .subscription(SubscriptionKind::CloudToDevice)
+            .is_some();
+        if let (true, Some(handle)) = (subscribed, session.connection.as_ref()) {
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                handle.tx.try_send(Outbound::Publish(publish))
+            {
+                // The message stays queued; the connection that is not reading is ended.
+                session.connection = None;
+            }
+        }
+        Ok(())
     }
 
     /// Sends a message to a connected, subscribed device at the lower of `max_qos` and the

@@ -21,8 +21,8 @@ const INTERVAL_RANGE: (f64, f64) = (0.05, 86_400.0);
 pub enum BuildError {
     #[error(transparent)]
     Duplicate(#[from] RegistryError),
-    #[error("method {name:?}: {reason}")]
-    Command { name: String, reason: String },
+    #[error(transparent)]
+    Command(#[from] super::command::CommandMethodError),
 }
 
 /// The registry of a device: the built-ins, then the command methods of the configuration.
@@ -34,39 +34,37 @@ pub fn register_all(commands: &[CommandMethodConfig]) -> Result<Registry, BuildE
     registry.add_desired("telemetryInterval", Arc::new(FnDesired(telemetry_interval)))?;
     registry.set_default_desired(Arc::new(FnDesired(store_desired)));
     for config in commands {
-        let method = CommandMethod::new(config).map_err(|e| BuildError::Command {
-            name: config.name.clone(),
-            reason: e.to_string(),
-        })?;
+        let method = CommandMethod::new(config)?;
         registry.add_method(&config.name, Arc::new(method))?;
     }
     Ok(registry)
 }
 
 async fn lock_door(ctx: HandlerContext, payload: Value) -> MethodResponse {
-    let lock_time =
-        match &payload {
-            Value::Null => None,
-            Value::Object(fields) => match fields.get("lockTime") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(text)) => match parse_lock_time(text) {
-                    Ok(duration) => Some(duration),
-                    Err(message) => return MethodResponse::error(400, message),
-                },
-                Some(other) => {
-                    return MethodResponse::error(
-                        400,
-                        format!("lockTime must be a string such as \"10m\", not {other}"),
-                    )
-                }
+    let lock_time = match &payload {
+        Value::Null => None,
+        Value::Object(fields) => match fields.get("lockTime") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => match parse_lock_time(text) {
+                Ok(duration) => Some(duration),
+                Err(message) => return MethodResponse::error(400, message),
             },
-            other => return MethodResponse::error(
+            Some(other) => {
+                return MethodResponse::error(
+                    400,
+                    format!("lockTime must be a string such as \"10m\", not {other}"),
+                )
+            }
+        },
+        other => {
+            return MethodResponse::error(
                 400,
                 format!(
                     "the payload must be an object such as {{\"lockTime\":\"10m\"}}, not {other}"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let report = {
         let mut door = ctx.door();
         door.lock(chrono::Utc::now(), lock_time);

@@ -65,6 +65,10 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/jobs/v2/{id}", get(jobs::get_one).put(jobs::create))
         .route("/jobs/v2/{id}/cancel", post(jobs::cancel))
         .route("/simdevice/events", get(events::list))
+        .route(
+            "/simdevice/devices/{id}/messages/devicebound",
+            post(events::send_cloud_to_device),
+        )
         .fallback(|| async {
             ApiError::bad_request("no such operation in the IoT Hub service API")
         })

@@ -388,6 +388,15 @@ mod tests {
         let result = query.execute(&rows).expect("runs");
         assert_eq!(result.item_type, ItemType::DeviceJob);
         assert_eq!(result.items, vec![rows[0].clone()]);
+        // The documented long form names the same fields.
+        let long = parse(
+            "SELECT devices.jobs.deviceId AS d FROM devices.jobs WHERE devices.jobs.jobId = 'j1' AND devices.jobs.status = 'completed'",
+        )
+        .expect("parses");
+        assert_eq!(
+            long.execute(&rows).expect("runs").items,
+            vec![json!({"d": "door-01"})]
+        );
     }
 
     #[test]

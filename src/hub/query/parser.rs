@@ -203,9 +203,67 @@ enum RawItem {
 /// Parses a whole query.
 pub(crate) fn parse_query(text: &str) -> Result<Ast, QueryError> {
     let mut parser = Parser::new(text)?;
-    let ast = parser.query()?;
+    let mut ast = parser.query()?;
     parser.expect_end()?;
+    if ast.source == Source::DevicesJobs {
+        // IoT Hub's documentation writes job-row paths in full (`devices.jobs.jobId`); rows
+        // are the job objects themselves, so the collection prefix is dropped.
+        strip_collection_prefix(&mut ast);
+    }
     Ok(ast)
+}
+
+fn strip_collection_prefix(ast: &mut Ast) {
+    if let Some(condition) = ast.condition.as_mut() {
+        strip_in_expr(condition);
+    }
+    match &mut ast.select {
+        Select::All => {}
+        Select::Columns(columns) => columns.iter_mut().for_each(|c| strip_in_expr(&mut c.expr)),
+        Select::Aggregated { outputs, group_by } => {
+            group_by.iter_mut().for_each(strip_in_path);
+            for output in outputs {
+                if let Output::Agg { agg, .. } = output {
+                    match agg {
+                        Aggregate::Count => {}
+                        Aggregate::Sum(e)
+                        | Aggregate::Avg(e)
+                        | Aggregate::Min(e)
+                        | Aggregate::Max(e) => strip_in_expr(e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn strip_in_path(path: &mut Path) {
+    let prefixed = matches!(
+        path.segments.as_slice(),
+        [Segment::Key(a), Segment::Key(b), _, ..] if a == "devices" && b == "jobs"
+    );
+    if prefixed {
+        path.segments.drain(..2);
+    }
+}
+
+fn strip_in_expr(expr: &mut Expr) {
+    match expr {
+        Expr::Literal(_) => {}
+        Expr::Path(path) => strip_in_path(path),
+        Expr::Neg(inner) | Expr::Not(inner) => strip_in_expr(inner),
+        Expr::And(items) | Expr::Or(items) | Expr::Call(_, items) => {
+            items.iter_mut().for_each(strip_in_expr)
+        }
+        Expr::Arith(_, a, b) | Expr::Compare(_, a, b) => {
+            strip_in_expr(a);
+            strip_in_expr(b);
+        }
+        Expr::In { value, list, .. } => {
+            strip_in_expr(value);
+            list.iter_mut().for_each(strip_in_expr);
+        }
+    }
 }
 
 /// Parses a bare condition (the part after WHERE).
