@@ -305,6 +305,15 @@ impl CpuMeter {
                 ));
             }
         }
+        if let (Some((busy0, total0)), Some((busy1, total1))) = (self.machine, machine_ticks()) {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            if total1 > total0 {
+                out.push_str(&format!(
+                    " machine_cpu_pct={:.0}",
+                    100.0 * cores * (busy1 - busy0) / (total1 - total0)
+                ));
+            }
+        }
         out
     }
 }

@@ -36,6 +36,12 @@ pub enum Command {
     Hub(HubArgs),
     /// Talk to the service API of an IoT Hub, real or local.
     Service(crate::service::cli::ServiceArgs),
+    /// Check the configuration, DNS, TCP, TLS, clock and authentication against the hub.
+    Doctor(crate::commands::doctor::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions(crate::commands::generate::CompletionsArgs),
+    /// Print the man page (roff).
+    Man,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +67,10 @@ pub struct HubArgs {
     /// Register this device at start-up if it does not exist yet (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// Serve /healthz and /metrics (Prometheus) over plain HTTP at this address, e.g.
+    /// 127.0.0.1:9101 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The default place for the hub's state: `$XDG_DATA_HOME/simdevice/hub` or its equivalent.

@@ -74,6 +74,8 @@ pub struct Config {
     pub connectivity: ConnectivitySettings,
     /// Methods that run a command, sorted by name.
     pub methods: Vec<CommandMethodConfig>,
+    pub metrics: MetricsSettings,
+    pub outbox: OutboxSettings,
 }
 
 /// Who the device is and where its hub is.
@@ -173,6 +175,51 @@ impl Default for ConnectivitySettings {
             technology: "LTE-M".to_string(),
         }
     }
+}
+
+/// Where readings wait for the hub, and the agent's state (`[outbox]`).
+#[derive(Clone, Debug)]
+pub struct OutboxSettings {
+    /// The SQLite file. `None`: `simdevice run` uses [`OutboxSettings::default_path`]; an agent
+    /// started as a library keeps readings in memory (bounded by `telemetry.queue_size`).
+    pub path: Option<PathBuf>,
+    /// Readings kept on disk at most; the oldest are dropped beyond.
+    pub max_readings: usize,
+    /// Readings older than this are dropped.
+    pub max_age: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            path: None,
+            max_readings: 100_000,
+            max_age: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+impl OutboxSettings {
+    /// `$STATE_DIRECTORY/outbox.db` under systemd (`StateDirectory=`; the first one when it
+    /// lists several), else `/var/lib/simdevice/outbox.db`.
+    pub fn default_path() -> PathBuf {
+        let dir = std::env::var_os("STATE_DIRECTORY")
+            .and_then(|dirs| {
+                dirs.to_str()
+                    .and_then(|d| d.split(':').next())
+                    .map(PathBuf::from)
+            })
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/simdevice"));
+        dir.join("outbox.db")
+    }
+}
+
+/// The health and metrics endpoint (`[metrics]`).
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSettings {
+    /// Where to serve `/healthz` and `/metrics` over plain HTTP; `None` (the default): off.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// A direct method answered by running a command (`[methods.NAME]`).
@@ -358,11 +405,27 @@ impl Config {
             methods.insert(method.name.clone(), Value::Table(table));
         }
 
+        let mut metrics = Table::new();
+        let listen = self.metrics.listen.map(|addr| addr.to_string());
+        metrics.insert("listen".into(), text(listen.as_deref().unwrap_or("")));
+
+        let o = &self.outbox;
+        let mut outbox = Table::new();
+        let outbox_path = o.path.clone().unwrap_or_else(OutboxSettings::default_path);
+        outbox.insert("path".into(), path(&outbox_path));
+        outbox.insert(
+            "max_readings".into(),
+            Value::Integer(i64::try_from(o.max_readings).unwrap_or(i64::MAX)),
+        );
+        outbox.insert("max_age_secs".into(), seconds(o.max_age));
+
         let mut root = Table::new();
         root.insert("identity".into(), Value::Table(identity));
         root.insert("connection".into(), Value::Table(connection));
         root.insert("telemetry".into(), Value::Table(telemetry));
         root.insert("connectivity".into(), Value::Table(connectivity));
+        root.insert("metrics".into(), Value::Table(metrics));
+        root.insert("outbox".into(), Value::Table(outbox));
         if !methods.is_empty() {
             root.insert("methods".into(), Value::Table(methods));
         }
@@ -388,6 +451,8 @@ impl Config {
             telemetry: TelemetrySettings::default(),
             connectivity: ConnectivitySettings::default(),
             methods: Vec::new(),
+            metrics: MetricsSettings::default(),
+            outbox: OutboxSettings::default(),
         }
     }
 }
@@ -513,6 +578,10 @@ struct RawConfig {
     connectivity: RawConnectivity,
     #[serde(default)]
     methods: BTreeMap<String, RawMethod>,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    outbox: RawOutbox,
 }
 
 #[derive(Default, Deserialize)]
@@ -558,6 +627,20 @@ struct RawTelemetry {
 struct RawConnectivity {
     operator: Option<Scalar>,
     technology: Option<Scalar>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    path: Option<Scalar>,
+    max_readings: Option<Scalar>,
+    max_age_secs: Option<Scalar>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -650,6 +733,8 @@ impl Check<'_> {
             .into_iter()
             .map(|(name, method)| self.method(name, method))
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics = self.metrics(raw.metrics)?;
+        let outbox = self.outbox(raw.outbox)?;
         Ok(Config {
             file: self.file.map(Path::to_path_buf),
             identity,
@@ -657,7 +742,57 @@ impl Check<'_> {
             telemetry,
             connectivity,
             methods,
+            metrics,
+            outbox,
         })
+    }
+
+    fn outbox(&self, raw: RawOutbox) -> Result<OutboxSettings, ConfigError> {
+        let d = OutboxSettings::default();
+        let path = self.string("outbox.path", raw.path)?.map(PathBuf::from);
+        let max_readings = match raw.max_readings {
+            None => d.max_readings,
+            Some(value) => {
+                let n = self.integer("outbox.max_readings", value)?;
+                if !(1..=10_000_000).contains(&n) {
+                    return Err(self.invalid(
+                        "outbox.max_readings",
+                        format!("{n} is out of range 1..=10000000"),
+                    ));
+                }
+                usize::try_from(n).map_err(|_| {
+                    self.invalid("outbox.max_readings", "is too large for this machine")
+                })?
+            }
+        };
+        let max_age = self.seconds_in(
+            "outbox.max_age_secs",
+            raw.max_age_secs,
+            d.max_age,
+            (1.0, 366.0 * 86_400.0),
+        )?;
+        Ok(OutboxSettings {
+            path,
+            max_readings,
+            max_age,
+        })
+    }
+
+    fn metrics(&self, raw: RawMetrics) -> Result<MetricsSettings, ConfigError> {
+        const KEY: &str = "metrics.listen";
+        let listen = match self.string(KEY, raw.listen)? {
+            None => None,
+            Some(text) => Some(text.trim().parse::<std::net::SocketAddr>().map_err(|_| {
+                self.invalid(
+                    KEY,
+                    format!(
+                        "{text:?} is not an IP address and port, e.g. \"127.0.0.1:9100\" or \
+                         \"[::1]:9100\" (empty: off)"
+                    ),
+                )
+            })?),
+        };
+        Ok(MetricsSettings { listen })
     }
 
     /// A string value; an empty string counts as not set.

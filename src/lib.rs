@@ -16,5 +16,7 @@ pub mod commands;
 pub mod config;
 pub mod hub;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
+pub mod sdnotify;
 pub mod service;

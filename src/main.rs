@@ -25,6 +25,14 @@ fn main() -> ExitCode {
             Command::Service(args) => Ok(simdevice::service::cli::run(args).await),
             Command::Run(args) => Ok(simdevice::commands::run::run(args).await),
             Command::Config(args) => Ok(simdevice::commands::config::run(args)),
+            Command::Doctor(args) => Ok(simdevice::commands::doctor::run(args).await),
+            Command::Completions(args) => Ok(simdevice::commands::generate::completions(
+                args,
+                &mut std::io::stdout().lock(),
+            )),
+            Command::Man => Ok(simdevice::commands::generate::man(
+                &mut std::io::stdout().lock(),
+            )),
         }
     });
     match result {

@@ -34,9 +34,11 @@ async fn sighup_reloads_without_reconnecting_and_sigterm_exits_0() {
     let service = hub.service();
     let config = hub.dir.path().join("agent.toml");
     write_config(&config, &hub, &key, 1.0);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"))
         .args(["--log-format", "json", "run", "--config"])
         .arg(&config)
+        // The durable outbox goes to the test's directory, not /var/lib/simdevice.
+        .env("STATE_DIRECTORY", hub.dir.path())
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::context::{Counters, HandlerContext};
+use super::context::{Beat, Counters, HandlerContext, Heartbeat};
 use super::outbox::Outbox;
 use crate::config::{ConnectionSettings, Identity};
 use crate::protocol::encoding::enc;
@@ -136,11 +136,13 @@ impl Connection {
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         loop {
             let end = self.session().await;
+            self.ctx.counters().set_connected(false);
             self.outbox.requeue_in_flight();
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Renew => {
                     Counters::bump(&self.ctx.counters().token_renewals);
+                    self.ctx.counters().reconnect("renewal", "token renewal");
                     backoff.reset();
                     self.notify(Incoming::Disconnected {
                         reason: "token renewal".into(),
@@ -152,6 +154,12 @@ impl Connection {
                     refused,
                     was_connected,
                 } => {
+                    let label = match (refused, was_connected) {
+                        (true, _) => "refused",
+                        (_, true) => "lost",
+                        _ => "failed",
+                    };
+                    self.ctx.counters().reconnect(label, &reason);
                     if was_connected {
                         backoff.reset();
                         self.notify(Incoming::Disconnected {
@@ -173,7 +181,7 @@ impl Connection {
                     }
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.ctx.heartbeat().sleep(Beat::Connection, delay) => {}
                     }
                 }
             }
@@ -244,6 +252,7 @@ impl Connection {
             Err(end) => return end,
         };
         Counters::bump(&self.ctx.counters().connects);
+        self.ctx.counters().set_connected(true);
         tracing::info!(device = %self.identity.device_id, session_present, "connected to IoT Hub");
         if !session_present {
             let filters = [
@@ -271,6 +280,7 @@ impl Connection {
         let renew_at = Instant::now() + lifetime.mul_f64(fraction);
         let mut draining: Option<(Instant, SessionEnd)> = None;
         loop {
+            self.ctx.heartbeat().beat(Beat::Connection);
             if draining.is_none() {
                 if let Err(reason) = self.feed(&client, &mut state) {
                     return failed(reason, true);
@@ -310,6 +320,7 @@ impl Connection {
                     }
                 },
                 _ = self.outbox.ready.notified(), if draining.is_none() && self.outbox.in_flight() < WINDOW => {}
+                _ = Heartbeat::tick() => {}
             }
         }
     }
@@ -320,8 +331,10 @@ impl Connection {
     ) -> Result<bool, SessionEnd> {
         let deadline = Instant::now() + self.settings.connect_timeout;
         loop {
+            self.ctx.heartbeat().beat(Beat::Connection);
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                _ = Heartbeat::tick() => continue,
                 event = tokio::time::timeout_at(deadline, events.recv()) => event,
             };
             match event {
@@ -378,6 +391,7 @@ impl Connection {
                 if let Some(seq) = state.in_flight.remove(&ack.pkid) {
                     if self.outbox.acknowledge(seq) {
                         Counters::bump(&self.ctx.counters().readings_acknowledged);
+                        self.ctx.counters().set_queue_length(self.outbox.len());
                         tracing::info!(device = %self.identity.device_id, seq, "reading acknowledged by the hub");
                     }
                 }

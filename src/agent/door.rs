@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::context::HandlerContext;
+use super::state::Store;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DoorState {
@@ -99,11 +100,38 @@ pub async fn auto_unlock(ctx: HandlerContext, shutdown: CancellationToken) {
             }
         };
         if let Some(report) = report {
+            ctx.shared().door_changed.notify_waiters();
             tracing::info!(device = ctx.device_id(), "door unlocked: lock time passed");
             if let Err(error) = ctx.report(report) {
                 tracing::warn!(%error, "door state not reported");
             }
         }
+    }
+}
+
+/// Saves the door to the agent's state whenever it changes (lockDoor, unlockDoor, the
+/// auto-unlock), so a restart resumes it and its unlock timer; a last save at shutdown.
+pub async fn persist(ctx: HandlerContext, store: Store, shutdown: CancellationToken) {
+    let mut saved: Option<DoorState> = None;
+    loop {
+        let changed = ctx.shared().door_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let door = ctx.door().clone();
+        if saved.as_ref() != Some(&door) {
+            if !store.save_door(&door).await {
+                tracing::debug!("door state not saved: the outbox is not durable");
+            }
+            saved = Some(door);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = &mut changed => {}
+        }
+    }
+    let door = ctx.door().clone();
+    if saved.as_ref() != Some(&door) {
+        store.save_door(&door).await;
     }
 }
 

@@ -19,6 +19,7 @@ pub mod door;
 pub mod environment;
 pub mod handlers;
 pub mod outbox;
+pub mod state;
 pub mod telemetry;
 pub mod twin;
 
@@ -164,7 +165,7 @@ impl Agent {
         } = self;
         let ctx = handle.ctx.clone();
         let tasks = TaskTracker::new();
-        let outbox = Arc::new(outbox::Outbox::new(config.telemetry.queue_size));
+        let (outbox, store, persisted) = open_outbox(&config, &ctx).await;
         let (requests_tx, requests_rx) = mpsc::channel::<Request>(64);
         let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
         let (twin_tx, twin_rx) = mpsc::channel::<TwinEvent>(64);
@@ -180,7 +181,7 @@ impl Agent {
             ctx.clone(),
             environment,
             outbox.clone(),
-            1,
+            persisted.next_seq,
             shutdown.clone(),
         ));
         tasks.spawn(
@@ -213,10 +214,15 @@ impl Agent {
                     config.connection.backoff_max,
                 ),
                 shutdown: shutdown.clone(),
+                applied: persisted.desired,
+                store: store.clone(),
             }
             .run(),
         );
         tasks.spawn(door::auto_unlock(ctx.clone(), shutdown.clone()));
+        if let Some(store) = &store {
+            tasks.spawn(door::persist(ctx.clone(), store.clone(), shutdown.clone()));
+        }
 
         let methods = Arc::new(Semaphore::new(CONCURRENT_METHODS));
         while let Some(event) = incoming.recv().await {
@@ -245,13 +251,16 @@ impl Agent {
                     let ctx = ctx.clone();
                     tasks.spawn(async move {
                         let response = match permit {
-                            Ok(_permit) => answer_method(&registry, ctx, &name, &payload).await,
+                            Ok(_permit) => {
+                                answer_method(&registry, ctx.clone(), &name, &payload).await
+                            }
                             Err(_) => handlers::MethodResponse::error(
                                 503,
                                 format!("{CONCURRENT_METHODS} method calls are running; try again"),
                             ),
                         };
                         tracing::info!(method = %name, status = response.status, "method answered");
+                        ctx.counters().method_answered(&name, response.status);
                         let payload = serde_json::to_vec(&response.payload).unwrap_or_default();
                         let _ = requests
                             .send(Request::MethodResponse {
@@ -276,7 +285,66 @@ impl Agent {
         {
             tracing::warn!("some agent tasks did not finish within the shutdown grace period");
         }
+        if let Some(store) = store {
+            store.close().await;
+        }
     }
+}
+
+/// Opens the agent's state (`[outbox] path`) and restores what it holds: readings not yet
+/// acknowledged, the next `seq`, the door, the applied desired properties. Without a path, or
+/// when the file cannot be used (said so in the log), readings are kept in memory.
+async fn open_outbox(
+    config: &Config,
+    ctx: &HandlerContext,
+) -> (Arc<outbox::Outbox>, Option<state::Store>, state::Persisted) {
+    let settings = &config.outbox;
+    let Some(path) = settings.path.clone() else {
+        tracing::info!("no outbox.path: readings are kept in memory only");
+        let outbox =
+            outbox::Outbox::with_store(config.telemetry.queue_size, Some(settings.max_age), None);
+        return (Arc::new(outbox), None, state::Persisted::default());
+    };
+    let device_id = config.identity.device_id.clone();
+    let opening = {
+        let (path, ctx) = (path.clone(), ctx.clone());
+        tokio::task::spawn_blocking(move || state::Store::open(&path, &device_id, ctx)).await
+    };
+    let (store, mut persisted) = match opening {
+        Ok(Ok((store, persisted))) => (Some(store), persisted),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "cannot open the outbox");
+            tracing::warn!(path = %path.display(),
+                "readings are kept in memory only: those not yet acknowledged are lost if the agent stops");
+            (None, state::Persisted::default())
+        }
+        Err(error) => {
+            tracing::error!(%error, path = %path.display(), "opening the outbox failed");
+            (None, state::Persisted::default())
+        }
+    };
+    let outbox =
+        outbox::Outbox::with_store(settings.max_readings, Some(settings.max_age), store.clone());
+    if let Some(door) = persisted.door.clone() {
+        *ctx.door() = door;
+    }
+    *ctx.settings() = persisted.desired.settings.clone();
+    if let Some(interval) = persisted
+        .desired
+        .telemetry_interval
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+    {
+        ctx.set_telemetry_interval(interval);
+    }
+    let readings = std::mem::take(&mut persisted.readings);
+    let waiting = readings.len();
+    let dropped = outbox.restore(readings, chrono::Utc::now());
+    telemetry::count_dropped(ctx, &dropped, outbox.len());
+    if store.is_some() {
+        tracing::info!(path = %path.display(), waiting, next_seq = persisted.next_seq,
+            desired_version = persisted.desired.version, "outbox opened");
+    }
+    (Arc::new(outbox), store, persisted)
 }
 
 /// Checks a method payload, then calls the handler.

@@ -12,9 +12,9 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::context::{Counters, HandlerContext};
+use super::context::{Beat, Counters, HandlerContext, Heartbeat};
 use super::environment::Environment;
-use super::outbox::{Outbox, Reading};
+use super::outbox::{Dropped, Outbox, Reading};
 
 pub fn make_reading(device_id: &str, seq: u64, env: &mut Environment) -> Reading {
     let now = chrono::Utc::now();
@@ -35,6 +35,30 @@ pub fn make_reading(device_id: &str, seq: u64, env: &mut Environment) -> Reading
     }
 }
 
+/// Counts readings the outbox dropped (`readings_dropped`) and warns, once per kind.
+pub fn count_dropped(ctx: &HandlerContext, dropped: &Dropped, queued: usize) {
+    let counter = &ctx.counters().readings_dropped;
+    counter.fetch_add(dropped.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    if let (Some(first), Some(last)) = (dropped.full.first(), dropped.full.last()) {
+        tracing::warn!(
+            first_seq = first.seq,
+            last_seq = last.seq,
+            count = dropped.full.len(),
+            queued,
+            "telemetry queue full while disconnected: dropped the oldest readings"
+        );
+    }
+    if let (Some(first), Some(last)) = (dropped.expired.first(), dropped.expired.last()) {
+        tracing::warn!(
+            first_seq = first.seq,
+            last_seq = last.seq,
+            count = dropped.expired.len(),
+            queued,
+            "readings older than outbox.max_age_secs dropped"
+        );
+    }
+}
+
 pub async fn produce(
     ctx: HandlerContext,
     mut env: Environment,
@@ -47,8 +71,10 @@ pub async fn produce(
     let mut last = Instant::now();
     let mut next = last;
     loop {
+        ctx.heartbeat().beat(Beat::Telemetry);
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = Heartbeat::tick() => continue,
             changed = interval.changed() => {
                 if changed.is_err() {
                     return;
@@ -61,14 +87,9 @@ pub async fn produce(
         let reading = make_reading(ctx.device_id(), seq, &mut env);
         seq += 1;
         Counters::bump(&ctx.counters().readings_produced);
-        if let Some(dropped) = outbox.push(reading) {
-            Counters::bump(&ctx.counters().readings_dropped);
-            tracing::warn!(
-                seq = dropped.seq,
-                queued = outbox.len(),
-                "telemetry queue full while disconnected: dropped the oldest reading"
-            );
-        }
+        let dropped = outbox.push(reading).await;
+        count_dropped(&ctx, &dropped, outbox.len());
+        ctx.counters().set_queue_length(outbox.len());
         last = Instant::now();
         let period = *interval.borrow();
         // A late wake-up does not produce a burst of readings to catch up.

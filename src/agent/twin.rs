@@ -2,10 +2,14 @@
 //! properties through their handlers, and sending reported properties reliably.
 //!
 //! On each connect: GET the twin, apply the desired properties if their `$version` is newer
-//! than the last one applied, then report the connectivity and the door. A desired patch is
+//! than the last one applied (or older: the twin was recreated), then report the connectivity
+//! and the door. A desired patch is
 //! applied only if its `$version` is newer than the last applied (patches that arrive during
 //! the GET are therefore not applied twice). Every desired property is acknowledged in the
-//! Plug and Play shape `{"value","ac","av","ad"}`.
+//! Plug and Play shape `{"value","ac","av","ad"}`. The last applied version, the stored
+//! settings and a desired `telemetryInterval` are saved in the agent's state (`state.rs`)
+//! before the acknowledgements go out, so after a restart an applied patch is not applied again
+//! and its effect is restored without calling its handler.
 //!
 //! Reported patches from handlers and from here are merged into one pending patch, sent with
 //! a `$rid`, and cleared only on 204. On 429, 5xx or no answer the patch is kept and sent again
@@ -25,7 +29,10 @@ use super::connection::{Request, TwinResponse};
 use super::connectivity::Cellular;
 use super::context::{Counters, HandlerContext};
 use super::handlers::{apply_desired, Registry};
+use super::state::{AppliedDesired, Store};
 
+/// The desired property whose effect (the cadence) is restored from the agent's state.
+const TELEMETRY_INTERVAL: &str = "telemetryInterval";
 /// How long a twin request may wait for its response.
 const TWIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the simulated cellular signal drifts.
@@ -50,6 +57,10 @@ pub struct TwinTask {
     pub cellular: Cellular,
     pub backoff: Backoff,
     pub shutdown: CancellationToken,
+    /// The last applied desired version and what it set, as restored from the agent's state.
+    pub applied: AppliedDesired,
+    /// Where `applied` is saved after each update (`None`: not durable).
+    pub store: Option<Store>,
 }
 
 /// Adds `patch` to `pending`, newer values winning; unlike a merge into a document, `null`
@@ -69,7 +80,7 @@ impl TwinTask {
     pub async fn run(mut self) {
         let mut connected = false;
         let mut resync = false;
-        let mut last_desired: u64 = 0;
+        let mut last_desired: u64 = self.applied.version;
         let mut pending: Map<String, Value> = Map::new();
         let mut retry_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(CONNECTIVITY_TICK);
@@ -156,7 +167,18 @@ impl TwinTask {
         tracing::info!(twin = %twin, "twin received");
         let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
         let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
-        if version > *last_desired {
+        if version < *last_desired {
+            // Desired versions only grow for one device identity: the twin was recreated (the
+            // device deleted and added again, or another hub), so what was applied says
+            // nothing about this twin.
+            tracing::warn!(
+                version,
+                last_applied = *last_desired,
+                "the hub's desired version is older than the last one applied: the twin was \
+                 recreated; applying its desired properties"
+            );
+        }
+        if version != *last_desired {
             tracing::info!(
                 version,
                 last_applied = *last_desired,
@@ -164,6 +186,7 @@ impl TwinTask {
             );
             self.apply_all(&desired, version, pending).await;
             *last_desired = version;
+            self.save_applied(version).await;
         }
         if let Value::Object(patch) = self.cellular.report() {
             combine(pending, patch);
@@ -204,6 +227,22 @@ impl TwinTask {
         }
         self.apply_all(&patch, version, pending).await;
         *last_desired = version;
+        self.save_applied(version).await;
+    }
+
+    /// Saves the applied version with what it set, before its acknowledgements are sent: a
+    /// restart then neither applies it again nor loses its effect.
+    async fn save_applied(&mut self, version: u64) {
+        self.applied.version = version;
+        self.applied.settings = self.ctx.settings().clone();
+        if let Some(store) = &self.store {
+            if !store.save_desired(&self.applied).await {
+                tracing::debug!(
+                    version,
+                    "desired version not saved: the outbox is not durable"
+                );
+            }
+        }
     }
 
     /// Runs each desired property through its handler and queues its acknowledgement.
@@ -225,6 +264,9 @@ impl TwinTask {
                 continue;
             };
             Counters::bump(&self.ctx.counters().desired_applied);
+            if name == TELEMETRY_INTERVAL && ack.status == 200 {
+                self.applied.telemetry_interval = Some(self.ctx.telemetry_interval().as_secs_f64());
+            }
             tracing::info!(property = %name, version, ac = ack.status, "desired property handled");
             let mut ack_patch = Map::new();
             ack_patch.insert(

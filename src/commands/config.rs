@@ -1,12 +1,16 @@
 //! `simdevice config check`: load the agent's configuration exactly as `simdevice run` would
 //! (defaults, file, `SIMDEVICE__*` environment), print it with the key masked and exit 0, or
 //! print why it was refused and exit 78 (EX_CONFIG). It reads files, never connects.
+//!
+//! `simdevice config init`: write the commented example configuration (`config/simdevice.toml`,
+//! built in) with the device's connection string filled in, checked as `config check` would,
+//! with mode 0600 (it holds the key); an existing file is replaced only with `--force`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; the systemd unit does not restart on it.
 pub const EX_CONFIG: u8 = 78;
@@ -25,6 +29,21 @@ pub enum ConfigCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Write a commented configuration file for a device (mode 0600: it holds the key).
+    Init {
+        /// The device connection string: HostName=...;DeviceId=...;SharedAccessKey=...
+        #[arg(long, env = "SIMDEVICE_CONNECTION_STRING", hide_env_values = true)]
+        connection_string: String,
+        /// An extra CA certificate (PEM) to trust, e.g. a local hub's ca.pem
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Where to write [default: /etc/simdevice/config.toml]
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn run(args: ConfigArgs) -> ExitCode {
@@ -34,7 +53,159 @@ pub fn run(args: ConfigArgs) -> ExitCode {
             &mut std::io::stdout().lock(),
             &mut std::io::stderr().lock(),
         ),
+        ConfigCommand::Init {
+            connection_string,
+            ca_file,
+            output,
+            force,
+        } => {
+            let output = output.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let request = InitRequest {
+                connection_string: &connection_string,
+                ca_file: ca_file.as_deref(),
+                output: &output,
+                force,
+            };
+            init(
+                &request,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            )
+        }
     }
+}
+
+/// The example configuration, as committed: every key with its default, commented.
+const TEMPLATE: &str = include_str!("../../config/simdevice.toml");
+
+struct InitRequest<'a> {
+    connection_string: &'a str,
+    ca_file: Option<&'a Path>,
+    output: &'a Path,
+    force: bool,
+}
+
+fn init(request: &InitRequest<'_>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
+    let ca_file = match request.ca_file.map(std::path::absolute).transpose() {
+        Ok(path) => path,
+        Err(error) => {
+            let _ = writeln!(err, "error: --ca-file: {error}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let text = render_init(request.connection_string, ca_file.as_deref());
+    // Checked exactly as `config check` will read it (without the environment).
+    let config = match Config::from_sources(Some((request.output, &text)), &[]) {
+        Ok(config) => config,
+        Err(error) => {
+            let _ = writeln!(err, "error: {error}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    if let Err(message) = write_private(request.output, &text, request.force) {
+        let _ = writeln!(err, "error: {message}");
+        return ExitCode::FAILURE;
+    }
+    let path = request.output.display();
+    let _ = writeln!(
+        out,
+        "wrote {path} (mode 0600: it holds the key) for device {} on {}",
+        config.identity.device_id, config.identity.host_name
+    );
+    let _ = writeln!(out, "check it:  simdevice config check --config {path}");
+    let _ = writeln!(out, "try it:    simdevice doctor --config {path}");
+    ExitCode::SUCCESS
+}
+
+/// The template with `connection_string` (and `ca_file`) set in `[identity]`.
+fn render_init(connection_string: &str, ca_file: Option<&Path>) -> String {
+    let quote = |text: &str| toml::Value::String(text.to_string()).to_string();
+    let mut lines: Vec<String> = vec![
+        "# Written by `simdevice config init`. It holds the device key: keep it mode 0600."
+            .to_string(),
+        "#".to_string(),
+    ];
+    let (mut section, mut wrote_cs, mut wrote_ca) = (String::new(), false, ca_file.is_none());
+    for line in TEMPLATE.lines() {
+        if line.starts_with('[') {
+            section = line.to_string();
+        }
+        let in_identity = section == "[identity]";
+        if in_identity && !wrote_cs && line.starts_with("# connection_string = ") {
+            lines.push(format!("connection_string = {}", quote(connection_string)));
+            wrote_cs = true;
+        } else if in_identity && !wrote_ca && line.starts_with("# ca_file = ") {
+            let path = ca_file.map(|p| p.display().to_string()).unwrap_or_default();
+            lines.push(format!("ca_file = {}", quote(&path)));
+            wrote_ca = true;
+        } else {
+            lines.push(line.to_string());
+        }
+        if line == "[identity]" && !(wrote_cs && wrote_ca) {
+            // Set at once if the template ever lacks the commented lines.
+            let missing = !TEMPLATE.contains("\n# connection_string = ")
+                || (!wrote_ca && !TEMPLATE.contains("\n# ca_file = "));
+            if missing {
+                lines.push(format!("connection_string = {}", quote(connection_string)));
+                wrote_cs = true;
+                if let Some(path) = ca_file {
+                    lines.push(format!("ca_file = {}", quote(&path.display().to_string())));
+                    wrote_ca = true;
+                }
+            }
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// Writes `text` to `path` with mode 0600, all at once (a temporary file, then a link or a
+/// rename): an existing file is kept unless `force`.
+fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let shown = path.display();
+    if !force && std::fs::symlink_metadata(path).is_ok() {
+        return Err(format!("{shown} exists; pass --force to replace it"));
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "config.toml".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(text.as_bytes())?;
+            file.sync_all()
+        });
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {error}", tmp.display()));
+    }
+    let placed = if force {
+        std::fs::rename(&tmp, path)
+    } else {
+        // A hard link never replaces an existing file, even one created since the check.
+        std::fs::hard_link(&tmp, path).and_then(|()| std::fs::remove_file(&tmp))
+    };
+    if let Err(error) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(if error.kind() == std::io::ErrorKind::AlreadyExists {
+            format!("{shown} exists; pass --force to replace it")
+        } else {
+            format!("cannot write {shown}: {error}")
+        });
+    }
+    Ok(())
 }
 
 fn check(path: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
@@ -77,6 +248,28 @@ mod tests {
         assert!(out.contains("interval_secs = 10"), "{out}");
         assert!(!out.contains("c2VjcmV0a2V5"), "{out}");
         assert!(err.is_empty(), "{err}");
+    }
+
+    #[test]
+    fn init_fills_in_the_identity_of_the_committed_template() {
+        let text = render_init("HostName=h;DeviceId=d;SharedAccessKey=a2V5", None);
+        assert!(
+            text.contains("\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=a2V5\"\n")
+        );
+        assert!(text.contains("\n# ca_file = \"\""), "{text}");
+        assert!(
+            text.contains("\n# interval_secs = 10"),
+            "the rest stays commented"
+        );
+        let config = Config::from_sources(Some((Path::new("x.toml"), &text)), &[]).unwrap();
+        assert_eq!(config.identity.device_id, "d");
+
+        let text = render_init(
+            "HostName=h;DeviceId=d;SharedAccessKey=a2V5",
+            Some(Path::new("/ca \"x\".pem")),
+        );
+        let table: toml::Table = text.parse().unwrap();
+        assert_eq!(table["identity"]["ca_file"].as_str(), Some("/ca \"x\".pem"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::io::Write;
 use crate::cli::{default_hub_state_dir, HubArgs};
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 use crate::hub::{Hub, HubConfig, HubError};
+use crate::sdnotify::Daemon;
 
 pub async fn run(args: HubArgs) -> Result<(), HubError> {
     let state_dir = args.state_dir.unwrap_or_else(default_hub_state_dir);
@@ -28,16 +29,47 @@ pub async fn run(args: HubArgs) -> Result<(), HubError> {
             })?;
         }
     }
-    print_banner(&hub, &state_dir);
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    let metrics = serve_metrics(&hub, args.metrics_listen, &metrics_stop).await?;
+    print_banner(&hub, &state_dir, metrics);
+    // systemd (Type=notify): ready once both listeners are bound. The watchdog task runs on
+    // the runtime that serves every connection, so its pings stop when that runtime stalls.
+    let systemd = Daemon::from_env();
+    let stop_watchdog = tokio_util::sync::CancellationToken::new();
+    systemd.ready("hub running", || true, &stop_watchdog);
     wait_for_signal().await;
     tracing::info!("stopping the hub");
+    metrics_stop.cancel();
+    systemd.stopping();
+    stop_watchdog.cancel();
     hub.shutdown().await;
     Ok(())
 }
 
+/// Starts `/healthz` and `/metrics` when `--metrics-listen` asks for them; returns where.
+async fn serve_metrics(
+    hub: &Hub,
+    listen: Option<std::net::SocketAddr>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Result<Option<std::net::SocketAddr>, HubError> {
+    let Some(addr) = listen else {
+        return Ok(None);
+    };
+    let source = std::sync::Arc::new(crate::metrics::HubMetrics {
+        state: hub.state().clone(),
+        stopping: stop.clone(),
+    });
+    match crate::metrics::serve(addr, source, stop.clone()).await {
+        Ok(server) => Ok(Some(server.local_addr)),
+        Err(crate::metrics::MetricsError::Bind { addr, source }) => {
+            Err(HubError::Bind { addr, source })
+        }
+    }
+}
+
 /// What a user needs to reach the hub; connection strings carry keys, so they go to stdout
 /// (the user's terminal), never to the log.
-fn print_banner(hub: &Hub, state_dir: &std::path::Path) {
+fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net::SocketAddr>) {
     let info = hub.info();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "simdevice hub is running");
@@ -45,6 +77,12 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path) {
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
+    if let Some(addr) = metrics {
+        let _ = writeln!(
+            out,
+            "  metrics:          http://{addr}/metrics and /healthz"
+        );
+    }
     let _ = writeln!(
         out,
         "  state directory:  {} (hub.json has all of this)",

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::cli::default_hub_state_dir;
-use crate::config::{Config, Identity, Secret};
+use crate::config::{Config, Identity, OutboxSettings, Secret};
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 use crate::hub::{Hub, HubConfig};
+use crate::sdnotify::Daemon;
 
 /// Exit code for a configuration the agent cannot run with (sysexits EX_CONFIG); the systemd
 /// unit lists it in RestartPreventExitStatus so a broken configuration does not restart-loop.
@@ -39,7 +40,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> ExitCode {
-    let (config, hub) = if args.local {
+    let (mut config, hub) = if args.local {
         match start_local(&args).await {
             Ok(pair) => pair,
             Err(message) => {
@@ -56,6 +57,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
             }
         }
     };
+    // The daemon keeps its outbox on disk: the configured file, else the default one.
+    if config.outbox.path.is_none() {
+        config.outbox.path = Some(OutboxSettings::default_path());
+    }
+    let metrics = config
+        .metrics
+        .listen
+        .map(|addr| (addr, config.outbox.max_readings));
     let agent = match Agent::new(config) {
         Ok(agent) => agent,
         Err(error) => {
@@ -65,13 +74,29 @@ pub async fn run(args: RunArgs) -> ExitCode {
     };
     let handle = agent.handle();
     let shutdown = CancellationToken::new();
+    if let Err(error) = serve_metrics(metrics, &handle, &shutdown).await {
+        eprintln!("error: {error}");
+        return ExitCode::FAILURE;
+    }
     let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    // systemd (Type=notify): READY once the configuration is checked and the tasks run, not
+    // after the first connection: the agent works offline (readings queue up, reconnects back
+    // off), so a hub that is unreachable at boot must not fail the unit's start. The watchdog
+    // is fed only while the connection and telemetry loops keep beating.
+    let systemd = Daemon::from_env();
+    let ctx = handle.ctx.clone();
+    systemd.ready(
+        &format!("running device {}", ctx.device_id()),
+        move || ctx.heartbeat().healthy(),
+        &shutdown,
+    );
 
     // SIGHUP reloads from the same sources as at start (None: the default file, if present,
     // and the environment); --local has no file to reload.
     let reload = (!args.local).then_some(args.config.as_deref());
     wait_for_stop(&shutdown, reload, &handle).await;
     tracing::info!("stopping: finishing in-flight work");
+    systemd.stopping();
     shutdown.cancel();
     if let Err(error) = agent_task.await {
         tracing::error!(%error, "the agent task failed");
@@ -80,6 +105,22 @@ pub async fn run(args: RunArgs) -> ExitCode {
         hub.shutdown().await;
     }
     ExitCode::SUCCESS
+}
+
+/// Starts `/healthz` and `/metrics` when `[metrics] listen` asks for them (until `stop`).
+async fn serve_metrics(
+    metrics: Option<(std::net::SocketAddr, usize)>,
+    handle: &crate::agent::AgentHandle,
+    stop: &CancellationToken,
+) -> Result<(), crate::metrics::MetricsError> {
+    if let Some((addr, queue_capacity)) = metrics {
+        let source = std::sync::Arc::new(crate::metrics::AgentMetrics {
+            ctx: handle.ctx.clone(),
+            queue_capacity,
+        });
+        crate::metrics::serve(addr, source, stop.clone()).await?;
+    }
+    Ok(())
 }
 
 /// Waits for SIGTERM or SIGINT; on SIGHUP reloads the configuration file.
@@ -168,5 +209,13 @@ async fn start_local(args: &RunArgs) -> Result<(Config, Option<Hub>), String> {
     );
     println!("  simdevice service --local events {}", args.device_id);
     println!("Ctrl-C stops both.");
-    Ok((Config::for_identity(identity), Some(hub)))
+    let mut config = Config::for_identity(identity);
+    // Each device's outbox and state live with the hub's state, so `--local` needs no set-up.
+    config.outbox.path = Some(
+        state_dir
+            .join("agents")
+            .join(&args.device_id)
+            .join("outbox.db"),
+    );
+    Ok((config, Some(hub)))
 }

@@ -152,8 +152,9 @@ pub enum AuthFailure {
     Disabled(String),
 }
 
-fn now_unix() -> u64 {
-    chrono::Utc::now().timestamp().max(0) as u64
+/// The hub's notion of now: the system clock plus the fault hooks' offset (`faults.rs`).
+fn now_unix(state: &HubState) -> u64 {
+    state.faults.now_unix()
 }
 
 fn verify_with_any(token: &SasToken, keys: [&str; 2]) -> Result<(), AuthFailure> {
@@ -201,7 +202,7 @@ pub fn authorize_service(
     }
     verify_policy(state, &token, &policy, needed)?;
     token
-        .check_expiry(now_unix())
+        .check_expiry(now_unix(state))
         .map_err(|_| AuthFailure::Expired(token.expiry))?;
     Ok(policy)
 }
@@ -261,7 +262,7 @@ pub fn authenticate_device(
         None => verify_device_key(state, &token, device_id)?,
     }
     token
-        .check_expiry(now_unix())
+        .check_expiry(now_unix(state))
         .map_err(|_| AuthFailure::Expired(token.expiry))?;
     let status = state
         .registry
@@ -291,7 +292,7 @@ fn verify_device_key(
                 .map_err(|e| AuthFailure::Malformed(e.to_string()))?;
             verify_with_any(token, [&derived, &derived])?;
             token
-                .check_expiry(now_unix())
+                .check_expiry(now_unix(state))
                 .map_err(|_| AuthFailure::Expired(token.expiry))?;
             let spec = DeviceSpec {
                 id: device_id.to_string(),

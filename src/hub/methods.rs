@@ -75,7 +75,21 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Calls a method on a device and waits for its answer; counted by status for the metrics.
 pub async fn invoke(
+    state: &HubState,
+    device_id: &str,
+    invocation: MethodInvocation,
+) -> Result<MethodResult, IotHubError> {
+    let result = call(state, device_id, invocation).await;
+    state.counters.method_call(match &result {
+        Ok(answer) => answer.status,
+        Err(error) => i32::from(error.code.http_status()),
+    });
+    result
+}
+
+async fn call(
     state: &HubState,
     device_id: &str,
     invocation: MethodInvocation,

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod faults;
 pub mod jobs;
 pub mod methods;
 pub mod mqtt;
@@ -127,6 +128,10 @@ pub struct HubState {
     pub telemetry: telemetry::Telemetry,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
     pub group_key: Option<String>,
+    /// Fault hooks (refuse connects, throttle reported patches, clock offset); all off.
+    pub faults: faults::Faults,
+    /// Counters only the metrics endpoint reads (`crate::metrics`).
+    pub counters: crate::metrics::HubCounters,
 }
 
 /// A running hub.
@@ -210,6 +215,8 @@ impl Hub {
             jobs,
             telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
             group_key,
+            faults: faults::Faults::default(),
+            counters: Default::default(),
         });
 
         let shutdown = CancellationToken::new();

@@ -130,6 +130,11 @@ impl Telemetry {
         self.next_sequence.load(Ordering::Relaxed) - 1
     }
 
+    /// Events in the buffer now.
+    pub fn buffered(&self) -> usize {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::error::IotHubError;
 use super::registry::{check_etag, now_iso, StoredPropertySet};
 use super::HubState;
+use crate::metrics::HubCounters;
 use crate::protocol::error_code::ErrorCode;
 use crate::protocol::topic::{desired_patch_topic, SubscriptionKind};
 use crate::protocol::twin::{self, Section};
@@ -33,15 +34,18 @@ pub fn device_view(state: &HubState, device_id: &str) -> Result<Value, IotHubErr
 /// Errors are 400s whose message names the broken rule.
 pub fn patch_reported(state: &HubState, device_id: &str, body: &[u8]) -> Result<u64, IotHubError> {
     let patch = twin::parse_patch(body).map_err(|e| IotHubError::argument(e.to_string()))?;
-    state.registry.update(device_id, |device| {
-        let mut reported = device.twin.reported.to_property_set();
-        reported
-            .apply_patch(&patch, Section::Reported, &now_iso())
-            .map_err(|e| IotHubError::argument(e.to_string()))?;
-        device.twin.reported = StoredPropertySet::from(&reported);
-        device.twin.version += 1;
-        Ok(reported.version)
-    })
+    state
+        .registry
+        .update(device_id, |device| {
+            let mut reported = device.twin.reported.to_property_set();
+            reported
+                .apply_patch(&patch, Section::Reported, &now_iso())
+                .map_err(|e| IotHubError::argument(e.to_string()))?;
+            device.twin.reported = StoredPropertySet::from(&reported);
+            device.twin.version += 1;
+            Ok(reported.version)
+        })
+        .inspect(|_| HubCounters::bump(&state.counters.twin_updates_device))
 }
 
 /// `PATCH /twins/{id}`: merges `tags` and `properties.desired`, honouring `If-Match`.
@@ -71,6 +75,7 @@ pub fn update(
     if let Some((version, body)) = pushed {
         push_desired(state, device_id, version, body);
     }
+    HubCounters::bump(&state.counters.twin_updates_service);
     Ok(twin_json)
 }
 
@@ -111,6 +116,7 @@ pub fn replace(
     })?;
     let (version, body) = pushed;
     push_desired(state, device_id, version, body);
+    HubCounters::bump(&state.counters.twin_updates_service);
     Ok(twin_json)
 }
 

@@ -435,3 +435,5 @@ impl Drop for Relay {
         self.task.abort();
     }
 }
+
+pub mod proxy;

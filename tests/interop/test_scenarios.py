@@ -138,7 +138,8 @@ def run_agent(hub, tmp_path):
                 stdout=out,
                 stderr=err,
                 stdin=subprocess.DEVNULL,
-                env=agent_env(),
+                # Each agent keeps its durable outbox and state in its own directory.
+                env=agent_env({"STATE_DIRECTORY": str(directory)}),
             )
         agent = AgentProcess(device_id, key, config_path, process, stdout_path, stderr_path)
         started.append(agent)

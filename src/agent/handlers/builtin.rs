@@ -107,6 +107,10 @@ async fn device_info(ctx: HandlerContext, _payload: Value) -> MethodResponse {
         "door": door["door"],
         "settings": Value::Object(ctx.settings().clone()),
         "counters": ctx.counters().to_json(),
+        "durable": ctx
+            .counters()
+            .outbox_durable
+            .load(std::sync::atomic::Ordering::Relaxed),
     }))
 }
 

@@ -13,6 +13,7 @@
 mod devices;
 mod error;
 mod events;
+mod faults;
 mod jobs;
 mod query;
 mod twins;
@@ -65,6 +66,7 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/jobs/v2/{id}", get(jobs::get_one).put(jobs::create))
         .route("/jobs/v2/{id}/cancel", post(jobs::cancel))
         .route("/simdevice/events", get(events::list))
+        .route("/simdevice/faults", get(faults::get).post(faults::set))
         .route(
             "/simdevice/devices/{id}/messages/devicebound",
             post(events::send_cloud_to_device),

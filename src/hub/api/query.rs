@@ -32,6 +32,7 @@ pub async fn run(
     body: Result<Json<QueryBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
+    crate::metrics::HubCounters::bump(&state.counters.queries);
     let Json(body) =
         body.map_err(|e| ApiError::bad_request(format!("query body: {}", e.body_text())))?;
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -29,6 +29,7 @@ use crate::hub::auth::{self, DeviceLogin};
 use crate::hub::registry::LiveStats;
 use crate::hub::sessions::{Attached, Outbound};
 use crate::hub::{twins, HubState};
+use crate::metrics::HubCounters;
 use crate::protocol::topic::{
     parse_device_publish, parse_subscription, twin_response_topic, DevicePublish, SubscriptionKind,
 };
@@ -79,6 +80,15 @@ pub async fn serve(
         tracing::debug!(%peer, "first packet was not CONNECT; closed");
         return;
     };
+    if state.faults.refuse_connect() {
+        // The fault hook of `hub/faults.rs`: throttled, as IoT Hub refuses connects over quota.
+        tracing::info!(%peer, client_id = %connect.client_id, "device refused: the hub is told to refuse connects (CONNACK 3)");
+        let mut out = BytesMut::new();
+        let _ = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false).write(&mut out);
+        let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
     let (username, password) = match &connect.login {
         Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
         None => (None, None),
@@ -87,6 +97,7 @@ pub async fn serve(
         Ok(login) => login,
         Err(failure) => {
             tracing::info!(%peer, client_id = %connect.client_id, reason = %failure, "device refused (CONNACK 5)");
+            HubCounters::bump(&state.counters.connections_refused);
             let mut out = BytesMut::new();
             let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
             let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
@@ -95,6 +106,7 @@ pub async fn serve(
         }
     };
     drop(handshake_permit);
+    HubCounters::bump(&state.counters.connections_accepted);
 
     let Ok(live) = state.registry.get(&login.device_id, |d| d.live.clone()) else {
         return;
@@ -151,11 +163,6 @@ async fn read_packet(stream: &mut Stream, inbuf: &mut BytesMut) -> Result<Packet
     }
 }
 
-fn unix_to_instant(unix: u64) -> Instant {
-    let now = chrono::Utc::now().timestamp().max(0) as u64;
-    Instant::now() + Duration::from_secs(unix.saturating_sub(now))
-}
-
 struct Connection<'a> {
     device_id: Arc<str>,
     state: &'a HubState,
@@ -181,7 +188,9 @@ impl Connection<'_> {
         for publish in std::mem::take(&mut attached.resend) {
             let _ = publish.write(&mut self.out);
         }
-        let token_expires = unix_to_instant(login.token_expiry);
+        // On the hub's clock, which the fault hooks may move: a jump re-arms the timer.
+        let mut clock = self.state.faults.watch_clock();
+        let mut token_expires = self.state.faults.instant_of(login.token_expiry);
         let mut idle_deadline = Instant::now() + keep_alive;
         loop {
             if !self.out.is_empty() {
@@ -198,6 +207,9 @@ impl Connection<'_> {
             tokio::select! {
                 _ = shutdown.cancelled() => return "the hub is stopping".into(),
                 _ = tokio::time::sleep_until(token_expires) => return "the SAS token expired".into(),
+                Ok(()) = clock.changed() => {
+                    token_expires = self.state.faults.instant_of(login.token_expiry);
+                }
                 _ = tokio::time::sleep_until(idle_deadline) => return "keep-alive timed out".into(),
                 outbound = attached.rx.recv() => match outbound {
                     Some(Outbound::Publish(publish)) => {
@@ -305,6 +317,12 @@ impl Connection<'_> {
             }
             DevicePublish::TwinReportedPatch { rid } => {
                 self.puback(&publish);
+                if self.state.faults.throttle_reported() {
+                    tracing::info!(device = %self.device_id, rid, "reported patch throttled (429): the hub is told to");
+                    let body = crate::hub::faults::Faults::throttled_body();
+                    self.twin_response(429, &rid, None, body);
+                    return Ok(());
+                }
                 match twins::patch_reported(self.state, &self.device_id, &publish.payload) {
                     Ok(version) => self.twin_response(204, &rid, Some(version), Vec::new()),
                     Err(e) => {
