@@ -9,7 +9,15 @@ use simdevice::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     simdevice::logging::init(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One device needs no thread pool: `run` gets a single-threaded runtime, which keeps the
+    // daemon's memory and CPU small; the hub and the rest use one worker per core.
+    let runtime = match &cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

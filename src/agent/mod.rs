@@ -77,7 +77,10 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, A
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
+        // ring, not aws-lc: aws-lc seeds its own entropy source on first use, which costs a
+        // device 40-70 ms of CPU at every start (measured in docs/benchmarks-agent.md); ring
+        // uses the OS's random source directly. The hub keeps aws-lc for its handshake speed.
+        rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| AgentError::Tls(e.to_string()))?
