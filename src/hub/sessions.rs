@@ -24,10 +24,11 @@ pub const MAX_INFLIGHT: usize = 50;
 /// fill up is not reading its socket; delivery then fails and the connection is closed.
 pub const CONNECTION_CHANNEL: usize = 128;
 
-/// What the hub asks a connection task to do.
+/// What the hub asks a connection task to do. Boxed: a connection's channel allocates its
+/// slots up front, and 10,000 idle connections should not each hold 32 full `Publish`es.
 #[derive(Debug)]
 pub enum Outbound {
-    Publish(Publish),
+    Publish(Box<Publish>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -223,7 +224,7 @@ impl Sessions {
             .is_some();
         if let (true, Some(handle)) = (subscribed, session.connection.as_ref()) {
             if let Err(mpsc::error::TrySendError::Full(_)) =
-                handle.tx.try_send(Outbound::Publish(publish))
+                handle.tx.try_send(Outbound::Publish(Box::new(publish)))
             {
                 // The message stays queued; the connection that is not reading is ended.
                 session.connection = None;
@@ -269,7 +270,7 @@ impl Sessions {
             .connection
             .as_ref()
             .ok_or(DeliveryError::NotConnected)?;
-        match handle.tx.try_send(Outbound::Publish(publish)) {
+        match handle.tx.try_send(Outbound::Publish(Box::new(publish))) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 // Closing the channel ends the connection; QoS 1 messages stay in the session.

@@ -1,7 +1,8 @@
 //! Device and service connection strings (`HostName=h;DeviceId=d;SharedAccessKey=k`).
 //!
 //! Parsing splits on `;`, then on the first `=` (base64 keys end in `=`); empty segments such as a
-//! trailing `;` are ignored and surrounding whitespace of the whole string is trimmed. Field names
+//! trailing `;` are ignored; surrounding whitespace of the whole string and of each value is
+//! trimmed (so a value reads the same wherever its field stands). Field names
 //! are case-sensitive, as Azure writes them. `Display` writes the canonical form back, fields in a
 //! fixed order, so `parse(format(x)) == x`. Keys and signatures never appear in `Debug` output or in
 //! error messages.
@@ -83,6 +84,7 @@ impl<'a> Fields<'a> {
             let (name, value) = segment
                 .split_once('=')
                 .ok_or(ConnectionStringError::SegmentWithoutEquals(index + 1))?;
+            let value = value.trim();
             let name = allowed
                 .iter()
                 .copied()
@@ -411,6 +413,23 @@ mod tests {
             "HostName=h;SharedAccessKeyName=p;SharedAccessKey=%%"
                 .parse::<ServiceConnectionString>(),
             Err(ConnectionStringError::InvalidBase64("SharedAccessKey"))
+        );
+    }
+
+    #[test]
+    fn values_are_trimmed_wherever_the_field_stands() {
+        // Found by fuzz/fuzz_targets/connection_string.rs: trailing whitespace of the last value
+        // was trimmed with the whole string, that of any other value kept, so `Display` could
+        // write a string that parsed to something else.
+        let cs =
+            device("HostName=h;DeviceId=d1;SharedAccessSignature=sig\u{b};GatewayHostName=g\t")
+                .unwrap();
+        assert_eq!(cs.shared_access_signature.as_deref(), Some("sig"));
+        assert_eq!(cs.gateway_host_name.as_deref(), Some("g"));
+        assert_eq!(device(&cs.to_string()).unwrap(), cs);
+        assert_eq!(
+            device("HostName= ;DeviceId=d1;x509=true"),
+            Err(ConnectionStringError::EmptyValue("HostName".into()))
         );
     }
 
