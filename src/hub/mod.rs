@@ -144,11 +144,22 @@ pub struct Hub {
     tasks: TaskTracker,
 }
 
+/// Connections the kernel queues for `accept`. `TcpListener::bind` gives 128: a burst of more
+/// connects than that (a fleet reconnecting) had SYNs dropped and retried a second later.
+const LISTEN_BACKLOG: u32 = 1024;
+
 async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
     let addr = SocketAddr::new(ip, port);
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HubError::Bind { addr, source })
+    let listen = || {
+        let socket = match ip {
+            IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| HubError::Bind { addr, source })
 }
 
 impl Hub {

@@ -44,7 +44,6 @@ pub enum DeliveryError {
 }
 
 struct ConnectionHandle {
-    id: u64,
     tx: mpsc::Sender<Outbound>,
 }
 
@@ -54,6 +53,9 @@ struct Session {
     inflight: BTreeMap<u16, Publish>,
     next_pkid: u16,
     connection: Option<ConnectionHandle>,
+    /// The id of the connection attached last. It outlives `connection`, which a backlogged
+    /// connection loses at once, so that its task's `detach` still counts as the current one.
+    last_connection: u64,
     /// Set by a CONNECT with clean session = 1: the session ends with the connection.
     clean: bool,
     /// False for a session made by a queued cloud-to-device message before any connection:
@@ -117,11 +119,9 @@ impl Sessions {
         };
         session.clean = clean_session;
         session.connected_before = true;
+        session.last_connection = connection_id;
         // Dropping the old handle closes the old connection's channel: it ends itself.
-        session.connection = Some(ConnectionHandle {
-            id: connection_id,
-            tx,
-        });
+        session.connection = Some(ConnectionHandle { tx });
         let resend = session
             .inflight
             .values()
@@ -147,7 +147,7 @@ impl Sessions {
     pub fn detach(&self, device_id: &str, connection_id: u64) -> bool {
         let mut sessions = self.lock();
         let current = match sessions.get_mut(device_id) {
-            Some(s) if s.connection.as_ref().is_some_and(|c| c.id == connection_id) => s,
+            Some(s) if s.last_connection == connection_id => s,
             _ => return false,
         };
         current.connection = None;

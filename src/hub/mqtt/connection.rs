@@ -188,6 +188,12 @@ impl Connection<'_> {
         for publish in std::mem::take(&mut attached.resend) {
             let _ = publish.write(&mut self.out);
         }
+        // A client may send packets right behind its CONNECT without waiting for the CONNACK
+        // (MQTT 3.1.1, 3.1.4): whatever arrived with it is already buffered.
+        if let Err(reason) = self.handle_buffered(inbuf) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.out)).await;
+            return reason;
+        }
         // On the hub's clock, which the fault hooks may move: a jump re-arms the timer.
         let mut clock = self.state.faults.watch_clock();
         // Both timers live for the whole connection and are moved, not re-created, so an
