@@ -1394,6 +1394,16 @@ async fn method_answers_with_another_devices_rid_are_ignored() {
     hub.stop().await;
 }
 
+/// A REST route: its name, method, path, body, the right it needs, its status when allowed.
+type Route = (
+    &'static str,
+    Method,
+    String,
+    Option<Value>,
+    &'static str,
+    u16,
+);
+
 /// The rights of IoT Hub's default policies (protocol doc section 2).
 fn policy_rights(policy: &str) -> &'static [&'static str] {
     match policy {
@@ -1470,7 +1480,7 @@ async fn every_route_needs_its_permission_under_every_default_policy() {
     for p in policies {
         let token = raw.token(&hub, p);
         // (route, method, path, body, right needed, status when allowed)
-        let routes: Vec<(&str, Method, String, Option<Value>, &str, u16)> = vec![
+        let routes: Vec<Route> = vec![
             (
                 "list devices",
                 Method::GET,
@@ -1869,7 +1879,7 @@ async fn forged_expired_and_misdirected_service_tokens_are_refused() {
         ("no skn", sign(&host, &owner_key, None, exp)),
         (
             "a device's own token",
-            sign(&format!("localhost/devices/d1"), &d1_key, None, exp),
+            sign("localhost/devices/d1", &d1_key, None, exp),
         ),
         (
             "empty sig",
@@ -2261,23 +2271,33 @@ impl FakeHub {
         }
     }
 
-    /// Writes raw bytes to the connection being served now.
-    async fn send(&self, bytes: Vec<u8>) {
+    /// Writes raw bytes to the connection being served now; false if it has ended.
+    async fn try_send(&self, bytes: Vec<u8>) -> bool {
         let sender = self.current.lock().unwrap().clone();
-        sender
-            .expect("a connection is being served")
-            .send(bytes)
-            .await
-            .expect("the connection is alive");
+        match sender {
+            Some(sender) => sender.send(bytes).await.is_ok(),
+            None => false,
+        }
     }
 
-    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
-        self.send(encode(Packet::Publish(Publish::new(
+    async fn send(&self, bytes: Vec<u8>) {
+        assert!(self.try_send(bytes).await, "a connection is being served");
+    }
+
+    async fn try_publish(&self, topic: &str, payload: impl Into<Vec<u8>>) -> bool {
+        self.try_send(encode(Packet::Publish(Publish::new(
             topic,
             QoS::AtMostOnce,
             payload,
         ))))
-        .await;
+        .await
+    }
+
+    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        assert!(
+            self.try_publish(topic, payload).await,
+            "a connection is being served"
+        );
     }
 
     /// Waits up to `limit` for something the agent sent that `pick` accepts.
@@ -2469,6 +2489,9 @@ fn agent_config(id: &str, ca_file: PathBuf, mqtt: SocketAddr) -> Config {
     config.connection.backoff_min = Duration::from_millis(100);
     config.connection.backoff_max = Duration::from_millis(500);
     config.connection.connect_timeout = Duration::from_secs(1);
+    // The shortest IoT Hub allows: a hub that stops making sense mid-packet (its bytes then
+    // all read as the body of one long packet) is detected by the unanswered ping.
+    config.connection.keep_alive = Duration::from_secs(5);
     config
 }
 
@@ -2812,15 +2835,12 @@ async fn the_agent_survives_a_hub_that_misbehaves() {
             *fake.twin_body.lock().unwrap() = GOOD_TWIN.as_bytes().to_vec();
         }
         let rid = format!("after-{}", case.len());
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Up to two keep-alive periods and a backoff.
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut answered = None;
         while answered.is_none() && Instant::now() < deadline {
-            if fake.current.lock().unwrap().is_some() {
-                fake.publish(
-                    &format!("$iothub/methods/POST/getDeviceInfo/?$rid={rid}"),
-                    "{}",
-                )
-                .await;
+            let topic = format!("$iothub/methods/POST/getDeviceInfo/?$rid={rid}");
+            if fake.try_publish(&topic, "{}").await {
                 answered = fake.method_answer(&rid).await;
             } else {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -148,6 +148,21 @@ async fn disabled_devices_are_refused_and_disconnected() {
         device.recv().await.is_none(),
         "the connected device is dropped"
     );
+    let mut state = String::new();
+    for _ in 0..50 {
+        state = service.get("/twins/d1").await.body["connectionState"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if state == "Disconnected" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        state, "Disconnected",
+        "a disabled device is shown disconnected"
+    );
     let (_, ack) = RawDevice::connect_with(
         &hub,
         connect_packet("d1", &device_token("d1", &key), false, 60),

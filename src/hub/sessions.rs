@@ -142,13 +142,17 @@ impl Sessions {
         }
     }
 
-    /// Called by a connection task when it ends. Returns whether it was still the current
-    /// connection of the device (a replaced connection leaves the session alone).
+    /// Called by a connection task when it ends. Returns whether the device is now
+    /// disconnected: false when a newer connection replaced this one (which leaves the session
+    /// alone), true when this was the last connection or the session was removed.
     pub fn detach(&self, device_id: &str, connection_id: u64) -> bool {
         let mut sessions = self.lock();
         let current = match sessions.get_mut(device_id) {
             Some(s) if s.last_connection == connection_id => s,
-            _ => return false,
+            Some(_) => return false,
+            // The session was removed (device deleted or disabled) while this connection was
+            // its last one: the device is now disconnected.
+            None => return true,
         };
         current.connection = None;
         if current.clean {
