@@ -6,7 +6,8 @@
 //! - [`hub`]: the local IoT Hub emulator (device MQTT over TLS, service REST API over HTTPS).
 //! - [`service`]: a client of the service REST API of any hub, behind `simdevice service`.
 //! - [`cli`] and [`commands`]: the command line and what each verb does.
-//! - [`logging`]: tracing set-up.
+//! - [`logging`]: tracing set-up; [`metrics`]: the optional /healthz and /metrics server;
+//!   [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //!
 //! ARCHITECTURE.md at the repository root has the map and the message flows.
 
