@@ -8,36 +8,16 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::agent::{eventually, RunningAgent};
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
-use simdevice::agent::{Agent, AgentHandle};
-use simdevice::config::{Config, Identity, Secret};
-use tokio_util::sync::CancellationToken;
 
-/// Polls `check` until it returns Some, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use simdevice::config::Config;
 
 async fn events(service: &Service, id: &str) -> Vec<Value> {
     service
@@ -316,42 +296,12 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
 }
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt_port: u16, outbox: PathBuf) -> Config {
-    let mut config = Config::for_identity(Identity {
-        host_name: "localhost".into(),
-        device_id: id.into(),
-        key: Secret::new(key.to_string()),
-        gateway_host_name: Some(format!("localhost:{mqtt_port}")),
-        ca_file: Some(hub.hub.info().ca_file.clone()),
-    });
+    let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port));
+    let mut config = common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(100);
-    config.connection.backoff_min = Duration::from_millis(100);
-    config.connection.backoff_max = Duration::from_millis(500);
+    config.telemetry.seed = None;
     config.outbox.path = Some(outbox);
     config
-}
-
-struct RunningAgent {
-    handle: AgentHandle,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningAgent {
-    fn start(config: Config) -> RunningAgent {
-        let agent = Agent::new(config).expect("agent starts");
-        let handle = agent.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(agent.run(stop.clone()));
-        RunningAgent { handle, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("the agent stops within its grace period")
-            .unwrap();
-    }
 }
 
 #[tokio::test]

@@ -18,65 +18,45 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::agent::{eventually, RunningAgent};
 use common::proxy::FaultProxy;
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
-use simdevice::agent::{Agent, AgentHandle};
-use simdevice::config::{Config, Identity, Secret};
+
+use simdevice::config::Config;
 use simdevice::hub::{Hub, HubConfig, HubState};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config {
-    let mut config = Config::for_identity(Identity {
-        host_name: "localhost".into(),
-        device_id: id.into(),
-        key: Secret::new(key.to_string()),
-        gateway_host_name: Some(format!("localhost:{}", mqtt.port())),
-        ca_file: Some(hub.hub.info().ca_file.clone()),
-    });
+    let mut config = common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(30);
-    config.telemetry.seed = Some(42);
     config.connection.backoff_min = Duration::from_millis(50);
-    config.connection.backoff_max = Duration::from_millis(500);
     config.connection.connect_timeout = Duration::from_secs(5);
     // A safety net: a connection that silently stops carrying bytes is noticed in seconds.
     config.connection.keep_alive = Duration::from_secs(10);
     config
 }
 
-struct RunningAgent {
-    handle: AgentHandle,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+/// What the fault tests need beyond `common::agent::RunningAgent`.
+trait FaultCounters {
+    fn connects(&self) -> u64;
+    fn produced(&self) -> u64;
+    async fn quiesce(&self, limit: Duration) -> u64;
 }
 
-impl RunningAgent {
-    fn start(config: Config) -> RunningAgent {
-        let agent = Agent::new(config).expect("agent starts");
-        let handle = agent.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(agent.run(stop.clone()));
-        RunningAgent { handle, stop, task }
-    }
-
-    fn counter(&self, pick: impl Fn(&simdevice::agent::context::Counters) -> u64) -> u64 {
-        pick(self.handle.ctx.counters())
-    }
-
+impl FaultCounters for RunningAgent {
     fn connects(&self) -> u64 {
-        self.counter(|c| c.connects.load(Ordering::Relaxed))
+        self.counter(|c| &c.connects)
     }
 
     fn produced(&self) -> u64 {
-        self.counter(|c| c.readings_produced.load(Ordering::Relaxed))
+        self.counter(|c| &c.readings_produced)
     }
 
     /// Stops producing, then waits until every reading produced is acknowledged by the hub.
@@ -94,33 +74,6 @@ impl RunningAgent {
             (acked == produced).then_some(produced)
         })
         .await
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("the agent stops within its grace period")
-            .unwrap();
-    }
-}
-
-/// Polls `check` until it returns Some, for at most `limit`.
-async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -276,7 +229,7 @@ async fn at_least_100_random_proxy_faults_lose_no_reading() {
     let chaos = started.elapsed();
     let produced = agent.quiesce(Duration::from_secs(30)).await;
     let connects = agent.connects();
-    let dropped = agent.counter(|c| c.readings_dropped.load(Ordering::Relaxed));
+    let dropped = agent.counter(|c| &c.readings_dropped);
     agent.stop().await;
     let events = all_events(&service, "d1").await;
     assert_eq!(hub.hub.state().telemetry.dropped(), 0);

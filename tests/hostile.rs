@@ -24,19 +24,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use common::agent::RunningAgent;
 use common::*;
 use reqwest::Method;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck};
 use serde_json::{json, Value};
-use simdevice::agent::{Agent, AgentHandle};
-use simdevice::config::{Config, Identity, Secret};
+
+use simdevice::config::{Config, Secret};
 use simdevice::hub::mqtt::connection::{CONNECT_DEADLINE, MAX_MESSAGE_SIZE, MAX_PACKET_SIZE};
 use simdevice::hub::mqtt::listener::MAX_UNAUTHENTICATED;
 use simdevice::protocol::sas;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 // ---------------------------------------------------------------------------------------------
 // Tally: one HOSTILE line per kind of bad input.
@@ -2477,53 +2477,14 @@ async fn fake_connection(
 }
 
 fn agent_config(id: &str, ca_file: PathBuf, mqtt: SocketAddr) -> Config {
-    let mut config = Config::for_identity(Identity {
-        host_name: "localhost".into(),
-        device_id: id.into(),
-        key: Secret::new(sas::generate_key()),
-        gateway_host_name: Some(format!("localhost:{}", mqtt.port())),
-        ca_file: Some(ca_file),
-    });
-    config.telemetry.interval = Duration::from_millis(200);
+    let key = sas::generate_key();
+    let mut config = common::agent::agent_config_with_ca(id, &key, ca_file, mqtt);
     config.telemetry.seed = Some(7);
-    config.connection.backoff_min = Duration::from_millis(100);
-    config.connection.backoff_max = Duration::from_millis(500);
     config.connection.connect_timeout = Duration::from_secs(1);
     // The shortest IoT Hub allows: a hub that stops making sense mid-packet (its bytes then
     // all read as the body of one long packet) is detected by the unanswered ping.
     config.connection.keep_alive = Duration::from_secs(5);
     config
-}
-
-struct RunningAgent {
-    handle: AgentHandle,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningAgent {
-    fn start(config: Config) -> RunningAgent {
-        let agent = Agent::new(config).expect("agent starts");
-        let handle = agent.handle();
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(agent.run(stop.clone()));
-        RunningAgent { handle, stop, task }
-    }
-
-    fn counter(
-        &self,
-        pick: impl Fn(&simdevice::agent::context::Counters) -> &std::sync::atomic::AtomicU64,
-    ) -> u64 {
-        pick(self.handle.ctx.counters()).load(Ordering::Relaxed)
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.task)
-            .await
-            .expect("the agent stops within its grace period")
-            .expect("the agent did not panic");
-    }
 }
 
 #[tokio::test]
@@ -2895,7 +2856,7 @@ async fn the_agent_survives_a_hub_that_misbehaves() {
     let max = *seqs.iter().max().expect("readings arrived");
     let missing: Vec<u64> = (1..=max).filter(|s| !seqs.contains(s)).collect();
     assert!(missing.is_empty(), "readings lost: {missing:?}");
-    assert!(!agent.task.is_finished(), "the agent is still running");
+    assert!(agent.is_running(), "the agent is still running");
     eprintln!(
         "agent: {} readings, {} connects, reconnects {:?}",
         max,

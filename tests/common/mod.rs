@@ -436,4 +436,5 @@ impl Drop for Relay {
     }
 }
 
+pub mod agent;
 pub mod proxy;
