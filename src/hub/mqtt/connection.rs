@@ -232,10 +232,13 @@ impl Connection<'_> {
                     Ok(0) => return "closed by the device".into(),
                     Err(e) => return format!("read failed: {e}"),
                     Ok(_) => {
-                        // The deadline moves at most once a second: exact enough for a 1.5x
-                        // keep-alive, and far cheaper under a stream of messages.
+                        // The deadline moves at most once a second (or a sixth of the
+                        // allowance, for short keep-alives): it then lags the last packet by
+                        // less than that, so a client still gets more than its keep-alive,
+                        // and a stream of messages does not re-arm a timer per read.
                         let now = Instant::now();
-                        if now.duration_since(idle_reset_at) >= Duration::from_secs(1) {
+                        let step = (keep_alive / 6).min(Duration::from_secs(1));
+                        if now.duration_since(idle_reset_at) >= step {
                             idle_timer.as_mut().reset(now + keep_alive);
                             idle_reset_at = now;
                             self.live.touch();
