@@ -13,16 +13,6 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use simdevice::config::CommandMethodConfig;
 
-async fn events(service: &Service, id: &str) -> Vec<Value> {
-    service
-        .get(&format!("/simdevice/events?deviceId={id}&limit=10000"))
-        .await
-        .body
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn seqs(events: &[Value]) -> Vec<u64> {
     events
         .iter()
@@ -51,22 +41,6 @@ fn assert_contiguous(all: &[Value]) -> u64 {
     max
 }
 
-async fn invoke(service: &Service, id: &str, method: &str, payload: Value) -> Reply {
-    let body = json!({"methodName": method, "payload": payload, "responseTimeoutInSeconds": 10});
-    service
-        .call(
-            Method::POST,
-            &format!("/twins/{id}/methods"),
-            Some(body),
-            &[],
-        )
-        .await
-}
-
-async fn reported(service: &Service, id: &str) -> Value {
-    service.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()
-}
-
 #[tokio::test]
 async fn telemetry_twin_and_methods_end_to_end() {
     let hub = TestHub::start().await;
@@ -75,7 +49,7 @@ async fn telemetry_twin_and_methods_end_to_end() {
     let agent = RunningAgent::start(agent_config(&hub, "door-01", &key, hub.hub.mqtt_addr()));
 
     let readings = eventually(Duration::from_secs(10), || async {
-        let all = events(&service, "door-01").await;
+        let all = service.events("door-01").await;
         (all.len() >= 3).then_some(all)
     })
     .await;
@@ -99,7 +73,7 @@ async fn telemetry_twin_and_methods_end_to_end() {
 
     // Connectivity is reported on connect (scenario 2).
     let twin = eventually(Duration::from_secs(10), || async {
-        let reported = reported(&service, "door-01").await;
+        let reported = service.reported("door-01").await;
         reported.get("connectivity").is_some().then_some(reported)
     })
     .await;
@@ -112,34 +86,40 @@ async fn telemetry_twin_and_methods_end_to_end() {
     assert_eq!(found.body.as_array().unwrap().len(), 1);
 
     // lockDoor with and without a payload, a bad payload, an unknown method.
-    let answer = invoke(&service, "door-01", "lockDoor", Value::Null).await;
+    let answer = service.invoke("door-01", "lockDoor", Value::Null).await;
     assert_eq!(
         answer.body,
         json!({"status": 200, "payload": {"Response": "lockDoor called successfully"}})
     );
-    let answer = invoke(&service, "door-01", "lockDoor", json!({"lockTime": "10m"})).await;
+    let answer = service
+        .invoke("door-01", "lockDoor", json!({"lockTime": "10m"}))
+        .await;
     assert_eq!(answer.body["status"], 200);
     let door = eventually(Duration::from_secs(10), || async {
-        let reported = reported(&service, "door-01").await;
+        let reported = service.reported("door-01").await;
         reported["door"]["unlockAt"]
             .is_string()
             .then_some(reported["door"].clone())
     })
     .await;
     assert_eq!(door["locked"], true);
-    let answer = invoke(&service, "door-01", "lockDoor", json!({"lockTime": "soon"})).await;
+    let answer = service
+        .invoke("door-01", "lockDoor", json!({"lockTime": "soon"}))
+        .await;
     assert_eq!(answer.body["status"], 400);
     assert!(answer.body["payload"]["error"]
         .as_str()
         .unwrap()
         .contains("soon"));
-    let answer = invoke(&service, "door-01", "selfDestruct", Value::Null).await;
+    let answer = service.invoke("door-01", "selfDestruct", Value::Null).await;
     assert_eq!(answer.body["status"], 404);
     assert!(answer.body["payload"]["error"]
         .as_str()
         .unwrap()
         .contains("selfDestruct"));
-    let info = invoke(&service, "door-01", "getDeviceInfo", Value::Null).await;
+    let info = service
+        .invoke("door-01", "getDeviceInfo", Value::Null)
+        .await;
     assert_eq!(info.body["payload"]["deviceId"], "door-01");
     assert!(
         info.body["payload"]["counters"]["readingsAcknowledged"]
@@ -158,7 +138,7 @@ async fn telemetry_twin_and_methods_end_to_end() {
         .as_u64()
         .unwrap();
     let acks = eventually(Duration::from_secs(10), || async {
-        let reported = reported(&service, "door-01").await;
+        let reported = service.reported("door-01").await;
         (reported["floor"]["av"] == version).then_some(reported)
     })
     .await;
@@ -176,7 +156,7 @@ async fn telemetry_twin_and_methods_end_to_end() {
         .call(Method::PATCH, "/twins/door-01", Some(bad), &[])
         .await;
     let rejected = eventually(Duration::from_secs(10), || async {
-        let reported = reported(&service, "door-01").await;
+        let reported = service.reported("door-01").await;
         (reported["telemetryInterval"]["ac"] == 400).then_some(reported)
     })
     .await;
@@ -191,7 +171,7 @@ async fn telemetry_twin_and_methods_end_to_end() {
         (twin["connectionState"] == "Disconnected").then_some(())
     })
     .await;
-    assert_contiguous(&events(&service, "door-01").await);
+    assert_contiguous(&service.events("door-01").await);
     hub.stop().await;
 }
 
@@ -223,7 +203,7 @@ async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
     relay.restore();
 
     let ack = eventually(Duration::from_secs(15), || async {
-        let reported = reported(&service, "d1").await;
+        let reported = service.reported("d1").await;
         (reported["floor"]["av"] == version).then_some(reported["floor"].clone())
     })
     .await;
@@ -234,7 +214,7 @@ async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
     // Readings produced while offline arrived after the reconnect, without a gap.
     tokio::time::sleep(Duration::from_millis(600)).await;
     agent.stop().await;
-    assert_contiguous(&events(&service, "d1").await);
+    assert_contiguous(&service.events("d1").await);
     hub.stop().await;
 }
 
@@ -259,7 +239,7 @@ async fn short_lived_tokens_are_renewed_without_losing_or_repeating_readings() {
     })
     .await;
     agent.stop().await;
-    let all = events(&service, "d1").await;
+    let all = service.events("d1").await;
     let max = assert_contiguous(&all);
     assert_eq!(all.len() as u64, max, "no reading was delivered twice");
     let acknowledged = handle
@@ -285,11 +265,11 @@ async fn the_hub_restarted_under_the_agent_loses_nothing() {
     let agent = RunningAgent::start(agent_config(&first, "d1", &key, first.hub.mqtt_addr()));
     let service = first.service();
     eventually(Duration::from_secs(10), || async {
-        (events(&service, "d1").await.len() >= 3).then_some(())
+        (service.events("d1").await.len() >= 3).then_some(())
     })
     .await;
 
-    let mut received = events(&service, "d1").await;
+    let mut received = service.events("d1").await;
     let TestHub { hub, dir } = first;
     hub.shutdown().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -300,11 +280,11 @@ async fn the_hub_restarted_under_the_agent_loses_nothing() {
     let service = second.service();
     // The readings produced during the outage (about 5) arrive, and then new ones.
     eventually(Duration::from_secs(15), || async {
-        (seqs(&events(&service, "d1").await).len() >= 8).then_some(())
+        (seqs(&service.events("d1").await).len() >= 8).then_some(())
     })
     .await;
     agent.stop().await;
-    received.extend(events(&service, "d1").await);
+    received.extend(service.events("d1").await);
     assert_contiguous(&received);
     second.stop().await;
 }
@@ -330,7 +310,7 @@ async fn a_configured_command_answers_a_method() {
     });
     let agent = RunningAgent::start(config);
     let answer = eventually(Duration::from_secs(10), || async {
-        let answer = invoke(&service, "d1", "echo", json!({"n": 1})).await;
+        let answer = service.invoke("d1", "echo", json!({"n": 1})).await;
         (answer.status == 200).then_some(answer)
     })
     .await;
@@ -387,18 +367,18 @@ async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_recei
     });
     let agent = RunningAgent::start(config);
     eventually(Duration::from_secs(10), || async {
-        (events(&service, "d1").await.len() >= 2).then_some(())
+        (service.events("d1").await.len() >= 2).then_some(())
     })
     .await;
 
     let slow = tokio::spawn({
         let service = hub.service();
-        async move { invoke(&service, "d1", "slow", Value::Null).await }
+        async move { service.invoke("d1", "slow", Value::Null).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = events(&service, "d1").await.len();
+    let before = service.events("d1").await.len();
     let started = std::time::Instant::now();
-    let quick = invoke(&service, "d1", "getDeviceInfo", Value::Null).await;
+    let quick = service.invoke("d1", "getDeviceInfo", Value::Null).await;
     assert_eq!(quick.body["status"], 200);
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -406,7 +386,7 @@ async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_recei
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
-        events(&service, "d1").await.len() > before,
+        service.events("d1").await.len() > before,
         "telemetry went on"
     );
     assert_eq!(slow.await.unwrap().body["status"], 200);

@@ -19,16 +19,6 @@ use serde_json::{json, Value};
 
 use simdevice::config::Config;
 
-async fn events(service: &Service, id: &str) -> Vec<Value> {
-    service
-        .get(&format!("/simdevice/events?deviceId={id}&limit=10000"))
-        .await
-        .body
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn seq_of(event: &Value) -> u64 {
     event["body"]["seq"].as_u64().expect("a reading has a seq")
 }
@@ -41,16 +31,7 @@ fn mid_of(event: &Value) -> String {
 }
 
 async fn invoke(service: &Service, id: &str, method: &str, payload: Value) -> Value {
-    let body = json!({"methodName": method, "payload": payload, "responseTimeoutInSeconds": 5});
-    service
-        .call(
-            Method::POST,
-            &format!("/twins/{id}/methods"),
-            Some(body),
-            &[],
-        )
-        .await
-        .body
+    service.invoke(id, method, payload).await.body
 }
 
 /// `getDeviceInfo`'s payload once the device answers.
@@ -60,10 +41,6 @@ async fn device_info(service: &Service, id: &str) -> Value {
         (answer["status"] == 200).then(|| answer["payload"].clone())
     })
     .await
-}
-
-async fn reported(service: &Service, id: &str) -> Value {
-    service.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()
 }
 
 /// (seq, message id) of the readings an outbox file holds, read as any SQLite client would.
@@ -149,7 +126,7 @@ async fn readings_unacknowledged_at_a_sigkill_go_out_after_the_restart() {
 
     let agent = Process::start(&config, &log);
     eventually(Duration::from_secs(20), || async {
-        (events(&service, "d1").await.len() >= 5).then_some(())
+        (service.events("d1").await.len() >= 5).then_some(())
     })
     .await;
     relay.cut();
@@ -163,12 +140,12 @@ async fn readings_unacknowledged_at_a_sigkill_go_out_after_the_restart() {
     assert!(waiting.len() >= 20, "{} readings waiting", waiting.len());
     let last = waiting.last().expect("readings waiting").0;
     let delivered_before: BTreeSet<String> =
-        events(&service, "d1").await.iter().map(mid_of).collect();
+        service.events("d1").await.iter().map(mid_of).collect();
 
     relay.restore();
     let agent = Process::start(&config, &log);
     let all = eventually(Duration::from_secs(30), || async {
-        let all = events(&service, "d1").await;
+        let all = service.events("d1").await;
         all.iter().any(|e| seq_of(e) >= last + 3).then_some(all)
     })
     .await;
@@ -242,7 +219,7 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
     let answer = invoke(&service, "d1", "lockDoor", json!({"lockTime": "8s"})).await;
     assert_eq!(answer["status"], 200);
     let before = eventually(Duration::from_secs(10), || async {
-        let reported = reported(&service, "d1").await;
+        let reported = service.reported("d1").await;
         (reported["building"]["av"] == version && reported["door"]["locked"] == true)
             .then_some(reported)
     })
@@ -257,7 +234,7 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
     let agent = Process::start(&config, &log);
     // The catch-up after the connect ends with a report of the door: wait for it.
     let after = eventually(Duration::from_secs(20), || async {
-        let reported = reported(&service, "d1").await;
+        let reported = service.reported("d1").await;
         (reported["$version"].as_u64() > before["$version"].as_u64()).then_some(reported)
     })
     .await;
@@ -285,7 +262,7 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
     }
     // The unlock timer resumed: the door opens itself at its time, and says so.
     let unlocked = eventually(Duration::from_secs(20), || async {
-        let reported = reported(&service, "d1").await;
+        let reported = service.reported("d1").await;
         (reported["door"]["locked"] == false).then_some(reported)
     })
     .await;
@@ -320,7 +297,7 @@ async fn an_outbox_that_cannot_be_created_leaves_the_agent_running_on_memory() {
         file.join("outbox.db"),
     ));
     let readings = eventually(Duration::from_secs(20), || async {
-        let all = events(&service, "d1").await;
+        let all = service.events("d1").await;
         (all.len() >= 5).then_some(all)
     })
     .await;
@@ -367,14 +344,14 @@ async fn a_full_outbox_keeps_the_newest_readings_and_counts_the_dropped_ones() {
 
     relay.restore();
     let arrived = eventually(Duration::from_secs(20), || async {
-        let all = events(&service, "d1").await;
+        let all = service.events("d1").await;
         (all.len() >= 5).then_some(all)
     })
     .await;
     let info = device_info(&service, "d1").await;
     assert_eq!(info["counters"]["readingsDropped"], last - 5);
     assert_eq!(info["durable"], true);
-    let seqs: Vec<u64> = events(&service, "d1").await.iter().map(seq_of).collect();
+    let seqs: Vec<u64> = service.events("d1").await.iter().map(seq_of).collect();
     assert_eq!(seqs, (last - 4..=last).collect::<Vec<_>>(), "{arrived:?}");
     // Acknowledged readings leave the file.
     eventually(Duration::from_secs(10), || async {
@@ -409,7 +386,7 @@ async fn a_recreated_twin_gets_its_desired_properties_applied_despite_the_saved_
             .as_u64()
             .unwrap();
         eventually(Duration::from_secs(10), || async {
-            (reported(&service, "d1").await["floor"]["av"] == version).then_some(())
+            (service.reported("d1").await["floor"]["av"] == version).then_some(())
         })
         .await;
     }
@@ -436,7 +413,7 @@ async fn a_recreated_twin_gets_its_desired_properties_applied_despite_the_saved_
         path,
     ));
     let ack = eventually(Duration::from_secs(15), || async {
-        let floor = reported(&service, "d1").await["floor"].clone();
+        let floor = service.reported("d1").await["floor"].clone();
         (floor["av"] == lower).then_some(floor)
     })
     .await;

@@ -376,6 +376,33 @@ impl Service {
     pub async fn get(&self, path: &str) -> Reply {
         self.call(reqwest::Method::GET, path, None, &[]).await
     }
+
+    /// A direct method call with a 10 s response timeout.
+    pub async fn invoke(&self, id: &str, method: &str, payload: Value) -> Reply {
+        let body = serde_json::json!({"methodName": method, "payload": payload, "responseTimeoutInSeconds": 10});
+        self.call(
+            reqwest::Method::POST,
+            &format!("/twins/{id}/methods"),
+            Some(body),
+            &[],
+        )
+        .await
+    }
+
+    /// The device's recent telemetry as the hub holds it (`/simdevice/events`).
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        self.get(&format!("/simdevice/events?deviceId={id}&limit=10000"))
+            .await
+            .body
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The device twin's reported properties.
+    pub async fn reported(&self, id: &str) -> Value {
+        self.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()
+    }
 }
 
 /// A TCP relay between a client and a server on loopback that a test can cut and restore,
