@@ -750,21 +750,12 @@ impl Check<'_> {
     fn outbox(&self, raw: RawOutbox) -> Result<OutboxSettings, ConfigError> {
         let d = OutboxSettings::default();
         let path = self.string("outbox.path", raw.path)?.map(PathBuf::from);
-        let max_readings = match raw.max_readings {
-            None => d.max_readings,
-            Some(value) => {
-                let n = self.integer("outbox.max_readings", value)?;
-                if !(1..=10_000_000).contains(&n) {
-                    return Err(self.invalid(
-                        "outbox.max_readings",
-                        format!("{n} is out of range 1..=10000000"),
-                    ));
-                }
-                usize::try_from(n).map_err(|_| {
-                    self.invalid("outbox.max_readings", "is too large for this machine")
-                })?
-            }
-        };
+        let max_readings = self.count_in(
+            "outbox.max_readings",
+            raw.max_readings,
+            d.max_readings,
+            10_000_000,
+        )?;
         let max_age = self.seconds_in(
             "outbox.max_age_secs",
             raw.max_age_secs,
@@ -851,6 +842,24 @@ impl Check<'_> {
         let secs = self.float_in(key, value, default.as_secs_f64(), range)?;
         Duration::try_from_secs_f64(secs)
             .map_err(|_| self.invalid(key, format!("{secs} is not a valid number of seconds")))
+    }
+
+    /// A count within `1..=max`, or `default` when unset.
+    fn count_in(
+        &self,
+        key: &str,
+        value: Option<Scalar>,
+        default: usize,
+        max: i128,
+    ) -> Result<usize, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let n = self.integer(key, value)?;
+        if !(1..=max).contains(&n) {
+            return Err(self.invalid(key, format!("{n} is out of range 1..={max}")));
+        }
+        usize::try_from(n).map_err(|_| self.invalid(key, "is too large for this machine"))
     }
 
     fn integer(&self, key: &str, value: Scalar) -> Result<i128, ConfigError> {
@@ -1115,21 +1124,12 @@ impl Check<'_> {
             d.interval,
             (0.05, 86_400.0),
         )?;
-        let queue_size = match raw.queue_size {
-            None => d.queue_size,
-            Some(value) => {
-                let n = self.integer("telemetry.queue_size", value)?;
-                if !(1..=1_000_000).contains(&n) {
-                    return Err(self.invalid(
-                        "telemetry.queue_size",
-                        format!("{n} is out of range 1..=1000000"),
-                    ));
-                }
-                usize::try_from(n).map_err(|_| {
-                    self.invalid("telemetry.queue_size", "is too large for this machine")
-                })?
-            }
-        };
+        let queue_size = self.count_in(
+            "telemetry.queue_size",
+            raw.queue_size,
+            d.queue_size,
+            1_000_000,
+        )?;
         let seed = match raw.seed {
             None => None,
             Some(Scalar::Text(text)) if text.trim().is_empty() => None,

@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, if_match, ApiError, ApiVersion, AppState};
+use super::{authorize, if_match, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 
@@ -41,11 +41,10 @@ pub async fn create_or_update(
     Path(id): Path<String>,
     version: Query<ApiVersion>,
     headers: HeaderMap,
-    body: Result<Json<DeviceBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<DeviceBody>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::RegistryWrite)?;
-    let Json(body) =
-        body.map_err(|e| ApiError::bad_request(format!("device body: {}", e.body_text())))?;
+    let body = json_body(body, "device body")?;
     if body.device_id.as_deref().is_some_and(|b| b != id) {
         return Err(ApiError::bad_request(
             "deviceId in the body differs from the one in the path",

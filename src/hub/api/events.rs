@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{authorize, ApiError, ApiVersion, AppState};
+use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 
 #[derive(Deserialize)]
@@ -58,14 +58,13 @@ pub async fn send_cloud_to_device(
     Path(id): Path<String>,
     version: Query<ApiVersion>,
     headers: HeaderMap,
-    body: Result<Json<CloudToDeviceBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<CloudToDeviceBody>,
 ) -> Result<Json<Value>, ApiError> {
     use crate::hub::error::IotHubError;
     use crate::protocol::error_code::ErrorCode;
     use crate::protocol::property_bag::PropertyBag;
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    let Json(body) =
-        body.map_err(|e| ApiError::bad_request(format!("message body: {}", e.body_text())))?;
+    let body = json_body(body, "message body")?;
     if !state.registry.contains(&id) {
         return Err(IotHubError::device_not_found(&id).into());
     }

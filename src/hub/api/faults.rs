@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
-use super::{authorize, ApiError, ApiVersion, AppState};
+use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 use crate::hub::faults::FaultStatus;
 
@@ -54,11 +54,10 @@ pub async fn set(
     state: AppState,
     version: Query<ApiVersion>,
     headers: HeaderMap,
-    body: Result<Json<FaultSettings>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<FaultSettings>,
 ) -> Result<Json<FaultStatus>, ApiError> {
     authorize(&state, &headers, &version, Permission::RegistryWrite)?;
-    let Json(body) =
-        body.map_err(|e| ApiError::bad_request(format!("fault settings: {}", e.body_text())))?;
+    let body = json_body(body, "fault settings")?;
     let refuse = duration("refuseConnectsSecs", body.refuse_connects_secs)?;
     let throttle = duration("throttleReportedSecs", body.throttle_reported_secs)?;
     let offset = match body.clock_offset_secs {

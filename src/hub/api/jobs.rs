@@ -14,7 +14,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, ApiError, ApiVersion, AppState};
+use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 use crate::hub::jobs::JobRequest;
 
@@ -23,11 +23,10 @@ pub async fn create(
     Path(id): Path<String>,
     version: Query<ApiVersion>,
     headers: HeaderMap,
-    body: Result<Json<JobRequest>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<JobRequest>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::RegistryWrite)?;
-    let Json(request) =
-        body.map_err(|e| ApiError::bad_request(format!("job request: {}", e.body_text())))?;
+    let request = json_body(body, "job request")?;
     Ok(Json(state.jobs.create(&id, request)?))
 }
 

@@ -106,6 +106,15 @@ fn authorize(
     Ok(())
 }
 
+/// A JSON request body as handlers receive it: parsed, or axum's reason why not.
+type JsonBody<T> = Result<axum::Json<T>, axum::extract::rejection::JsonRejection>;
+
+/// The parsed body, or a 400 whose message says which body (`what`) and why.
+fn json_body<T>(body: JsonBody<T>, what: &str) -> Result<T, ApiError> {
+    body.map(|axum::Json(body)| body)
+        .map_err(|e| ApiError::bad_request(format!("{what}: {}", e.body_text())))
+}
+
 fn if_match(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("if-match")

@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{authorize, ApiError, ApiVersion, AppState};
+use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 use crate::hub::query::{self, Source};
 
@@ -29,12 +29,11 @@ pub async fn run(
     state: AppState,
     version: Query<ApiVersion>,
     headers: HeaderMap,
-    body: Result<Json<QueryBody>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<QueryBody>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     crate::metrics::HubCounters::bump(&state.counters.queries);
-    let Json(body) =
-        body.map_err(|e| ApiError::bad_request(format!("query body: {}", e.body_text())))?;
+    let body = json_body(body, "query body")?;
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let documents = match parsed.source() {
         Source::Devices => state.registry.twin_documents(),

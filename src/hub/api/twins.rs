@@ -6,17 +6,10 @@ use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::Value;
 
-use super::{authorize, if_match, ApiError, ApiVersion, AppState};
+use super::{authorize, if_match, json_body, ApiError, ApiVersion, AppState, JsonBody};
 use crate::hub::auth::Permission;
 use crate::hub::{methods, twins};
 use crate::protocol::method::{MethodInvocation, MethodResult};
-
-type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
-
-fn body<T>(body: JsonBody<T>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b)
-        .map_err(|e| ApiError::bad_request(format!("request body: {}", e.body_text())))
-}
 
 pub async fn get_twin(
     state: AppState,
@@ -36,7 +29,7 @@ pub async fn update(
     patch: JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    let patch = body(patch)?;
+    let patch = json_body(patch, "request body")?;
     Ok(Json(twins::update(
         &state,
         &id,
@@ -53,7 +46,7 @@ pub async fn replace(
     twin: JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    let twin = body(twin)?;
+    let twin = json_body(twin, "request body")?;
     Ok(Json(twins::replace(
         &state,
         &id,
@@ -70,6 +63,6 @@ pub async fn invoke_method(
     invocation: JsonBody<MethodInvocation>,
 ) -> Result<Json<MethodResult>, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    let invocation = body(invocation)?;
+    let invocation = json_body(invocation, "request body")?;
     Ok(Json(methods::invoke(&state, &id, invocation).await?))
 }
