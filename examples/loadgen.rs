@@ -34,7 +34,7 @@ use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use simdevice::hub::HubInfo;
+use simdevice::common::local_hub::HubInfo;
 use simdevice::protocol::connection_string::ServiceConnectionString;
 use simdevice::protocol::sas;
 use tokio::sync::Semaphore;

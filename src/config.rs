@@ -35,7 +35,6 @@ pub const ENV_PREFIX: &str = "SIMDEVICE";
 /// Between the prefix, the section and the key of an environment variable.
 pub const ENV_SEPARATOR: &str = "__";
 /// The MQTT-over-TLS port dialled when the host names none.
-pub const DEFAULT_MQTT_PORT: u16 = 8883;
 
 /// A device key. `Debug` and `Display` print `***`; only [`Secret::expose`] gives the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -99,9 +98,12 @@ impl Identity {
     pub fn connect_address(&self) -> (String, u16) {
         let target = self.gateway_host_name.as_deref().unwrap_or(&self.host_name);
         match split_host_port(target) {
-            Ok((host, port)) => (host.to_string(), port.unwrap_or(DEFAULT_MQTT_PORT)),
+            Ok((host, port)) => (
+                host.to_string(),
+                port.unwrap_or(crate::protocol::MQTT_TLS_PORT),
+            ),
             // Checked at load; an Identity built by hand with a bad name fails when dialled.
-            Err(_) => (target.to_string(), DEFAULT_MQTT_PORT),
+            Err(_) => (target.to_string(), crate::protocol::MQTT_TLS_PORT),
         }
     }
 }
@@ -1395,7 +1397,7 @@ fn check_ca_file(path: PathBuf) -> Result<PathBuf, ConfigError> {
         reason,
     };
     let text = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
-    match crate::hub::tls::parse_pem_certificates(&text) {
+    match crate::common::pem::parse_pem_certificates(&text) {
         Ok(certs) if certs.is_empty() => Err(fail("contains no PEM certificate".to_string())),
         Ok(_) => Ok(path),
         Err(error) => Err(fail(format!("is not valid PEM: {error}"))),

@@ -14,10 +14,8 @@
 pub mod agent;
 pub mod cli;
 pub mod commands;
+pub mod common;
 pub mod config;
 pub mod hub;
-pub mod logging;
-pub mod metrics;
 pub mod protocol;
-pub mod sdnotify;
 pub mod service;

@@ -3,12 +3,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use simdevice::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    simdevice::logging::init(cli.log_format);
+    simdevice::common::logging::init(cli.log_format);
     // One device needs no thread pool: `run` gets a single-threaded runtime, which keeps the
     // daemon's memory and CPU small; the hub and the rest use one worker per core.
     let runtime = match &cli.command {
@@ -30,15 +30,17 @@ fn main() -> ExitCode {
                 simdevice::commands::hub::run(args).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Service(args) => Ok(simdevice::service::cli::run(args).await),
+            Command::Service(args) => Ok(simdevice::commands::service::run(args).await),
             Command::Run(args) => Ok(simdevice::commands::run::run(args).await),
             Command::Config(args) => Ok(simdevice::commands::config::run(args)),
             Command::Doctor(args) => Ok(simdevice::commands::doctor::run(args).await),
             Command::Completions(args) => Ok(simdevice::commands::generate::completions(
+                Cli::command(),
                 args,
                 &mut std::io::stdout().lock(),
             )),
             Command::Man => Ok(simdevice::commands::generate::man(
+                Cli::command(),
                 &mut std::io::stdout().lock(),
             )),
         }

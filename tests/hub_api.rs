@@ -398,8 +398,8 @@ async fn state_survives_a_restart() {
     assert_eq!(twin["properties"]["reported"]["r"], 2);
     // The device's key still works, through the new server certificate.
     RawDevice::connect(&second, "d1", &key).await;
-    let written: simdevice::hub::HubInfo =
-        simdevice::hub::HubInfo::read(second.dir.path()).unwrap();
+    let written: simdevice::common::local_hub::HubInfo =
+        simdevice::common::local_hub::HubInfo::read(second.dir.path()).unwrap();
     assert_eq!(&written, second.hub.info());
     second.stop().await;
 }

@@ -13,9 +13,11 @@ use std::time::Duration;
 use common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
+use simdevice::agent::metrics::AgentMetrics;
 use simdevice::agent::Agent;
+use simdevice::common::exposition;
 use simdevice::config::{Config, Identity, Secret};
-use simdevice::metrics::{self, AgentMetrics, HubMetrics};
+use simdevice::hub::metrics::HubMetrics;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
@@ -169,7 +171,7 @@ async fn agent_and_hub_figures_move_with_what_happens() {
     let key = hub.add_device("door-01");
     let service = hub.service();
     let stop = CancellationToken::new();
-    let hub_metrics = metrics::serve(
+    let hub_metrics = exposition::serve(
         loopback(),
         Arc::new(HubMetrics {
             state: hub.hub.state().clone(),
@@ -194,7 +196,7 @@ async fn agent_and_hub_figures_move_with_what_happens() {
     let agent = Agent::new(config).unwrap();
     let handle = agent.handle();
     let agent_stop = CancellationToken::new();
-    let agent_metrics = metrics::serve(
+    let agent_metrics = exposition::serve(
         loopback(),
         Arc::new(AgentMetrics {
             ctx: handle.ctx.clone(),

@@ -8,7 +8,7 @@ use clap::Parser;
 use common::{RawDevice, TestHub};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
-use simdevice::service::cli::{execute, exit_code, ServiceArgs};
+use simdevice::commands::service::{execute, exit_code, ServiceArgs};
 use simdevice::service::client::ServiceError;
 
 #[derive(Parser)]

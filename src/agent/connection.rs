@@ -38,13 +38,13 @@ use crate::protocol::topic::{
     self, parse_cloud_publish, CloudPublish, DESIRED_PATCHES_FILTER, METHODS_FILTER,
     TWIN_RESPONSES_FILTER,
 };
+use crate::protocol::API_VERSION;
 
 /// Readings published and not yet acknowledged, at most.
 pub const WINDOW: usize = 10;
 /// Time to wait for in-flight readings before a renewal or shutdown disconnects anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// The api-version this agent speaks.
-pub const API_VERSION: &str = "2021-04-12";
 /// Largest packet either way: a 256 KB message plus room for topic and headers.
 const MAX_PACKET: usize = 256 * 1024 + 8 * 1024;
 

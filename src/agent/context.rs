@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::door::DoorState;
-use crate::metrics::LabelledCounter;
+use crate::common::exposition::LabelledCounter;
 
 /// Reported patches waiting for the twin task; a full queue refuses more (the handler learns
 /// it and answers with an error) rather than growing without bound.

@@ -18,6 +18,7 @@ pub mod context;
 pub mod door;
 pub mod environment;
 pub mod handlers;
+pub mod metrics;
 pub mod outbox;
 pub mod state;
 pub mod telemetry;
@@ -65,7 +66,7 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, A
             reason: e.to_string(),
         })?;
         let certs =
-            crate::hub::tls::parse_pem_certificates(&pem).map_err(|e| AgentError::CaFile {
+            crate::common::pem::parse_pem_certificates(&pem).map_err(|e| AgentError::CaFile {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;

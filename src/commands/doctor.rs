@@ -21,8 +21,8 @@ use rumqttc::{
 };
 use tokio::net::TcpStream;
 
+use crate::common::local_hub::HubInfo;
 use crate::config::{Config, ConfigError, ENV_PREFIX, ENV_SEPARATOR};
-use crate::hub::HubInfo;
 use crate::protocol::sas;
 
 /// Longest wait for any one network step.
@@ -108,7 +108,7 @@ impl Report {
 pub async fn run(args: DoctorArgs) -> ExitCode {
     let state_dir = args
         .state_dir
-        .unwrap_or_else(crate::cli::default_hub_state_dir);
+        .unwrap_or_else(crate::common::local_hub::default_state_dir);
     let mut out = std::io::stdout().lock();
     let report = diagnose(args.config.as_deref(), Some(&state_dir), &mut out).await;
     if report.failed() {

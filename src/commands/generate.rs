@@ -6,8 +6,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::CommandFactory;
-
 #[derive(Debug, clap::Args)]
 pub struct CompletionsArgs {
     /// The shell to complete for.
@@ -15,16 +13,18 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
-/// Writes the completion script for `shell`.
-pub fn completions(args: CompletionsArgs, out: &mut dyn Write) -> ExitCode {
-    let mut command = crate::cli::Cli::command();
+/// Writes the completion script for `shell` of `command` (the `Cli` tree, given by `main`).
+pub fn completions(
+    mut command: clap::Command,
+    args: CompletionsArgs,
+    out: &mut dyn Write,
+) -> ExitCode {
     clap_complete::generate(args.shell, &mut command, "simdevice", out);
     ExitCode::SUCCESS
 }
 
 /// Writes the man page (section 1) of `simdevice`, listing its subcommands.
-pub fn man(out: &mut dyn Write) -> ExitCode {
-    let command = crate::cli::Cli::command();
+pub fn man(command: clap::Command, out: &mut dyn Write) -> ExitCode {
     match clap_mangen::Man::new(command).render(out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

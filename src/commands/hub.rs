@@ -1,14 +1,46 @@
 //! `simdevice hub`: start the local IoT Hub, print how to reach it, run until SIGINT/SIGTERM.
 
 use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
 
-use crate::cli::{default_hub_state_dir, HubArgs};
+use crate::common::local_hub::default_state_dir;
+
+use crate::common::sdnotify::Daemon;
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 use crate::hub::{Hub, HubConfig, HubError};
-use crate::sdnotify::Daemon;
+
+#[derive(Debug, clap::Args)]
+pub struct HubArgs {
+    /// Directory for the hub's CA, keys, registry and twins [default: the per-user data directory]
+    #[arg(long, env = "SIMDEVICE_HUB_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Address to listen on. Loopback by default; anything else exposes the hub to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Port for device MQTT over TLS (0 picks a free port, reported in hub.json).
+    #[arg(long, default_value_t = crate::protocol::MQTT_TLS_PORT)]
+    pub mqtt_port: u16,
+    /// Port for the service REST API over HTTPS (0 picks a free port).
+    #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
+    pub api_port: u16,
+    /// Extra host name for the server certificate (repeatable).
+    #[arg(long = "hostname")]
+    pub hostnames: Vec<String>,
+    /// Register any device whose key derives from the hub's group key on its first connect.
+    #[arg(long)]
+    pub auto_register: bool,
+    /// Register this device at start-up if it does not exist yet (repeatable).
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// Serve /healthz and /metrics (Prometheus) over plain HTTP at this address, e.g.
+    /// 127.0.0.1:9101 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
 
 pub async fn run(args: HubArgs) -> Result<(), HubError> {
-    let state_dir = args.state_dir.unwrap_or_else(default_hub_state_dir);
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let hub = Hub::start(HubConfig {
         state_dir: state_dir.clone(),
         bind: args.bind,
@@ -55,13 +87,13 @@ async fn serve_metrics(
     let Some(addr) = listen else {
         return Ok(None);
     };
-    let source = std::sync::Arc::new(crate::metrics::HubMetrics {
+    let source = std::sync::Arc::new(crate::hub::metrics::HubMetrics {
         state: hub.state().clone(),
         stopping: stop.clone(),
     });
-    match crate::metrics::serve(addr, source, stop.clone()).await {
+    match crate::common::exposition::serve(addr, source, stop.clone()).await {
         Ok(server) => Ok(Some(server.local_addr)),
-        Err(crate::metrics::MetricsError::Bind { addr, source }) => {
+        Err(crate::common::exposition::MetricsError::Bind { addr, source }) => {
             Err(HubError::Bind { addr, source })
         }
     }

@@ -5,3 +5,4 @@ pub mod doctor;
 pub mod generate;
 pub mod hub;
 pub mod run;
+pub mod service;

@@ -12,11 +12,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
-use crate::cli::default_hub_state_dir;
+use crate::common::local_hub::default_state_dir;
+use crate::common::sdnotify::Daemon;
 use crate::config::{Config, Identity, OutboxSettings, Secret};
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 use crate::hub::{Hub, HubConfig};
-use crate::sdnotify::Daemon;
 
 /// Exit code for a configuration the agent cannot run with (sysexits EX_CONFIG); the systemd
 /// unit lists it in RestartPreventExitStatus so a broken configuration does not restart-loop.
@@ -112,13 +112,13 @@ async fn serve_metrics(
     metrics: Option<(std::net::SocketAddr, usize)>,
     handle: &crate::agent::AgentHandle,
     stop: &CancellationToken,
-) -> Result<(), crate::metrics::MetricsError> {
+) -> Result<(), crate::common::exposition::MetricsError> {
     if let Some((addr, queue_capacity)) = metrics {
-        let source = std::sync::Arc::new(crate::metrics::AgentMetrics {
+        let source = std::sync::Arc::new(crate::agent::metrics::AgentMetrics {
             ctx: handle.ctx.clone(),
             queue_capacity,
         });
-        crate::metrics::serve(addr, source, stop.clone()).await?;
+        crate::common::exposition::serve(addr, source, stop.clone()).await?;
     }
     Ok(())
 }
@@ -159,7 +159,7 @@ async fn wait_for_stop(
 
 /// Starts the embedded hub, registers the device, and returns the agent's configuration.
 async fn start_local(args: &RunArgs) -> Result<(Config, Option<Hub>), String> {
-    let state_dir = args.state_dir.clone().unwrap_or_else(default_hub_state_dir);
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
     let mut hub_config = HubConfig::ephemeral(&state_dir);
     hub_config.auto_register = false;
     let hub = Hub::start(hub_config)

@@ -15,6 +15,7 @@ pub mod error;
 pub mod faults;
 pub mod jobs;
 pub mod methods;
+pub mod metrics;
 pub mod mqtt;
 pub mod query;
 pub mod registry;
@@ -28,19 +29,16 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::common::local_hub::HubInfo;
 use crate::protocol::connection_string::{DeviceConnectionString, ServiceConnectionString};
 use crate::protocol::sas;
 
 /// Events kept for `GET /simdevice/events`.
 const RECENT_EVENTS: usize = 10_000;
-/// The MQTT port every device SDK dials.
-pub const DEFAULT_MQTT_PORT: u16 = 8883;
-pub const DEFAULT_API_PORT: u16 = 8443;
 
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -67,34 +65,6 @@ impl HubConfig {
     }
 }
 
-/// What `hub.json` says, for scripts and for `simdevice service --local`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HubInfo {
-    pub hostname: String,
-    pub mqtt_port: u16,
-    pub api_port: u16,
-    pub ca_file: PathBuf,
-    pub service_connection_string: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group_key: Option<String>,
-}
-
-impl HubInfo {
-    pub const FILE_NAME: &'static str = "hub.json";
-
-    pub fn read(state_dir: &Path) -> Result<HubInfo, HubError> {
-        let path = state_dir.join(Self::FILE_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|source| HubError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|e| HubError::BadInfo {
-            path,
-            reason: e.to_string(),
-        })
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("{path}: {source}")]
@@ -107,8 +77,6 @@ pub enum HubError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("{path} is not a hub.json this version understands: {reason}")]
-    BadInfo { path: PathBuf, reason: String },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
@@ -130,8 +98,8 @@ pub struct HubState {
     pub group_key: Option<String>,
     /// Fault hooks (refuse connects, throttle reported patches, clock offset); all off.
     pub faults: faults::Faults,
-    /// Counters only the metrics endpoint reads (`crate::metrics`).
-    pub counters: crate::metrics::HubCounters,
+    /// Counters only the metrics endpoint reads (`metrics`).
+    pub counters: metrics::HubCounters,
 }
 
 /// A running hub.
@@ -291,7 +259,7 @@ impl Hub {
             .registry
             .get(device_id, |d| d.primary_key.clone())
             .ok()?;
-        let gateway = (self.mqtt_addr.port() != DEFAULT_MQTT_PORT)
+        let gateway = (self.mqtt_addr.port() != crate::protocol::MQTT_TLS_PORT)
             .then(|| format!("localhost:{}", self.mqtt_addr.port()));
         Some(
             DeviceConnectionString {

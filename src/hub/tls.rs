@@ -15,7 +15,7 @@ use rcgen::{
     date_time_ymd, BasicConstraints, CertificateParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
@@ -143,9 +143,4 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
         .open(path)
         .map_err(io_err)?;
     file.write_all(text.as_bytes()).map_err(io_err)
-}
-
-/// Reads PEM certificates, for clients that trust the hub's CA.
-pub fn parse_pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, io::Error> {
-    rustls_pemfile::certs(&mut pem.as_bytes()).collect()
 }

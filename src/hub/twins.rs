@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use super::error::IotHubError;
 use super::registry::{check_etag, now_iso, StoredPropertySet};
 use super::HubState;
-use crate::metrics::HubCounters;
+use crate::hub::metrics::HubCounters;
 use crate::protocol::error_code::ErrorCode;
 use crate::protocol::topic::{desired_patch_topic, SubscriptionKind};
 use crate::protocol::twin::{self, Section};

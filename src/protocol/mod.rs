@@ -5,6 +5,11 @@
 //! Nothing here does I/O: no tokio, no sockets, no files, no clock reads (callers pass the time in).
 //! Both sides build and parse the wire format through these functions, so they cannot drift apart.
 
+/// The IoT Hub API version every side speaks: the device MQTT user name, the service REST API.
+pub const API_VERSION: &str = "2021-04-12";
+/// The port of MQTT over TLS, which every device SDK dials.
+pub const MQTT_TLS_PORT: u16 = 8883;
+
 pub mod connection_string;
 pub mod encoding;
 pub mod error_code;

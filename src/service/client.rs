@@ -25,7 +25,7 @@ use crate::protocol::method::{MethodInvocation, DEFAULT_RESPONSE_TIMEOUT_SECS};
 use crate::protocol::sas;
 
 /// The service API version this client speaks.
-pub const API_VERSION: &str = "2021-04-12";
+use crate::protocol::API_VERSION;
 /// Lifetime of each SAS token.
 const TOKEN_LIFETIME_SECS: u64 = 3600;
 /// A token with less than this left is replaced before the next request.

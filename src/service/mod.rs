@@ -4,10 +4,8 @@
 //! - [`client`]: [`client::ServiceClient`], one HTTPS client per service connection string, with
 //!   SAS tokens made from the policy key and renewed before they expire, and
 //!   [`client::ServiceError`], which keeps IoT Hub's error code and message.
-//! - [`cli`]: the `simdevice service ...` verbs: parse arguments, call the client, print JSON.
 //!
-//! This module talks to a hub only over the network: it never reaches into `crate::hub` except to
-//! read the local hub's `hub.json` for `--local`. It never logs or prints a key or a token.
+//! This module talks to a hub only over the network: it never reaches into `crate::hub`. It never
+//! logs or prints a key or a token. The `simdevice service ...` verbs are `commands::service`.
 
-pub mod cli;
 pub mod client;

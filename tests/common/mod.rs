@@ -70,7 +70,7 @@ impl TestHub {
 
     pub fn tls_connector(&self) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in simdevice::hub::tls::parse_pem_certificates(&self.ca_pem()).unwrap() {
+        for cert in simdevice::common::pem::parse_pem_certificates(&self.ca_pem()).unwrap() {
             roots.add(cert).unwrap();
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(

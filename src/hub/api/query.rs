@@ -32,7 +32,7 @@ pub async fn run(
     body: JsonBody<QueryBody>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers, &version, Permission::ServiceConnect)?;
-    crate::metrics::HubCounters::bump(&state.counters.queries);
+    crate::hub::metrics::HubCounters::bump(&state.counters.queries);
     let body = json_body(body, "query body")?;
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let documents = match parsed.source() {

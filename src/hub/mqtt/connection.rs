@@ -26,10 +26,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::auth::{self, DeviceLogin};
+use crate::hub::metrics::HubCounters;
 use crate::hub::registry::LiveStats;
 use crate::hub::sessions::{Attached, Outbound};
 use crate::hub::{twins, HubState};
-use crate::metrics::HubCounters;
 use crate::protocol::topic::{
     parse_device_publish, parse_subscription, twin_response_topic, DevicePublish, SubscriptionKind,
 };

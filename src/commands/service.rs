@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
-use super::client::{ServiceClient, ServiceError};
 use crate::protocol::connection_string::ServiceConnectionString;
+use crate::service::client::{ServiceClient, ServiceError};
 
 /// Exit code when the hub or the network refused the request.
 const EXIT_SERVICE: u8 = 1;
@@ -263,8 +263,8 @@ fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceError> {
         let state_dir = args
             .state_dir
             .clone()
-            .unwrap_or_else(crate::cli::default_hub_state_dir);
-        let info = crate::hub::HubInfo::read(&state_dir).map_err(|e| {
+            .unwrap_or_else(crate::common::local_hub::default_state_dir);
+        let info = crate::common::local_hub::HubInfo::read(&state_dir).map_err(|e| {
             ServiceError::Config(format!(
                 "no usable local hub state in {} ({e}); start one with `simdevice hub`",
                 state_dir.display()
@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(exit_code(&ServiceError::InvalidInput("x".into())), 2);
         assert_eq!(exit_code(&ServiceError::Transport("x".into())), 1);
         assert_eq!(
-            exit_code(&super::super::client::parse_hub_error(404, None, "")),
+            exit_code(&crate::service::client::parse_hub_error(404, None, "")),
             1
         );
     }

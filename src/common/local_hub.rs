@@ -1,0 +1,61 @@
+//! The local hub as its clients see it: `hub.json` (what `simdevice hub` writes into its state
+//! directory for scripts, `simdevice service --local`, `simdevice doctor` and `run --local`),
+//! the default state directory and the default ports. The hub writes this file; everything else
+//! only reads it, so this leaf is all they need to know of the hub.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The default port of the local hub's service REST API (HTTPS). Devices use
+/// [`crate::protocol::MQTT_TLS_PORT`].
+pub const DEFAULT_API_PORT: u16 = 8443;
+
+/// What `hub.json` says.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HubInfo {
+    pub hostname: String,
+    pub mqtt_port: u16,
+    pub api_port: u16,
+    pub ca_file: PathBuf,
+    pub service_connection_string: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_key: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubInfoError {
+    #[error("cannot read {path} (is `simdevice hub` running on this state directory?)")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a hub.json this version understands")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl HubInfo {
+    pub const FILE_NAME: &'static str = "hub.json";
+
+    pub fn read(state_dir: &Path) -> Result<HubInfo, HubInfoError> {
+        let path = state_dir.join(Self::FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| HubInfoError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| HubInfoError::Parse { path, source })
+    }
+}
+
+/// The default place for the hub's state: `$XDG_DATA_HOME/simdevice/hub` or its equivalent.
+pub fn default_state_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("simdevice")
+        .join("hub")
+}

@@ -1,0 +1,14 @@
+//! Leaves that several sides share, just above `protocol`: nothing here imports the agent, the
+//! hub, the service client or the commands.
+//!
+//! - [`pem`]: certificates out of PEM text.
+//! - [`local_hub`]: `hub.json`, the local hub's default state directory and API port.
+//! - [`exposition`]: the generic `/healthz` and `/metrics` server (Prometheus text).
+//! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`logging`]: tracing set-up, text or JSON.
+
+pub mod exposition;
+pub mod local_hub;
+pub mod logging;
+pub mod pem;
+pub mod sdnotify;
