@@ -6,9 +6,11 @@
 //! - [`exposition`]: the generic `/healthz` and `/metrics` server (Prometheus text).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`logging`]: tracing set-up, text or JSON.
+//! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
 
 pub mod exposition;
 pub mod local_hub;
+pub mod lock;
 pub mod logging;
 pub mod pem;
 pub mod sdnotify;
