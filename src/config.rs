@@ -34,7 +34,6 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/simdevice/config.toml";
 pub const ENV_PREFIX: &str = "SIMDEVICE";
 /// Between the prefix, the section and the key of an environment variable.
 pub const ENV_SEPARATOR: &str = "__";
-/// The MQTT-over-TLS port dialled when the host names none.
 
 /// A device key. `Debug` and `Display` print `***`; only [`Secret::expose`] gives the value.
 #[derive(Clone, PartialEq, Eq)]
