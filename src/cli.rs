@@ -1,5 +1,5 @@
 //! The command-line interface: the clap command tree, nothing else. Each verb's work is in
-//! `commands::*` (and `service::cli` for `simdevice service`).
+//! `commands::*`. The verbs a build has follow its features (`hub`, `service`).
 
 use clap::{Parser, Subcommand};
 
@@ -26,8 +26,10 @@ pub enum Command {
     /// Check the agent's configuration.
     Config(crate::commands::config::ConfigArgs),
     /// Run a local emulator of Azure IoT Hub (device MQTT on 8883, service REST API on 8443).
+    #[cfg(feature = "hub")]
     Hub(crate::commands::hub::HubArgs),
     /// Talk to the service API of an IoT Hub, real or local.
+    #[cfg(feature = "service")]
     Service(crate::commands::service::ServiceArgs),
     /// Check the configuration, DNS, TCP, TLS, clock and authentication against the hub.
     Doctor(crate::commands::doctor::DoctorArgs),

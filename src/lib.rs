@@ -1,13 +1,15 @@
 //! simdevice: a simulated Azure IoT device and a local Azure IoT Hub to run it against.
 //!
-//! - [`agent`]: the device agent behind `simdevice run`, configured by [`config`].
+//! Layers, lowest first; each uses only the ones below it (`scripts/check-layers` checks):
 //! - [`protocol`]: pure IoT Hub conventions (connection strings, SAS tokens, topics, property
 //!   bags, twin documents), shared by every side so they cannot drift apart. No I/O.
-//! - [`hub`]: the local IoT Hub emulator (device MQTT over TLS, service REST API over HTTPS).
-//! - [`service`]: a client of the service REST API of any hub, behind `simdevice service`.
-//! - [`cli`] and [`commands`]: the command line and what each verb does.
-//! - [`logging`]: tracing set-up; [`metrics`]: the optional /healthz and /metrics server;
-//!   [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
+//! - [`common`]: leaves several sides share: PEM, `hub.json`, the metrics exposition server,
+//!   systemd notifications, logging, state locks.
+//! - [`config`]: the agent's layered configuration.
+//! - [`agent`] (one simulated device) and [`hub`] (the local IoT Hub, feature `hub`), side by
+//!   side, never importing each other.
+//! - [`service`]: a client of the service REST API of any hub (feature `service`).
+//! - [`commands`]: what each verb does; [`cli`]: the clap command tree. `main` on top.
 //!
 //! ARCHITECTURE.md at the repository root has the map and the message flows.
 
@@ -16,6 +18,8 @@ pub mod cli;
 pub mod commands;
 pub mod common;
 pub mod config;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod protocol;
+#[cfg(feature = "service")]
 pub mod service;

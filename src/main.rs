@@ -1,10 +1,15 @@
-//! The `simdevice` binary: parse the command line, start logging, run one verb, map its error
-//! to an exit code.
+//! The `simdevice` binary: parse the command line, start logging, run one verb, and turn its
+//! error into a message (the whole source chain, on one line) and an exit code.
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use simdevice::cli::{Cli, Command};
+use simdevice::commands;
+
+/// sysexits.h EX_CONFIG: the configuration is wrong. The systemd units list it in
+/// `RestartPreventExitStatus=`, so a broken configuration does not restart-loop.
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,37 +24,52 @@ fn main() -> ExitCode {
     };
     let runtime = match runtime {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(error) => return fail(&error, ExitCode::FAILURE),
     };
-    let result: anyhow::Result<ExitCode> = runtime.block_on(async {
+    runtime.block_on(async {
         match cli.command {
-            Command::Hub(args) => {
-                simdevice::commands::hub::run(args).await?;
-                Ok(ExitCode::SUCCESS)
+            Command::Run(args) => match commands::run::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
+            },
+            #[cfg(feature = "hub")]
+            Command::Hub(args) => match commands::hub::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
+            },
+            #[cfg(feature = "service")]
+            Command::Service(args) => commands::service::run(args).await,
+            Command::Config(args) => commands::config::run(args),
+            Command::Doctor(args) => commands::doctor::run(args).await,
+            Command::Completions(args) => {
+                commands::generate::completions(Cli::command(), args, &mut std::io::stdout().lock())
             }
-            Command::Service(args) => Ok(simdevice::commands::service::run(args).await),
-            Command::Run(args) => Ok(simdevice::commands::run::run(args).await),
-            Command::Config(args) => Ok(simdevice::commands::config::run(args)),
-            Command::Doctor(args) => Ok(simdevice::commands::doctor::run(args).await),
-            Command::Completions(args) => Ok(simdevice::commands::generate::completions(
-                Cli::command(),
-                args,
-                &mut std::io::stdout().lock(),
-            )),
-            Command::Man => Ok(simdevice::commands::generate::man(
-                Cli::command(),
-                &mut std::io::stdout().lock(),
-            )),
+            Command::Man => commands::generate::man(Cli::command(), &mut std::io::stdout().lock()),
         }
-    });
-    match result {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+    })
+}
+
+fn config_or_failure(is_config: bool) -> ExitCode {
+    if is_config {
+        ExitCode::from(EX_CONFIG)
+    } else {
+        ExitCode::FAILURE
     }
+}
+
+/// Prints `error: outer: cause: root cause` on stderr and returns `code`.
+fn fail(error: &dyn std::error::Error, code: ExitCode) -> ExitCode {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // `#[error(transparent)]` and wrappers that repeat their cause add nothing.
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    eprintln!("error: {message}");
+    code
 }

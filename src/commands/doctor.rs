@@ -473,20 +473,14 @@ async fn clock(
         (None, false) => host.clone(),
     };
     let url = format!("https://{authority}/");
-    let client = match reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .timeout(STEP_TIMEOUT)
-        .build()
-    {
-        Ok(client) => client,
-        Err(error) => {
-            let hint = "this is a bug in the check; the other checks still apply";
-            return Check::warn(NAME, format!("cannot build an HTTPS client: {error}"), hint);
-        }
-    };
+    let port = api_port.unwrap_or(443);
     let sent = chrono::Utc::now();
-    let response = match client.head(&url).send().await {
-        Ok(response) => response,
+    let date = match super::https_date::fetch(tls, &host, port, STEP_TIMEOUT).await {
+        Ok(date) => date,
+        Err(error @ super::https_date::HttpsDateError::NoDate) => {
+            let hint = "SAS tokens need this machine's clock to be right: keep NTP on";
+            return Check::warn(NAME, format!("{url}: {error}"), hint);
+        }
         Err(error) => {
             let hint = if local_hub && api_port.is_none() {
                 "for a local hub, give --state-dir (its hub.json names the HTTPS port)"
@@ -501,18 +495,9 @@ async fn clock(
         }
     };
     let received = chrono::Utc::now();
-    let date = response
-        .headers()
-        .get(reqwest::header::DATE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|text| chrono::DateTime::parse_from_rfc2822(text).ok());
-    let Some(date) = date else {
-        let hint = "SAS tokens need this machine's clock to be right: keep NTP on";
-        return Check::warn(NAME, format!("{url} sent no usable Date header"), hint);
-    };
     let midpoint = sent + (received - sent) / 2;
     // The Date header has whole seconds: compare with this machine's time to the second.
-    let skew = (date.to_utc() - midpoint).num_milliseconds() as f64 / 1000.0;
+    let skew = (date - midpoint).num_milliseconds() as f64 / 1000.0;
     let magnitude = Duration::from_secs_f64(skew.abs());
     let direction = if skew > 0.0 { "behind" } else { "ahead of" };
     let detail = if skew.abs() < 1.0 {

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use crate::common::local_hub::default_state_dir;
 
+use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
+use crate::hub::error::IotHubError;
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 use crate::hub::{Hub, HubConfig, HubError};
 
@@ -39,7 +41,37 @@ pub struct HubArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
-pub async fn run(args: HubArgs) -> Result<(), HubError> {
+/// Why `simdevice hub` could not run. `main` prints it with its source chain and exits 78 when
+/// [`HubCommandError::is_config`] says the configuration is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum HubCommandError {
+    #[error("the hub cannot start")]
+    Hub(#[from] HubError),
+    #[error("cannot register --device {id}")]
+    Device {
+        id: String,
+        #[source]
+        source: IotHubError,
+    },
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+impl HubCommandError {
+    /// A configuration the hub cannot run with (exit 78: systemd does not restart-loop on it).
+    /// A metrics address in use is not: the port may free up, so a restart can help.
+    pub fn is_config(&self) -> bool {
+        match self {
+            HubCommandError::Hub(error) => error.is_config(),
+            HubCommandError::Device { .. } => true,
+            HubCommandError::Metrics(MetricsError::Bind { source, .. }) => {
+                source.kind() != std::io::ErrorKind::AddrInUse
+            }
+        }
+    }
+}
+
+pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let hub = Hub::start(HubConfig {
         state_dir: state_dir.clone(),
@@ -52,13 +84,19 @@ pub async fn run(args: HubArgs) -> Result<(), HubError> {
     .await?;
     for id in &args.devices {
         if !hub.state().registry.contains(id) {
-            hub.state().registry.create(DeviceSpec {
-                id: id.clone(),
-                status: DeviceStatus::Enabled,
-                status_reason: None,
-                primary_key: None,
-                secondary_key: None,
-            })?;
+            hub.state()
+                .registry
+                .create(DeviceSpec {
+                    id: id.clone(),
+                    status: DeviceStatus::Enabled,
+                    status_reason: None,
+                    primary_key: None,
+                    secondary_key: None,
+                })
+                .map_err(|source| HubCommandError::Device {
+                    id: id.clone(),
+                    source,
+                })?;
         }
     }
     let metrics_stop = tokio_util::sync::CancellationToken::new();
@@ -83,7 +121,7 @@ async fn serve_metrics(
     hub: &Hub,
     listen: Option<std::net::SocketAddr>,
     stop: &tokio_util::sync::CancellationToken,
-) -> Result<Option<std::net::SocketAddr>, HubError> {
+) -> Result<Option<std::net::SocketAddr>, MetricsError> {
     let Some(addr) = listen else {
         return Ok(None);
     };
@@ -91,12 +129,8 @@ async fn serve_metrics(
         state: hub.state().clone(),
         stopping: stop.clone(),
     });
-    match crate::common::exposition::serve(addr, source, stop.clone()).await {
-        Ok(server) => Ok(Some(server.local_addr)),
-        Err(crate::common::exposition::MetricsError::Bind { addr, source }) => {
-            Err(HubError::Bind { addr, source })
-        }
-    }
+    let server = crate::common::exposition::serve(addr, source, stop.clone()).await?;
+    Ok(Some(server.local_addr))
 }
 
 /// What a user needs to reach the hub; connection strings carry keys, so they go to stdout

@@ -1,8 +1,14 @@
-//! What each command-line verb does, given its parsed arguments.
+//! What each command-line verb does, given its parsed arguments. A verb returns its own error
+//! type; `main` alone turns an error into a message (with its source chain) and an exit code.
 
 pub mod config;
 pub mod doctor;
 pub mod generate;
+pub mod https_date;
+#[cfg(feature = "hub")]
 pub mod hub;
+#[cfg(feature = "hub")]
+pub mod local;
 pub mod run;
+#[cfg(feature = "service")]
 pub mod service;

@@ -85,6 +85,19 @@ pub enum HubError {
     Registry(#[from] error::IotHubError),
 }
 
+impl HubError {
+    /// A state directory or address the hub cannot use as configured (exit 78 in `main`);
+    /// an address already in use is not: the other process may go away.
+    pub fn is_config(&self) -> bool {
+        match self {
+            HubError::Io { .. } | HubError::Tls(_) | HubError::Store(_) | HubError::Registry(_) => {
+                true
+            }
+            HubError::Bind { source, .. } => source.kind() != std::io::ErrorKind::AddrInUse,
+        }
+    }
+}
+
 /// Everything the listeners and the API share.
 pub struct HubState {
     pub host_names: auth::HostNames,

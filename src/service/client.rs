@@ -265,7 +265,7 @@ impl ServiceClient {
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
+            rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| ServiceError::Config(format!("TLS set-up: {e}")))?
