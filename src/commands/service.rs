@@ -5,7 +5,9 @@
 //! configuration mistake, 1 when the hub or the network said no). Nothing here writes to stderr.
 //!
 //! Which hub: `--connection-string` (or `IOTHUB_CONNECTION_STRING`) names any hub; `--local`
-//! reads the local hub's `hub.json` from `--state-dir` and trusts the CA it names.
+//! reads the local hub's `hub.json` from `--state-dir` and trusts the CA it names. These
+//! connection options are global to `service`: they may come before or after the verb, as with
+//! `az iot hub ... --login`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,17 +23,22 @@ use crate::service::client::{ServiceClient, ServiceError};
 pub struct ServiceArgs {
     /// Service connection string of a shared access policy
     /// (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...).
-    #[arg(long, env = "IOTHUB_CONNECTION_STRING", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "IOTHUB_CONNECTION_STRING",
+        hide_env_values = true
+    )]
     pub connection_string: Option<String>,
     /// Use the local hub (`simdevice hub`): read hub.json from --state-dir and trust its CA.
     /// Takes precedence over --connection-string.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub local: bool,
     /// The local hub's state directory [default: the per-user data directory]
-    #[arg(long, env = "SIMDEVICE_HUB_STATE_DIR")]
+    #[arg(long, global = true, env = "SIMDEVICE_HUB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// A PEM file of extra CA certificates to trust besides the public roots.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: ServiceCommand,
@@ -437,5 +444,62 @@ mod tests {
             "connection string field 'SharedAccessKey' is not valid base64"
         );
         assert!(!format!("{error}: {source}").contains("not base64!"));
+    }
+
+    #[test]
+    fn connection_options_parse_before_or_after_the_verb() {
+        let before = args(&[
+            "--local",
+            "--state-dir",
+            "/d",
+            "--ca-file",
+            "/ca.pem",
+            "events",
+            "door-01",
+        ]);
+        let after = args(&[
+            "events",
+            "door-01",
+            "--local",
+            "--state-dir",
+            "/d",
+            "--ca-file",
+            "/ca.pem",
+        ]);
+        let nested = args(&[
+            "device",
+            "show",
+            "x",
+            "--state-dir",
+            "/d",
+            "--local",
+            "--ca-file",
+            "/ca.pem",
+        ]);
+        for parsed in [&before, &after, &nested] {
+            assert!(parsed.local, "{parsed:?}");
+            assert_eq!(
+                parsed.state_dir.as_deref(),
+                Some(Path::new("/d")),
+                "{parsed:?}"
+            );
+            assert_eq!(
+                parsed.ca_file.as_deref(),
+                Some(Path::new("/ca.pem")),
+                "{parsed:?}"
+            );
+        }
+        assert!(matches!(
+            &after.command,
+            ServiceCommand::Events { device: Some(d), .. } if d == "door-01"
+        ));
+        assert!(matches!(
+            &nested.command,
+            ServiceCommand::Device(DeviceCommand::Show { id }) if id == "x"
+        ));
+        let cs = "HostName=h;SharedAccessKeyName=p;SharedAccessKey=a2V5";
+        let given = args(&["twin", "show", "d1", "--connection-string", cs]);
+        assert_eq!(given.connection_string.as_deref(), Some(cs));
+        assert!(!given.local);
     }
 }
