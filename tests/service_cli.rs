@@ -1,5 +1,5 @@
 //! `simdevice service ...` against the in-process hub: each test parses a real command line,
-//! runs it through `service::cli::execute` (or the built binary) and checks the JSON a user
+//! runs it through `commands::service::execute` (or the built binary) and checks the JSON a user
 //! would see, or the error code and exit status.
 
 mod common;
@@ -8,7 +8,7 @@ use clap::Parser;
 use common::{RawDevice, TestHub};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
-use simdevice::commands::service::{execute, exit_code, ServiceArgs};
+use simdevice::commands::service::{execute, ServiceArgs, ServiceCommandError};
 use simdevice::service::client::ServiceError;
 
 #[derive(Parser)]
@@ -33,14 +33,14 @@ fn parse(argv: &[&str]) -> ServiceArgs {
 }
 
 /// Runs `simdevice service --local --state-dir <hub dir> ARGV...`; returns the printed JSON.
-async fn local(hub: &TestHub, argv: &[&str]) -> Result<Value, ServiceError> {
+async fn local(hub: &TestHub, argv: &[&str]) -> Result<Value, ServiceCommandError> {
     let dir = hub.dir.path().to_str().expect("utf-8 temp dir");
     let mut full = vec!["--local", "--state-dir", dir];
     full.extend_from_slice(argv);
     run_args(parse(&full)).await
 }
 
-async fn run_args(args: ServiceArgs) -> Result<Value, ServiceError> {
+async fn run_args(args: ServiceArgs) -> Result<Value, ServiceCommandError> {
     let mut out = Vec::new();
     execute(args, &mut out).await?;
     let text = String::from_utf8(out).expect("utf-8 output");
@@ -68,7 +68,7 @@ async fn device_create_show_list_disable_enable_delete() {
     // Creating it again is the hub's 409001.
     let error = local(&hub, &["device", "create", "d1"]).await.unwrap_err();
     assert_eq!(error.code(), Some(409001), "{error}");
-    assert_eq!(exit_code(&error), 1);
+    assert!(!error.is_usage(), "{error}");
 
     let shown = local(&hub, &["device", "show", "d1"]).await.unwrap();
     assert_eq!(shown["deviceId"], "d1");
@@ -116,7 +116,7 @@ async fn unknown_device_prints_the_iot_hub_error() {
     let text = error.to_string();
     assert!(text.starts_with("DeviceNotFound (404001): "), "{text}");
     assert!(text.contains("d9"), "{text}");
-    assert_eq!(exit_code(&error), 1);
+    assert!(!error.is_usage(), "{error}");
 
     let error = local(&hub, &["twin", "show", "d9"]).await.unwrap_err();
     assert_eq!(error.code(), Some(404001));
@@ -186,9 +186,9 @@ async fn twin_update_tags_and_desired_then_show() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("--tags"), "{error}");
-    assert_eq!(exit_code(&error), 2);
+    assert!(error.is_usage(), "{error}");
     let error = local(&hub, &["twin", "update", "d1"]).await.unwrap_err();
-    assert_eq!(exit_code(&error), 2);
+    assert!(error.is_usage(), "{error}");
     hub.stop().await;
 }
 
@@ -240,7 +240,7 @@ async fn invoke_a_direct_method_on_a_connected_device() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("PAYLOAD"), "{error}");
-    assert_eq!(exit_code(&error), 2);
+    assert!(error.is_usage(), "{error}");
 
     let mut device = RawDevice::connect(&hub, "d1", &key).await;
     device
@@ -347,7 +347,7 @@ async fn connection_string_with_a_wrong_key_gets_401() {
     .unwrap_err();
     assert_eq!(error.status(), Some(401), "{error}");
     assert!(error.to_string().contains("401"), "{error}");
-    assert_eq!(exit_code(&error), 1);
+    assert!(!error.is_usage(), "{error}");
 
     // The right key through the same path works (so the 401 was the key, not the TLS set-up).
     let right = hub.hub.info().service_connection_string.clone();
@@ -368,7 +368,10 @@ async fn connection_string_with_a_wrong_key_gets_401() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, ServiceError::Transport(_)),
+        matches!(
+            error,
+            ServiceCommandError::Service(ServiceError::Transport { .. })
+        ),
         "expected a TLS failure, got {error}"
     );
     hub.stop().await;
@@ -386,7 +389,7 @@ async fn missing_hub_configuration_is_a_usage_error() {
     ]))
     .await
     .unwrap_err();
-    assert_eq!(exit_code(&error), 2);
+    assert!(error.is_usage(), "{error}");
     assert!(error.to_string().contains("simdevice hub"), "{error}");
 
     let error = run_args(parse(&[
@@ -397,8 +400,11 @@ async fn missing_hub_configuration_is_a_usage_error() {
     ]))
     .await
     .unwrap_err();
-    assert_eq!(exit_code(&error), 2);
-    assert!(error.to_string().contains("SharedAccessKey"), "{error}");
+    assert!(error.is_usage(), "{error}");
+    // The field is named by the parse error, the source of "the service connection string is
+    // not usable".
+    let chain = format!("{:#}", anyhow::Error::from(error));
+    assert!(chain.contains("SharedAccessKey"), "{chain}");
 }
 
 #[tokio::test]

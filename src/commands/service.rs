@@ -1,41 +1,44 @@
 //! `simdevice service ...`: the verbs of the service API client. Parses the arguments into calls
-//! of [`ServiceClient`], prints each answer as pretty JSON on stdout, and turns failures into one
-//! line on stderr (`error: DeviceNotFound (404001): ...`) and an exit code: 1 when the hub or
-//! the network said no, 2 for a usage or configuration mistake.
+//! of [`ServiceClient`] and prints each answer as pretty JSON on stdout. Failures go back to
+//! `main` as a [`ServiceCommandError`] with their causes as its source chain; `main` prints them
+//! and picks the exit code from [`ServiceCommandError::is_usage`] (2 for a usage or
+//! configuration mistake, 1 when the hub or the network said no). Nothing here writes to stderr.
 //!
 //! Which hub: `--connection-string` (or `IOTHUB_CONNECTION_STRING`) names any hub; `--local`
-//! reads the local hub's `hub.json` from `--state-dir` and trusts the CA it names.
+//! reads the local hub's `hub.json` from `--state-dir` and trusts the CA it names. These
+//! connection options are global to `service`: they may come before or after the verb, as with
+//! `az iot hub ... --login`.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde_json::{json, Map, Value};
 
-use crate::protocol::connection_string::ServiceConnectionString;
+use crate::common::local_hub::{HubInfo, HubInfoError};
+use crate::protocol::connection_string::{ConnectionStringError, ServiceConnectionString};
 use crate::service::client::{ServiceClient, ServiceError};
-
-/// Exit code when the hub or the network refused the request.
-const EXIT_SERVICE: u8 = 1;
-/// Exit code for a usage or configuration mistake.
-const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Args)]
 pub struct ServiceArgs {
     /// Service connection string of a shared access policy
     /// (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...).
-    #[arg(long, env = "IOTHUB_CONNECTION_STRING", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "IOTHUB_CONNECTION_STRING",
+        hide_env_values = true
+    )]
     pub connection_string: Option<String>,
     /// Use the local hub (`simdevice hub`): read hub.json from --state-dir and trust its CA.
     /// Takes precedence over --connection-string.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub local: bool,
     /// The local hub's state directory [default: the per-user data directory]
-    #[arg(long, env = "SIMDEVICE_HUB_STATE_DIR")]
+    #[arg(long, global = true, env = "SIMDEVICE_HUB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// A PEM file of extra CA certificates to trust besides the public roots.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: ServiceCommand,
@@ -127,29 +130,96 @@ pub enum TwinCommand {
     },
 }
 
-/// Runs one `simdevice service` verb: JSON on stdout, an error line on stderr, an exit code.
-pub async fn run(args: ServiceArgs) -> ExitCode {
-    let mut stdout = std::io::stdout();
-    match execute(args, &mut stdout).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::from(exit_code(&error))
+/// Why a `simdevice service` verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceCommandError {
+    /// The service call failed: the hub's error, the network, or the client refused the input.
+    /// Its own message is the whole story, so it is shown as it is.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// Neither `--connection-string` (nor its environment variable) nor `--local`.
+    #[error(
+        "no hub given: pass --connection-string (or set IOTHUB_CONNECTION_STRING), \
+         or --local for the local hub"
+    )]
+    NoHub,
+    /// `--local`, but the state directory has no usable `hub.json`.
+    #[error("no usable local hub state in {} (start one with `simdevice hub`)", .state_dir.display())]
+    LocalHub {
+        state_dir: PathBuf,
+        #[source]
+        source: HubInfoError,
+    },
+    /// The CA file (`--ca-file`, or the one `hub.json` names) cannot be read.
+    #[error("cannot read the CA file {}", .path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service connection string does not parse. Its text (which holds the key) is not shown.
+    #[error("the service connection string is not usable")]
+    ConnectionString(#[source] ConnectionStringError),
+    /// A JSON argument does not parse.
+    #[error("{what} is not valid JSON")]
+    NotJson {
+        /// The argument: `PAYLOAD`, `--tags`, `--desired`.
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A JSON argument that must be an object is something else.
+    #[error("{what} must be a JSON object, like '{{\"key\": \"value\"}}'")]
+    NotObject { what: &'static str },
+    /// `twin update` with nothing to update.
+    #[error("twin update needs --tags or --desired (or both)")]
+    EmptyTwinUpdate,
+    /// The answer cannot be written to stdout (a closed pipe, a full disk).
+    #[error("cannot write the answer to stdout")]
+    Output(#[source] std::io::Error),
+}
+
+impl ServiceCommandError {
+    /// True for a mistake in the command line or the configuration (`main` exits 2); false when
+    /// the hub or the network said no, or the answer could not be written (`main` exits 1).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            ServiceCommandError::Service(error) => error.is_usage(),
+            ServiceCommandError::NoHub
+            | ServiceCommandError::LocalHub { .. }
+            | ServiceCommandError::CaFile { .. }
+            | ServiceCommandError::ConnectionString(_)
+            | ServiceCommandError::NotJson { .. }
+            | ServiceCommandError::NotObject { .. }
+            | ServiceCommandError::EmptyTwinUpdate => true,
+            ServiceCommandError::Output(_) => false,
+        }
+    }
+
+    /// The hub's six-digit IoT Hub error code, when the hub answered with one.
+    pub fn code(&self) -> Option<u32> {
+        match self {
+            ServiceCommandError::Service(error) => error.code(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status, when the hub answered with an error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ServiceCommandError::Service(error) => error.status(),
+            _ => None,
         }
     }
 }
 
-/// The exit code for an error: 2 for usage and configuration mistakes, 1 otherwise.
-pub fn exit_code(error: &ServiceError) -> u8 {
-    if error.is_usage() {
-        EXIT_USAGE
-    } else {
-        EXIT_SERVICE
-    }
+/// Runs one `simdevice service` verb and prints its answer as pretty JSON on stdout.
+pub async fn run(args: ServiceArgs) -> Result<(), ServiceCommandError> {
+    execute(args, &mut std::io::stdout().lock()).await
 }
 
 /// Runs one verb and writes its JSON answer (pretty, one trailing newline) to `out`.
-pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), ServiceError> {
+pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), ServiceCommandError> {
     let client = connect(&args)?;
     let answer = match args.command {
         ServiceCommand::Device(command) => device(&client, command).await?,
@@ -183,23 +253,26 @@ pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), Serv
     write_json(out, &answer)
 }
 
-async fn device(client: &ServiceClient, command: DeviceCommand) -> Result<Value, ServiceError> {
+async fn device(
+    client: &ServiceClient,
+    command: DeviceCommand,
+) -> Result<Value, ServiceCommandError> {
     match command {
-        DeviceCommand::Create { id, disabled } => client.create_device(&id, !disabled).await,
-        DeviceCommand::List { top } => client.list_devices(top).await,
-        DeviceCommand::Show { id } => client.get_device(&id).await,
+        DeviceCommand::Create { id, disabled } => Ok(client.create_device(&id, !disabled).await?),
+        DeviceCommand::List { top } => Ok(client.list_devices(top).await?),
+        DeviceCommand::Show { id } => Ok(client.get_device(&id).await?),
         DeviceCommand::Delete { id, etag } => {
             client.delete_device(&id, etag.as_deref()).await?;
             Ok(json!({ "deviceId": id, "deleted": true }))
         }
-        DeviceCommand::Enable { id } => client.set_device_status(&id, true).await,
-        DeviceCommand::Disable { id } => client.set_device_status(&id, false).await,
+        DeviceCommand::Enable { id } => Ok(client.set_device_status(&id, true).await?),
+        DeviceCommand::Disable { id } => Ok(client.set_device_status(&id, false).await?),
     }
 }
 
-async fn twin(client: &ServiceClient, command: TwinCommand) -> Result<Value, ServiceError> {
+async fn twin(client: &ServiceClient, command: TwinCommand) -> Result<Value, ServiceCommandError> {
     match command {
-        TwinCommand::Show { device } => client.get_twin(&device).await,
+        TwinCommand::Show { device } => Ok(client.get_twin(&device).await?),
         TwinCommand::Update {
             device,
             tags,
@@ -207,17 +280,15 @@ async fn twin(client: &ServiceClient, command: TwinCommand) -> Result<Value, Ser
             etag,
         } => {
             let patch = twin_patch(tags.as_deref(), desired.as_deref())?;
-            client.update_twin(&device, &patch, etag.as_deref()).await
+            Ok(client.update_twin(&device, &patch, etag.as_deref()).await?)
         }
     }
 }
 
 /// `{"tags": .., "properties": {"desired": ..}}` from the `--tags` and `--desired` JSON.
-fn twin_patch(tags: Option<&str>, desired: Option<&str>) -> Result<Value, ServiceError> {
+fn twin_patch(tags: Option<&str>, desired: Option<&str>) -> Result<Value, ServiceCommandError> {
     if tags.is_none() && desired.is_none() {
-        return Err(ServiceError::InvalidInput(
-            "twin update needs --tags or --desired (or both)".to_string(),
-        ));
+        return Err(ServiceCommandError::EmptyTwinUpdate);
     }
     let mut patch = Map::new();
     if let Some(text) = tags {
@@ -232,69 +303,62 @@ fn twin_patch(tags: Option<&str>, desired: Option<&str>) -> Result<Value, Servic
     Ok(Value::Object(patch))
 }
 
-fn parse_json(what: &str, text: &str) -> Result<Value, ServiceError> {
-    serde_json::from_str(text)
-        .map_err(|e| ServiceError::InvalidInput(format!("{what} is not valid JSON: {e}")))
+fn parse_json(what: &'static str, text: &str) -> Result<Value, ServiceCommandError> {
+    serde_json::from_str(text).map_err(|source| ServiceCommandError::NotJson { what, source })
 }
 
-fn parse_object(what: &str, text: &str) -> Result<Value, ServiceError> {
+fn parse_object(what: &'static str, text: &str) -> Result<Value, ServiceCommandError> {
     let value = parse_json(what, text)?;
     if !value.is_object() {
-        return Err(ServiceError::InvalidInput(format!(
-            "{what} must be a JSON object, like '{{\"key\": \"value\"}}'"
-        )));
+        return Err(ServiceCommandError::NotObject { what });
     }
     Ok(value)
 }
 
-fn write_json(out: &mut impl Write, value: &Value) -> Result<(), ServiceError> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| ServiceError::Transport(format!("cannot format the answer: {e}")))?;
+fn write_json(out: &mut impl Write, value: &Value) -> Result<(), ServiceCommandError> {
+    // A `Value` has only string keys and finite numbers, so it always serializes.
+    let text = serde_json::to_string_pretty(value).expect("a serde_json::Value always serializes");
     writeln!(out, "{text}")
         .and_then(|()| out.flush())
-        .map_err(|e| ServiceError::Transport(format!("cannot write the answer: {e}")))
+        .map_err(ServiceCommandError::Output)
 }
 
 /// The client for the hub the arguments name: the local hub's `hub.json` with `--local`, else
 /// the connection string.
-fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceError> {
+fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceCommandError> {
     let mut ca_pem = String::new();
     let connection_string = if args.local {
         let state_dir = args
             .state_dir
             .clone()
             .unwrap_or_else(crate::common::local_hub::default_state_dir);
-        let info = crate::common::local_hub::HubInfo::read(&state_dir).map_err(|e| {
-            ServiceError::Config(format!(
-                "no usable local hub state in {} ({e}); start one with `simdevice hub`",
-                state_dir.display()
-            ))
-        })?;
+        let info = match HubInfo::read(&state_dir) {
+            Ok(info) => info,
+            Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
+        };
         ca_pem.push_str(&read_ca(&info.ca_file)?);
         info.service_connection_string
     } else {
-        args.connection_string.clone().ok_or_else(|| {
-            ServiceError::Config(
-                "no hub given: pass --connection-string (or set IOTHUB_CONNECTION_STRING), \
-                 or --local for the local hub"
-                    .to_string(),
-            )
-        })?
+        args.connection_string
+            .clone()
+            .ok_or(ServiceCommandError::NoHub)?
     };
     let connection_string: ServiceConnectionString = connection_string
         .parse()
-        .map_err(|e| ServiceError::Config(format!("service connection string: {e}")))?;
+        .map_err(ServiceCommandError::ConnectionString)?;
     if let Some(path) = &args.ca_file {
         ca_pem.push('\n');
         ca_pem.push_str(&read_ca(path)?);
     }
     let extra = (!ca_pem.trim().is_empty()).then_some(ca_pem.as_str());
-    ServiceClient::new(&connection_string, extra)
+    Ok(ServiceClient::new(&connection_string, extra)?)
 }
 
-fn read_ca(path: &std::path::Path) -> Result<String, ServiceError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| ServiceError::Config(format!("CA file {}: {e}", path.display())))
+fn read_ca(path: &Path) -> Result<String, ServiceCommandError> {
+    std::fs::read_to_string(path).map_err(|source| ServiceCommandError::CaFile {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -324,13 +388,118 @@ mod tests {
     }
 
     #[test]
-    fn exit_codes() {
-        assert_eq!(exit_code(&ServiceError::Config("x".into())), 2);
-        assert_eq!(exit_code(&ServiceError::InvalidInput("x".into())), 2);
-        assert_eq!(exit_code(&ServiceError::Transport("x".into())), 1);
+    fn json_arguments_keep_the_parser_error_as_source() {
+        let error = parse_json("PAYLOAD", "{oops").unwrap_err();
+        assert_eq!(error.to_string(), "PAYLOAD is not valid JSON");
+        let source = std::error::Error::source(&error).expect("the serde_json error");
+        assert!(source.to_string().contains("line 1"), "{source}");
+        assert!(error.is_usage());
+    }
+
+    #[test]
+    fn usage_or_not() {
+        assert!(ServiceCommandError::NoHub.is_usage());
+        assert!(ServiceCommandError::EmptyTwinUpdate.is_usage());
+        let hub_said_no =
+            ServiceCommandError::from(crate::service::client::parse_hub_error(404, None, ""));
+        assert!(!hub_said_no.is_usage());
+        assert_eq!(hub_said_no.status(), Some(404));
+        assert!(!ServiceCommandError::Output(std::io::ErrorKind::BrokenPipe.into()).is_usage());
+    }
+
+    fn args(argv: &[&str]) -> ServiceArgs {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            service: ServiceArgs,
+        }
+        use clap::Parser;
+        match Wrapper::try_parse_from(std::iter::once("service").chain(argv.iter().copied())) {
+            Ok(wrapper) => wrapper.service,
+            Err(error) => panic!("{argv:?} does not parse: {error}"),
+        }
+    }
+
+    #[test]
+    fn no_hub_is_a_usage_error() {
+        let mut no_hub = args(&["query", "SELECT * FROM devices"]);
+        // Whatever the environment of the test run says.
+        no_hub.connection_string = None;
+        let error = connect(&no_hub).unwrap_err();
+        assert!(matches!(error, ServiceCommandError::NoHub), "{error}");
+        assert!(error.is_usage());
+    }
+
+    #[test]
+    fn a_connection_string_that_does_not_parse_names_the_field_not_the_key() {
+        let mut bad = args(&["device", "list"]);
+        bad.local = false;
+        bad.connection_string =
+            Some("HostName=h;SharedAccessKeyName=p;SharedAccessKey=not base64!".into());
+        let error = connect(&bad).unwrap_err();
+        assert!(error.is_usage());
+        let source = std::error::Error::source(&error).expect("the parse error");
         assert_eq!(
-            exit_code(&crate::service::client::parse_hub_error(404, None, "")),
-            1
+            source.to_string(),
+            "connection string field 'SharedAccessKey' is not valid base64"
         );
+        assert!(!format!("{error}: {source}").contains("not base64!"));
+    }
+
+    #[test]
+    fn connection_options_parse_before_or_after_the_verb() {
+        let before = args(&[
+            "--local",
+            "--state-dir",
+            "/d",
+            "--ca-file",
+            "/ca.pem",
+            "events",
+            "door-01",
+        ]);
+        let after = args(&[
+            "events",
+            "door-01",
+            "--local",
+            "--state-dir",
+            "/d",
+            "--ca-file",
+            "/ca.pem",
+        ]);
+        let nested = args(&[
+            "device",
+            "show",
+            "x",
+            "--state-dir",
+            "/d",
+            "--local",
+            "--ca-file",
+            "/ca.pem",
+        ]);
+        for parsed in [&before, &after, &nested] {
+            assert!(parsed.local, "{parsed:?}");
+            assert_eq!(
+                parsed.state_dir.as_deref(),
+                Some(Path::new("/d")),
+                "{parsed:?}"
+            );
+            assert_eq!(
+                parsed.ca_file.as_deref(),
+                Some(Path::new("/ca.pem")),
+                "{parsed:?}"
+            );
+        }
+        assert!(matches!(
+            &after.command,
+            ServiceCommand::Events { device: Some(d), .. } if d == "door-01"
+        ));
+        assert!(matches!(
+            &nested.command,
+            ServiceCommand::Device(DeviceCommand::Show { id }) if id == "x"
+        ));
+        let cs = "HostName=h;SharedAccessKeyName=p;SharedAccessKey=a2V5";
+        let given = args(&["twin", "show", "d1", "--connection-string", cs]);
+        assert_eq!(given.connection_string.as_deref(), Some(cs));
+        assert!(!given.local);
     }
 }

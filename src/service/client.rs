@@ -7,9 +7,11 @@
 //! Server certificates are checked against Mozilla's roots (webpki-roots) plus the extra CA.
 //!
 //! Failures come back as [`ServiceError`]: the hub's answer (HTTP status, the IoT Hub error code
-//! from the `iothub-errorcode` header or the body, and its message), a transport failure, or
-//! input the client refused before sending. Neither the key nor a token is ever put into an
-//! error, a log line or `Debug` output.
+//! from the `iothub-errorcode` header or the body, and its message), a transport failure or an
+//! unreadable answer (with the `reqwest`/`serde_json` error as its source), a client set-up
+//! failure (the extra CA, TLS, the key), or input the client refused before sending. Neither the
+//! key nor a token is ever put into an error, a log line or `Debug` output: requests are named by
+//! method and path only.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,8 +23,8 @@ use serde_json::{json, Map, Value};
 use crate::protocol::connection_string::ServiceConnectionString;
 use crate::protocol::encoding::enc;
 use crate::protocol::error_code::ErrorCode;
-use crate::protocol::method::{MethodInvocation, DEFAULT_RESPONSE_TIMEOUT_SECS};
-use crate::protocol::sas;
+use crate::protocol::method::{MethodError, MethodInvocation, DEFAULT_RESPONSE_TIMEOUT_SECS};
+use crate::protocol::sas::{self, SasError};
 
 /// The service API version this client speaks.
 use crate::protocol::API_VERSION;
@@ -40,7 +42,7 @@ const MAX_RAW_MESSAGE_CHARS: usize = 500;
 /// Why a service call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// The hub answered with an error status.
+    /// The hub answered with an error status. This is the hub's data, not a chain of causes.
     #[error("{}", describe_hub_error(*.status, .name.as_deref(), *.code, .message))]
     Hub {
         /// The HTTP status.
@@ -52,15 +54,65 @@ pub enum ServiceError {
         /// The hub's message, without the `ErrorCode:Name;` prefix.
         message: String,
     },
-    /// The request did not get an answer (DNS, TCP, TLS, timeout) or the answer was unreadable.
-    #[error("{0}")]
-    Transport(String),
-    /// Input refused before anything was sent (bad JSON, bad method name, ...).
-    #[error("{0}")]
-    InvalidInput(String),
-    /// The connection string, CA file or local hub state cannot be used.
-    #[error("{0}")]
-    Config(String),
+    /// The request got no answer: DNS, TCP, TLS or a timeout.
+    #[error("{request} got no answer")]
+    Transport {
+        /// The method and path (`GET /devices/d1`), without the query or any header.
+        request: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The answer's body could not be read to its end.
+    #[error("cannot read the answer to {request}")]
+    ReadAnswer {
+        request: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A 2xx answer whose body is not JSON.
+    #[error("the answer to {request} is not JSON")]
+    AnswerNotJson {
+        request: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A 2xx answer in JSON, but not of the shape the call returns.
+    #[error("the answer to {request} is not {expected}")]
+    UnexpectedAnswer {
+        request: String,
+        /// What it should have been: "a device object", "a JSON array".
+        expected: &'static str,
+    },
+    /// Refused before sending: the device id is empty.
+    #[error("the device id is empty")]
+    EmptyDeviceId,
+    /// Refused before sending: the query is empty.
+    #[error("the query is empty")]
+    EmptyQuery,
+    /// Refused before sending: a twin patch that is not a JSON object.
+    #[error("a twin patch must be a JSON object")]
+    TwinPatchNotObject,
+    /// Refused before sending: a direct method call IoT Hub would refuse.
+    #[error("the direct method call is not valid")]
+    InvalidMethod(#[source] MethodError),
+    /// The extra CA is not PEM.
+    #[error("the extra CA is not valid PEM")]
+    CaNotPem(#[source] std::io::Error),
+    /// The extra CA holds a certificate rustls cannot use as a root.
+    #[error("an extra CA certificate is not usable")]
+    CaUnusable(#[source] rustls::Error),
+    /// The extra CA holds no certificate at all.
+    #[error("the extra CA holds no PEM certificate")]
+    CaEmpty,
+    /// The TLS configuration cannot be built.
+    #[error("cannot set up TLS")]
+    Tls(#[source] rustls::Error),
+    /// The HTTP client cannot be built.
+    #[error("cannot set up the HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+    /// No SAS token can be made from the policy key (it is not base64). The key is not named.
+    #[error("cannot make a SAS token from the policy's key")]
+    Token(#[source] SasError),
 }
 
 impl ServiceError {
@@ -80,12 +132,26 @@ impl ServiceError {
         }
     }
 
-    /// True for mistakes in the command line or configuration rather than in the service call.
+    /// True for mistakes in the input or the configuration (the connection string's key, the
+    /// extra CA) rather than a refusal or failure of the service call itself.
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            ServiceError::InvalidInput(_) | ServiceError::Config(_)
-        )
+        match self {
+            ServiceError::Hub { .. }
+            | ServiceError::Transport { .. }
+            | ServiceError::ReadAnswer { .. }
+            | ServiceError::AnswerNotJson { .. }
+            | ServiceError::UnexpectedAnswer { .. } => false,
+            ServiceError::EmptyDeviceId
+            | ServiceError::EmptyQuery
+            | ServiceError::TwinPatchNotObject
+            | ServiceError::InvalidMethod(_)
+            | ServiceError::CaNotPem(_)
+            | ServiceError::CaUnusable(_)
+            | ServiceError::CaEmpty
+            | ServiceError::Tls(_)
+            | ServiceError::HttpClient(_)
+            | ServiceError::Token(_) => true,
+        }
     }
 }
 
@@ -182,21 +248,6 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// The reason for a transport failure, with its causes, but never a header value.
-fn transport_error(what: &str, error: &reqwest::Error) -> ServiceError {
-    let mut text = format!("{what}: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    ServiceError::Transport(text)
-}
-
 /// `If-Match` as IoT Hub wants it: always quoted, `"*"` for "any version".
 fn if_match_value(etag: Option<&str>) -> String {
     match etag.map(str::trim) {
@@ -251,24 +302,20 @@ impl ServiceClient {
         if let Some(pem) = extra_ca_pem {
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                let cert = cert
-                    .map_err(|e| ServiceError::Config(format!("extra CA is not valid PEM: {e}")))?;
-                roots.add(cert).map_err(|e| {
-                    ServiceError::Config(format!("extra CA certificate is not usable: {e}"))
-                })?;
+                let cert = cert.map_err(ServiceError::CaNotPem)?;
+                roots.add(cert).map_err(ServiceError::CaUnusable)?;
                 added += 1;
             }
             if added == 0 {
-                return Err(ServiceError::Config(
-                    "extra CA holds no PEM certificate".to_string(),
-                ));
+                return Err(ServiceError::CaEmpty);
             }
         }
+        // ring, as the agent uses: no aws-lc start-up cost for a one-shot command.
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServiceError::Config(format!("TLS set-up: {e}")))?
+        .map_err(ServiceError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let http = reqwest::Client::builder()
@@ -277,7 +324,7 @@ impl ServiceClient {
             .timeout(REQUEST_TIMEOUT)
             .user_agent(concat!("simdevice/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ServiceError::Config(format!("HTTP client set-up: {e}")))?;
+            .map_err(ServiceError::HttpClient)?;
         let client = ServiceClient {
             http,
             base_url: format!("https://{}", connection_string.host_name),
@@ -310,7 +357,7 @@ impl ServiceClient {
         }
         let expiry = now + TOKEN_LIFETIME_SECS;
         let value = sas::generate_token(&self.host_name, &self.key, Some(&self.policy), expiry)
-            .map_err(|e| ServiceError::Config(format!("cannot make a SAS token: {e}")))?;
+            .map_err(ServiceError::Token)?;
         *slot = Some(Token {
             value: value.clone(),
             expiry,
@@ -341,7 +388,14 @@ impl ServiceClient {
         headers: &[(&'static str, String)],
         timeout: Option<Duration>,
     ) -> Result<(Value, HeaderMap), ServiceError> {
-        let what = format!("{method} {}", url.split('?').next().unwrap_or(&url));
+        // What the errors name: the method and the path, never the query or a header.
+        let request_line = format!(
+            "{method} {}",
+            url.split('?')
+                .next()
+                .unwrap_or(&url)
+                .trim_start_matches(&self.base_url)
+        );
         let mut request = self
             .http
             .request(method, &url)
@@ -359,13 +413,19 @@ impl ServiceClient {
         let response = request
             .send()
             .await
-            .map_err(|e| transport_error(&what, &e))?;
+            .map_err(|source| ServiceError::Transport {
+                request: request_line.clone(),
+                source,
+            })?;
         let status = response.status();
         let headers = response.headers().clone();
         let text = response
             .text()
             .await
-            .map_err(|e| transport_error(&what, &e))?;
+            .map_err(|source| ServiceError::ReadAnswer {
+                request: request_line.clone(),
+                source,
+            })?;
         if !status.is_success() {
             let header_code = headers
                 .get("iothub-errorcode")
@@ -375,8 +435,9 @@ impl ServiceClient {
         let value = if text.trim().is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).map_err(|e| {
-                ServiceError::Transport(format!("{what}: the answer is not JSON: {e}"))
+            serde_json::from_str(&text).map_err(|source| ServiceError::AnswerNotJson {
+                request: request_line,
+                source,
             })?
         };
         Ok((value, headers))
@@ -443,9 +504,10 @@ impl ServiceClient {
             .and_then(Value::as_str)
             .map(str::to_string);
         let Some(fields) = device.as_object_mut() else {
-            return Err(ServiceError::Transport(format!(
-                "GET /devices/{id}: the answer is not a device object"
-            )));
+            return Err(ServiceError::UnexpectedAnswer {
+                request: format!("GET {}", device_path(id)),
+                expected: "a device object",
+            });
         };
         fields.insert(
             "status".into(),
@@ -476,9 +538,7 @@ impl ServiceClient {
     ) -> Result<Value, ServiceError> {
         check_id(id)?;
         if !patch.is_object() {
-            return Err(ServiceError::InvalidInput(
-                "a twin patch must be a JSON object".to_string(),
-            ));
+            return Err(ServiceError::TwinPatchNotObject);
         }
         self.call(
             Method::PATCH,
@@ -507,9 +567,7 @@ impl ServiceClient {
             response_timeout_in_seconds: response_timeout,
             connect_timeout_in_seconds: connect_timeout,
         };
-        invocation
-            .validate()
-            .map_err(|e| ServiceError::InvalidInput(e.to_string()))?;
+        invocation.validate().map_err(ServiceError::InvalidMethod)?;
         let mut body = Map::new();
         body.insert("methodName".into(), json!(invocation.method_name));
         body.insert("payload".into(), invocation.payload);
@@ -542,7 +600,7 @@ impl ServiceClient {
     /// every row of every page.
     pub async fn query(&self, sql: &str) -> Result<Vec<Value>, ServiceError> {
         if sql.trim().is_empty() {
-            return Err(ServiceError::InvalidInput("the query is empty".to_string()));
+            return Err(ServiceError::EmptyQuery);
         }
         let body = json!({ "query": sql });
         let mut rows = Vec::new();
@@ -560,9 +618,10 @@ impl ServiceClient {
             match page {
                 Value::Array(items) => rows.extend(items),
                 _ => {
-                    return Err(ServiceError::Transport(
-                        "POST /devices/query: the answer is not a JSON array".to_string(),
-                    ))
+                    return Err(ServiceError::UnexpectedAnswer {
+                        request: "POST /devices/query".to_string(),
+                        expected: "a JSON array",
+                    })
                 }
             }
             continuation = response_headers
@@ -635,9 +694,7 @@ fn twin_path(id: &str) -> String {
 
 fn check_id(id: &str) -> Result<(), ServiceError> {
     if id.is_empty() {
-        return Err(ServiceError::InvalidInput(
-            "the device id is empty".to_string(),
-        ));
+        return Err(ServiceError::EmptyDeviceId);
     }
     Ok(())
 }
@@ -763,6 +820,44 @@ mod tests {
         };
         let error = ServiceClient::new(&cs, None).unwrap_err();
         assert!(error.is_usage());
+        assert!(matches!(error, ServiceError::Token(_)), "{error}");
+        let source = std::error::Error::source(&error).expect("the SAS error");
+        assert_eq!(
+            source.to_string(),
+            "the shared access key is not valid base64"
+        );
         assert!(!error.to_string().contains("not base64!"));
+    }
+
+    #[test]
+    fn an_extra_ca_without_a_usable_certificate_is_refused_with_its_cause() {
+        let cs: ServiceConnectionString = format!(
+            "HostName=h.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey={KEY}"
+        )
+        .parse()
+        .unwrap();
+        let error = ServiceClient::new(&cs, Some("not PEM at all")).unwrap_err();
+        assert!(matches!(error, ServiceError::CaEmpty), "{error}");
+        assert!(error.is_usage());
+        // PEM armour around bytes that are no certificate: rustls says why.
+        let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let error = ServiceClient::new(&cs, Some(garbage)).unwrap_err();
+        assert!(matches!(error, ServiceError::CaUnusable(_)), "{error}");
+        assert_eq!(error.to_string(), "an extra CA certificate is not usable");
+        assert!(std::error::Error::source(&error).is_some());
+        assert!(error.is_usage());
+    }
+
+    #[test]
+    fn refusals_before_sending_are_usage_errors() {
+        for error in [
+            ServiceError::EmptyDeviceId,
+            ServiceError::EmptyQuery,
+            ServiceError::TwinPatchNotObject,
+            ServiceError::InvalidMethod(MethodError::EmptyName),
+        ] {
+            assert!(error.is_usage(), "{error}");
+        }
+        assert!(!parse_hub_error(401, None, "").is_usage());
     }
 }
