@@ -10,6 +10,9 @@ use simdevice::commands;
 /// sysexits.h EX_CONFIG: the configuration is wrong. The systemd units list it in
 /// `RestartPreventExitStatus=`, so a broken configuration does not restart-loop.
 const EX_CONFIG: u8 = 78;
+/// A usage or configuration mistake given to `simdevice service` (1 is: the hub said no).
+#[cfg(feature = "service")]
+const EX_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,7 +41,11 @@ fn main() -> ExitCode {
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
             #[cfg(feature = "service")]
-            Command::Service(args) => commands::service::run(args).await,
+            Command::Service(args) => match commands::service::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) if error.is_usage() => fail(&error, ExitCode::from(EX_USAGE)),
+                Err(error) => fail(&error, ExitCode::FAILURE),
+            },
             Command::Config(args) => commands::config::run(args),
             Command::Doctor(args) => commands::doctor::run(args).await,
             Command::Completions(args) => {
