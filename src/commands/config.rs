@@ -98,7 +98,7 @@ fn init(request: &InitRequest<'_>, out: &mut dyn Write, err: &mut dyn Write) -> 
     let config = match Config::from_sources(Some((request.output, &text)), &[]) {
         Ok(config) => config,
         Err(error) => {
-            let _ = writeln!(err, "error: {error}");
+            let _ = writeln!(err, "error: {}", error.with_causes());
             return ExitCode::from(EX_CONFIG);
         }
     };
@@ -181,7 +181,7 @@ fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(crate::common::file_mode::PRIVATE)
         .open(&tmp)
         .and_then(|mut file| {
             file.write_all(text.as_bytes())?;
@@ -216,7 +216,7 @@ fn check(path: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> ExitC
             ExitCode::SUCCESS
         }
         Err(error) => {
-            let _ = writeln!(err, "error: {error}");
+            let _ = writeln!(err, "error: {}", error.with_causes());
             ExitCode::from(EX_CONFIG)
         }
     }
