@@ -66,17 +66,6 @@ fn config_or_failure(is_config: bool) -> ExitCode {
 
 /// Prints `error: outer: cause: root cause` on stderr and returns `code`.
 fn fail(error: &dyn std::error::Error, code: ExitCode) -> ExitCode {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // `#[error(transparent)]` and wrappers that repeat their cause add nothing.
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    eprintln!("error: {message}");
+    eprintln!("error: {}", simdevice::common::logging::error_chain(error));
     code
 }

@@ -98,7 +98,11 @@ fn init(request: &InitRequest<'_>, out: &mut dyn Write, err: &mut dyn Write) -> 
     let config = match Config::from_sources(Some((request.output, &text)), &[]) {
         Ok(config) => config,
         Err(error) => {
-            let _ = writeln!(err, "error: {error}");
+            let _ = writeln!(
+                err,
+                "error: {}",
+                crate::common::logging::error_chain(&error)
+            );
             return ExitCode::from(EX_CONFIG);
         }
     };
@@ -181,7 +185,7 @@ fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(crate::common::file_mode::PRIVATE)
         .open(&tmp)
         .and_then(|mut file| {
             file.write_all(text.as_bytes())?;
@@ -216,7 +220,11 @@ fn check(path: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> ExitC
             ExitCode::SUCCESS
         }
         Err(error) => {
-            let _ = writeln!(err, "error: {error}");
+            let _ = writeln!(
+                err,
+                "error: {}",
+                crate::common::logging::error_chain(&error)
+            );
             ExitCode::from(EX_CONFIG)
         }
     }

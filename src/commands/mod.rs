@@ -4,7 +4,6 @@
 pub mod config;
 pub mod doctor;
 pub mod generate;
-pub mod https_date;
 #[cfg(feature = "hub")]
 pub mod hub;
 #[cfg(feature = "hub")]

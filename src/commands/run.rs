@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentError};
 use crate::common::exposition::MetricsError;
+use crate::common::logging::error_chain;
 use crate::common::sdnotify::Daemon;
 use crate::config::{Config, ConfigError, OutboxSettings};
 
@@ -153,10 +154,14 @@ async fn wait_for_stop(
                 Some(path) => match Config::load(path) {
                     Ok(config) => {
                         if let Err(error) = handle.reload(&config) {
+                            let error = error_chain(&error);
                             tracing::error!(%error, "SIGHUP: the new configuration was not applied");
                         }
                     }
-                    Err(error) => tracing::error!(%error, "SIGHUP: the configuration has an error; keeping the running one"),
+                    Err(error) => {
+                        let error = error_chain(&error);
+                        tracing::error!(%error, "SIGHUP: the configuration has an error; keeping the running one");
+                    }
                 },
             },
         }

@@ -25,3 +25,43 @@ pub fn init(format: LogFormat) {
         eprintln!("logging is already set up: {error}");
     }
 }
+
+/// An error and its sources on one line, `outer: cause: root cause`, for a log line or
+/// `main`'s message. A cause already at the end of the text so far (an `#[error(transparent)]`
+/// wrapper, a message that quotes its source) is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read configuration file /etc/x")]
+    struct Outer(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error(transparent)]
+    struct Transparent(#[from] Outer);
+
+    #[test]
+    fn the_chain_is_joined_once_each() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let error = Transparent::from(Outer(io));
+        assert_eq!(
+            error_chain(&error),
+            "cannot read configuration file /etc/x: Permission denied"
+        );
+    }
+}

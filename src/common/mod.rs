@@ -6,9 +6,11 @@
 //! - [`exposition`]: the generic `/healthz` and `/metrics` server (Prometheus text).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
 //! - [`logging`]: tracing set-up, text or JSON.
+//! - [`file_mode`]: the permission bits of key files and commands (private, writable by others).
 //! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
 
 pub mod exposition;
+pub mod file_mode;
 pub mod local_hub;
 pub mod lock;
 pub mod logging;

@@ -207,24 +207,10 @@ pub fn now_iso() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-/// IoT Hub's device id rule: up to 128 ASCII letters, digits and `-.%_*?!(),:=@$'`.
+/// IoT Hub's device id rule ([`crate::protocol::identity`]), as a 400 ArgumentInvalid.
 pub fn check_device_id(id: &str) -> Result<(), IotHubError> {
-    const EXTRA: &str = "-.%_*?!(),:=@$'";
-    if id.is_empty() || id.len() > 128 {
-        return Err(IotHubError::argument(format!(
-            "device id must be 1 to 128 characters, got {}",
-            id.len()
-        )));
-    }
-    if let Some(bad) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || EXTRA.contains(*c)))
-    {
-        return Err(IotHubError::argument(format!(
-            "device id contains {bad:?}; allowed are ASCII letters, digits and {EXTRA}"
-        )));
-    }
-    Ok(())
+    crate::protocol::identity::validate_device_id(id)
+        .map_err(|error| IotHubError::argument(format!("device id {error}")))
 }
 
 /// What a create or update request asks for; `None` keys mean "generate".

@@ -1,6 +1,6 @@
 //! Pure Azure IoT Hub conventions shared by the device agent and the hub emulator: percent-encoding,
-//! connection strings, SAS tokens, property bags, MQTT topic names, twin documents and patch merging,
-//! direct-method requests and service error codes.
+//! device ids, connection strings, SAS tokens, property bags, MQTT topic names, twin documents and
+//! patch merging, direct-method requests and service error codes.
 //!
 //! Nothing here does I/O: no tokio, no sockets, no files, no clock reads (callers pass the time in).
 //! Both sides build and parse the wire format through these functions, so they cannot drift apart.
@@ -13,6 +13,7 @@ pub const MQTT_TLS_PORT: u16 = 8883;
 pub mod connection_string;
 pub mod encoding;
 pub mod error_code;
+pub mod identity;
 pub mod method;
 pub mod property_bag;
 pub mod sas;

@@ -1,0 +1,295 @@
+//! The device agent's configuration: built-in defaults, then the TOML file, then environment
+//! variables `SIMDEVICE__SECTION__KEY`, checked into the types the agent uses (defined here).
+//!
+//! The rooms, in the order a load goes through them:
+//! - `layers`: the process environment, and the `config` crate merging the defaults (absent
+//!   keys), the file and the `SIMDEVICE__*` variables into raw structs.
+//! - `raw`: those raw structs, which refuse unknown keys, with every leaf a loose `Scalar`.
+//! - `check` and `identity`: each raw value checked into the types below, naming its key.
+//! - `files`: the key file and the CA file a configuration names (their mode, their content).
+//! - `error`: [`ConfigError`], and the `config` crate's errors translated into ones that name
+//!   the key (`telemetry.interval_secs`), the file, and the environment variable when the value
+//!   came from one.
+//! - `render`: the effective configuration as TOML, the key masked (`simdevice config check`).
+//!
+//! Secrets (the device key, a connection string) never appear in an error, in `Debug` output or
+//! in [`Config::to_masked_toml`]. This module reads the configuration file, the key file and the
+//! CA file; it never opens a connection, and it imports only `protocol` and `common`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod check;
+mod error;
+mod files;
+mod identity;
+mod layers;
+mod raw;
+mod render;
+
+pub use error::{CaFileError, ConfigError, KeyFileError, KeyProblem};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/simdevice/config.toml";
+/// The prefix of the environment variables that override the file: `SIMDEVICE__TELEMETRY__SEED`.
+pub const ENV_PREFIX: &str = "SIMDEVICE";
+/// Between the prefix, the section and the key of an environment variable.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// A device key. `Debug` and `Display` print `***`; only [`Secret::expose`] gives the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The checked configuration of one device agent.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub file: Option<PathBuf>,
+    pub identity: Identity,
+    pub connection: ConnectionSettings,
+    pub telemetry: TelemetrySettings,
+    pub connectivity: ConnectivitySettings,
+    /// Methods that run a command, sorted by name.
+    pub methods: Vec<CommandMethodConfig>,
+    pub metrics: MetricsSettings,
+    pub outbox: OutboxSettings,
+}
+
+/// Who the device is and where its hub is.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The hub's host name, as used in the SAS token and the MQTT user name (may carry `:port`).
+    pub host_name: String,
+    pub device_id: String,
+    /// The device's symmetric key (base64), used to sign and renew SAS tokens.
+    pub key: Secret,
+    /// Where to open the connection instead of `host_name` (`host[:port]`).
+    pub gateway_host_name: Option<String>,
+    /// An extra CA certificate (PEM) to trust, e.g. the local hub's `ca.pem`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Identity {
+    /// The host and port to dial: `gateway_host_name` if set, else `host_name`; a `:port` suffix
+    /// gives the port (default 8883), and an IPv6 literal comes in brackets (`[::1]:8883`),
+    /// which are removed from the host returned.
+    pub fn connect_address(&self) -> (String, u16) {
+        let target = self.gateway_host_name.as_deref().unwrap_or(&self.host_name);
+        match identity::split_host_port(target) {
+            Ok((host, port)) => (
+                host.to_string(),
+                port.unwrap_or(crate::protocol::MQTT_TLS_PORT),
+            ),
+            // Checked at load; an Identity built by hand with a bad name fails when dialled.
+            Err(_) => (target.to_string(), crate::protocol::MQTT_TLS_PORT),
+        }
+    }
+}
+
+/// How the agent keeps its connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionSettings {
+    /// MQTT keep-alive, 5..=1177 s (IoT Hub's limits).
+    pub keep_alive: Duration,
+    /// Lifetime of each SAS token the agent signs, at least 2 s.
+    pub sas_lifetime: Duration,
+    /// Fraction of the token lifetime after which the agent reconnects with a new token.
+    pub renew_at: f64,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Deadline for TCP + TLS + CONNACK.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            keep_alive: Duration::from_secs(240),
+            sas_lifetime: Duration::from_secs(3600),
+            renew_at: 0.8,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the simulated sensors produce and how often.
+#[derive(Clone, Debug)]
+pub struct TelemetrySettings {
+    pub interval: Duration,
+    /// Readings kept while offline; the oldest is dropped when full.
+    pub queue_size: usize,
+    /// Seed of the simulated readings; `None` draws one from the OS.
+    pub seed: Option<u64>,
+    /// `(min, max)` of each reading, `min < max`.
+    pub temperature: (f64, f64),
+    pub humidity: (f64, f64),
+    pub uv: (f64, f64),
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            interval: Duration::from_secs(10),
+            queue_size: 1000,
+            seed: None,
+            temperature: (70.0, 100.0),
+            humidity: (70.0, 100.0),
+            uv: (0.0, 1.0),
+        }
+    }
+}
+
+/// What the device reports about its (simulated) cellular link.
+#[derive(Clone, Debug)]
+pub struct ConnectivitySettings {
+    pub operator: String,
+    pub technology: String,
+}
+
+impl Default for ConnectivitySettings {
+    fn default() -> Self {
+        ConnectivitySettings {
+            operator: "Contoso Mobile".to_string(),
+            technology: "LTE-M".to_string(),
+        }
+    }
+}
+
+/// Where readings wait for the hub, and the agent's state (`[outbox]`).
+#[derive(Clone, Debug)]
+pub struct OutboxSettings {
+    /// The SQLite file. `None`: `simdevice run` uses [`OutboxSettings::default_path`]; an agent
+    /// started as a library keeps readings in memory (bounded by `telemetry.queue_size`).
+    pub path: Option<PathBuf>,
+    /// Readings kept on disk at most; the oldest are dropped beyond.
+    pub max_readings: usize,
+    /// Readings older than this are dropped.
+    pub max_age: Duration,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            path: None,
+            max_readings: 100_000,
+            max_age: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+impl OutboxSettings {
+    /// `$STATE_DIRECTORY/outbox.db` under systemd (`StateDirectory=`; the first one when it
+    /// lists several), else `/var/lib/simdevice/outbox.db`.
+    pub fn default_path() -> PathBuf {
+        let dir = std::env::var_os("STATE_DIRECTORY")
+            .and_then(|dirs| {
+                dirs.to_str()
+                    .and_then(|d| d.split(':').next())
+                    .map(PathBuf::from)
+            })
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/simdevice"));
+        dir.join("outbox.db")
+    }
+}
+
+/// The health and metrics endpoint (`[metrics]`).
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSettings {
+    /// Where to serve `/healthz` and `/metrics` over plain HTTP; `None` (the default): off.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// A direct method answered by running a command (`[methods.NAME]`).
+#[derive(Clone, Debug)]
+pub struct CommandMethodConfig {
+    pub name: String,
+    /// The program (an absolute path) and its arguments; never run through a shell.
+    pub command: Vec<String>,
+    pub timeout: Duration,
+}
+
+impl Config {
+    /// `path`: the `--config` value; `None` means [`DEFAULT_CONFIG_PATH`]. A missing file is an
+    /// error only when the path was given explicitly or when no identity comes from the
+    /// environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let explicit = path.is_some();
+        let path = path.unwrap_or(Path::new(DEFAULT_CONFIG_PATH));
+        let env = layers::process_env()?;
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_sources(Some((path, &text)), &env),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let env_identity = layers::env_keys(&env)
+                    .keys()
+                    .any(|k| k.starts_with("identity."));
+                if explicit || !env_identity {
+                    Err(ConfigError::FileMissing {
+                        path: path.to_path_buf(),
+                    })
+                } else {
+                    Config::from_sources(None, &env)
+                }
+            }
+            Err(source) => Err(ConfigError::FileRead {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// The same from explicit TOML text and an explicit environment (for tests; no process
+    /// environment is read). `env` is the whole environment: `SIMDEVICE__*` variables override
+    /// the file, and `identity.key_env` names one of them.
+    pub fn from_sources(
+        file: Option<(&Path, &str)>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let origin = error::Origin {
+            file: file.map(|(path, _)| path),
+            env_keys: layers::env_keys(env),
+        };
+        let raw = layers::merge(file.map(|(_, text)| text), env)
+            .map_err(|error| origin.translate(error))?;
+        check::Check::new(origin, env).config(raw)
+    }
+
+    /// A configuration for a given identity and defaults for everything else (used by
+    /// `simdevice run --local`).
+    pub fn for_identity(identity: Identity) -> Config {
+        Config {
+            file: None,
+            identity,
+            connection: ConnectionSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            connectivity: ConnectivitySettings::default(),
+            methods: Vec::new(),
+            metrics: MetricsSettings::default(),
+            outbox: OutboxSettings::default(),
+        }
+    }
+}
