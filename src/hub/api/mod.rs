@@ -3,13 +3,15 @@
 //! `serve` accepts TLS connections and runs each through hyper with the axum router built in
 //! `router`. Handlers live by resource: `devices` (registry and statistics), `twins` (twins
 //! and direct methods), `query` (`POST /devices/query`), `jobs` (`/jobs/v2`), `events` (the
-//! simdevice extension that reads recent telemetry). Every handler first checks the caller's
-//! SAS token for the permission the operation needs (`authorize`).
+//! simdevice extension that reads recent telemetry). Every handler names the permission it
+//! needs in its signature (`authorized::Authorized<P>`, an extractor that checks the
+//! api-version and the caller's SAS token before the handler runs).
 //!
 //! A path that is no operation of the API answers 400 with 400004 ArgumentInvalid: the status
 //! and the code agree (the code list has no generic "no such resource" 404 code), and a 4xx is
 //! never retried by the SDKs.
 
+mod authorized;
 mod devices;
 mod error;
 mod events;
@@ -21,12 +23,11 @@ mod twins;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,6 @@ use tower::Service;
 
 pub use error::ApiError;
 
-use super::auth::{self, Permission};
 use super::HubState;
 
 type AppState = State<Arc<HubState>>;
@@ -75,35 +75,6 @@ pub fn router(state: Arc<HubState>) -> Router {
             ApiError::bad_request("no such operation in the IoT Hub service API")
         })
         .with_state(state)
-}
-
-/// The `api-version` every request carries; any version is accepted, none is an error.
-#[derive(Deserialize)]
-pub struct ApiVersion {
-    #[serde(rename = "api-version")]
-    api_version: Option<String>,
-}
-
-/// Checks the SAS token and the api-version of a request.
-fn authorize(
-    state: &HubState,
-    headers: &HeaderMap,
-    query: &Query<ApiVersion>,
-    needed: Permission,
-) -> Result<(), ApiError> {
-    if query.api_version.as_deref().is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request(
-            "the api-version query parameter is required",
-        ));
-    }
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    auth::authorize_service(state, header, needed).map_err(|failure| {
-        tracing::info!(reason = %failure, "service request refused");
-        ApiError::unauthorized()
-    })?;
-    Ok(())
 }
 
 /// A JSON request body as handlers receive it: parsed, or axum's reason why not.
