@@ -65,10 +65,17 @@ pub async fn run(args: HubArgs) -> Result<(), HubError> {
     let metrics = serve_metrics(&hub, args.metrics_listen, &metrics_stop).await?;
     print_banner(&hub, &state_dir, metrics);
     // systemd (Type=notify): ready once both listeners are bound. The watchdog task runs on
-    // the runtime that serves every connection, so its pings stop when that runtime stalls.
+    // the runtime that serves every connection, so its pings stop when that runtime stalls,
+    // and when an accept loop or the job scheduler has died (`Hub::health`).
     let systemd = Daemon::from_env();
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
-    systemd.ready("hub running", || true, &stop_watchdog);
+    let health = hub.health_probe();
+    let healthy = move || {
+        health()
+            .inspect_err(|reason| tracing::error!(%reason, "the hub is unhealthy"))
+            .is_ok()
+    };
+    systemd.ready("hub running", healthy, &stop_watchdog);
     wait_for_signal().await;
     tracing::info!("stopping the hub");
     metrics_stop.cancel();

@@ -9,6 +9,7 @@
 //! a connected device), `telemetry` (accepted messages), `mqtt` (the device listener) and `api`
 //! (the service REST API).
 
+pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod error;
@@ -100,6 +101,17 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
+    pub liveness: accept::Liveness,
+}
+
+impl HubState {
+    /// `Ok` while both accept loops and the job scheduler run; else which ones do not. A hub
+    /// whose loop died still answers the connections it has, but takes no new ones: it is
+    /// unhealthy, and says so on `/healthz` and to the systemd watchdog.
+    pub fn health(&self) -> Result<(), String> {
+        self.liveness.check()
+    }
 }
 
 /// A running hub.
@@ -185,6 +197,10 @@ impl Hub {
             group_key: group_key.clone(),
         };
 
+        let mut liveness = accept::Liveness::default();
+        let mqtt_alive = liveness.watch("MQTT accept loop");
+        let api_alive = liveness.watch("API accept loop");
+        let scheduler_alive = liveness.watch("job scheduler");
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
             policies,
@@ -196,6 +212,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            liveness,
         });
 
         let shutdown = CancellationToken::new();
@@ -207,11 +224,13 @@ impl Hub {
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            mqtt_alive,
         ));
         tasks.spawn(jobs::run_scheduler(
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            scheduler_alive,
         ));
         tasks.spawn(api::serve(
             api_listener,
@@ -219,6 +238,7 @@ impl Hub {
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            api_alive,
         ));
 
         let info_path = dir.join(HubInfo::FILE_NAME);
@@ -275,12 +295,34 @@ impl Hub {
         )
     }
 
+    /// `Ok` while the hub serves: not stopping, and both accept loops and the job scheduler
+    /// running. Else why not, in one line (no secrets): what `/healthz` and the systemd
+    /// watchdog go by.
+    pub fn health(&self) -> Result<(), String> {
+        health_of(&self.state, &self.shutdown)
+    }
+
+    /// [`Hub::health`] as a value that outlives the borrow of the hub, for tasks such as the
+    /// systemd watchdog.
+    pub fn health_probe(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let state = self.state.clone();
+        let shutdown = self.shutdown.clone();
+        move || health_of(&state, &shutdown)
+    }
+
     /// Stops accepting, closes every connection and waits for the tasks to end.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+fn health_of(state: &HubState, shutdown: &CancellationToken) -> Result<(), String> {
+    if shutdown.is_cancelled() {
+        return Err("the hub is stopping".into());
+    }
+    state.health()
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), HubError> {

@@ -20,6 +20,7 @@ mod jobs;
 mod query;
 mod twins;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -36,6 +38,8 @@ use tower::Service;
 
 pub use error::ApiError;
 
+use super::accept::{AcceptLoop, Alive};
+use super::faults::Listener;
 use super::HubState;
 
 type AppState = State<Arc<HubState>>;
@@ -92,53 +96,76 @@ fn if_match(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
+/// Service connections open at the same time. A permit is held for a connection's whole
+/// life: the API's clients are a few service SDKs and scripts, and every connection ends
+/// within [`HANDSHAKE_DEADLINE`] (TLS) or [`HEADER_READ_TIMEOUT`] of silence (hyper also arms
+/// it while a keep-alive connection waits for its next request). When all are taken, a new
+/// socket is closed at once, before TLS: the client sees a reset and retries, as it would
+/// against a busy IoT Hub front end; nothing queues.
+pub const MAX_API_CONNECTIONS: usize = 256;
+
+/// Time a client has to send a request's head, and the longest a keep-alive connection idles.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     state: Arc<HubState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    alive: Alive,
 ) {
+    let accept = AcceptLoop {
+        name: "API",
+        max_pending: MAX_API_CONNECTIONS,
+        shutdown: shutdown.clone(),
+        tasks,
+        alive,
+        kill: state.faults.accept_loop_kill(Listener::Api),
+    };
     let app = router(state);
-    loop {
-        let (socket, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = socket.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, %error, "API TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper::service::service_fn(move |request| app.clone().call(request));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
-                }
-            }
-        });
+    accept
+        .run(listener, move |socket, peer, permit| {
+            serve_connection(
+                socket,
+                peer,
+                permit,
+                acceptor.clone(),
+                app.clone(),
+                shutdown.clone(),
+            )
+        })
+        .await;
+}
+
+/// One HTTPS connection, from TLS handshake to close; `_permit` goes back when it ends.
+async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "API TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper::service::service_fn(move |request| app.clone().call(request));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
     }
 }

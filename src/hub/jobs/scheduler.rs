@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::model::{Action, Run};
+use crate::hub::accept::Alive;
 use crate::hub::error::IotHubError;
 use crate::hub::methods;
 use crate::hub::twins;
@@ -24,8 +25,14 @@ pub const RUN_CONCURRENCY: usize = 16;
 /// The scheduler looks again at least this often, so a clock change cannot stall it for long.
 const MAX_SCHEDULER_SLEEP: Duration = Duration::from_secs(60);
 
-/// The hub's job scheduler task: starts each job when it is due, until shutdown.
-pub async fn run_scheduler(state: Arc<HubState>, shutdown: CancellationToken, tasks: TaskTracker) {
+/// The hub's job scheduler task: starts each job when it is due, until shutdown. `alive` is
+/// held for the task's life (the hub's health watches it).
+pub async fn run_scheduler(
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    alive: Alive,
+) {
     loop {
         // Registered before looking, so a job created meanwhile wakes us.
         let changed = state.jobs.changed().notified();
@@ -51,7 +58,10 @@ pub async fn run_scheduler(state: Arc<HubState>, shutdown: CancellationToken, ta
             .unwrap_or(MAX_SCHEDULER_SLEEP)
             .min(MAX_SCHEDULER_SLEEP);
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                alive.stopped();
+                return;
+            }
             _ = &mut changed => {}
             _ = tokio::time::sleep(sleep) => {}
         }
