@@ -16,7 +16,7 @@ use super::model::{
     Run,
 };
 use super::request::{self, JobRequest};
-use crate::hub::error::IotHubError;
+use crate::hub::error::{IotHubError, LoadError};
 use crate::hub::query::{parse_condition, Condition};
 use crate::hub::registry::now_iso;
 use crate::hub::store::Store;
@@ -33,12 +33,14 @@ pub struct Jobs {
 impl Jobs {
     /// Loads the stored jobs. A job that was running when the hub stopped is marked failed
     /// (see the module notes), and written back so.
-    pub fn load(store: Arc<Store>) -> Result<Jobs, IotHubError> {
+    pub fn load(store: Arc<Store>) -> Result<Jobs, LoadError> {
         let mut entries = BTreeMap::new();
         for (id, doc) in store.load_jobs()? {
-            let record: JobRecord = serde_json::from_str(&doc).map_err(|e| {
-                IotHubError::internal(format!("stored job {id} cannot be read: {e}"))
-            })?;
+            let record: JobRecord =
+                serde_json::from_str(&doc).map_err(|source| LoadError::Decode {
+                    what: format!("job {id}"),
+                    source,
+                })?;
             let start_at = parse_time(&record.start_time).unwrap_or_else(Utc::now);
             entries.insert(
                 id,
@@ -50,11 +52,11 @@ impl Jobs {
             );
         }
         for (job_id, device_id, doc) in store.load_job_devices()? {
-            let row: DeviceJobRow = serde_json::from_str(&doc).map_err(|e| {
-                IotHubError::internal(format!(
-                    "stored row of job {job_id}, device {device_id} cannot be read: {e}"
-                ))
-            })?;
+            let row: DeviceJobRow =
+                serde_json::from_str(&doc).map_err(|source| LoadError::Decode {
+                    what: format!("row of job {job_id}, device {device_id}"),
+                    source,
+                })?;
             if let Some(entry) = entries.get_mut(&job_id) {
                 entry.rows.insert(device_id, row);
             }
@@ -85,7 +87,11 @@ impl Jobs {
                     changed_rows.push(row.clone());
                 }
             }
-            jobs.persist(&entry.record, &changed_rows)?;
+            jobs.persist(&entry.record, &changed_rows)
+                .map_err(|source| LoadError::Save {
+                    what: format!("job {} as failed", entry.record.job_id),
+                    source,
+                })?;
         }
         *jobs.lock() = entries;
         Ok(jobs)
