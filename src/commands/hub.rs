@@ -59,14 +59,16 @@ pub enum HubCommandError {
 
 impl HubCommandError {
     /// A configuration the hub cannot run with (exit 78: systemd does not restart-loop on it).
-    /// A metrics address in use is not: the port may free up, so a restart can help.
+    /// A metrics address in use is not: the port may free up, so a restart can help. The same
+    /// rule as the hub's own listeners ([`HubError::is_config`]).
     pub fn is_config(&self) -> bool {
         match self {
             HubCommandError::Hub(error) => error.is_config(),
             HubCommandError::Device { .. } => true,
-            HubCommandError::Metrics(MetricsError::Bind { source, .. }) => {
-                source.kind() != std::io::ErrorKind::AddrInUse
-            }
+            HubCommandError::Metrics(MetricsError::Bind { source, .. }) => matches!(
+                source.kind(),
+                std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied
+            ),
         }
     }
 }
@@ -103,10 +105,17 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
     let metrics = serve_metrics(&hub, args.metrics_listen, &metrics_stop).await?;
     print_banner(&hub, &state_dir, metrics);
     // systemd (Type=notify): ready once both listeners are bound. The watchdog task runs on
-    // the runtime that serves every connection, so its pings stop when that runtime stalls.
+    // the runtime that serves every connection, so its pings stop when that runtime stalls,
+    // and when an accept loop or the job scheduler has died (`Hub::health`).
     let systemd = Daemon::from_env();
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
-    systemd.ready("hub running", || true, &stop_watchdog);
+    let health = hub.health_probe();
+    let healthy = move || {
+        health()
+            .inspect_err(|reason| tracing::error!(%reason, "the hub is unhealthy"))
+            .is_ok()
+    };
+    systemd.ready("hub running", healthy, &stop_watchdog);
     wait_for_signal().await;
     tracing::info!("stopping the hub");
     metrics_stop.cancel();

@@ -16,6 +16,11 @@
 //!   lifetime of the caller's own token locks that caller out until the offset is set back by
 //!   someone else, or the hub restarts.
 //!
+//! - **Kill an accept loop** (`kill_accept_loop`, Rust only): the MQTT or the API accept loop
+//!   ends as if it had died; its port closes and the hub's health turns bad (`Hub::health`,
+//!   `/healthz`, the systemd watchdog). It cannot be undone short of a restart, so it is not
+//!   offered over REST; it exists so that tests can prove the health check sees a dead loop.
+//!
 //! Scripts reach the hooks through `POST /simdevice/faults` (see `api/faults.rs`). This module
 //! only keeps the hooks' state and counts what they did; `mqtt/connection.rs` and `auth.rs`
 //! consult it.
@@ -27,6 +32,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::error_code::ErrorCode;
 
@@ -37,6 +43,15 @@ pub struct Faults {
     clock_offset: watch::Sender<i64>,
     connects_refused: AtomicU64,
     reported_throttled: AtomicU64,
+    kill_mqtt_accept: CancellationToken,
+    kill_api_accept: CancellationToken,
+}
+
+/// The hub's listeners, for the accept-loop hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Mqtt,
+    Api,
 }
 
 /// What `GET`/`POST /simdevice/faults` answer.
@@ -63,6 +78,8 @@ impl Default for Faults {
             clock_offset,
             connects_refused: AtomicU64::new(0),
             reported_throttled: AtomicU64::new(0),
+            kill_mqtt_accept: CancellationToken::new(),
+            kill_api_accept: CancellationToken::new(),
         }
     }
 }
@@ -143,6 +160,20 @@ impl Faults {
     /// When, on the monotonic clock, the hub's clock reaches `unix` (now if it has already).
     pub fn instant_of(&self, unix: u64) -> Instant {
         Instant::now() + Duration::from_secs(unix.saturating_sub(self.now_unix()))
+    }
+
+    /// Ends that listener's accept loop as if it had died (see the module notes).
+    pub fn kill_accept_loop(&self, listener: Listener) {
+        tracing::warn!(?listener, "fault hook: killing an accept loop");
+        self.accept_loop_kill(listener).cancel();
+    }
+
+    /// Cancelled when the hook kills that listener's accept loop; the loop watches it.
+    pub fn accept_loop_kill(&self, listener: Listener) -> CancellationToken {
+        match listener {
+            Listener::Mqtt => self.kill_mqtt_accept.clone(),
+            Listener::Api => self.kill_api_accept.clone(),
+        }
     }
 
     pub fn status(&self) -> FaultStatus {

@@ -34,17 +34,18 @@ impl HubCounters {
 /// What a running hub exposes.
 pub struct HubMetrics {
     pub state: Arc<HubState>,
-    /// Cancelled when the hub stops: `/healthz` then answers 503.
+    /// Cancelled when the hub stops: `/healthz` then answers 503 (as it does when an accept
+    /// loop or the job scheduler has died, see `HubState::health`).
     pub stopping: CancellationToken,
 }
 
 impl MetricsSource for HubMetrics {
+    /// What [`Hub::health`](super::Hub::health) says, through the shared state.
     fn health(&self) -> Result<(), String> {
         if self.stopping.is_cancelled() {
-            Err("the hub is stopping".into())
-        } else {
-            Ok(())
+            return Err("the hub is stopping".into());
         }
+        self.state.health()
     }
 
     fn render(&self, out: &mut Exposition) {

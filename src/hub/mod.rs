@@ -1,14 +1,20 @@
 //! The local IoT Hub: an emulator of Azure IoT Hub for devices (MQTT over TLS) and services
 //! (the REST API over HTTPS), with its state in a directory.
 //!
-//! [`Hub::start`] loads or creates the state (CA, policies, registry), binds both listeners and
-//! returns a handle; [`Hub::shutdown`] stops the listeners and every connection. The pieces:
-//! `tls` (certificates), `store` (SQLite), `auth` (policies and SAS checks), `registry`
-//! (devices), `twins` (where twin changes are applied), `methods` (direct method calls),
-//! `jobs` (scheduled jobs and their scheduler task), `sessions` (MQTT sessions and the route to
-//! a connected device), `telemetry` (accepted messages), `mqtt` (the device listener) and `api`
-//! (the service REST API).
+//! [`Hub::start`] takes the state directory's lock (`hub.lock`: one hub per state; a second
+//! one, or `run --local` on the same state, gets [`HubError::Locked`] naming the holder's pid),
+//! makes the state private (`private`: the directory 0700, the files with keys 0600, wider
+//! modes left by older versions tightened with a warning), loads or creates the CA, policies
+//! and registry, binds both listeners and returns a handle; [`Hub::health`] says whether its
+//! accept loops and job scheduler still run; [`Hub::shutdown`] stops the listeners and every
+//! connection, then releases the lock. The pieces: `tls` (certificates), `store` (SQLite),
+//! `auth` (policies and SAS checks), `registry` (devices), `twins` (where twin changes are
+//! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
+//! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
+//! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
+//! (the device listener) and `api` (the service REST API).
 
+pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod error;
@@ -17,6 +23,7 @@ pub mod jobs;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod private;
 pub mod query;
 pub mod registry;
 pub mod sessions;
@@ -34,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::common::local_hub::HubInfo;
+use crate::common::lock::{LockError, StateLock};
 use crate::protocol::connection_string::{DeviceConnectionString, ServiceConnectionString};
 use crate::protocol::sas;
 
@@ -65,35 +73,60 @@ impl HubConfig {
     }
 }
 
+/// Why a hub did not start (or, from `commands::hub`, stopped). [`HubError::is_config`] tells
+/// a problem the operator must fix (exit 78, no restart) from a runtime failure.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
-    #[error("{path}: {source}")]
-    Io {
+    /// Another hub, or `run --local`, has the state directory; the message names its pid.
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    /// The state directory or a file in it cannot be created, read, written or made private.
+    #[error("the hub state {path} is unusable")]
+    State {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
+    #[error("cannot set up the hub's TLS identity")]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("loading the registry: {0}")]
+    #[error("cannot load the hub's state")]
+    Load(#[from] error::LoadError),
+    /// A change the hub's own start-up asked for (`--device ID`) was refused.
+    #[error("the device registry refused a change")]
     Registry(#[from] error::IotHubError),
 }
 
 impl HubError {
-    /// A state directory or address the hub cannot use as configured (exit 78 in `main`);
-    /// an address already in use is not: the other process may go away.
+    /// True when the cause is the configuration or the state the operator gave the hub, so
+    /// that restarting cannot help: the state directory in use by another process, a state
+    /// directory or file that cannot be used (permissions, not a directory, a CA key or a
+    /// database that does not load), an address that is not this host's or a port it may not
+    /// bind, a `--device` id the registry refuses. False for runtime failures that a restart
+    /// may cure (a port in use, a query that failed).
     pub fn is_config(&self) -> bool {
+        use std::io::ErrorKind;
         match self {
-            HubError::Io { .. } | HubError::Tls(_) | HubError::Store(_) | HubError::Registry(_) => {
-                true
+            HubError::Locked(_) | HubError::State { .. } | HubError::Load(_) => true,
+            HubError::Tls(error) => matches!(
+                error,
+                tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
+            ),
+            HubError::Store(error) => matches!(error, store::StoreError::Open { .. }),
+            HubError::Bind { source, .. } => matches!(
+                source.kind(),
+                ErrorKind::AddrNotAvailable | ErrorKind::PermissionDenied
+            ),
+            HubError::Registry(error) => {
+                error.code == crate::protocol::error_code::ErrorCode::ArgumentInvalid
             }
-            HubError::Bind { source, .. } => source.kind() != std::io::ErrorKind::AddrInUse,
         }
     }
 }
@@ -113,6 +146,17 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
+    pub liveness: accept::Liveness,
+}
+
+impl HubState {
+    /// `Ok` while both accept loops and the job scheduler run; else which ones do not. A hub
+    /// whose loop died still answers the connections it has, but takes no new ones: it is
+    /// unhealthy, and says so on `/healthz` and to the systemd watchdog.
+    pub fn health(&self) -> Result<(), String> {
+        self.liveness.check()
+    }
 }
 
 /// A running hub.
@@ -123,7 +167,23 @@ pub struct Hub {
     api_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The state directory is this hub's until it is dropped (after `shutdown`).
+    _lock: StateLock,
 }
+
+/// In the state directory: the lock that makes one hub its only owner.
+pub const LOCK_FILE: &str = "hub.lock";
+/// In the state directory: the SQLite database, with every policy and device key.
+pub const DB_FILE: &str = "hub.db";
+/// The files of the state directory that hold secrets, made [`private::FILE_MODE`] at start.
+const SECRET_FILES: [&str; 6] = [
+    DB_FILE,
+    "hub.db-wal",
+    "hub.db-shm",
+    HubInfo::FILE_NAME,
+    "ca.key",
+    LOCK_FILE,
+];
 
 /// Connections the kernel queues for `accept`. `TcpListener::bind` gives 128: a burst of more
 /// connects than that (a fleet reconnecting) had SYNs dropped and retried a second later.
@@ -146,12 +206,19 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
 impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, HubError> {
         let dir = &config.state_dir;
-        std::fs::create_dir_all(dir).map_err(|source| HubError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        private::create_dir(dir).map_err(unusable(dir))?;
+        // One state, one owner: nothing in the directory is read or changed before the lock
+        // is ours (a second hub, or `run --local`, on the same state is refused here).
+        let lock = StateLock::acquire(
+            &dir.join(LOCK_FILE),
+            &format!("the hub state directory {}", dir.display()),
+        )?;
+        secure_state(dir)?;
         let identity = tls::load_or_create(dir, &config.hostnames)?;
-        let store = Arc::new(store::Store::open(&dir.join("hub.db"))?);
+        let db_path = dir.join(DB_FILE);
+        // Created 0600 before SQLite opens it: its -wal and -shm files take the same mode.
+        private::create_file(&db_path).map_err(unusable(&db_path))?;
+        let store = Arc::new(store::Store::open(&db_path)?);
         let policies = auth::Policies::load_or_create(&store)?;
         let group_key = if config.auto_register {
             Some(match store.setting("group_key")? {
@@ -198,6 +265,10 @@ impl Hub {
             group_key: group_key.clone(),
         };
 
+        let mut liveness = accept::Liveness::default();
+        let mqtt_alive = liveness.watch("MQTT accept loop");
+        let api_alive = liveness.watch("API accept loop");
+        let scheduler_alive = liveness.watch("job scheduler");
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
             policies,
@@ -209,6 +280,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            liveness,
         });
 
         let shutdown = CancellationToken::new();
@@ -220,11 +292,13 @@ impl Hub {
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            mqtt_alive,
         ));
         tasks.spawn(jobs::run_scheduler(
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            scheduler_alive,
         ));
         tasks.spawn(api::serve(
             api_listener,
@@ -232,11 +306,12 @@ impl Hub {
             state.clone(),
             shutdown.clone(),
             tasks.clone(),
+            api_alive,
         ));
 
         let info_path = dir.join(HubInfo::FILE_NAME);
         let text = serde_json::to_string_pretty(&info).expect("HubInfo always serializes");
-        write_private(&info_path, &text)?;
+        private::write_file(&info_path, text.as_bytes()).map_err(unusable(&info_path))?;
         Ok(Hub {
             state,
             info,
@@ -244,6 +319,7 @@ impl Hub {
             api_addr,
             shutdown,
             tasks,
+            _lock: lock,
         })
     }
 
@@ -288,7 +364,23 @@ impl Hub {
         )
     }
 
-    /// Stops accepting, closes every connection and waits for the tasks to end.
+    /// `Ok` while the hub serves: not stopping, and both accept loops and the job scheduler
+    /// running. Else why not, in one line (no secrets): what `/healthz` and the systemd
+    /// watchdog go by.
+    pub fn health(&self) -> Result<(), String> {
+        health_of(&self.state, &self.shutdown)
+    }
+
+    /// [`Hub::health`] as a value that outlives the borrow of the hub, for tasks such as the
+    /// systemd watchdog.
+    pub fn health_probe(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let state = self.state.clone();
+        let shutdown = self.shutdown.clone();
+        move || health_of(&state, &shutdown)
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks to end; then the state
+    /// directory's lock is released.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
@@ -296,22 +388,57 @@ impl Hub {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), HubError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io_err = |source| HubError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    // Written under a temporary name and renamed, so a reader never sees half a file.
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err)?;
-    file.write_all(text.as_bytes()).map_err(io_err)?;
-    std::fs::rename(&tmp, path).map_err(io_err)
+fn health_of(state: &HubState, shutdown: &CancellationToken) -> Result<(), String> {
+    if shutdown.is_cancelled() {
+        return Err("the hub is stopping".into());
+    }
+    state.health()
+}
+
+/// Makes the state directory and its secret files private, tightening what an older version
+/// left wider (each change is logged by `private::tighten`).
+fn secure_state(dir: &Path) -> Result<(), HubError> {
+    private::tighten(dir, private::DIR_MODE).map_err(unusable(dir))?;
+    for name in SECRET_FILES {
+        let path = dir.join(name);
+        private::tighten(&path, private::FILE_MODE).map_err(unusable(&path))?;
+    }
+    Ok(())
+}
+
+fn unusable(path: &Path) -> impl FnOnce(std::io::Error) -> HubError {
+    let path = path.to_owned();
+    move |source| HubError::State { path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Error, ErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn configuration_problems_are_told_from_runtime_failures() {
+        let addr: SocketAddr = "127.0.0.1:8883".parse().unwrap();
+        let bind = |kind| HubError::Bind {
+            addr,
+            source: Error::from(kind),
+        };
+        assert!(bind(ErrorKind::AddrNotAvailable).is_config());
+        assert!(bind(ErrorKind::PermissionDenied).is_config());
+        assert!(
+            !bind(ErrorKind::AddrInUse).is_config(),
+            "the port may free up"
+        );
+        let state = HubError::State {
+            path: "/var/lib/simdevice-hub".into(),
+            source: Error::from(ErrorKind::PermissionDenied),
+        };
+        assert!(state.is_config());
+        let sql = HubError::Store(store::StoreError::Sql(rusqlite::Error::QueryReturnedNoRows));
+        assert!(!sql.is_config());
+        let refused = HubError::Registry(error::IotHubError::argument("bad id"));
+        assert!(refused.is_config());
+        assert!(!HubError::Registry(error::IotHubError::internal("disk")).is_config());
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::error::IotHubError;
+use super::error::{IotHubError, LoadError};
 use super::store::Store;
 use crate::protocol::error_code::ErrorCode;
 use crate::protocol::sas;
@@ -235,12 +235,14 @@ pub struct RegistryStats {
 }
 
 impl Registry {
-    pub fn load(store: Arc<Store>) -> Result<Registry, IotHubError> {
+    pub fn load(store: Arc<Store>) -> Result<Registry, LoadError> {
         let mut devices = HashMap::new();
         for (id, doc) in store.load_devices()? {
-            let device: Device = serde_json::from_str(&doc).map_err(|e| {
-                IotHubError::internal(format!("stored device {id} cannot be read: {e}"))
-            })?;
+            let device: Device =
+                serde_json::from_str(&doc).map_err(|source| LoadError::Decode {
+                    what: format!("device {id}"),
+                    source,
+                })?;
             devices.insert(id, device);
         }
         Ok(Registry {

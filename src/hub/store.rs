@@ -7,19 +7,20 @@
 //! write and never corrupts the file; a power cut may lose the last commits but not the file.
 //! Calls are synchronous and short (one row each), made under a mutex.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("hub database {path}: {source}")]
+    #[error("cannot open the hub database {path}")]
     Open {
-        path: String,
+        path: PathBuf,
+        #[source]
         source: rusqlite::Error,
     },
-    #[error("hub database: {0}")]
+    #[error("hub database")]
     Sql(#[from] rusqlite::Error),
 }
 
@@ -39,7 +40,7 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open {
-            path: path.display().to_string(),
+            path: path.to_owned(),
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;

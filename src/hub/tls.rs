@@ -1,7 +1,8 @@
 //! The hub's TLS identity: a local certificate authority kept in the state directory and a
 //! server certificate signed by it on every start.
 //!
-//! Clients trust `ca.pem`; the CA key never leaves the state directory (mode 0600). The server
+//! Clients trust `ca.pem`; the CA key never leaves the state directory (mode 0600, written
+//! through `hub::private`). The server
 //! certificate is re-issued at each start so that new `--hostname` names take effect at once.
 //! Keys are ECDSA P-256: the cheapest handshake for rustls (see shared/docs/performance.md).
 
@@ -17,20 +18,30 @@ use rcgen::{
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use super::private;
+
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
 const CA_COMMON_NAME: &str = "simdevice local IoT Hub CA";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read or write {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("certificate generation failed: {0}")]
+    #[error("cannot read or write {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("certificate generation failed")]
     Generate(#[from] rcgen::Error),
-    #[error("the TLS configuration was refused: {0}")]
+    #[error("the TLS configuration was refused")]
     Rustls(#[from] rustls::Error),
-    #[error("{path} is not a usable CA key: {reason}")]
-    BadCaKey { path: PathBuf, reason: String },
+    #[error("{path} is not a usable CA key")]
+    BadCaKey {
+        path: PathBuf,
+        #[source]
+        source: rcgen::Error,
+    },
 }
 
 /// What the listeners need: the server configuration, and where clients find the CA.
@@ -47,9 +58,9 @@ pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> Result<TlsIde
     let ca_key_file = state_dir.join(CA_KEY_FILE);
     let (ca_key, ca_pem) = if ca_key_file.exists() && ca_file.exists() {
         let key_pem = read(&ca_key_file)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::BadCaKey {
+        let key = KeyPair::from_pem(&key_pem).map_err(|source| TlsError::BadCaKey {
             path: ca_key_file.clone(),
-            reason: e.to_string(),
+            source,
         })?;
         (key, read(&ca_file)?)
     } else {
@@ -127,20 +138,10 @@ fn write(path: &Path, text: &str) -> Result<(), TlsError> {
     })
 }
 
-/// Writes a secret readable by its owner only.
+/// Writes a secret readable by its owner only (`hub::private`).
 fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io_err = |source| TlsError::Io {
+    private::write_file(path, text.as_bytes()).map_err(|source| TlsError::Io {
         path: path.to_owned(),
         source,
-    };
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err)?;
-    file.write_all(text.as_bytes()).map_err(io_err)
+    })
 }

@@ -7,8 +7,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, if_match, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, RegistryRead, RegistryWrite, ServiceConnect};
+use super::{if_match, json_body, ApiError, AppState, JsonBody};
 use crate::hub::registry::{DeviceSpec, DeviceStatus};
 
 /// The part of a Device document a client may set.
@@ -37,13 +37,12 @@ pub struct SymmetricKey {
 }
 
 pub async fn create_or_update(
+    _: Authorized<RegistryWrite>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
     headers: HeaderMap,
     body: JsonBody<DeviceBody>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     let body = json_body(body, "device body")?;
     if body.device_id.as_deref().is_some_and(|b| b != id) {
         return Err(ApiError::bad_request(
@@ -82,22 +81,19 @@ pub async fn create_or_update(
 }
 
 pub async fn get_one(
+    _: Authorized<RegistryRead>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryRead)?;
     Ok(Json(state.registry.get(&id, |d| d.to_device_json())?))
 }
 
 pub async fn delete(
+    _: Authorized<RegistryWrite>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     state.registry.delete(&id, if_match(&headers))?;
     state.sessions.remove(&id);
     Ok(StatusCode::NO_CONTENT)
@@ -109,22 +105,18 @@ pub struct ListParams {
 }
 
 pub async fn list(
+    _: Authorized<RegistryRead>,
     state: AppState,
-    version: Query<ApiVersion>,
     Query(params): Query<ListParams>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryRead)?;
     let top = params.top.unwrap_or(1000).min(1000);
     Ok(Json(Value::Array(state.registry.list(top))))
 }
 
 pub async fn statistics(
+    _: Authorized<RegistryRead>,
     state: AppState,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryRead)?;
     let stats = state.registry.stats();
     Ok(Json(json!({
         "totalDeviceCount": stats.total,
@@ -134,11 +126,9 @@ pub async fn statistics(
 }
 
 pub async fn service_statistics(
+    _: Authorized<ServiceConnect>,
     state: AppState,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     Ok(Json(
         json!({ "connectedDeviceCount": state.registry.stats().connected }),
     ))

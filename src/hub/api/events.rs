@@ -7,13 +7,12 @@
 //!   queued at QoS 1 (at most 50 per device) until the device takes it.
 
 use axum::extract::{Path, Query};
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, ServiceConnect};
+use super::{json_body, ApiError, AppState, JsonBody};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -24,12 +23,10 @@ pub struct EventParams {
 }
 
 pub async fn list(
+    _: Authorized<ServiceConnect>,
     state: AppState,
-    version: Query<ApiVersion>,
     Query(params): Query<EventParams>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let events = state.telemetry.recent(
         params.device_id.as_deref(),
         params.after.unwrap_or(0),
@@ -54,16 +51,14 @@ pub struct CloudToDeviceBody {
 const MAX_C2D_BYTES: usize = 64 * 1024;
 
 pub async fn send_cloud_to_device(
+    _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
     body: JsonBody<CloudToDeviceBody>,
 ) -> Result<Json<Value>, ApiError> {
     use crate::hub::error::IotHubError;
     use crate::protocol::error_code::ErrorCode;
     use crate::protocol::property_bag::PropertyBag;
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let body = json_body(body, "message body")?;
     if !state.registry.contains(&id) {
         return Err(IotHubError::device_not_found(&id).into());

@@ -9,13 +9,11 @@
 
 use std::time::Duration;
 
-use axum::extract::Query;
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 
-use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, RegistryWrite};
+use super::{json_body, ApiError, AppState, JsonBody};
 use crate::hub::faults::FaultStatus;
 
 /// The longest a hook may be set for in one call: a day.
@@ -42,21 +40,17 @@ fn duration(name: &str, secs: Option<f64>) -> Result<Option<Duration>, ApiError>
 }
 
 pub async fn get(
+    _: Authorized<RegistryWrite>,
     state: AppState,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<FaultStatus>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     Ok(Json(state.faults.status()))
 }
 
 pub async fn set(
+    _: Authorized<RegistryWrite>,
     state: AppState,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
     body: JsonBody<FaultSettings>,
 ) -> Result<Json<FaultStatus>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     let body = json_body(body, "fault settings")?;
     let refuse = duration("refuseConnectsSecs", body.refuse_connects_secs)?;
     let throttle = duration("throttleReportedSecs", body.throttle_reported_secs)?;

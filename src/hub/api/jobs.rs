@@ -9,44 +9,37 @@
 //! the `QueryResult` the service SDKs deserialize, with every matching job on one page.
 
 use axum::extract::{Path, Query};
-use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, RegistryRead, RegistryWrite};
+use super::{json_body, ApiError, AppState, JsonBody};
 use crate::hub::jobs::JobRequest;
 
 pub async fn create(
+    _: Authorized<RegistryWrite>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
     body: JsonBody<JobRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     let request = json_body(body, "job request")?;
     Ok(Json(state.jobs.create(&id, request)?))
 }
 
 pub async fn get_one(
+    _: Authorized<RegistryRead>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryRead)?;
     Ok(Json(state.jobs.get(&id)?))
 }
 
 pub async fn cancel(
+    _: Authorized<RegistryWrite>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryWrite)?;
     Ok(Json(state.jobs.cancel(&id)?))
 }
 
@@ -58,12 +51,10 @@ pub struct ListParams {
 }
 
 pub async fn query(
+    _: Authorized<RegistryRead>,
     state: AppState,
-    version: Query<ApiVersion>,
     Query(params): Query<ListParams>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::RegistryRead)?;
     let filter = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
     let items = state.jobs.list(
         filter(&params.job_type).as_deref(),

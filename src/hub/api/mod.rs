@@ -3,13 +3,15 @@
 //! `serve` accepts TLS connections and runs each through hyper with the axum router built in
 //! `router`. Handlers live by resource: `devices` (registry and statistics), `twins` (twins
 //! and direct methods), `query` (`POST /devices/query`), `jobs` (`/jobs/v2`), `events` (the
-//! simdevice extension that reads recent telemetry). Every handler first checks the caller's
-//! SAS token for the permission the operation needs (`authorize`).
+//! simdevice extension that reads recent telemetry). Every handler names the permission it
+//! needs in its signature (`authorized::Authorized<P>`, an extractor that checks the
+//! api-version and the caller's SAS token before the handler runs).
 //!
 //! A path that is no operation of the API answers 400 with 400004 ArgumentInvalid: the status
 //! and the code agree (the code list has no generic "no such resource" 404 code), and a 4xx is
 //! never retried by the SDKs.
 
+mod authorized;
 mod devices;
 mod error;
 mod events;
@@ -18,16 +20,17 @@ mod jobs;
 mod query;
 mod twins;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,7 +38,8 @@ use tower::Service;
 
 pub use error::ApiError;
 
-use super::auth::{self, Permission};
+use super::accept::{AcceptLoop, Alive};
+use super::faults::Listener;
 use super::HubState;
 
 type AppState = State<Arc<HubState>>;
@@ -77,35 +81,6 @@ pub fn router(state: Arc<HubState>) -> Router {
         .with_state(state)
 }
 
-/// The `api-version` every request carries; any version is accepted, none is an error.
-#[derive(Deserialize)]
-pub struct ApiVersion {
-    #[serde(rename = "api-version")]
-    api_version: Option<String>,
-}
-
-/// Checks the SAS token and the api-version of a request.
-fn authorize(
-    state: &HubState,
-    headers: &HeaderMap,
-    query: &Query<ApiVersion>,
-    needed: Permission,
-) -> Result<(), ApiError> {
-    if query.api_version.as_deref().is_none_or(str::is_empty) {
-        return Err(ApiError::bad_request(
-            "the api-version query parameter is required",
-        ));
-    }
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    auth::authorize_service(state, header, needed).map_err(|failure| {
-        tracing::info!(reason = %failure, "service request refused");
-        ApiError::unauthorized()
-    })?;
-    Ok(())
-}
-
 /// A JSON request body as handlers receive it: parsed, or axum's reason why not.
 type JsonBody<T> = Result<axum::Json<T>, axum::extract::rejection::JsonRejection>;
 
@@ -121,53 +96,76 @@ fn if_match(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v: &HeaderValue| v.to_str().ok())
 }
 
+/// Service connections open at the same time. A permit is held for a connection's whole
+/// life: the API's clients are a few service SDKs and scripts, and every connection ends
+/// within [`HANDSHAKE_DEADLINE`] (TLS) or [`HEADER_READ_TIMEOUT`] of silence (hyper also arms
+/// it while a keep-alive connection waits for its next request). When all are taken, a new
+/// socket is closed at once, before TLS: the client sees a reset and retries, as it would
+/// against a busy IoT Hub front end; nothing queues.
+pub const MAX_API_CONNECTIONS: usize = 256;
+
+/// Time a client has to send a request's head, and the longest a keep-alive connection idles.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     state: Arc<HubState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    alive: Alive,
 ) {
+    let accept = AcceptLoop {
+        name: "API",
+        max_pending: MAX_API_CONNECTIONS,
+        shutdown: shutdown.clone(),
+        tasks,
+        alive,
+        kill: state.faults.accept_loop_kill(Listener::Api),
+    };
     let app = router(state);
-    loop {
-        let (socket, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = socket.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, %error, "API TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper::service::service_fn(move |request| app.clone().call(request));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
-                }
-            }
-        });
+    accept
+        .run(listener, move |socket, peer, permit| {
+            serve_connection(
+                socket,
+                peer,
+                permit,
+                acceptor.clone(),
+                app.clone(),
+                shutdown.clone(),
+            )
+        })
+        .await;
+}
+
+/// One HTTPS connection, from TLS handshake to close; `_permit` goes back when it ends.
+async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+    acceptor: TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "API TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let service = hyper::service::service_fn(move |request| app.clone().call(request));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+        }
     }
 }

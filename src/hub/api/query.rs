@@ -5,7 +5,6 @@
 //! continuation token is the offset of the next row; the header is left out on the last page,
 //! because clients loop while it is present.
 
-use axum::extract::Query;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,8 +12,8 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{authorize, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, ServiceConnect};
+use super::{json_body, ApiError, AppState, JsonBody};
 use crate::hub::query::{self, Source};
 
 const DEFAULT_PAGE: usize = 100;
@@ -26,12 +25,11 @@ pub struct QueryBody {
 }
 
 pub async fn run(
+    _: Authorized<ServiceConnect>,
     state: AppState,
-    version: Query<ApiVersion>,
     headers: HeaderMap,
     body: JsonBody<QueryBody>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     crate::hub::metrics::HubCounters::bump(&state.counters.queries);
     let body = json_body(body, "query body")?;
     let parsed = query::parse(&body.query).map_err(|e| ApiError::bad_request(e.to_string()))?;

@@ -1,34 +1,31 @@
 //! Twins and direct methods over REST: `GET/PATCH/PUT /twins/{id}` and
 //! `POST /twins/{id}/methods`. The rules live in `hub::twins` and `hub::methods`.
 
-use axum::extract::{Path, Query};
+use axum::extract::Path;
 use axum::http::HeaderMap;
 use axum::Json;
 use serde_json::Value;
 
-use super::{authorize, if_match, json_body, ApiError, ApiVersion, AppState, JsonBody};
-use crate::hub::auth::Permission;
+use super::authorized::{Authorized, ServiceConnect};
+use super::{if_match, json_body, ApiError, AppState, JsonBody};
 use crate::hub::{methods, twins};
 use crate::protocol::method::{MethodInvocation, MethodResult};
 
 pub async fn get_twin(
+    _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     Ok(Json(state.registry.get(&id, |d| d.to_twin_json())?))
 }
 
 pub async fn update(
+    _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
     headers: HeaderMap,
     patch: JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let patch = json_body(patch, "request body")?;
     Ok(Json(twins::update(
         &state,
@@ -39,13 +36,12 @@ pub async fn update(
 }
 
 pub async fn replace(
+    _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
     headers: HeaderMap,
     twin: JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let twin = json_body(twin, "request body")?;
     Ok(Json(twins::replace(
         &state,
@@ -56,13 +52,11 @@ pub async fn replace(
 }
 
 pub async fn invoke_method(
+    _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
-    version: Query<ApiVersion>,
-    headers: HeaderMap,
     invocation: JsonBody<MethodInvocation>,
 ) -> Result<Json<MethodResult>, ApiError> {
-    authorize(&state, &headers, &version, Permission::ServiceConnect)?;
     let invocation = json_body(invocation, "request body")?;
     Ok(Json(methods::invoke(&state, &id, invocation).await?))
 }

@@ -1,19 +1,22 @@
-//! Accepts device connections and hands each to its own connection task.
+//! Accepts device connections and hands each to its own connection task, through the hub's
+//! shared accept loop (`hub::accept`).
 //!
 //! A connection that has not finished its TLS handshake and CONNECT holds one permit of a
-//! fixed pool; when the pool is empty, new sockets are closed at once, so a flood of silent
-//! clients cannot exhaust the hub. The permit is returned when the connection is
-//! authenticated or gives up (deadline in `connection`).
+//! fixed pool of [`MAX_UNAUTHENTICATED`]; when the pool is empty, new sockets are closed at
+//! once, so a flood of silent clients cannot exhaust the hub. The permit is returned when the
+//! connection is authenticated or gives up (deadline in `connection`): authenticated devices
+//! are the fleet and are not capped here.
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::connection;
+use crate::hub::accept::{AcceptLoop, Alive};
+use crate::hub::faults::Listener;
 use crate::hub::HubState;
 
 /// Connections allowed to be between accept and CONNACK at the same time.
@@ -25,34 +28,26 @@ pub async fn serve(
     state: Arc<HubState>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    alive: Alive,
 ) {
-    let handshakes = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (socket, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(error) => {
-                // Out of file descriptors and the like: wait a moment rather than spin.
-                tracing::warn!(%error, "MQTT accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many connections in handshake; refusing one");
-            continue;
-        };
-        let _ = socket.set_nodelay(true);
-        tasks.spawn(connection::serve(
-            socket,
-            peer,
-            acceptor.clone(),
-            state.clone(),
-            shutdown.clone(),
-            permit,
-        ));
-    }
+    let accept = AcceptLoop {
+        name: "MQTT",
+        max_pending: MAX_UNAUTHENTICATED,
+        shutdown: shutdown.clone(),
+        tasks,
+        alive,
+        kill: state.faults.accept_loop_kill(Listener::Mqtt),
+    };
+    accept
+        .run(listener, move |socket, peer, permit| {
+            connection::serve(
+                socket,
+                peer,
+                acceptor.clone(),
+                state.clone(),
+                shutdown.clone(),
+                permit,
+            )
+        })
+        .await;
 }

@@ -1,247 +1,26 @@
-//! Scheduled jobs (`/jobs/v2`): a direct method or a twin update run at a given time on every
-//! device that a query condition matches, with one row of progress per device.
-//!
-//! [`Jobs`] holds every job and its device rows in memory and in the store (tables `jobs` and
-//! `job_devices`); each change is written before it is visible, under one lock. [`run_scheduler`]
-//! is one task of the hub: it sleeps until the next job is due (or a job is created), then starts
-//! a runner task per due job. A runner picks the devices the condition matches *at that moment*,
-//! writes them as `pending` rows, and works through them at most [`RUN_CONCURRENCY`] at a time,
-//! through `methods::invoke` or `twins::update` (with the job's etag as `If-Match`), so a job
-//! obeys exactly the rules of the single-device REST calls. It never touches a socket.
-//!
-//! Rules worth knowing:
-//! - As on IoT Hub, a job whose devices failed still ends `completed`; the failures are counted
-//!   in `deviceJobStatistics.failedCount` and explained in each row's `error`. A method job's row
-//!   is `completed` whenever the device answered, whatever status it chose.
-//! - When `maxExecutionTimeInSeconds` (default 3600, counted from the start) runs out, the calls
-//!   in flight are dropped, every unfinished row becomes `failed` and the job ends `failed`.
-//! - Cancelling turns the `pending` rows `canceled` (sic, as IoT Hub spells device rows) and the
-//!   job `cancelled`; calls already in flight finish and record their outcome.
-//! - A restart keeps queued and scheduled jobs (a start time that passed while the hub was down
-//!   starts the job at once). A job that was `running` when the hub stopped is NOT resumed: it is
-//!   marked `failed`, and so are its unfinished rows. Re-running would call a method twice on
-//!   devices whose call was in flight, and methods need not be idempotent.
-//! - Jobs are never purged (IoT Hub keeps them 30 days).
+//! [`Jobs`]: every job of the hub and its device rows, in memory and in the store, under one
+//! lock. Each change is written to the store before it is visible. The scheduler drives a job
+//! through `due`, `start`, `device_started`, `device_finished` and `finish`; the API through
+//! `create`, `get`, `cancel`, `list` and `device_rows`. It never runs a method or touches a twin.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::error::IotHubError;
-use super::query::{parse_condition, Condition};
-use super::registry::now_iso;
-use super::store::Store;
-use super::{methods, twins, HubState};
-use crate::protocol::error_code::ErrorCode;
-use crate::protocol::method::{
-    MethodInvocation, DEFAULT_CONNECT_TIMEOUT_SECS, DEFAULT_RESPONSE_TIMEOUT_SECS,
+use super::model::{
+    job_not_found, parse_time, Action, DeviceJobRow, DeviceJobStatus, Entry, JobRecord, JobStatus,
+    Run,
 };
-use crate::protocol::twin::{self, Section};
-
-/// Devices one job works on at the same time.
-pub const RUN_CONCURRENCY: usize = 16;
-/// `maxExecutionTimeInSeconds` when the request leaves it out.
-pub const DEFAULT_MAX_EXECUTION_SECS: u64 = 3600;
-/// IoT Hub's job id rule: up to 64 ASCII letters, digits and dashes.
-const MAX_JOB_ID_CHARS: usize = 64;
-/// The scheduler looks again at least this often, so a clock change cannot stall it for long.
-const MAX_SCHEDULER_SLEEP: Duration = Duration::from_secs(60);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum JobType {
-    ScheduleDeviceMethod,
-    ScheduleUpdateTwin,
-}
-
-impl JobType {
-    fn parse(text: &str) -> Option<JobType> {
-        match text {
-            "scheduleDeviceMethod" => Some(JobType::ScheduleDeviceMethod),
-            "scheduleUpdateTwin" => Some(JobType::ScheduleUpdateTwin),
-            _ => None,
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            JobType::ScheduleDeviceMethod => "scheduleDeviceMethod",
-            JobType::ScheduleUpdateTwin => "scheduleUpdateTwin",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum JobStatus {
-    Queued,
-    Scheduled,
-    Running,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl JobStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Scheduled => "scheduled",
-            JobStatus::Running => "running",
-            JobStatus::Completed => "completed",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
-    fn is_waiting(self) -> bool {
-        matches!(self, JobStatus::Queued | JobStatus::Scheduled)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum DeviceJobStatus {
-    Pending,
-    Running,
-    Completed,
-    Failed,
-    Canceled,
-}
-
-impl DeviceJobStatus {
-    fn is_unfinished(self) -> bool {
-        matches!(self, DeviceJobStatus::Pending | DeviceJobStatus::Running)
-    }
-}
-
-/// The body of `PUT /jobs/v2/{id}`. Everything is optional here so that a missing field gets
-/// a 400 that names it, not a serde message.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct JobRequest {
-    pub job_id: Option<String>,
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub cloud_to_device_method: Option<MethodInvocation>,
-    pub update_twin: Option<Value>,
-    pub query_condition: Option<String>,
-    pub start_time: Option<String>,
-    pub max_execution_time_in_seconds: Option<u64>,
-}
-
-/// A job as stored and as returned (plus `deviceJobStatistics`, computed from the rows).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JobRecord {
-    job_id: String,
-    #[serde(rename = "type")]
-    kind: JobType,
-    query_condition: String,
-    created_time: String,
-    start_time: String,
-    end_time: Option<String>,
-    max_execution_time_in_seconds: u64,
-    status: JobStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    cloud_to_device_method: Option<MethodInvocation>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    update_twin: Option<Value>,
-    failure_reason: Option<String>,
-    status_message: Option<String>,
-}
-
-/// The error of a failed device row (IoT Hub's `DeviceJobError`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct DeviceJobError {
-    pub code: String,
-    pub description: String,
-}
-
-/// One device's progress in one job: a row of `SELECT * FROM devices.jobs`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct DeviceJobRow {
-    device_id: String,
-    job_id: String,
-    job_type: JobType,
-    status: DeviceJobStatus,
-    start_time_utc: Option<String>,
-    end_time_utc: Option<String>,
-    created_date_time_utc: String,
-    last_updated_date_time_utc: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    outcome: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    error: Option<DeviceJobError>,
-}
-
-impl DeviceJobRow {
-    fn fail(&mut self, now: &str, code: &str, description: String) {
-        self.status = DeviceJobStatus::Failed;
-        self.end_time_utc = Some(now.to_string());
-        self.last_updated_date_time_utc = now.to_string();
-        self.error = Some(DeviceJobError {
-            code: code.to_string(),
-            description,
-        });
-    }
-}
-
-struct Entry {
-    record: JobRecord,
-    /// `record.start_time`, parsed.
-    start_at: DateTime<Utc>,
-    rows: BTreeMap<String, DeviceJobRow>,
-}
-
-impl Entry {
-    fn to_response(&self) -> Value {
-        let mut value = serde_json::to_value(&self.record).unwrap_or_else(|_| json!({}));
-        let count = |status| {
-            self.rows
-                .values()
-                .filter(|row| row.status == status)
-                .count()
-        };
-        if let Some(object) = value.as_object_mut() {
-            object.insert(
-                "deviceJobStatistics".into(),
-                json!({
-                    "deviceCount": self.rows.len(),
-                    "failedCount": count(DeviceJobStatus::Failed),
-                    "succeededCount": count(DeviceJobStatus::Completed),
-                    "runningCount": count(DeviceJobStatus::Running),
-                    "pendingCount": count(DeviceJobStatus::Pending),
-                }),
-            );
-        }
-        value
-    }
-}
-
-/// What a runner does on each device.
-#[derive(Clone)]
-enum Action {
-    Method(MethodInvocation),
-    Twin { patch: Value, etag: Option<String> },
-}
-
-/// A job that has just started: what to do, and to which devices.
-struct Run {
-    job_id: String,
-    action: Action,
-    devices: Vec<String>,
-    max_execution: Duration,
-}
+use super::request::{self, JobRequest};
+use crate::hub::error::{IotHubError, LoadError};
+use crate::hub::query::{parse_condition, Condition};
+use crate::hub::registry::now_iso;
+use crate::hub::store::Store;
+use crate::protocol::error_code::ErrorCode;
 
 /// Every job of the hub.
 pub struct Jobs {
@@ -251,81 +30,17 @@ pub struct Jobs {
     changed: Notify,
 }
 
-fn format_time(time: DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-fn parse_time(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
-
-fn job_not_found(id: &str) -> IotHubError {
-    IotHubError::new(ErrorCode::JobNotFound, format!("Job {id} not found."))
-}
-
-fn check_job_id(id: &str) -> Result<(), IotHubError> {
-    let valid = !id.is_empty()
-        && id.chars().count() <= MAX_JOB_ID_CHARS
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    if valid {
-        Ok(())
-    } else {
-        Err(IotHubError::argument(format!(
-            "job id {id:?} is invalid: use 1 to {MAX_JOB_ID_CHARS} ASCII letters, digits and dashes"
-        )))
-    }
-}
-
-/// Checks an `updateTwin` document; returns the patch and the etag to use as `If-Match`.
-fn check_update_twin(update: &Value) -> Result<(Value, Option<String>), IotHubError> {
-    let object = update
-        .as_object()
-        .ok_or_else(|| IotHubError::argument("updateTwin must be a JSON object"))?;
-    let tags = object.get("tags").filter(|t| !t.is_null());
-    let properties = object.get("properties").filter(|p| !p.is_null());
-    let desired = properties
-        .and_then(|p| p.get("desired"))
-        .filter(|d| !d.is_null());
-    if properties
-        .and_then(|p| p.get("reported"))
-        .and_then(Value::as_object)
-        .is_some_and(|r| r.keys().any(|k| !k.starts_with('$')))
-    {
-        return Err(IotHubError::argument(
-            "updateTwin may not set reported properties: they are set by the device only",
-        ));
-    }
-    if tags.is_none() && desired.is_none() {
-        return Err(IotHubError::argument(
-            "updateTwin must set tags or properties.desired",
-        ));
-    }
-    let invalid = |e: twin::TwinError| IotHubError::argument(format!("updateTwin: {e}"));
-    if let Some(tags) = tags {
-        twin::validate_patch(Section::Tags, tags).map_err(invalid)?;
-    }
-    if let Some(desired) = desired {
-        twin::validate_patch(Section::Desired, desired).map_err(invalid)?;
-    }
-    let etag = match object.get("etag") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(etag)) => Some(etag.clone()),
-        Some(_) => return Err(IotHubError::argument("updateTwin.etag must be a string")),
-    };
-    Ok((update.clone(), etag))
-}
-
 impl Jobs {
     /// Loads the stored jobs. A job that was running when the hub stopped is marked failed
     /// (see the module notes), and written back so.
-    pub fn load(store: Arc<Store>) -> Result<Jobs, IotHubError> {
+    pub fn load(store: Arc<Store>) -> Result<Jobs, LoadError> {
         let mut entries = BTreeMap::new();
         for (id, doc) in store.load_jobs()? {
-            let record: JobRecord = serde_json::from_str(&doc).map_err(|e| {
-                IotHubError::internal(format!("stored job {id} cannot be read: {e}"))
-            })?;
+            let record: JobRecord =
+                serde_json::from_str(&doc).map_err(|source| LoadError::Decode {
+                    what: format!("job {id}"),
+                    source,
+                })?;
             let start_at = parse_time(&record.start_time).unwrap_or_else(Utc::now);
             entries.insert(
                 id,
@@ -337,11 +52,11 @@ impl Jobs {
             );
         }
         for (job_id, device_id, doc) in store.load_job_devices()? {
-            let row: DeviceJobRow = serde_json::from_str(&doc).map_err(|e| {
-                IotHubError::internal(format!(
-                    "stored row of job {job_id}, device {device_id} cannot be read: {e}"
-                ))
-            })?;
+            let row: DeviceJobRow =
+                serde_json::from_str(&doc).map_err(|source| LoadError::Decode {
+                    what: format!("row of job {job_id}, device {device_id}"),
+                    source,
+                })?;
             if let Some(entry) = entries.get_mut(&job_id) {
                 entry.rows.insert(device_id, row);
             }
@@ -372,7 +87,11 @@ impl Jobs {
                     changed_rows.push(row.clone());
                 }
             }
-            jobs.persist(&entry.record, &changed_rows)?;
+            jobs.persist(&entry.record, &changed_rows)
+                .map_err(|source| LoadError::Save {
+                    what: format!("job {} as failed", entry.record.job_id),
+                    source,
+                })?;
         }
         *jobs.lock() = entries;
         Ok(jobs)
@@ -380,6 +99,18 @@ impl Jobs {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notified when a job is created: the scheduler looks again.
+    pub(super) fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    /// Whether the job is running now (false once it is cancelled or has ended).
+    pub(super) fn is_running(&self, job_id: &str) -> bool {
+        self.lock()
+            .get(job_id)
+            .is_some_and(|e| e.record.status == JobStatus::Running)
     }
 
     /// Writes a job document and some of its rows in one transaction.
@@ -417,85 +148,8 @@ impl Jobs {
 
     /// `PUT /jobs/v2/{id}`: checks and stores a new job; 409104 when the id is taken.
     pub fn create(&self, id: &str, request: JobRequest) -> Result<Value, IotHubError> {
-        check_job_id(id)?;
-        if request
-            .job_id
-            .as_deref()
-            .is_some_and(|body_id| body_id != id)
-        {
-            return Err(IotHubError::argument(
-                "jobId in the body differs from the one in the path",
-            ));
-        }
-        let kind_text = request.kind.as_deref().unwrap_or_default();
-        let kind = JobType::parse(kind_text).ok_or_else(|| {
-            IotHubError::argument(format!(
-                "type {kind_text:?} is not supported: use scheduleDeviceMethod or scheduleUpdateTwin"
-            ))
-        })?;
-        let (cloud_to_device_method, update_twin) = match kind {
-            JobType::ScheduleDeviceMethod => {
-                let mut method = request.cloud_to_device_method.ok_or_else(|| {
-                    IotHubError::argument("a scheduleDeviceMethod job needs cloudToDeviceMethod")
-                })?;
-                method
-                    .validate()
-                    .map_err(|e| IotHubError::argument(format!("cloudToDeviceMethod: {e}")))?;
-                method
-                    .response_timeout_in_seconds
-                    .get_or_insert(DEFAULT_RESPONSE_TIMEOUT_SECS);
-                method
-                    .connect_timeout_in_seconds
-                    .get_or_insert(DEFAULT_CONNECT_TIMEOUT_SECS);
-                (Some(method), None)
-            }
-            JobType::ScheduleUpdateTwin => {
-                let update = request.update_twin.ok_or_else(|| {
-                    IotHubError::argument("a scheduleUpdateTwin job needs updateTwin")
-                })?;
-                check_update_twin(&update)?;
-                (None, Some(update))
-            }
-        };
-        let query_condition = request
-            .query_condition
-            .filter(|c| !c.trim().is_empty())
-            .ok_or_else(|| IotHubError::argument("queryCondition is required"))?;
-        parse_condition(&query_condition)
-            .map_err(|e| IotHubError::argument(format!("queryCondition: {e}")))?;
-        let max_execution = request
-            .max_execution_time_in_seconds
-            .unwrap_or(DEFAULT_MAX_EXECUTION_SECS);
-        if max_execution == 0 {
-            return Err(IotHubError::argument(
-                "maxExecutionTimeInSeconds must be at least 1",
-            ));
-        }
-        let now = Utc::now();
-        let start_at = match request.start_time.as_deref() {
-            None => now,
-            Some(text) => parse_time(text).ok_or_else(|| {
-                IotHubError::argument(format!("startTime {text:?} is not an ISO-8601 time"))
-            })?,
-        };
-        let record = JobRecord {
-            job_id: id.to_string(),
-            kind,
-            query_condition,
-            created_time: format_time(now),
-            start_time: format_time(start_at),
-            end_time: None,
-            max_execution_time_in_seconds: max_execution,
-            status: if start_at > now {
-                JobStatus::Scheduled
-            } else {
-                JobStatus::Queued
-            },
-            cloud_to_device_method,
-            update_twin,
-            failure_reason: None,
-            status_message: None,
-        };
+        let (record, start_at) = request::check(id, request, Utc::now())?;
+        let kind = record.kind;
 
         let mut entries = self.lock();
         if entries.contains_key(id) {
@@ -589,7 +243,7 @@ impl Jobs {
     }
 
     /// Ids of the waiting jobs due at `now`, and the time the next one is due.
-    fn due(&self, now: DateTime<Utc>) -> (Vec<String>, Option<DateTime<Utc>>) {
+    pub(super) fn due(&self, now: DateTime<Utc>) -> (Vec<String>, Option<DateTime<Utc>>) {
         let entries = self.lock();
         let mut due = Vec::new();
         let mut next: Option<DateTime<Utc>> = None;
@@ -608,7 +262,7 @@ impl Jobs {
 
     /// Starts a waiting job: matches the condition against `twins` and writes a pending row per
     /// device. None when the job is no longer waiting (cancelled meanwhile).
-    fn start(&self, id: &str, twins: &[Value]) -> Result<Option<Run>, IotHubError> {
+    pub(super) fn start(&self, id: &str, twins: &[Value]) -> Result<Option<Run>, IotHubError> {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(id) else {
             return Ok(None);
@@ -656,7 +310,7 @@ impl Jobs {
         let action = match (&record.cloud_to_device_method, &record.update_twin) {
             (Some(method), _) => Action::Method(method.clone()),
             (None, Some(update)) => {
-                let (patch, etag) = check_update_twin(update)?;
+                let (patch, etag) = request::check_update_twin(update)?;
                 Action::Twin { patch, etag }
             }
             (None, None) => {
@@ -682,7 +336,7 @@ impl Jobs {
 
     /// Marks a pending row running. False when the job stopped running (cancelled) or the row
     /// is no longer pending: the runner then skips the device.
-    fn device_started(&self, job_id: &str, device_id: &str) -> bool {
+    pub(super) fn device_started(&self, job_id: &str, device_id: &str) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(job_id) else {
             return false;
@@ -709,7 +363,7 @@ impl Jobs {
     }
 
     /// Records how one device's part ended.
-    fn device_finished(
+    pub(super) fn device_finished(
         &self,
         job_id: &str,
         device_id: &str,
@@ -747,7 +401,7 @@ impl Jobs {
 
     /// Ends a running job: `completed`, or `failed` when its time ran out. Rows still unfinished
     /// fail. A job cancelled meanwhile stays cancelled.
-    fn finish(&self, job_id: &str, timed_out: bool) {
+    pub(super) fn finish(&self, job_id: &str, timed_out: bool) {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(job_id) else {
             return;
@@ -800,118 +454,13 @@ impl Jobs {
     }
 }
 
-/// The hub's job scheduler task: starts each job when it is due, until shutdown.
-pub async fn run_scheduler(state: Arc<HubState>, shutdown: CancellationToken, tasks: TaskTracker) {
-    loop {
-        // Registered before looking, so a job created meanwhile wakes us.
-        let changed = state.jobs.changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-
-        let now = Utc::now();
-        let (due, next) = state.jobs.due(now);
-        if !due.is_empty() {
-            let twins = state.registry.twin_documents();
-            for id in due {
-                match state.jobs.start(&id, &twins) {
-                    Ok(Some(run)) => {
-                        tasks.spawn(run_job(state.clone(), run, shutdown.clone()));
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::warn!(job = %id, %error, "job could not start"),
-                }
-            }
-        }
-        let sleep = next
-            .and_then(|at| (at - now).to_std().ok())
-            .unwrap_or(MAX_SCHEDULER_SLEEP)
-            .min(MAX_SCHEDULER_SLEEP);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = &mut changed => {}
-            _ = tokio::time::sleep(sleep) => {}
-        }
-    }
-}
-
-/// Works through one job's devices, [`RUN_CONCURRENCY`] at a time.
-async fn run_job(state: Arc<HubState>, run: Run, shutdown: CancellationToken) {
-    let deadline = tokio::time::Instant::now() + run.max_execution;
-    let jobs = &state.jobs;
-    let mut queue = run.devices.iter();
-    let mut in_flight = JoinSet::new();
-    let mut launching = true;
-    let timed_out = loop {
-        while launching && in_flight.len() < RUN_CONCURRENCY {
-            let Some(device_id) = queue.next() else {
-                launching = false;
-                break;
-            };
-            if !jobs.device_started(&run.job_id, device_id) {
-                // Cancelled: nothing more starts; calls in flight finish.
-                launching = jobs
-                    .lock()
-                    .get(&run.job_id)
-                    .is_some_and(|e| e.record.status == JobStatus::Running);
-                continue;
-            }
-            let state = state.clone();
-            let action = run.action.clone();
-            let device_id = device_id.clone();
-            in_flight.spawn(async move {
-                let result = run_on_device(&state, &device_id, action).await;
-                (device_id, result)
-            });
-        }
-        if in_flight.is_empty() {
-            break false;
-        }
-        tokio::select! {
-            // The job stays `running` in the store; the next start marks it failed.
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(deadline) => break true,
-            joined = in_flight.join_next() => match joined {
-                Some(Ok((device_id, result))) => {
-                    jobs.device_finished(&run.job_id, &device_id, result);
-                }
-                // A panicked device task: its row is failed when the job finishes.
-                Some(Err(error)) => tracing::warn!(job = %run.job_id, %error, "job device task failed"),
-                None => {}
-            },
-        }
-    };
-    in_flight.abort_all();
-    jobs.finish(&run.job_id, timed_out);
-}
-
-/// One device's part of a job: Ok(outcome) or the error with the outcome to record.
-async fn run_on_device(
-    state: &HubState,
-    device_id: &str,
-    action: Action,
-) -> Result<Option<Value>, (IotHubError, Option<Value>)> {
-    match action {
-        Action::Method(invocation) => match methods::invoke(state, device_id, invocation).await {
-            Ok(result) => Ok(Some(json!({
-                "deviceMethodResponse": {"status": result.status, "payload": result.payload}
-            }))),
-            Err(error) => {
-                // The outcome carries the numeric code, as the REST call would report it.
-                let outcome = json!({
-                    "deviceMethodResponse": {"status": error.code.code(), "payload": null}
-                });
-                Err((error, Some(outcome)))
-            }
-        },
-        Action::Twin { patch, etag } => twins::update(state, device_id, &patch, etag.as_deref())
-            .map(|_| None)
-            .map_err(|error| (error, None)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    use super::super::model::format_time;
     use super::*;
+    use crate::protocol::method::MethodInvocation;
 
     fn jobs() -> (tempfile::TempDir, Jobs) {
         let dir = tempfile::tempdir().expect("temp dir");
