@@ -46,7 +46,10 @@ fn main() -> ExitCode {
                 Err(error) if error.is_usage() => fail(&error, ExitCode::from(EX_USAGE)),
                 Err(error) => fail(&error, ExitCode::FAILURE),
             },
-            Command::Config(args) => commands::config::run(args),
+            Command::Config(args) => match commands::config::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
+            },
             Command::Doctor(args) => commands::doctor::run(args).await,
             Command::Completions(args) => {
                 commands::generate::completions(Cli::command(), args, &mut std::io::stdout().lock())

@@ -1,6 +1,7 @@
 //! `simdevice config check`: load the agent's configuration exactly as `simdevice run` would
 //! (defaults, file, `SIMDEVICE__*` environment), print it with the key masked and exit 0, or
-//! print why it was refused and exit 78 (EX_CONFIG). It reads files, never connects.
+//! return why it was refused (main prints it and exits 78, EX_CONFIG). It reads files, never
+//! connects.
 //!
 //! `simdevice config init`: write the commented example configuration (`config/simdevice.toml`,
 //! built in) with the device's connection string filled in, checked as `config check` would,
@@ -8,12 +9,38 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 
-/// sysexits.h EX_CONFIG: the configuration is wrong; the systemd unit does not restart on it.
-pub const EX_CONFIG: u8 = 78;
+/// Why `config check` refused a configuration or `config init` wrote none. `main` prints it
+/// with its source chain and exits 78 when [`ConfigCommandError::is_config`] says so.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigCommandError {
+    #[error(transparent)]
+    Refused(#[from] ConfigError),
+    #[error("--ca-file {path} cannot be made absolute")]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} exists; pass --force to replace it")]
+    Exists(PathBuf),
+    #[error("cannot create {0}")]
+    CreateDir(PathBuf, #[source] std::io::Error),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+impl ConfigCommandError {
+    /// A refused configuration (exit 78); a file that cannot be written is not.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            ConfigCommandError::Refused(_) | ConfigCommandError::CaFile { .. }
+        )
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct ConfigArgs {
@@ -46,13 +73,9 @@ pub enum ConfigCommand {
     },
 }
 
-pub fn run(args: ConfigArgs) -> ExitCode {
+pub fn run(args: ConfigArgs) -> Result<(), ConfigCommandError> {
     match args.command {
-        ConfigCommand::Check { config } => check(
-            config.as_deref(),
-            &mut std::io::stdout().lock(),
-            &mut std::io::stderr().lock(),
-        ),
+        ConfigCommand::Check { config } => check(config.as_deref(), &mut std::io::stdout().lock()),
         ConfigCommand::Init {
             connection_string,
             ca_file,
@@ -66,11 +89,7 @@ pub fn run(args: ConfigArgs) -> ExitCode {
                 output: &output,
                 force,
             };
-            init(
-                &request,
-                &mut std::io::stdout().lock(),
-                &mut std::io::stderr().lock(),
-            )
+            init(&request, &mut std::io::stdout().lock())
         }
     }
 }
@@ -85,31 +104,20 @@ struct InitRequest<'a> {
     force: bool,
 }
 
-fn init(request: &InitRequest<'_>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
-    let ca_file = match request.ca_file.map(std::path::absolute).transpose() {
-        Ok(path) => path,
-        Err(error) => {
-            let _ = writeln!(err, "error: --ca-file: {error}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
+fn init(request: &InitRequest<'_>, out: &mut dyn Write) -> Result<(), ConfigCommandError> {
+    let ca_file = request
+        .ca_file
+        .map(|path| {
+            std::path::absolute(path).map_err(|source| ConfigCommandError::CaFile {
+                path: path.to_owned(),
+                source,
+            })
+        })
+        .transpose()?;
     let text = render_init(request.connection_string, ca_file.as_deref());
     // Checked exactly as `config check` will read it (without the environment).
-    let config = match Config::from_sources(Some((request.output, &text)), &[]) {
-        Ok(config) => config,
-        Err(error) => {
-            let _ = writeln!(
-                err,
-                "error: {}",
-                crate::common::logging::error_chain(&error)
-            );
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    if let Err(message) = write_private(request.output, &text, request.force) {
-        let _ = writeln!(err, "error: {message}");
-        return ExitCode::FAILURE;
-    }
+    let config = Config::from_sources(Some((request.output, &text)), &[])?;
+    write_private(request.output, &text, request.force)?;
     let path = request.output.display();
     let _ = writeln!(
         out,
@@ -118,7 +126,7 @@ fn init(request: &InitRequest<'_>, out: &mut dyn Write, err: &mut dyn Write) -> 
     );
     let _ = writeln!(out, "check it:  simdevice config check --config {path}");
     let _ = writeln!(out, "try it:    simdevice doctor --config {path}");
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// The template with `connection_string` (and `ca_file`) set in `[identity]`.
@@ -166,17 +174,16 @@ fn render_init(connection_string: &str, ca_file: Option<&Path>) -> String {
 
 /// Writes `text` to `path` with mode 0600, all at once (a temporary file, then a link or a
 /// rename): an existing file is kept unless `force`.
-fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
+fn write_private(path: &Path, text: &str, force: bool) -> Result<(), ConfigCommandError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let shown = path.display();
     if !force && std::fs::symlink_metadata(path).is_ok() {
-        return Err(format!("{shown} exists; pass --force to replace it"));
+        return Err(ConfigCommandError::Exists(path.to_owned()));
     }
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|e| ConfigCommandError::CreateDir(dir.clone(), e))?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -193,7 +200,7 @@ fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
         });
     if let Err(error) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {error}", tmp.display()));
+        return Err(ConfigCommandError::Write(tmp, error));
     }
     let placed = if force {
         std::fs::rename(&tmp, path)
@@ -204,41 +211,35 @@ fn write_private(path: &Path, text: &str, force: bool) -> Result<(), String> {
     if let Err(error) = placed {
         let _ = std::fs::remove_file(&tmp);
         return Err(if error.kind() == std::io::ErrorKind::AlreadyExists {
-            format!("{shown} exists; pass --force to replace it")
+            ConfigCommandError::Exists(path.to_owned())
         } else {
-            format!("cannot write {shown}: {error}")
+            ConfigCommandError::Write(path.to_owned(), error)
         });
     }
     Ok(())
 }
 
-fn check(path: Option<&Path>, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
-            // A closed stdout (`| head`) is not worth a panic or an error code.
-            let _ = out.write_all(config.to_masked_toml().as_bytes());
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            let _ = writeln!(
-                err,
-                "error: {}",
-                crate::common::logging::error_chain(&error)
-            );
-            ExitCode::from(EX_CONFIG)
-        }
-    }
+fn check(path: Option<&Path>, out: &mut dyn Write) -> Result<(), ConfigCommandError> {
+    let config = Config::load(path)?;
+    // A closed stdout (`| head`) is not worth a panic or an error code.
+    let _ = out.write_all(config.to_masked_toml().as_bytes());
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run_check(path: &Path) -> (ExitCode, String, String) {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = check(Some(path), &mut out, &mut err);
-        let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-        (code, text(out), text(err))
+    /// `config check` as `main` reports it: the output, and the error line with its chain.
+    fn run_check(path: &Path) -> (Result<(), bool>, String, String) {
+        let mut out = Vec::new();
+        let result = check(Some(path), &mut out);
+        let err = match &result {
+            Ok(()) => String::new(),
+            Err(error) => format!("error: {}", crate::common::logging::error_chain(error)),
+        };
+        let out = String::from_utf8(out).unwrap();
+        (result.map_err(|e| e.is_config()), out, err)
     }
 
     #[test]
@@ -250,8 +251,8 @@ mod tests {
             "[identity]\nhost_name = \"h\"\ndevice_id = \"d\"\nkey = \"c2VjcmV0a2V5\"\n",
         )
         .unwrap();
-        let (code, out, err) = run_check(&good);
-        assert_eq!(code, ExitCode::SUCCESS, "{err}");
+        let (result, out, err) = run_check(&good);
+        assert_eq!(result, Ok(()), "{err}");
         assert!(out.contains("device_id = \"d\""), "{out}");
         assert!(out.contains("interval_secs = 10"), "{out}");
         assert!(!out.contains("c2VjcmV0a2V5"), "{out}");
@@ -281,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_or_missing_file_prints_an_error_and_exits_78() {
+    fn a_bad_or_missing_file_is_a_configuration_error_naming_the_key_or_file() {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.toml");
         std::fs::write(
@@ -290,16 +291,16 @@ mod tests {
              [telemetry]\ninterval_secs = 0\n",
         )
         .unwrap();
-        let (code, out, err) = run_check(&bad);
-        assert_eq!(code, ExitCode::from(EX_CONFIG));
+        let (result, out, err) = run_check(&bad);
+        assert_eq!(result, Err(true), "a configuration error: exit 78");
         assert!(out.is_empty(), "{out}");
         assert!(
             err.starts_with("error: telemetry.interval_secs in "),
             "{err}"
         );
 
-        let (code, _, err) = run_check(&dir.path().join("missing.toml"));
-        assert_eq!(code, ExitCode::from(EX_CONFIG));
+        let (result, _, err) = run_check(&dir.path().join("missing.toml"));
+        assert_eq!(result, Err(true), "a configuration error: exit 78");
         assert!(err.contains("missing.toml"), "{err}");
     }
 }
