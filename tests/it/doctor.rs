@@ -3,12 +3,10 @@
 //! fail at their own check with a hint; the exit code says whether anything failed; the key
 //! never appears in the output.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 
 struct Outcome {
     code: i32,

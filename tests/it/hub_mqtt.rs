@@ -1,11 +1,9 @@
 //! The hub's device side, driven over real TLS sockets: authentication, telemetry, twins,
 //! methods, sessions, and every refusal.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rumqttc::{ConnectReturnCode, Packet, QoS, SubscribeReasonCode};
 use serde_json::json;
 use simdevice::protocol::sas;

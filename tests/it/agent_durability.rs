@@ -5,15 +5,13 @@
 //! surviving a crash; an outbox path that cannot be created (the agent runs on memory and says
 //! `durable: false`); and the size bound (the newest readings kept, the rest counted).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::agent::{eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{eventually, RunningAgent};
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -274,7 +272,7 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt_port: u16, outbox: PathBuf) -> Config {
     let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port));
-    let mut config = common::agent::agent_config(hub, id, key, mqtt);
+    let mut config = crate::common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(100);
     config.telemetry.seed = None;
     config.outbox.path = Some(outbox);

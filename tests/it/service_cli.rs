@@ -2,10 +2,8 @@
 //! runs it through `service::cli::execute` (or the built binary) and checks the JSON a user
 //! would see, or the error code and exit status.
 
-mod common;
-
+use crate::common::{RawDevice, TestHub};
 use clap::Parser;
-use common::{RawDevice, TestHub};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
 use simdevice::commands::service::{execute, exit_code, ServiceArgs};

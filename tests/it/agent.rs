@@ -2,13 +2,11 @@
 //! contiguous sequence numbers across token renewals and hub restarts, the twin catch-up
 //! after an outage, the built-in and command methods, and desired-property acknowledgements.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::agent::{agent_config, eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{agent_config, eventually, RunningAgent};
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use simdevice::config::CommandMethodConfig;

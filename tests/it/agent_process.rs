@@ -1,12 +1,10 @@
 //! The `simdevice run` binary as a user runs it: a config file, JSON logs, SIGHUP reload
 //! without reconnecting, SIGTERM to a clean exit 0, and no key in any output.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn write_config(path: &std::path::Path, hub: &TestHub, key: &str, interval: f64) {

@@ -2,11 +2,9 @@
 //! condition matches, per-device rows in `devices.jobs`, scheduling, cancel, time limits,
 //! request checks, and jobs across a restart.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};

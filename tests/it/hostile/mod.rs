@@ -12,8 +12,6 @@
 //! met the required reaction (refused, ignored, or survived, as `reaction` says); the test then
 //! fails, naming every case that did not.
 
-mod common;
-
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt::Display;
 use std::io::Read;
@@ -23,9 +21,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::agent::RunningAgent;
+use crate::common::*;
 use bytes::{Bytes, BytesMut};
-use common::agent::RunningAgent;
-use common::*;
 use reqwest::Method;
 use rumqttc::{ConnAck, ConnectReturnCode, Packet, PubAck, Publish, QoS, SubAck};
 use serde_json::{json, Value};
@@ -2478,7 +2476,7 @@ async fn fake_connection(
 
 fn agent_config(id: &str, ca_file: PathBuf, mqtt: SocketAddr) -> Config {
     let key = sas::generate_key();
-    let mut config = common::agent::agent_config_with_ca(id, &key, ca_file, mqtt);
+    let mut config = crate::common::agent::agent_config_with_ca(id, &key, ca_file, mqtt);
     config.telemetry.seed = Some(7);
     config.connection.connect_timeout = Duration::from_secs(1);
     // The shortest IoT Hub allows: a hub that stops making sense mid-packet (its bytes then

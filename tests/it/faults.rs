@@ -15,17 +15,15 @@
 //! until the agent has every reading acknowledged, so "produced" is final and readings still
 //! queued at shutdown cannot blur "lost". `FAULT_SEED` picks the random fault sequence.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{eventually, RunningAgent};
-use common::proxy::FaultProxy;
-use common::*;
+use crate::common::agent::{eventually, RunningAgent};
+use crate::common::proxy::FaultProxy;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -34,7 +32,7 @@ use simdevice::hub::{Hub, HubConfig, HubState};
 use tokio::time::Instant;
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config {
-    let mut config = common::agent::agent_config(hub, id, key, mqtt);
+    let mut config = crate::common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(30);
     config.connection.backoff_min = Duration::from_millis(50);
     config.connection.connect_timeout = Duration::from_secs(5);
@@ -43,7 +41,7 @@ fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config 
     config
 }
 
-/// What the fault tests need beyond `common::agent::RunningAgent`.
+/// What the fault tests need beyond `crate::common::agent::RunningAgent`.
 trait FaultCounters {
     fn connects(&self) -> u64;
     fn produced(&self) -> u64;
@@ -605,7 +603,7 @@ async fn the_fault_hooks_refuse_bad_settings_and_need_registry_write() {
 /// really inject what they count.
 #[tokio::test]
 async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
-    use common::proxy::Fault;
+    use crate::common::proxy::Fault;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
