@@ -1,6 +1,7 @@
 //! Test support: an in-process hub on 127.0.0.1 with free ports, a raw MQTT-over-TLS device
-//! that speaks packet by packet (to test refusals exactly), and a service REST client.
-#![allow(dead_code)]
+//! that speaks packet by packet (to test refusals exactly), and a service REST client. Beside
+//! it: `agent` (agents run in-process), `proxy` (a fault-injecting TCP proxy), `fake_hub` (a
+//! scripted hub that misbehaves) and `raw_mqtt` (bytes the codec would refuse to write).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,14 +108,16 @@ pub fn device_token(id: &str, key: &str) -> String {
     .unwrap()
 }
 
+/// The MQTT user name a device `id` of the test hub presents.
+pub fn user_name(id: &str) -> String {
+    format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=simdevice-tests")
+}
+
 pub fn connect_packet(id: &str, password: &str, clean_session: bool, keep_alive: u16) -> Connect {
     let mut connect = Connect::new(id);
     connect.clean_session = clean_session;
     connect.keep_alive = keep_alive;
-    connect.login = Some(Login::new(
-        format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=simdevice-tests"),
-        password,
-    ));
+    connect.login = Some(Login::new(user_name(id), password));
     connect
 }
 
@@ -464,4 +467,6 @@ impl Drop for Relay {
 }
 
 pub mod agent;
+pub mod fake_hub;
 pub mod proxy;
+pub mod raw_mqtt;
