@@ -331,9 +331,13 @@ async fn a_full_outbox_keeps_the_newest_readings_and_counts_the_dropped_ones() {
     .await;
     // No more readings: what is kept can then be told exactly.
     ctx.set_telemetry_interval(Duration::from_secs(86_400));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let last = produced();
-    let kept: Vec<u64> = outbox_rows(&db).iter().map(|(seq, _)| *seq).collect();
+    // The last reading produced is on disk (a reading is counted before it is stored).
+    let (last, kept) = eventually(Duration::from_secs(10), || async {
+        let last = produced();
+        let kept: Vec<u64> = outbox_rows(&db).iter().map(|(seq, _)| *seq).collect();
+        (kept.last() == Some(&last)).then_some((last, kept))
+    })
+    .await;
     assert_eq!(
         kept,
         (last - 4..=last).collect::<Vec<_>>(),

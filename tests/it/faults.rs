@@ -346,19 +346,34 @@ async fn a_clock_jump_forward_closes_connections_and_loses_nothing() {
         (agent.connects() >= 3).then_some(agent.connects() - 1)
     })
     .await;
+    // Readings flow while the hub's clock is ahead.
     let before = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        all_events(&service, "d1").await.len() > before,
-        "readings flow while the hub's clock is ahead"
-    );
+    eventually(Duration::from_secs(10), || async {
+        (all_events(&service, "d1").await.len() > before).then_some(())
+    })
+    .await;
 
     // d >= L: refused; nothing gets through until the clock is set right.
     set_faults(&service, json!({"clockOffsetSecs": 7200})).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hub closes the open connection; from then on every attempt is refused.
+    service
+        .wait_connection_state("d1", "Disconnected", Duration::from_secs(10))
+        .await;
     let connects_refused_from = agent.connects();
     let held = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two more attempts refused by the hub show the agent kept trying meanwhile.
+    let refused = || {
+        hub.hub
+            .state()
+            .counters
+            .connections_refused
+            .load(Ordering::Relaxed)
+    };
+    let refused_before = refused();
+    eventually(Duration::from_secs(10), || async {
+        (refused() >= refused_before + 2).then_some(())
+    })
+    .await;
     assert_eq!(
         all_events(&service, "d1").await.len(),
         held,
@@ -487,16 +502,25 @@ async fn throttled_reported_patches_land_after_the_throttling() {
         .await;
     let version = updated.body["properties"]["desired"]["$version"].clone();
     let events_before = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The agent's patch was answered 429 twice (tried, then retried): still not applied.
+    eventually(Duration::from_secs(10), || async {
+        let throttled = get_faults(&service).await["reportedThrottled"].as_u64();
+        (throttled >= Some(2)).then_some(())
+    })
+    .await;
     let twin = service.get("/twins/d1").await.body;
+    assert!(
+        Instant::now() < throttled_until,
+        "the retries were seen within the throttling window"
+    );
     assert!(
         twin["properties"]["reported"]["floor"].is_null(),
         "a reported patch landed while throttled: {twin}"
     );
-    assert!(
-        all_events(&service, "d1").await.len() > events_before,
-        "telemetry goes on while reported patches are throttled"
-    );
+    eventually(Duration::from_secs(10), || async {
+        (all_events(&service, "d1").await.len() > events_before).then_some(())
+    })
+    .await;
     let ack = eventually(Duration::from_secs(10), || async {
         let reported = service.get("/twins/d1").await.body["properties"]["reported"].clone();
         (reported["floor"]["av"] == version).then_some(reported["floor"].clone())
@@ -638,7 +662,9 @@ async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
     let (_, took) = tokio::join!(
         proxy.inject(Fault::Stall(Duration::from_millis(600))),
         async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // join! polls the injection first, which sets the mode before it sleeps; this
+            // yield lets it do so before a byte is written.
+            tokio::task::yield_now().await;
             roundtrip(&mut client, b"stalled").await
         }
     );
@@ -651,7 +677,7 @@ async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
         delay: Duration::from_millis(20),
     };
     let (_, took) = tokio::join!(proxy.inject(slow), async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::task::yield_now().await;
         roundtrip(&mut client, b"twenty bytes, slowly").await
     });
     assert!(took >= Duration::from_millis(180), "{took:?}");

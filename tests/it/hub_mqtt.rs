@@ -146,21 +146,10 @@ async fn disabled_devices_are_refused_and_disconnected() {
         device.recv().await.is_none(),
         "the connected device is dropped"
     );
-    let mut state = String::new();
-    for _ in 0..50 {
-        state = service.get("/twins/d1").await.body["connectionState"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if state == "Disconnected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        state, "Disconnected",
-        "a disabled device is shown disconnected"
-    );
+    // A disabled device is shown disconnected.
+    service
+        .wait_connection_state("d1", "Disconnected", WAIT)
+        .await;
     let (_, ack) = RawDevice::connect_with(
         &hub,
         connect_packet("d1", &device_token("d1", &key), false, 60),
@@ -656,18 +645,14 @@ async fn connection_state_is_live() {
     assert_ne!(twin["lastActivityTime"], "0001-01-01T00:00:00Z");
     device.send(Packet::Disconnect).await;
     assert!(device.recv().await.is_none());
-    let mut state = String::new();
-    for _ in 0..50 {
-        state = service.get("/devices/d1").await.body["connectionState"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if state == "Disconnected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(state, "Disconnected");
+    service
+        .wait_connection_state("d1", "Disconnected", WAIT)
+        .await;
+    assert_eq!(
+        service.get("/devices/d1").await.body["connectionState"],
+        "Disconnected",
+        "the registry agrees with the twin"
+    );
     hub.stop().await;
 }
 

@@ -59,6 +59,12 @@ impl RunningAgent {
         pick(self.handle.ctx.counters()).load(Ordering::Relaxed)
     }
 
+    /// How many connection attempts or connections ended with `reason` (`refused`, `failed`,
+    /// `lost`, `renewal`), as the agent's `reconnects` metric counts them.
+    pub fn reconnects(&self, reason: &str) -> u64 {
+        self.handle.ctx.counters().reconnects.get(&[reason])
+    }
+
     /// Stops the agent; it must finish within its grace period and must not have panicked.
     pub async fn stop(self) {
         self.stop.cancel();

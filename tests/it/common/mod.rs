@@ -402,6 +402,31 @@ impl Service {
             .unwrap_or_default()
     }
 
+    /// The device's `connectionState` as the twin shows it.
+    pub async fn connection_state(&self, id: &str) -> String {
+        let twin = self.get(&format!("/twins/{id}")).await.body;
+        twin["connectionState"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the twin shows `state` (`Connected` or `Disconnected`); panics after `limit`.
+    pub async fn wait_connection_state(&self, id: &str, state: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = self.connection_state(id).await;
+            if now == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} still {now:?}, not {state:?}, after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The device twin's reported properties.
     pub async fn reported(&self, id: &str) -> Value {
         self.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()

@@ -364,10 +364,7 @@ async fn a_device_that_never_reads_is_disconnected_and_the_hub_keeps_serving() {
     let mut state = String::new();
     let limit = Instant::now() + Duration::from_secs(40);
     while Instant::now() < limit {
-        state = service.get("/twins/d1").await.body["connectionState"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        state = service.connection_state("d1").await;
         if state == "Disconnected" {
             break;
         }

@@ -5,7 +5,7 @@ use serde_json::json;
 use simdevice::config::Secret;
 
 use super::*;
-use crate::common::agent::RunningAgent;
+use crate::common::agent::{eventually, RunningAgent};
 
 #[tokio::test]
 async fn an_agent_never_connects_to_a_hub_signed_by_another_ca() {
@@ -18,7 +18,12 @@ async fn an_agent_never_connects_to_a_hub_signed_by_another_ca() {
     let mut config = agent_config("d1", other_ca, hub.hub.mqtt_addr());
     config.identity.key = Secret::new(key);
     let agent = RunningAgent::start(config);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Three failed attempts (the TLS handshake refused each) and readings queued meanwhile.
+    eventually(Duration::from_secs(15), || async {
+        (agent.reconnects("failed") >= 3 && agent.counter(|c| &c.readings_produced) > 3)
+            .then_some(())
+    })
+    .await;
     let mut tally = Tally::new(
         "tls-verification",
         "no connection to a hub whose certificate another CA signed; readings stay queued",
