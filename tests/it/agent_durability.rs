@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::common::agent::{eventually, RunningAgent};
+use crate::common::agent::{eventually, identity_toml, RunningAgent};
 use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -35,8 +35,8 @@ async fn invoke(service: &Service, id: &str, method: &str, payload: Value) -> Va
 /// `getDeviceInfo`'s payload once the device answers.
 async fn device_info(service: &Service, id: &str) -> Value {
     eventually(Duration::from_secs(20), || async {
-        let answer = invoke(service, id, "getDeviceInfo", Value::Null).await;
-        (answer["status"] == 200).then(|| answer["payload"].clone())
+        let info = service.device_info(id).await;
+        (!info.is_null()).then_some(info)
     })
     .await
 }
@@ -90,9 +90,9 @@ impl Process {
 }
 
 fn write_config(path: &Path, hub: &TestHub, key: &str, mqtt_port: u16, extra: &str) {
+    let identity = identity_toml("d1", key, mqtt_port, &hub.hub.info().ca_file);
     let text = format!(
-        "[identity]\nconnection_string = \"HostName=localhost;DeviceId=d1;SharedAccessKey={key};GatewayHostName=localhost:{mqtt_port}\"\nca_file = \"{ca}\"\n\n[connection]\nbackoff_min_secs = 0.1\nbackoff_max_secs = 0.5\n\n{extra}",
-        ca = hub.hub.info().ca_file.display(),
+        "{identity}\n[connection]\nbackoff_min_secs = 0.1\nbackoff_max_secs = 0.5\n\n{extra}"
     );
     std::fs::write(path, text).unwrap();
 }

@@ -164,17 +164,7 @@ async fn telemetry_is_acknowledged_stamped_and_readable_through_the_service_api(
     let hub = TestHub::start().await;
     let key = hub.add_device("d1");
     let mut device = RawDevice::connect(&hub, "d1", &key).await;
-    let pkid = device
-        .publish(
-            "devices/d1/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=yes&temp%20unit=C%2FF",
-            QoS::AtLeastOnce,
-            r#"{"temperature":71}"#,
-        )
-        .await;
-    match device.recv().await {
-        Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, pkid),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
+    device.publish_acked("devices/d1/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=yes&temp%20unit=C%2FF", r#"{"temperature":71}"#).await;
     // The `$.` spelling is accepted too, and QoS 0 gets no PUBACK.
     device
         .publish(
@@ -344,11 +334,7 @@ async fn direct_method_round_trip_offline_and_timeout() {
         json!({"lockTime": "10m"})
     );
     device
-        .publish(
-            &format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            r#"{"Response":"lockDoor called successfully"}"#,
-        )
+        .answer_method(&rid, 200, r#"{"Response":"lockDoor called successfully"}"#)
         .await;
     let reply = call.await.unwrap();
     assert_eq!(reply.status, 200);
@@ -387,7 +373,7 @@ async fn method_call_waits_for_connect_timeout() {
         .subscribe("$iothub/methods/POST/#", QoS::AtMostOnce)
         .await;
     let request = device.next_publish().await;
-    let rid = request.topic.rsplit("$rid=").next().unwrap().to_string();
+    let rid = rid_of(&request.topic);
     device
         .publish(
             &format!("$iothub/methods/res/201/?$rid={rid}"),
@@ -601,13 +587,8 @@ async fn newer_connection_wins_and_persistent_session_resumes() {
         }
     });
     let request = second.next_publish().await;
-    let rid = request.topic.rsplit("$rid=").next().unwrap().to_string();
     second
-        .publish(
-            &format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            "{}",
-        )
+        .answer_method(&rid_of(&request.topic), 200, "{}")
         .await;
     assert_eq!(call.await.unwrap().status, 200);
 

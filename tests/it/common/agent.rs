@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,6 +27,16 @@ pub fn agent_config_with_ca(id: &str, key: &str, ca_file: PathBuf, mqtt: SocketA
     config.connection.backoff_min = Duration::from_millis(100);
     config.connection.backoff_max = Duration::from_millis(500);
     config
+}
+
+/// The `[identity]` section of an agent's configuration file for device `id` with `key`,
+/// dialling `localhost:{mqtt_port}` and trusting `ca_file`.
+pub fn identity_toml(id: &str, key: &str, mqtt_port: u16, ca_file: &Path) -> String {
+    format!(
+        "[identity]\nconnection_string = \"HostName=localhost;DeviceId={id};SharedAccessKey={key};\
+         GatewayHostName=localhost:{mqtt_port}\"\nca_file = \"{}\"\n",
+        ca_file.display()
+    )
 }
 
 /// The same for a device of the test hub.

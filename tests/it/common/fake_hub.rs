@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::raw_mqtt::encode;
-use super::status_of;
+use super::{rid_of, status_of};
 
 /// How the fake hub treats the next connection.
 #[derive(Clone, Copy, Debug)]
@@ -290,7 +290,7 @@ async fn fake_connection(
                                 reply(Packet::PubAck(PubAck::new(publish.pkid)));
                             }
                             let topic = publish.topic.clone();
-                            let rid = topic.split("$rid=").nth(1).unwrap_or_default().to_string();
+                            let rid = rid_of(&topic);
                             if topic.starts_with("devices/") {
                                 let body: Value = serde_json::from_slice(&publish.payload).unwrap_or_default();
                                 if let Some(seq) = body["seq"].as_u64() {

@@ -221,6 +221,26 @@ impl RawDevice {
         pkid
     }
 
+    /// A QoS 1 publish that the hub must acknowledge: panics unless the next packet is its
+    /// PUBACK. Returns the packet id.
+    pub async fn publish_acked(&mut self, topic: &str, payload: impl Into<Vec<u8>>) -> u16 {
+        let pkid = self.publish(topic, QoS::AtLeastOnce, payload).await;
+        match self.recv().await {
+            Some(Packet::PubAck(ack)) if ack.pkid == pkid => pkid,
+            other => panic!("expected PUBACK {pkid} to the publish on {topic}, got {other:?}"),
+        }
+    }
+
+    /// Answers method call `rid` with `status` and `payload` (QoS 1).
+    pub async fn answer_method(&mut self, rid: &str, status: u16, payload: impl Into<Vec<u8>>) {
+        self.publish(
+            &format!("$iothub/methods/res/{status}/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            payload,
+        )
+        .await;
+    }
+
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> rumqttc::SubAck {
         let mut subscribe = Subscribe::new(filter, qos);
         subscribe.pkid = self.pkid();
@@ -286,6 +306,11 @@ impl RawDevice {
             publish.payload.to_vec(),
         )
     }
+}
+
+/// The request id of a topic (`...?$rid={rid}`, the last property), or "" without one.
+pub fn rid_of(topic: &str) -> String {
+    topic.split("$rid=").nth(1).unwrap_or_default().to_string()
 }
 
 /// The status segment of `$iothub/twin/res/{status}/...`.
@@ -424,6 +449,16 @@ impl Service {
                 "{id} still {now:?}, not {state:?}, after {limit:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The payload of the device's answer to `getDeviceInfo` (Null if it did not answer 200).
+    pub async fn device_info(&self, id: &str) -> Value {
+        let answer = self.invoke(id, "getDeviceInfo", Value::Null).await.body;
+        if answer["status"] == 200 {
+            answer["payload"].clone()
+        } else {
+            Value::Null
         }
     }
 

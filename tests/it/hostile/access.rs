@@ -1,7 +1,7 @@
 //! Access: a device against another device's topics and method calls; every REST route under
 //! every default policy.
 
-use rumqttc::{ConnectReturnCode, Packet, PubAck, QoS};
+use rumqttc::{ConnectReturnCode, Packet, QoS};
 use serde_json::json;
 
 use super::*;
@@ -38,10 +38,7 @@ async fn a_device_cannot_reach_another_devices_topics_by_any_topic_form() {
     let mut d1 = RawDevice::connect(&hub, "d1", &key1).await;
     d1.subscribe("$iothub/twin/res/#", QoS::AtLeastOnce).await;
     assert_eq!(d1.twin_patch("mine", "{\"who\":\"d1\"}").await.0, 204);
-    let pkid = d1
-        .publish("devices/d1/messages/events/", QoS::AtLeastOnce, "{}")
-        .await;
-    assert_eq!(d1.recv().await, Some(Packet::PubAck(PubAck::new(pkid))));
+    d1.publish_acked("devices/d1/messages/events/", "{}").await;
     drop(d1);
 
     let publish_forms: Vec<&str> = vec![
@@ -318,7 +315,6 @@ async fn method_answers_with_another_devices_rid_are_ignored() {
                 .await
         })
     };
-    let rid_of = |topic: &str| topic.split("$rid=").nth(1).unwrap_or_default().to_string();
 
     // d1 answers d2's call under every spelling of its rid, and guesses others, before d2.
     let mut tally = Tally::new(
