@@ -53,22 +53,116 @@ fn jitter(low: Duration, high: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    const MIN: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+    /// Draws per attempt: enough that a law broken on purpose (no growth, no jitter, the wrong
+    /// bounds) fails every time; the checks on the spread of the draws below would fail by
+    /// chance with a probability under 1e-20.
+    const DRAWS: usize = 4000;
+
+    /// The upper bound the law gives attempt `n` (counted from 0).
+    fn cap(n: u32) -> Duration {
+        MIN.saturating_mul(1 << n).min(MAX)
+    }
+
+    /// `DRAWS` waits of attempt `n`, each from a new backoff that failed `n` times before.
+    fn waits_of_attempt(n: u32) -> Vec<Duration> {
+        (0..DRAWS)
+            .map(|_| {
+                let mut backoff = Backoff::new(MIN, MAX);
+                for _ in 0..n {
+                    backoff.next_delay();
+                }
+                backoff.next_delay()
+            })
+            .collect()
+    }
+
+    /// Asserts that `waits` lie in `[low, high]` and spread over it as uniform draws do: the
+    /// lowest and highest near the ends, the mean near the middle.
+    fn assert_uniform(what: &str, waits: &[Duration], low: Duration, high: Duration) {
+        let secs: Vec<f64> = waits.iter().map(Duration::as_secs_f64).collect();
+        let (low, high) = (low.as_secs_f64(), high.as_secs_f64());
+        let least = secs.iter().copied().fold(f64::INFINITY, f64::min);
+        let most = secs.iter().copied().fold(0.0, f64::max);
+        let mean = secs.iter().sum::<f64>() / secs.len() as f64;
+        let width = high - low;
+        assert!(
+            least >= low && most <= high,
+            "{what}: waits from {least} s to {most} s, outside [{low}, {high}]"
+        );
+        // For n uniform draws, P(none in the lowest 1% of the range) = 0.99^4000 < 1e-17; the
+        // standard deviation of the mean is width / sqrt(12 n) < width / 200, so 5% is 10 of them.
+        assert!(
+            least <= low + width / 100.0 && most >= high - width / 100.0,
+            "{what}: waits from {least} s to {most} s do not cover [{low}, {high}]"
+        );
+        assert!(
+            (mean - (low + high) / 2.0).abs() <= width / 20.0,
+            "{what}: mean wait {mean} s, far from the middle of [{low}, {high}]"
+        );
+    }
+
     #[test]
-    fn delays_grow_to_the_cap_and_reset() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let caps = [1, 2, 4, 8, 16, 32, 60, 60, 60];
-        for cap in caps {
-            let delay = backoff.next_delay();
-            assert!(
-                delay >= Duration::from_secs(1) && delay <= Duration::from_secs(cap),
-                "{delay:?} > {cap}"
-            );
+    fn attempt_n_waits_uniformly_between_min_and_min_times_two_to_the_n_up_to_max() {
+        // Attempt 0 has nothing to spread over: it waits the floor.
+        assert!(waits_of_attempt(0).iter().all(|&wait| wait == MIN));
+        for n in 1..=8 {
+            let waits = waits_of_attempt(n);
+            assert_uniform(&format!("attempt {n}"), &waits, MIN, cap(n));
+            // The envelope grows until the cap: attempt n waits longer than attempt n-1 could.
+            let longest = *waits.iter().max().unwrap();
+            if cap(n) > cap(n - 1) {
+                assert!(
+                    longest > cap(n - 1),
+                    "attempt {n}: the longest wait {longest:?} is within attempt {}'s bound",
+                    n - 1
+                );
+            }
+        }
+        assert_eq!(
+            cap(6),
+            MAX,
+            "the cap is reached within the attempts checked"
+        );
+    }
+
+    #[test]
+    fn the_attempt_count_saturates_without_overflow() {
+        let mut backoff = Backoff::new(MIN, MAX);
+        for _ in 0..100 {
+            let wait = backoff.next_delay();
+            assert!((MIN..=MAX).contains(&wait), "{wait:?}");
+        }
+    }
+
+    #[test]
+    fn reset_starts_again_at_the_floor() {
+        let mut backoff = Backoff::new(MIN, MAX);
+        for _ in 0..10 {
+            backoff.next_delay();
         }
         backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_secs(1));
-        for _ in 0..20 {
-            let delay = backoff.refused();
-            assert!(delay >= Duration::from_secs(30) && delay <= Duration::from_secs(60));
+        assert_eq!(backoff.next_delay(), MIN);
+    }
+
+    #[test]
+    fn an_authorization_refusal_waits_between_half_the_cap_and_the_cap() {
+        // Whatever the attempt: the first refusal, and refusals after many failures.
+        let first: Vec<Duration> = (0..DRAWS)
+            .map(|_| Backoff::new(MIN, MAX).refused())
+            .collect();
+        assert_uniform("first refusal", &first, MAX / 2, MAX);
+        let mut backoff = Backoff::new(MIN, MAX);
+        let later: Vec<Duration> = (0..DRAWS).map(|_| backoff.refused()).collect();
+        assert_uniform("later refusals", &later, MAX / 2, MAX);
+    }
+
+    #[test]
+    fn a_cap_below_the_floor_is_raised_to_the_floor() {
+        let mut backoff = Backoff::new(MIN, MIN / 2);
+        for _ in 0..10 {
+            assert_eq!(backoff.next_delay(), MIN);
         }
     }
 }

@@ -1,11 +1,9 @@
 //! The hub's device side, driven over real TLS sockets: authentication, telemetry, twins,
 //! methods, sessions, and every refusal.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rumqttc::{ConnectReturnCode, Packet, QoS, SubscribeReasonCode};
 use serde_json::json;
 use simdevice::protocol::sas;
@@ -148,21 +146,10 @@ async fn disabled_devices_are_refused_and_disconnected() {
         device.recv().await.is_none(),
         "the connected device is dropped"
     );
-    let mut state = String::new();
-    for _ in 0..50 {
-        state = service.get("/twins/d1").await.body["connectionState"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if state == "Disconnected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        state, "Disconnected",
-        "a disabled device is shown disconnected"
-    );
+    // A disabled device is shown disconnected.
+    service
+        .wait_connection_state("d1", "Disconnected", WAIT)
+        .await;
     let (_, ack) = RawDevice::connect_with(
         &hub,
         connect_packet("d1", &device_token("d1", &key), false, 60),
@@ -177,17 +164,7 @@ async fn telemetry_is_acknowledged_stamped_and_readable_through_the_service_api(
     let hub = TestHub::start().await;
     let key = hub.add_device("d1");
     let mut device = RawDevice::connect(&hub, "d1", &key).await;
-    let pkid = device
-        .publish(
-            "devices/d1/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=yes&temp%20unit=C%2FF",
-            QoS::AtLeastOnce,
-            r#"{"temperature":71}"#,
-        )
-        .await;
-    match device.recv().await {
-        Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, pkid),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
+    device.publish_acked("devices/d1/messages/events/%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&alert=yes&temp%20unit=C%2FF", r#"{"temperature":71}"#).await;
     // The `$.` spelling is accepted too, and QoS 0 gets no PUBACK.
     device
         .publish(
@@ -357,11 +334,7 @@ async fn direct_method_round_trip_offline_and_timeout() {
         json!({"lockTime": "10m"})
     );
     device
-        .publish(
-            &format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            r#"{"Response":"lockDoor called successfully"}"#,
-        )
+        .answer_method(&rid, 200, r#"{"Response":"lockDoor called successfully"}"#)
         .await;
     let reply = call.await.unwrap();
     assert_eq!(reply.status, 200);
@@ -400,7 +373,7 @@ async fn method_call_waits_for_connect_timeout() {
         .subscribe("$iothub/methods/POST/#", QoS::AtMostOnce)
         .await;
     let request = device.next_publish().await;
-    let rid = request.topic.rsplit("$rid=").next().unwrap().to_string();
+    let rid = rid_of(&request.topic);
     device
         .publish(
             &format!("$iothub/methods/res/201/?$rid={rid}"),
@@ -614,13 +587,8 @@ async fn newer_connection_wins_and_persistent_session_resumes() {
         }
     });
     let request = second.next_publish().await;
-    let rid = request.topic.rsplit("$rid=").next().unwrap().to_string();
     second
-        .publish(
-            &format!("$iothub/methods/res/200/?$rid={rid}"),
-            QoS::AtLeastOnce,
-            "{}",
-        )
+        .answer_method(&rid_of(&request.topic), 200, "{}")
         .await;
     assert_eq!(call.await.unwrap().status, 200);
 
@@ -658,18 +626,14 @@ async fn connection_state_is_live() {
     assert_ne!(twin["lastActivityTime"], "0001-01-01T00:00:00Z");
     device.send(Packet::Disconnect).await;
     assert!(device.recv().await.is_none());
-    let mut state = String::new();
-    for _ in 0..50 {
-        state = service.get("/devices/d1").await.body["connectionState"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if state == "Disconnected" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(state, "Disconnected");
+    service
+        .wait_connection_state("d1", "Disconnected", WAIT)
+        .await;
+    assert_eq!(
+        service.get("/devices/d1").await.body["connectionState"],
+        "Disconnected",
+        "the registry agrees with the twin"
+    );
     hub.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! Test support: an in-process hub on 127.0.0.1 with free ports, a raw MQTT-over-TLS device
-//! that speaks packet by packet (to test refusals exactly), and a service REST client.
-#![allow(dead_code)]
+//! that speaks packet by packet (to test refusals exactly), and a service REST client. Beside
+//! it: `agent` (agents run in-process), `proxy` (a fault-injecting TCP proxy), `fake_hub` (a
+//! scripted hub that misbehaves) and `raw_mqtt` (bytes the codec would refuse to write).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,14 +108,16 @@ pub fn device_token(id: &str, key: &str) -> String {
     .unwrap()
 }
 
+/// The MQTT user name a device `id` of the test hub presents.
+pub fn user_name(id: &str) -> String {
+    format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=simdevice-tests")
+}
+
 pub fn connect_packet(id: &str, password: &str, clean_session: bool, keep_alive: u16) -> Connect {
     let mut connect = Connect::new(id);
     connect.clean_session = clean_session;
     connect.keep_alive = keep_alive;
-    connect.login = Some(Login::new(
-        format!("localhost/{id}/?api-version=2021-04-12&DeviceClientType=simdevice-tests"),
-        password,
-    ));
+    connect.login = Some(Login::new(user_name(id), password));
     connect
 }
 
@@ -218,6 +221,26 @@ impl RawDevice {
         pkid
     }
 
+    /// A QoS 1 publish that the hub must acknowledge: panics unless the next packet is its
+    /// PUBACK. Returns the packet id.
+    pub async fn publish_acked(&mut self, topic: &str, payload: impl Into<Vec<u8>>) -> u16 {
+        let pkid = self.publish(topic, QoS::AtLeastOnce, payload).await;
+        match self.recv().await {
+            Some(Packet::PubAck(ack)) if ack.pkid == pkid => pkid,
+            other => panic!("expected PUBACK {pkid} to the publish on {topic}, got {other:?}"),
+        }
+    }
+
+    /// Answers method call `rid` with `status` and `payload` (QoS 1).
+    pub async fn answer_method(&mut self, rid: &str, status: u16, payload: impl Into<Vec<u8>>) {
+        self.publish(
+            &format!("$iothub/methods/res/{status}/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            payload,
+        )
+        .await;
+    }
+
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> rumqttc::SubAck {
         let mut subscribe = Subscribe::new(filter, qos);
         subscribe.pkid = self.pkid();
@@ -283,6 +306,11 @@ impl RawDevice {
             publish.payload.to_vec(),
         )
     }
+}
+
+/// The request id of a topic (`...?$rid={rid}`, the last property), or "" without one.
+pub fn rid_of(topic: &str) -> String {
+    topic.split("$rid=").nth(1).unwrap_or_default().to_string()
 }
 
 /// The status segment of `$iothub/twin/res/{status}/...`.
@@ -399,6 +427,41 @@ impl Service {
             .unwrap_or_default()
     }
 
+    /// The device's `connectionState` as the twin shows it.
+    pub async fn connection_state(&self, id: &str) -> String {
+        let twin = self.get(&format!("/twins/{id}")).await.body;
+        twin["connectionState"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until the twin shows `state` (`Connected` or `Disconnected`); panics after `limit`.
+    pub async fn wait_connection_state(&self, id: &str, state: &str, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let now = self.connection_state(id).await;
+            if now == state {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} still {now:?}, not {state:?}, after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The payload of the device's answer to `getDeviceInfo` (Null if it did not answer 200).
+    pub async fn device_info(&self, id: &str) -> Value {
+        let answer = self.invoke(id, "getDeviceInfo", Value::Null).await.body;
+        if answer["status"] == 200 {
+            answer["payload"].clone()
+        } else {
+            Value::Null
+        }
+    }
+
     /// The device twin's reported properties.
     pub async fn reported(&self, id: &str) -> Value {
         self.get(&format!("/twins/{id}")).await.body["properties"]["reported"].clone()
@@ -464,4 +527,6 @@ impl Drop for Relay {
 }
 
 pub mod agent;
+pub mod fake_hub;
 pub mod proxy;
+pub mod raw_mqtt;

@@ -15,17 +15,15 @@
 //! until the agent has every reading acknowledged, so "produced" is final and readings still
 //! queued at shutdown cannot blur "lost". `FAULT_SEED` picks the random fault sequence.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::agent::{eventually, RunningAgent};
-use common::proxy::FaultProxy;
-use common::*;
+use crate::common::agent::{eventually, RunningAgent};
+use crate::common::proxy::FaultProxy;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -34,7 +32,7 @@ use simdevice::hub::{Hub, HubConfig, HubState};
 use tokio::time::Instant;
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config {
-    let mut config = common::agent::agent_config(hub, id, key, mqtt);
+    let mut config = crate::common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(30);
     config.connection.backoff_min = Duration::from_millis(50);
     config.connection.connect_timeout = Duration::from_secs(5);
@@ -43,7 +41,7 @@ fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt: SocketAddr) -> Config 
     config
 }
 
-/// What the fault tests need beyond `common::agent::RunningAgent`.
+/// What the fault tests need beyond `crate::common::agent::RunningAgent`.
 trait FaultCounters {
     fn connects(&self) -> u64;
     fn produced(&self) -> u64;
@@ -348,19 +346,34 @@ async fn a_clock_jump_forward_closes_connections_and_loses_nothing() {
         (agent.connects() >= 3).then_some(agent.connects() - 1)
     })
     .await;
+    // Readings flow while the hub's clock is ahead.
     let before = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        all_events(&service, "d1").await.len() > before,
-        "readings flow while the hub's clock is ahead"
-    );
+    eventually(Duration::from_secs(10), || async {
+        (all_events(&service, "d1").await.len() > before).then_some(())
+    })
+    .await;
 
     // d >= L: refused; nothing gets through until the clock is set right.
     set_faults(&service, json!({"clockOffsetSecs": 7200})).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hub closes the open connection; from then on every attempt is refused.
+    service
+        .wait_connection_state("d1", "Disconnected", Duration::from_secs(10))
+        .await;
     let connects_refused_from = agent.connects();
     let held = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Two more attempts refused by the hub show the agent kept trying meanwhile.
+    let refused = || {
+        hub.hub
+            .state()
+            .counters
+            .connections_refused
+            .load(Ordering::Relaxed)
+    };
+    let refused_before = refused();
+    eventually(Duration::from_secs(10), || async {
+        (refused() >= refused_before + 2).then_some(())
+    })
+    .await;
     assert_eq!(
         all_events(&service, "d1").await.len(),
         held,
@@ -489,16 +502,25 @@ async fn throttled_reported_patches_land_after_the_throttling() {
         .await;
     let version = updated.body["properties"]["desired"]["$version"].clone();
     let events_before = all_events(&service, "d1").await.len();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The agent's patch was answered 429 twice (tried, then retried): still not applied.
+    eventually(Duration::from_secs(10), || async {
+        let throttled = get_faults(&service).await["reportedThrottled"].as_u64();
+        (throttled >= Some(2)).then_some(())
+    })
+    .await;
     let twin = service.get("/twins/d1").await.body;
+    assert!(
+        Instant::now() < throttled_until,
+        "the retries were seen within the throttling window"
+    );
     assert!(
         twin["properties"]["reported"]["floor"].is_null(),
         "a reported patch landed while throttled: {twin}"
     );
-    assert!(
-        all_events(&service, "d1").await.len() > events_before,
-        "telemetry goes on while reported patches are throttled"
-    );
+    eventually(Duration::from_secs(10), || async {
+        (all_events(&service, "d1").await.len() > events_before).then_some(())
+    })
+    .await;
     let ack = eventually(Duration::from_secs(10), || async {
         let reported = service.get("/twins/d1").await.body["properties"]["reported"].clone();
         (reported["floor"]["av"] == version).then_some(reported["floor"].clone())
@@ -605,7 +627,7 @@ async fn the_fault_hooks_refuse_bad_settings_and_need_registry_write() {
 /// really inject what they count.
 #[tokio::test]
 async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
-    use common::proxy::Fault;
+    use crate::common::proxy::Fault;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -640,7 +662,9 @@ async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
     let (_, took) = tokio::join!(
         proxy.inject(Fault::Stall(Duration::from_millis(600))),
         async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // join! polls the injection first, which sets the mode before it sleeps; this
+            // yield lets it do so before a byte is written.
+            tokio::task::yield_now().await;
             roundtrip(&mut client, b"stalled").await
         }
     );
@@ -653,7 +677,7 @@ async fn the_proxy_cuts_resets_stalls_and_slows_as_told() {
         delay: Duration::from_millis(20),
     };
     let (_, took) = tokio::join!(proxy.inject(slow), async {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::task::yield_now().await;
         roundtrip(&mut client, b"twenty bytes, slowly").await
     });
     assert!(took >= Duration::from_millis(180), "{took:?}");

@@ -1,9 +1,7 @@
 //! The hub's service REST API over real HTTPS: authorization, the registry, twins with etags,
 //! queries with paging, statistics, errors in IoT Hub's shape, and state across a restart.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::json;
 use simdevice::hub::Hub;

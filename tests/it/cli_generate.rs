@@ -1,8 +1,8 @@
 //! What `simdevice` writes for the user: `config init` (a commented configuration that
 //! `config check` accepts, mode 0600, never overwritten without --force, the key never
 //! printed), shell completions that their shells parse, and a man page groff renders cleanly.
-//! scripts/check-generated runs the same syntax checks and installs the shells it needs; here
-//! a shell that is not installed is skipped.
+//! The checkers must be installed: a missing one fails the test with the Debian package to
+//! install (scripts/test installs them; scripts/check-generated runs the same checks).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -22,11 +22,17 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
 
-fn installed(program: &str) -> bool {
-    Command::new("sh")
+/// Fails unless `program` is on the PATH, naming the Debian package that provides it.
+fn require(program: &str, package: &str) {
+    let found = Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{program} is not installed, so the generated output cannot be checked: \
+         apt-get install {package} (scripts/test installs it)"
+    );
 }
 
 #[test]
@@ -119,10 +125,8 @@ fn config_init_refuses_a_bad_connection_string_without_writing() {
 #[test]
 fn completions_parse_in_their_shells() {
     for shell in ["bash", "zsh", "fish"] {
-        if !installed(shell) {
-            eprintln!("{shell} is not installed: skipped (scripts/check-generated installs it)");
-            continue;
-        }
+        // Each shell's Debian package has the shell's name.
+        require(shell, shell);
         let generated = simdevice(&["completions", shell]);
         assert!(generated.status.success());
         let script = text(&generated.stdout);
@@ -149,10 +153,7 @@ fn the_man_page_renders_without_warnings() {
     let page = text(&generated.stdout);
     assert!(page.starts_with(".ie \\n(.g .ds Aq") || page.contains(".TH simdevice 1"));
     assert!(page.contains("simdevice\\-doctor"), "lists the subcommands");
-    if !installed("groff") {
-        eprintln!("groff is not installed: skipped (scripts/check-generated installs it)");
-        return;
-    }
+    require("groff", "groff-base");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("simdevice.1");
     std::fs::write(&file, &page).unwrap();

@@ -1,30 +1,22 @@
 //! The `simdevice run` binary as a user runs it: a config file, JSON logs, SIGHUP reload
 //! without reconnecting, SIGTERM to a clean exit 0, and no key in any output.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
-use serde_json::{json, Value};
+use crate::common::agent::identity_toml;
+use crate::common::*;
+use serde_json::Value;
 
 fn write_config(path: &std::path::Path, hub: &TestHub, key: &str, interval: f64) {
-    let text = format!(
-        "[identity]\nconnection_string = \"HostName=localhost;DeviceId=d1;SharedAccessKey={key};GatewayHostName=localhost:{port}\"\nca_file = \"{ca}\"\n\n[telemetry]\ninterval_secs = {interval}\n",
-        port = hub.hub.mqtt_addr().port(),
-        ca = hub.hub.info().ca_file.display(),
+    let identity = identity_toml(
+        "d1",
+        key,
+        hub.hub.mqtt_addr().port(),
+        &hub.hub.info().ca_file,
     );
+    let text = format!("{identity}\n[telemetry]\ninterval_secs = {interval}\n");
     std::fs::write(path, text).unwrap();
-}
-
-async fn device_info(service: &Service) -> Value {
-    let body = json!({"methodName": "getDeviceInfo", "responseTimeoutInSeconds": 5});
-    service
-        .call(reqwest::Method::POST, "/twins/d1/methods", Some(body), &[])
-        .await
-        .body["payload"]
-        .clone()
 }
 
 #[tokio::test]
@@ -48,7 +40,7 @@ async fn sighup_reloads_without_reconnecting_and_sigterm_exits_0() {
 
     let mut info = Value::Null;
     for _ in 0..100 {
-        info = device_info(&service).await;
+        info = service.device_info("d1").await;
         if info["counters"]["readingsAcknowledged"]
             .as_u64()
             .unwrap_or(0)
@@ -69,7 +61,7 @@ async fn sighup_reloads_without_reconnecting_and_sigterm_exits_0() {
         .unwrap();
     let mut reloaded = Value::Null;
     for _ in 0..50 {
-        reloaded = device_info(&service).await;
+        reloaded = service.device_info("d1").await;
         if reloaded["telemetryIntervalSeconds"] == 0.5 {
             break;
         }

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,6 +27,16 @@ pub fn agent_config_with_ca(id: &str, key: &str, ca_file: PathBuf, mqtt: SocketA
     config.connection.backoff_min = Duration::from_millis(100);
     config.connection.backoff_max = Duration::from_millis(500);
     config
+}
+
+/// The `[identity]` section of an agent's configuration file for device `id` with `key`,
+/// dialling `localhost:{mqtt_port}` and trusting `ca_file`.
+pub fn identity_toml(id: &str, key: &str, mqtt_port: u16, ca_file: &Path) -> String {
+    format!(
+        "[identity]\nconnection_string = \"HostName=localhost;DeviceId={id};SharedAccessKey={key};\
+         GatewayHostName=localhost:{mqtt_port}\"\nca_file = \"{}\"\n",
+        ca_file.display()
+    )
 }
 
 /// The same for a device of the test hub.
@@ -57,6 +67,12 @@ impl RunningAgent {
     /// One of the agent's counters, now.
     pub fn counter(&self, pick: impl Fn(&Counters) -> &AtomicU64) -> u64 {
         pick(self.handle.ctx.counters()).load(Ordering::Relaxed)
+    }
+
+    /// How many connection attempts or connections ended with `reason` (`refused`, `failed`,
+    /// `lost`, `renewal`), as the agent's `reconnects` metric counts them.
+    pub fn reconnects(&self, reason: &str) -> u64 {
+        self.handle.ctx.counters().reconnects.get(&[reason])
     }
 
     /// Stops the agent; it must finish within its grace period and must not have panicked.

@@ -2,13 +2,12 @@
 //! contiguous sequence numbers across token renewals and hub restarts, the twin catch-up
 //! after an outage, the built-in and command methods, and desired-property acknowledgements.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use common::agent::{agent_config, eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{agent_config, eventually, RunningAgent};
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use simdevice::config::CommandMethodConfig;
@@ -182,16 +181,14 @@ async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
     let service = hub.service();
     let relay = Relay::start(hub.hub.mqtt_addr()).await;
     let agent = RunningAgent::start(agent_config(&hub, "d1", &key, relay.addr));
-    eventually(Duration::from_secs(10), || async {
-        (service.get("/twins/d1").await.body["connectionState"] == "Connected").then_some(())
-    })
-    .await;
+    service
+        .wait_connection_state("d1", "Connected", Duration::from_secs(10))
+        .await;
 
     relay.cut();
-    eventually(Duration::from_secs(10), || async {
-        (service.get("/twins/d1").await.body["connectionState"] == "Disconnected").then_some(())
-    })
-    .await;
+    service
+        .wait_connection_state("d1", "Disconnected", Duration::from_secs(10))
+        .await;
     let patch = json!({"properties": {"desired": {"floor": 7}}});
     let updated = service
         .call(Method::PATCH, "/twins/d1", Some(patch), &[])
@@ -199,7 +196,12 @@ async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
     let version = updated.body["properties"]["desired"]["$version"]
         .as_u64()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Readings pile up while offline: two more than were acknowledged when the link went.
+    let offline_from = agent.counter(|c| &c.readings_acknowledged);
+    eventually(Duration::from_secs(10), || async {
+        (agent.counter(|c| &c.readings_produced) >= offline_from + 2).then_some(())
+    })
+    .await;
     relay.restore();
 
     let ack = eventually(Duration::from_secs(15), || async {
@@ -211,10 +213,16 @@ async fn desired_patch_made_while_offline_is_applied_after_reconnect() {
         ack,
         json!({"value": 7, "ac": 200, "av": version, "ad": "stored"})
     );
-    // Readings produced while offline arrived after the reconnect, without a gap.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Readings produced while offline arrive after the reconnect, without a gap.
+    let produced = agent.counter(|c| &c.readings_produced);
+    assert!(produced >= offline_from + 2);
+    eventually(Duration::from_secs(10), || async {
+        let seqs = seqs(&service.events("d1").await);
+        (seqs.iter().max() >= Some(&produced)).then_some(())
+    })
+    .await;
     agent.stop().await;
-    assert_contiguous(&service.events("d1").await);
+    assert!(assert_contiguous(&service.events("d1").await) >= produced);
     hub.stop().await;
 }
 
@@ -272,15 +280,28 @@ async fn the_hub_restarted_under_the_agent_loses_nothing() {
     let mut received = service.events("d1").await;
     let TestHub { hub, dir } = first;
     hub.shutdown().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The outage lasts until the agent has noticed it and produced readings it cannot send.
+    let produced = agent.counter(|c| &c.readings_produced);
+    eventually(Duration::from_secs(10), || async {
+        let offline = !agent
+            .handle
+            .ctx
+            .counters()
+            .connected
+            .load(Ordering::Relaxed);
+        (offline && agent.counter(|c| &c.readings_produced) >= produced + 3).then_some(())
+    })
+    .await;
     let second = TestHub {
         hub: simdevice::hub::Hub::start(config).await.unwrap(),
         dir,
     };
     let service = second.service();
-    // The readings produced during the outage (about 5) arrive, and then new ones.
+    // The readings produced during the outage arrive, and then new ones.
+    let produced = agent.counter(|c| &c.readings_produced);
     eventually(Duration::from_secs(15), || async {
-        (seqs(&service.events("d1").await).len() >= 8).then_some(())
+        let seqs = seqs(&service.events("d1").await);
+        (seqs.iter().max() > Some(&produced)).then_some(())
     })
     .await;
     agent.stop().await;
@@ -327,25 +348,47 @@ async fn a_refused_device_backs_off_and_never_connects() {
     let hub = TestHub::start().await;
     hub.add_device("d1");
     let wrong = simdevice::protocol::sas::generate_key();
-    let agent = RunningAgent::start(agent_config(&hub, "d1", &wrong, hub.hub.mqtt_addr()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let connects = agent
-        .handle
-        .ctx
-        .counters()
-        .connects
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(connects, 0);
-    let produced = agent
-        .handle
-        .ctx
-        .counters()
-        .readings_produced
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let config = agent_config(&hub, "d1", &wrong, hub.hub.mqtt_addr());
+    let backoff_max = config.connection.backoff_max;
+    let agent = RunningAgent::start(config);
+    // The hub refuses each attempt (CONNACK 5); between two, the agent waits at least half
+    // its longest backoff (refused credentials are not retried fast).
+    let refused = || {
+        hub.hub
+            .state()
+            .counters
+            .connections_refused
+            .load(Ordering::Relaxed)
+    };
+    let refused_at = |n: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refused() < n {
+            assert!(Instant::now() < deadline, "{n} refusals within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Instant::now()
+    };
+    let first = refused_at(1).await;
+    let second = refused_at(2).await;
+    let third = refused_at(3).await;
+    // Polled every 5 ms on a busy machine: allow 50 ms of lateness in seeing the first one.
+    let least = backoff_max / 2 - Duration::from_millis(50);
     assert!(
-        produced > 3,
-        "telemetry keeps being produced into the queue"
+        second - first >= least && third - second >= least,
+        "retried after {:?} and {:?}, not backed off by at least {least:?}",
+        second - first,
+        third - second
     );
+    assert_eq!(agent.counter(|c| &c.connects), 0);
+    assert!(
+        agent.reconnects("refused") >= 2,
+        "the agent saw the refusals"
+    );
+    eventually(Duration::from_secs(10), || async {
+        (agent.counter(|c| &c.readings_produced) > 3).then_some(())
+    })
+    .await;
+    assert_eq!(agent.counter(|c| &c.connects), 0, "never connected");
     agent.stop().await;
     hub.stop().await;
 }
@@ -356,7 +399,15 @@ async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_recei
     let key = hub.add_device("d1");
     let service = hub.service();
     let script = hub.dir.path().join("slow.sh");
-    std::fs::write(&script, "#!/bin/sh\nsleep 3\necho '{}'\n").unwrap();
+    let started_marker = hub.dir.path().join("slow.started");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ntouch '{}'\nsleep 3\necho '{{}}'\n",
+            started_marker.display()
+        ),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut config = agent_config(&hub, "d1", &key, hub.hub.mqtt_addr());
@@ -375,7 +426,11 @@ async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_recei
         let service = hub.service();
         async move { service.invoke("d1", "slow", Value::Null).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The slow command is running.
+    eventually(Duration::from_secs(5), || async {
+        started_marker.exists().then_some(())
+    })
+    .await;
     let before = service.events("d1").await.len();
     let started = std::time::Instant::now();
     let quick = service.invoke("d1", "getDeviceInfo", Value::Null).await;
@@ -384,10 +439,13 @@ async fn a_slow_method_blocks_neither_telemetry_nor_other_calls_and_c2d_is_recei
         started.elapsed() < Duration::from_secs(2),
         "getDeviceInfo waited for the slow call"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    eventually(Duration::from_secs(2), || async {
+        (service.events("d1").await.len() > before).then_some(())
+    })
+    .await;
     assert!(
-        service.events("d1").await.len() > before,
-        "telemetry went on"
+        !slow.is_finished(),
+        "telemetry went on while the slow call ran"
     );
     assert_eq!(slow.await.unwrap().body["status"], 200);
 

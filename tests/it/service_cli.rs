@@ -2,11 +2,9 @@
 //! runs it through `commands::service::execute` (or the built binary) and checks the JSON a user
 //! would see, or the error code and exit status.
 
-mod common;
-
+use crate::common::{RawDevice, TestHub};
 use clap::Parser;
-use common::{RawDevice, TestHub};
-use rumqttc::{Packet, QoS};
+use rumqttc::QoS;
 use serde_json::{json, Value};
 use simdevice::commands::service::{execute, ServiceArgs, ServiceCommandError};
 use simdevice::service::client::ServiceError;
@@ -255,9 +253,9 @@ async fn invoke_a_direct_method_on_a_connected_device() {
             .to_string();
         let payload: Value = serde_json::from_slice(&request.payload).unwrap();
         device
-            .publish(
-                &format!("$iothub/methods/res/200/?$rid={rid}"),
-                QoS::AtLeastOnce,
+            .answer_method(
+                &rid,
+                200,
                 serde_json::to_vec(&json!({"locked": true, "echo": payload})).unwrap(),
             )
             .await;
@@ -289,17 +287,12 @@ async fn events_show_recent_telemetry() {
     let key = hub.add_device("d1");
     hub.add_device("d2");
     let mut device = RawDevice::connect(&hub, "d1", &key).await;
-    let pkid = device
-        .publish(
+    device
+        .publish_acked(
             "devices/d1/messages/events/%24.mid=m-1&alert=yes",
-            QoS::AtLeastOnce,
             r#"{"temperature":71}"#,
         )
         .await;
-    match device.recv().await {
-        Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, pkid),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
 
     let events = local(&hub, &["events", "d1"]).await.unwrap();
     let events = events.as_array().unwrap();

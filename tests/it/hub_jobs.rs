@@ -2,11 +2,9 @@
 //! condition matches, per-device rows in `devices.jobs`, scheduling, cancel, time limits,
 //! request checks, and jobs across a restart.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
@@ -23,11 +21,10 @@ async fn answering_device(hub: &TestHub, id: &str) -> tokio::task::JoinHandle<()
         loop {
             match device.recv_within(Duration::from_secs(60)).await {
                 Ok(Some(Packet::Publish(call))) => {
-                    let rid = call.topic.split("$rid=").nth(1).unwrap_or("").to_string();
                     device
-                        .publish(
-                            &format!("$iothub/methods/res/200/?$rid={rid}"),
-                            QoS::AtLeastOnce,
+                        .answer_method(
+                            &rid_of(&call.topic),
+                            200,
                             r#"{"Response":"lockDoor called successfully"}"#,
                         )
                         .await;

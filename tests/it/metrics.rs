@@ -2,15 +2,13 @@
 //! talks to a real hub through TLS: the figures move with what happens, and the text is valid
 //! Prometheus exposition format line by line.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 use simdevice::agent::metrics::AgentMetrics;

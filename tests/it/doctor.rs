@@ -3,12 +3,11 @@
 //! fail at their own check with a hint; the exit code says whether anything failed; the key
 //! never appears in the output.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::agent::identity_toml;
+use crate::common::*;
 
 struct Outcome {
     code: i32,
@@ -37,11 +36,7 @@ async fn doctor(config: &Path, state_dir: &Path) -> Outcome {
 /// A configuration with this key, MQTT port and CA; mode 0600.
 fn write_config(dir: &Path, key: &str, port: u16, ca: &Path) -> PathBuf {
     let path = dir.join("agent.toml");
-    let text = format!(
-        "[identity]\nconnection_string = \"HostName=localhost;DeviceId=d1;SharedAccessKey={key};\
-         GatewayHostName=localhost:{port}\"\nca_file = \"{}\"\n",
-        ca.display()
-    );
+    let text = identity_toml("d1", key, port, ca);
     std::fs::write(&path, text).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path

@@ -5,15 +5,13 @@
 //! surviving a crash; an outbox path that cannot be created (the agent runs on memory and says
 //! `durable: false`); and the size bound (the newest readings kept, the rest counted).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::agent::{eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{eventually, identity_toml, RunningAgent};
+use crate::common::*;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -37,8 +35,8 @@ async fn invoke(service: &Service, id: &str, method: &str, payload: Value) -> Va
 /// `getDeviceInfo`'s payload once the device answers.
 async fn device_info(service: &Service, id: &str) -> Value {
     eventually(Duration::from_secs(20), || async {
-        let answer = invoke(service, id, "getDeviceInfo", Value::Null).await;
-        (answer["status"] == 200).then(|| answer["payload"].clone())
+        let info = service.device_info(id).await;
+        (!info.is_null()).then_some(info)
     })
     .await
 }
@@ -92,9 +90,9 @@ impl Process {
 }
 
 fn write_config(path: &Path, hub: &TestHub, key: &str, mqtt_port: u16, extra: &str) {
+    let identity = identity_toml("d1", key, mqtt_port, &hub.hub.info().ca_file);
     let text = format!(
-        "[identity]\nconnection_string = \"HostName=localhost;DeviceId=d1;SharedAccessKey={key};GatewayHostName=localhost:{mqtt_port}\"\nca_file = \"{ca}\"\n\n[connection]\nbackoff_min_secs = 0.1\nbackoff_max_secs = 0.5\n\n{extra}",
-        ca = hub.hub.info().ca_file.display(),
+        "{identity}\n[connection]\nbackoff_min_secs = 0.1\nbackoff_max_secs = 0.5\n\n{extra}"
     );
     std::fs::write(path, text).unwrap();
 }
@@ -274,7 +272,7 @@ async fn the_door_its_unlock_timer_and_the_applied_desired_version_survive_a_cra
 
 fn agent_config(hub: &TestHub, id: &str, key: &str, mqtt_port: u16, outbox: PathBuf) -> Config {
     let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], mqtt_port));
-    let mut config = common::agent::agent_config(hub, id, key, mqtt);
+    let mut config = crate::common::agent::agent_config(hub, id, key, mqtt);
     config.telemetry.interval = Duration::from_millis(100);
     config.telemetry.seed = None;
     config.outbox.path = Some(outbox);
@@ -333,9 +331,13 @@ async fn a_full_outbox_keeps_the_newest_readings_and_counts_the_dropped_ones() {
     .await;
     // No more readings: what is kept can then be told exactly.
     ctx.set_telemetry_interval(Duration::from_secs(86_400));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let last = produced();
-    let kept: Vec<u64> = outbox_rows(&db).iter().map(|(seq, _)| *seq).collect();
+    // The last reading produced is on disk (a reading is counted before it is stored).
+    let (last, kept) = eventually(Duration::from_secs(10), || async {
+        let last = produced();
+        let kept: Vec<u64> = outbox_rows(&db).iter().map(|(seq, _)| *seq).collect();
+        (kept.last() == Some(&last)).then_some((last, kept))
+    })
+    .await;
     assert_eq!(
         kept,
         (last - 4..=last).collect::<Vec<_>>(),

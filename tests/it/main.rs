@@ -1,0 +1,23 @@
+//! The integration tests, in one binary so the library is linked once: one module per area,
+//! each driving the real network path (the hub in-process on `127.0.0.1:0`, the agent
+//! in-process or as the `simdevice` binary), and the shared test support in `common/`.
+//!
+//! Run one area with a filter: `cargo nextest run --test it hostile::` (or `cargo test --test
+//! it -- faults:: --nocapture` for the report lines of `scripts/fault-report`).
+
+mod common;
+
+mod agent;
+mod agent_durability;
+mod agent_process;
+mod cli_generate;
+mod config;
+mod doctor;
+mod faults;
+mod hostile;
+mod hub_api;
+mod hub_jobs;
+mod hub_mqtt;
+mod metrics;
+mod sdnotify;
+mod service_cli;
