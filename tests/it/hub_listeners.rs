@@ -1,14 +1,12 @@
 //! The hub's listeners: its health follows its accept loops (a dead loop turns `Hub::health`
 //! and `/healthz` bad), and the service API caps its connections as the MQTT side does.
 
-mod common;
-
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestHub;
+use crate::common::TestHub;
 use simdevice::common::exposition;
 use simdevice::hub::api::MAX_API_CONNECTIONS;
 use simdevice::hub::faults::Listener;

@@ -4,13 +4,11 @@
 //! a failure is one `error: ...` line on stderr with its causes, never the key, and exit code
 //! 2 (usage, configuration) or 1 (the hub or the network).
 
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Output;
 
-use common::{RawDevice, TestHub};
+use crate::common::{RawDevice, TestHub};
 use rumqttc::{Packet, QoS};
 use serde_json::{json, Value};
 
