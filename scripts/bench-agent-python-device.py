@@ -10,7 +10,8 @@
 
 Prints "acknowledged N" on stdout after each reading the SDK reports sent (its send_message
 returns on PUBACK). The SDK always dials port 8883: paho's connect is pointed at MQTT_PORT,
-as tests/interop/conftest.py does; nothing else is changed.
+as tests/interop/conftest.py does, and the connection string's GatewayHostName is dropped;
+nothing else is changed.
 """
 import json
 import random
@@ -23,6 +24,9 @@ import paho.mqtt.client as paho_client
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
 
 CS, CA_FILE, MQTT_PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# The SDK would dial a GatewayHostName as given ("localhost:PORT" is no host name): drop it;
+# the port comes from the redirect below, the host from HostName.
+CS = ";".join(p for p in CS.split(";") if not p.startswith("GatewayHostName="))
 INTERVAL = float(sys.argv[4]) if len(sys.argv) > 4 else 10.0
 
 original_connect = paho_client.Client.connect

@@ -1,7 +1,13 @@
 //! Tracing set-up: human-readable lines by default, JSON with `--log-format json`, filtered by
 //! `RUST_LOG` (default `info`). Logs go to stderr; stdout is for command output.
+//!
+//! `RUST_LOG` takes a level and `target=level` pairs (`info`, `simdevice=debug,rumqttc=warn`):
+//! tracing-subscriber's `Targets` filter, not `EnvFilter`, whose span and field matching needs
+//! a regex engine (a tenth of the device-only binary's code) that no one here uses.
 
-use tracing_subscriber::EnvFilter;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 /// Log format on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -11,18 +17,31 @@ pub enum LogFormat {
 }
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let filter = filter_from(std::env::var("RUST_LOG").ok().as_deref());
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => registry.with(layer.with_filter(filter)).try_init(),
+        LogFormat::Json => registry.with(layer.json().with_filter(filter)).try_init(),
     };
     if let Err(error) = result {
         eprintln!("logging is already set up: {error}");
+    }
+}
+
+/// The filter `RUST_LOG` asks for: unset or empty is `info`; a value that does not parse is
+/// `info` too, said once on stderr (logging is not up yet).
+pub fn filter_from(rust_log: Option<&str>) -> Targets {
+    let default = Targets::new().with_default(LevelFilter::INFO);
+    match rust_log.map(str::trim) {
+        None | Some("") => default,
+        Some(spec) => spec.parse().unwrap_or_else(|error| {
+            eprintln!("RUST_LOG={spec:?} is not a filter ({error}); logging at info");
+            default
+        }),
     }
 }
 
@@ -46,6 +65,22 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_takes_a_level_and_targets_and_falls_back_to_info() {
+        let info = filter_from(None);
+        assert!(info.would_enable("simdevice", &Level::INFO));
+        assert!(!info.would_enable("simdevice", &Level::DEBUG));
+        assert!(filter_from(Some("")).would_enable("x", &Level::INFO));
+        let some = filter_from(Some("warn,simdevice::agent=debug"));
+        assert!(some.would_enable("simdevice::agent::twin", &Level::DEBUG));
+        assert!(!some.would_enable("rumqttc", &Level::INFO));
+        assert!(some.would_enable("rumqttc", &Level::WARN));
+        let bad = filter_from(Some("simdevice=loud"));
+        assert!(bad.would_enable("simdevice", &Level::INFO));
+        assert!(!bad.would_enable("simdevice", &Level::DEBUG));
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot read configuration file /etc/x")]

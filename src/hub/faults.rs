@@ -1,4 +1,4 @@
-//! Fault hooks: ways to make the hub misbehave on purpose, so that tests (`tests/faults.rs`)
+//! Fault hooks: ways to make the hub misbehave on purpose, so that tests (`tests/it/faults.rs`)
 //! and scripts can check how devices cope. A hub starts with every hook off; nothing is
 //! persisted, so a restart turns them all off again.
 //!

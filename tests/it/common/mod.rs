@@ -30,10 +30,17 @@ impl TestHub {
 
     pub async fn start_with(adjust: impl FnOnce(&mut HubConfig)) -> TestHub {
         // RUST_LOG=debug shows the hub's log in failing tests.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        {
+            use tracing_subscriber::prelude::*;
+            let filter = std::env::var("RUST_LOG")
+                .ok()
+                .and_then(|spec| spec.parse::<tracing_subscriber::filter::Targets>().ok())
+                .unwrap_or_default();
+            let layer = tracing_subscriber::fmt::layer().with_test_writer();
+            let _ = tracing_subscriber::registry()
+                .with(layer.with_filter(filter))
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = HubConfig::ephemeral(dir.path());
         adjust(&mut config);
