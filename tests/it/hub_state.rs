@@ -223,7 +223,11 @@ async fn the_hub_binary_keeps_its_state_private_under_umask_000_and_refuses_a_se
         .stderr(Stdio::piped())
         .output()
         .expect("second hub runs");
-    assert!(!second.status.success(), "the second hub must not run");
+    assert_eq!(
+        second.status.code(),
+        Some(78),
+        "the second hub exits 78 (EX_CONFIG, no restart loop under systemd)"
+    );
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(
         stderr.contains(&format!("pid {}", first.id())),
