@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::context::{Beat, Counters, HandlerContext, Heartbeat};
+use super::context::{Beat, Counters, HandlerContext};
 use super::outbox::Outbox;
 use crate::config::{ConnectionSettings, Identity};
 use crate::protocol::encoding::enc;
@@ -135,7 +135,9 @@ impl Connection {
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.settings.backoff_min, self.settings.backoff_max);
         loop {
+            self.ctx.heartbeat().beat(Beat::Connection);
             let end = self.session().await;
+            self.ctx.heartbeat().beat(Beat::Connection);
             self.ctx.counters().set_connected(false);
             self.outbox.requeue_in_flight();
             match end {
@@ -291,6 +293,12 @@ impl Connection {
                 return end;
             }
             let drain_deadline = draining.as_ref().map(|(at, _)| *at);
+            // Waiting for the hub, the agent or a timer: an idle session loop needs no wake-up
+            // of its own (a dead connection ends it through the MQTT keep-alive).
+            match drain_deadline {
+                Some(at) => self.ctx.heartbeat().wait_until(Beat::Connection, at),
+                None => self.ctx.heartbeat().wait_for_events(Beat::Connection),
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Shutdown));
@@ -309,7 +317,11 @@ impl Connection {
                 event = events.recv() => match event {
                     None => return failed("the event loop ended".into(), true),
                     Some(Err(error)) => return failed(describe(&error), true),
-                    Some(Ok(event)) => self.on_event(event, &mut state).await,
+                    Some(Ok(event)) => {
+                        // Handing an event to the agent may wait (a full channel): that is work.
+                        self.ctx.heartbeat().beat(Beat::Connection);
+                        self.on_event(event, &mut state).await
+                    }
                 },
                 request = self.requests.recv(), if draining.is_none() => match request {
                     None => return SessionEnd::Shutdown,
@@ -320,7 +332,6 @@ impl Connection {
                     }
                 },
                 _ = self.outbox.ready.notified(), if draining.is_none() && self.outbox.in_flight() < WINDOW => {}
-                _ = Heartbeat::tick() => {}
             }
         }
     }
@@ -331,10 +342,9 @@ impl Connection {
     ) -> Result<bool, SessionEnd> {
         let deadline = Instant::now() + self.settings.connect_timeout;
         loop {
-            self.ctx.heartbeat().beat(Beat::Connection);
+            self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-                _ = Heartbeat::tick() => continue,
                 event = tokio::time::timeout_at(deadline, events.recv()) => event,
             };
             match event {

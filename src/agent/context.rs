@@ -1,15 +1,19 @@
-//! What a handler may use: the device's identity and counters, the door, the telemetry
-//! cadence, and a way to report properties. This is the whole surface between handlers and
-//! the rest of the agent; handlers never see MQTT.
+//! What a handler may use: the device's identity, its counters and heartbeat, the door (read
+//! and set), the telemetry cadence (read and set), the desired settings, and a way to report
+//! properties. This is the whole surface between handlers and the rest of the agent: handlers
+//! never see MQTT, the outbox or the storage. The agent's own loops use the same counters and
+//! heartbeat, and `metrics` reads them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use super::door::DoorState;
+use super::door_cell::DoorCell;
 use crate::common::exposition::LabelledCounter;
 
 /// Reported patches waiting for the twin task; a full queue refuses more (the handler learns
@@ -31,8 +35,8 @@ pub struct Counters {
     pub cloud_to_device: AtomicU64,
     /// True from an accepted CONNACK until that connection ends.
     pub connected: AtomicBool,
-    /// True while readings and agent state are written to disk (`agent::state`).
-    pub outbox_durable: AtomicBool,
+    /// True while readings and agent state are written to disk: the flag `agent::state` keeps.
+    pub outbox_durable: Arc<AtomicBool>,
     /// Readings in the outbox, waiting or in flight (a gauge).
     pub queue_length: AtomicU64,
     /// Connections ended or attempts failed, by reason: renewal, lost, failed, refused.
@@ -93,12 +97,11 @@ impl Counters {
     }
 }
 
-/// The agent's long-running loops beat at least this often, even when idle or backing off.
-pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(5);
-/// A loop whose last beat is older than this is taken as stuck (three missed periods).
-pub const HEARTBEAT_STALE: Duration = Duration::from_secs(15);
+/// How long a loop may take to come back to its wait once it has work, or past the deadline it
+/// waits for, before it counts as stuck.
+pub const HEARTBEAT_GRACE: Duration = Duration::from_secs(15);
 
-/// The loops that beat: each must keep beating for the agent to count as healthy.
+/// The loops that beat: each must keep its promise for the agent to count as healthy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Beat {
     /// The connection task: its session loop, its wait for CONNACK, its backoff sleeps.
@@ -107,70 +110,99 @@ pub enum Beat {
     Telemetry,
 }
 
-/// When each long-running loop last went round, for the systemd watchdog: the agent pings
-/// only while every loop has beaten within [`HEARTBEAT_STALE`]. A loop that waits (for an
-/// event, a reading's time, a backoff) wakes every [`HEARTBEAT_PERIOD`] to beat, so a
-/// disconnected agent that keeps retrying is healthy and a stuck one is not.
+impl Beat {
+    const ALL: [Beat; 2] = [Beat::Connection, Beat::Telemetry];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Beat::Connection => "connection",
+            Beat::Telemetry => "telemetry",
+        }
+    }
+}
+
+/// Whether the agent's long-running loops are moving, for the systemd watchdog and `/healthz`.
+///
+/// Each loop says, whenever it goes round, by when it will go round again: a loop that starts
+/// some work promises to be back within [`HEARTBEAT_GRACE`] ([`Heartbeat::beat`]); a loop about
+/// to sleep until a deadline (its next reading, a backoff, a CONNACK timeout) promises that
+/// deadline plus the grace ([`Heartbeat::wait_until`]); a loop about to wait for events that
+/// only others produce (the session loop, whose connection has its own keep-alive) promises
+/// nothing ([`Heartbeat::wait_for_events`]). A loop stuck in its work (a disk that never
+/// answers, a full channel) breaks its promise and the agent turns unhealthy; a loop that waits
+/// never needs to wake up just to say it is alive.
 #[derive(Debug)]
 pub struct Heartbeat {
-    origin: tokio::time::Instant,
-    /// Milliseconds since `origin` of the last beat, indexed by [`Beat`].
-    last_ms: [AtomicU64; 2],
+    origin: Instant,
+    /// Milliseconds since `origin` by which each loop (indexed by [`Beat`]) must beat again;
+    /// `u64::MAX` while it waits for events.
+    due_ms: [AtomicU64; 2],
 }
 
 impl Default for Heartbeat {
     fn default() -> Heartbeat {
+        let grace = u64::try_from(HEARTBEAT_GRACE.as_millis()).unwrap_or(u64::MAX);
         Heartbeat {
-            origin: tokio::time::Instant::now(),
-            last_ms: [AtomicU64::new(0), AtomicU64::new(0)],
+            origin: Instant::now(),
+            due_ms: [AtomicU64::new(grace), AtomicU64::new(grace)],
         }
     }
 }
 
 impl Heartbeat {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn ms(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
     }
 
+    fn promise(&self, which: Beat, due: Instant) {
+        self.due_ms[which as usize].store(self.ms(due), Ordering::Relaxed);
+    }
+
+    /// The loop has work to do: it will be back within [`HEARTBEAT_GRACE`].
     pub fn beat(&self, which: Beat) {
-        self.last_ms[which as usize].fetch_max(self.now_ms(), Ordering::Relaxed);
+        self.promise(which, Instant::now() + HEARTBEAT_GRACE);
     }
 
-    /// How long ago the loop that beat least recently did.
-    pub fn oldest(&self) -> Duration {
-        let now = self.now_ms();
-        let oldest = self
-            .last_ms
-            .iter()
-            .map(|last| last.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(now);
-        Duration::from_millis(now.saturating_sub(oldest))
+    /// The loop sleeps until `deadline` (or is woken earlier): it will beat by then, plus the
+    /// grace.
+    pub fn wait_until(&self, which: Beat, deadline: Instant) {
+        self.promise(which, deadline + HEARTBEAT_GRACE);
     }
 
-    /// Whether every loop has beaten within [`HEARTBEAT_STALE`].
-    pub fn healthy(&self) -> bool {
-        self.oldest() <= HEARTBEAT_STALE
+    /// The loop waits for events it does not produce itself: nothing to promise meanwhile.
+    pub fn wait_for_events(&self, which: Beat) {
+        self.due_ms[which as usize].store(u64::MAX, Ordering::Relaxed);
     }
 
-    /// Resolves after one [`HEARTBEAT_PERIOD`]: a `select!` arm that wakes an idle loop so that
-    /// it goes round and beats.
-    pub async fn tick() {
-        tokio::time::sleep(HEARTBEAT_PERIOD).await;
-    }
-
-    /// Sleeps for `duration`, beating for `which` every [`HEARTBEAT_PERIOD`] meanwhile: a loop
-    /// waiting out a long backoff is alive.
+    /// Sleeps for `duration` with the promise to be back then: a loop waiting out a long
+    /// backoff is alive, and is not woken before its end.
     pub async fn sleep(&self, which: Beat, duration: Duration) {
-        let until = tokio::time::Instant::now() + duration;
-        loop {
-            self.beat(which);
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                return;
-            }
-            tokio::time::sleep_until(until.min(now + HEARTBEAT_PERIOD)).await;
-        }
+        let until = Instant::now() + duration;
+        self.wait_until(which, until);
+        tokio::time::sleep_until(until).await;
+        self.beat(which);
+    }
+
+    /// The loop that broke its promise by the most, and by how much; `None` while every loop
+    /// keeps its promise.
+    pub fn overdue(&self) -> Option<(Beat, Duration)> {
+        self.overdue_at(Instant::now())
+    }
+
+    fn overdue_at(&self, now: Instant) -> Option<(Beat, Duration)> {
+        let now = self.ms(now);
+        Beat::ALL
+            .into_iter()
+            .filter_map(|which| {
+                let due = self.due_ms[which as usize].load(Ordering::Relaxed);
+                (now > due).then(|| (which, Duration::from_millis(now - due)))
+            })
+            .max_by_key(|(_, late)| *late)
+    }
+
+    /// Whether every loop keeps its promise.
+    pub fn healthy(&self) -> bool {
+        self.overdue().is_none()
     }
 }
 
@@ -178,37 +210,38 @@ impl Heartbeat {
 #[error("the reported-properties queue is full ({REPORT_QUEUE} patches waiting)")]
 pub struct ReportQueueFull;
 
-pub struct AgentShared {
-    pub device_id: String,
-    pub started: Instant,
-    pub counters: Counters,
-    pub door: Mutex<DoorState>,
-    /// Woken when the door changes, so its auto-unlock timer re-reads the state.
-    pub door_changed: Notify,
-    pub telemetry_interval: watch::Sender<Duration>,
+struct AgentShared {
+    device_id: String,
+    started: std::time::Instant,
+    counters: Counters,
+    door: Arc<DoorCell>,
+    telemetry_interval: watch::Sender<Duration>,
     /// Desired properties no specific handler claims, as last applied.
-    pub settings: Mutex<serde_json::Map<String, Value>>,
+    settings: Mutex<serde_json::Map<String, Value>>,
     /// Liveness of the long-running loops, read by the systemd watchdog.
-    pub heartbeat: Heartbeat,
+    heartbeat: Heartbeat,
     reports: mpsc::Sender<Value>,
 }
 
+/// What a handler may touch; cheap to clone. See the module's note.
 #[derive(Clone)]
 pub struct HandlerContext(Arc<AgentShared>);
 
 impl HandlerContext {
+    /// A context for `device_id` whose reported patches go to `reports` and whose door is
+    /// `door` (the agent keeps the same cell to run its timer and saving).
     pub fn new(
         device_id: &str,
         telemetry_interval: Duration,
         reports: mpsc::Sender<Value>,
+        door: Arc<DoorCell>,
     ) -> HandlerContext {
         let (interval_tx, _) = watch::channel(telemetry_interval);
         HandlerContext(Arc::new(AgentShared {
             device_id: device_id.to_string(),
-            started: Instant::now(),
+            started: std::time::Instant::now(),
             counters: Counters::default(),
-            door: Mutex::new(DoorState::default()),
-            door_changed: Notify::new(),
+            door,
             telemetry_interval: interval_tx,
             settings: Mutex::new(serde_json::Map::new()),
             heartbeat: Heartbeat::default(),
@@ -220,13 +253,9 @@ impl HandlerContext {
     pub fn for_tests() -> (HandlerContext, mpsc::Receiver<Value>) {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);
         (
-            HandlerContext::new("test-device", Duration::from_secs(10), tx),
+            HandlerContext::new("test-device", Duration::from_secs(10), tx, Arc::default()),
             rx,
         )
-    }
-
-    pub fn shared(&self) -> &AgentShared {
-        &self.0
     }
 
     pub fn device_id(&self) -> &str {
@@ -243,6 +272,11 @@ impl HandlerContext {
 
     pub fn uptime(&self) -> Duration {
         self.0.started.elapsed()
+    }
+
+    /// Whether readings and agent state are being written to disk.
+    pub fn is_durable(&self) -> bool {
+        self.0.counters.outbox_durable.load(Ordering::Relaxed)
     }
 
     /// Queues a reported-properties patch; the twin task sends it (merged with others) as soon
@@ -268,8 +302,20 @@ impl HandlerContext {
         self.0.settings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn door(&self) -> std::sync::MutexGuard<'_, DoorState> {
-        self.0.door.lock().unwrap_or_else(|p| p.into_inner())
+    /// The door now.
+    pub fn door(&self) -> DoorState {
+        self.0.door.get()
+    }
+
+    /// Locks the door (until `unlockDoor` when `lock_time` is `None`); the agent saves it and
+    /// runs its unlock timer. Returns the new state.
+    pub fn lock_door(&self, lock_time: Option<Duration>) -> DoorState {
+        self.0.door.lock(lock_time)
+    }
+
+    /// Unlocks the door; returns the new state.
+    pub fn unlock_door(&self) -> DoorState {
+        self.0.door.unlock()
     }
 }
 
@@ -277,51 +323,94 @@ impl HandlerContext {
 mod tests {
     use super::*;
 
-    /// A heartbeat whose loops last beat `ago` (at its start).
-    fn started_ago(ago: Duration) -> Heartbeat {
-        let origin = tokio::time::Instant::now()
-            .checked_sub(ago)
-            .expect("the clock is past `ago`");
-        Heartbeat {
-            origin,
-            last_ms: [AtomicU64::new(0), AtomicU64::new(0)],
-        }
-    }
+    const S: Duration = Duration::from_secs(1);
 
     #[test]
     fn a_fresh_heartbeat_is_healthy() {
         let heartbeat = Heartbeat::default();
-        assert!(heartbeat.oldest() < Duration::from_secs(1));
+        assert_eq!(heartbeat.overdue(), None);
         assert!(heartbeat.healthy());
     }
 
     #[test]
-    fn every_loop_must_beat_for_the_agent_to_be_healthy() {
-        let heartbeat = started_ago(HEARTBEAT_STALE + Duration::from_secs(5));
-        assert!(heartbeat.oldest() >= HEARTBEAT_STALE + Duration::from_secs(5));
-        assert!(!heartbeat.healthy());
+    fn a_loop_that_does_not_come_back_from_its_work_breaks_its_promise() {
+        let heartbeat = Heartbeat::default();
+        let start = Instant::now();
         heartbeat.beat(Beat::Connection);
-        assert!(!heartbeat.healthy(), "the telemetry loop has not beaten");
+        heartbeat.beat(Beat::Telemetry);
+        assert_eq!(heartbeat.overdue_at(start + HEARTBEAT_GRACE - S), None);
+        heartbeat.promise(Beat::Connection, start + HEARTBEAT_GRACE * 2);
+        let (which, late) = heartbeat
+            .overdue_at(start + HEARTBEAT_GRACE + 5 * S)
+            .expect("the telemetry loop is late");
+        assert_eq!(which, Beat::Telemetry);
+        assert!(late >= 4 * S && late <= 5 * S, "{late:?}");
         heartbeat.beat(Beat::Telemetry);
         assert!(heartbeat.healthy());
-        assert!(heartbeat.oldest() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_loop_waiting_on_a_timer_or_for_events_needs_no_beat_meanwhile() {
+        let heartbeat = Heartbeat::default();
+        let hour = Duration::from_secs(3600);
+        let start = Instant::now();
+        heartbeat.wait_until(Beat::Telemetry, start + hour);
+        heartbeat.wait_for_events(Beat::Connection);
+        assert_eq!(
+            heartbeat.overdue_at(start + hour + HEARTBEAT_GRACE),
+            None,
+            "asleep as promised"
+        );
+        let (which, _) = heartbeat
+            .overdue_at(start + hour + HEARTBEAT_GRACE + 2 * S)
+            .expect("the timer has long passed and the loop is not back");
+        assert_eq!(which, Beat::Telemetry);
+        assert_eq!(
+            heartbeat
+                .overdue_at(start + 1000 * hour)
+                .map(|(which, _)| which),
+            Some(Beat::Telemetry),
+            "waiting for events is never late"
+        );
     }
 
     #[tokio::test]
-    async fn sleeping_beats() {
-        let heartbeat = started_ago(Duration::from_secs(60));
+    async fn sleeping_promises_its_end_and_beats_after_it() {
+        let heartbeat = Heartbeat::default();
+        let start = Instant::now();
         heartbeat.beat(Beat::Telemetry);
-        assert!(!heartbeat.healthy());
-        heartbeat
-            .sleep(Beat::Connection, Duration::from_millis(20))
-            .await;
+        let nap = Duration::from_millis(50);
+        let sleeping = heartbeat.sleep(Beat::Connection, nap);
+        tokio::pin!(sleeping);
+        // First poll: the promise is made, the sleep begins.
+        assert!(futures_poll_once(sleeping.as_mut()).await.is_none());
+        assert_eq!(
+            heartbeat.overdue_at(start + nap + HEARTBEAT_GRACE - S),
+            None,
+            "the sleeper is not expected before its end"
+        );
+        sleeping.await;
         assert!(heartbeat.healthy());
     }
 
+    /// Polls `future` once: `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut future: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut future).poll(cx) {
+                std::task::Poll::Ready(output) => Some(output),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
     #[test]
-    fn handlers_see_the_agent_heartbeat() {
+    fn handlers_see_the_door_and_the_agent_heartbeat() {
         let (ctx, _reports) = HandlerContext::for_tests();
         ctx.heartbeat().beat(Beat::Connection);
         assert!(ctx.heartbeat().healthy());
+        assert!(ctx.lock_door(None).locked);
+        assert!(ctx.door().locked);
+        assert!(!ctx.unlock_door().locked);
     }
 }

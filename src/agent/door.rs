@@ -1,15 +1,11 @@
-//! The simulated door lock behind `lockDoor` / `unlockDoor`: its state, the `lockTime`
-//! parser, the reported-properties shape, and the task that unlocks the door when its lock
-//! time has passed.
+//! The simulated door lock behind `lockDoor` / `unlockDoor`, as data: its state, the
+//! `lockTime` parser, the reported-properties shape and the pure unlock-time rule. No I/O, no
+//! tasks: the live value (and its saving) is `door_cell`'s, the storage format is `state`'s.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-
-use super::context::HandlerContext;
-use super::state::Store;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DoorState {
@@ -36,6 +32,18 @@ impl DoorState {
         *self = DoorState::default();
     }
 
+    /// Whether the lock time has passed at `now`: the door must unlock itself.
+    pub fn unlock_due(&self, now: DateTime<Utc>) -> bool {
+        self.unlock_at.is_some_and(|at| at <= now)
+    }
+
+    /// How long from `now` until the door unlocks itself (zero when due); `None` when it never
+    /// does (unlocked, or locked until `unlockDoor`).
+    pub fn time_to_unlock(&self, now: DateTime<Utc>) -> Option<Duration> {
+        self.unlock_at
+            .map(|at| (at - now).to_std().unwrap_or(Duration::ZERO))
+    }
+
     /// `{"door": {"locked", "lockedAt", "unlockAt"}}` for reported properties.
     pub fn reported(&self) -> Value {
         json!({"door": {
@@ -46,8 +54,22 @@ impl DoorState {
     }
 }
 
+/// The longest lock time accepted.
+const MAX_LOCK_TIME_SECS: u64 = 7 * 86_400;
+
+/// Why a `lockTime` was refused; the message names the value and what would do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockTimeError {
+    #[error("lockTime {0:?} is not a number followed by s, m, h or d")]
+    NotANumber(String),
+    #[error("lockTime {text:?} has unit {unit:?}; use s, m, h or d")]
+    Unit { text: String, unit: String },
+    #[error("lockTime {0:?} must be between 1 s and 7 days")]
+    OutOfRange(String),
+}
+
 /// Parses a lock time such as `"10m"`, `"30s"`, `"2h"`, `"1d"` or `"90"` (seconds); at most 7 days.
-pub fn parse_lock_time(text: &str) -> Result<Duration, String> {
+pub fn parse_lock_time(text: &str) -> Result<Duration, LockTimeError> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
@@ -55,84 +77,23 @@ pub fn parse_lock_time(text: &str) -> Result<Duration, String> {
     };
     let value: u64 = number
         .parse()
-        .map_err(|_| format!("lockTime {text:?} is not a number followed by s, m, h or d"))?;
+        .map_err(|_| LockTimeError::NotANumber(text.to_string()))?;
     let seconds = match unit {
         "s" => value,
         "m" => value.saturating_mul(60),
         "h" => value.saturating_mul(3600),
         "d" => value.saturating_mul(86_400),
         _ => {
-            return Err(format!(
-                "lockTime {text:?} has unit {unit:?}; use s, m, h or d"
-            ))
+            return Err(LockTimeError::Unit {
+                text: text.to_string(),
+                unit: unit.to_string(),
+            })
         }
     };
-    if seconds == 0 || seconds > 7 * 86_400 {
-        return Err(format!("lockTime {text:?} must be between 1 s and 7 days"));
+    if seconds == 0 || seconds > MAX_LOCK_TIME_SECS {
+        return Err(LockTimeError::OutOfRange(text.to_string()));
     }
     Ok(Duration::from_secs(seconds))
-}
-
-/// Unlocks the door when its lock time has passed, and reports it.
-pub async fn auto_unlock(ctx: HandlerContext, shutdown: CancellationToken) {
-    loop {
-        let changed = ctx.shared().door_changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let unlock_at = ctx.door().unlock_at;
-        let wait = match unlock_at {
-            Some(at) => (at - Utc::now()).to_std().unwrap_or(Duration::ZERO),
-            None => Duration::from_secs(86_400),
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = &mut changed => continue,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let report = {
-            let mut door = ctx.door();
-            match door.unlock_at {
-                Some(at) if at <= Utc::now() => {
-                    door.unlock();
-                    Some(door.reported())
-                }
-                _ => None,
-            }
-        };
-        if let Some(report) = report {
-            ctx.shared().door_changed.notify_waiters();
-            tracing::info!(device = ctx.device_id(), "door unlocked: lock time passed");
-            if let Err(error) = ctx.report(report) {
-                tracing::warn!(%error, "door state not reported");
-            }
-        }
-    }
-}
-
-/// Saves the door to the agent's state whenever it changes (lockDoor, unlockDoor, the
-/// auto-unlock), so a restart resumes it and its unlock timer; a last save at shutdown.
-pub async fn persist(ctx: HandlerContext, store: Store, shutdown: CancellationToken) {
-    let mut saved: Option<DoorState> = None;
-    loop {
-        let changed = ctx.shared().door_changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let door = ctx.door().clone();
-        if saved.as_ref() != Some(&door) {
-            if !store.save_door(&door).await {
-                tracing::debug!("door state not saved: the outbox is not durable");
-            }
-            saved = Some(door);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = &mut changed => {}
-        }
-    }
-    let door = ctx.door().clone();
-    if saved.as_ref() != Some(&door) {
-        store.save_door(&door).await;
-    }
 }
 
 #[cfg(test)]
@@ -145,9 +106,18 @@ mod tests {
         assert_eq!(parse_lock_time("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_lock_time("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_lock_time("90"), Ok(Duration::from_secs(90)));
-        assert!(parse_lock_time("").is_err());
-        assert!(parse_lock_time("10 minutes").is_err());
-        assert!(parse_lock_time("0s").is_err());
+        assert!(matches!(
+            parse_lock_time(""),
+            Err(LockTimeError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_lock_time("10 minutes"),
+            Err(LockTimeError::Unit { .. })
+        ));
+        assert!(matches!(
+            parse_lock_time("0s"),
+            Err(LockTimeError::OutOfRange(_))
+        ));
         assert!(parse_lock_time("8d").is_err());
         assert!(parse_lock_time("m").is_err());
         assert!(parse_lock_time("99999999999999999999999d").is_err());
@@ -165,24 +135,26 @@ mod tests {
         assert_eq!(door.reported()["door"]["unlockAt"], Value::Null);
     }
 
-    #[tokio::test]
-    async fn the_door_unlocks_itself() {
-        let (ctx, mut reports) = HandlerContext::for_tests();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(auto_unlock(ctx.clone(), shutdown.clone()));
-        {
-            let mut door = ctx.door();
-            door.locked = true;
-            door.locked_at = Some(Utc::now());
-            door.unlock_at = Some(Utc::now() + chrono::Duration::milliseconds(200));
-        }
-        ctx.shared().door_changed.notify_waiters();
-        let report = tokio::time::timeout(Duration::from_secs(5), reports.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(report["door"]["locked"], false);
-        shutdown.cancel();
-        task.await.unwrap();
+    #[test]
+    fn the_unlock_time_rule() {
+        let now = Utc::now();
+        let mut door = DoorState::default();
+        assert_eq!(
+            door.time_to_unlock(now),
+            None,
+            "unlocked: nothing to wait for"
+        );
+        door.lock(now, None);
+        assert_eq!(door.time_to_unlock(now), None, "until unlockDoor");
+        assert!(!door.unlock_due(now + chrono::Duration::days(30)));
+        door.lock(now, Some(Duration::from_secs(60)));
+        assert_eq!(door.time_to_unlock(now), Some(Duration::from_secs(60)));
+        assert!(!door.unlock_due(now + chrono::Duration::seconds(59)));
+        assert!(door.unlock_due(now + chrono::Duration::seconds(60)));
+        assert_eq!(
+            door.time_to_unlock(now + chrono::Duration::seconds(90)),
+            Some(Duration::ZERO),
+            "overdue: at once"
+        );
     }
 }

@@ -15,11 +15,11 @@ pub struct AgentMetrics {
 
 impl MetricsSource for AgentMetrics {
     fn health(&self) -> Result<(), String> {
-        let heartbeat = self.ctx.heartbeat();
-        if !heartbeat.healthy() {
+        if let Some((which, late)) = self.ctx.heartbeat().overdue() {
             return Err(format!(
-                "an agent loop is stuck (no heartbeat for {} s)",
-                heartbeat.oldest().as_secs()
+                "the agent's {} loop is stuck ({} s past its heartbeat)",
+                which.name(),
+                late.as_secs()
             ));
         }
         let counters = self.ctx.counters();

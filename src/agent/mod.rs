@@ -4,27 +4,36 @@
 //! - `connection` owns MQTT (the only code that does) and the token renewals;
 //! - `telemetry` produces a reading per interval into the `outbox`;
 //! - `twin` catches up after each connect, applies desired properties, sends reported ones;
-//! - `door::auto_unlock` unlocks the door when its lock time has passed;
+//! - `door_cell` unlocks the door when its lock time has passed and saves each change;
 //! - the dispatcher (here) hands method calls to their handlers, each in its own task.
 //!
 //! Channels between them are bounded; see each module for what happens when one is full.
 //! Handlers reach the rest of the agent only through [`context::HandlerContext`]. Many agents
 //! can run on one runtime: nothing here is global.
+//!
+//! The rooms, lowest first (each uses only those before it): `door`, `reading`,
+//! `environment`, `connectivity`, `backoff` (plain data and pure rules); `state` (the SQLite
+//! file: rows of plain data); `outbox` (readings until acknowledged, over `state`);
+//! `door_cell` (the door's live value, saved through `state`); `context` (what a handler may
+//! touch); `handlers`, `telemetry`, `connection`, `metrics`; `twin`; this module wires them.
+//! One outbox file has one owner: [`Agent::new`] takes its lock ([`AgentError::OutboxLocked`]).
 
 pub mod backoff;
 pub mod connection;
 pub mod connectivity;
 pub mod context;
 pub mod door;
+pub mod door_cell;
 pub mod environment;
 pub mod handlers;
 pub mod metrics;
 pub mod outbox;
+pub mod reading;
 pub mod state;
 pub mod telemetry;
 pub mod twin;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -33,9 +42,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::common::lock::{LockError, StateLock};
 use crate::config::Config;
 use connection::{Connection, Incoming, Request};
 use context::{Counters, HandlerContext, REPORT_QUEUE};
+use door_cell::DoorCell;
 use handlers::Registry;
 use twin::{TwinEvent, TwinTask};
 
@@ -46,14 +57,63 @@ const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
 /// Time the agent gives in-flight work at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Why an agent cannot start. [`AgentError::is_config`] tells a configuration the agent
+/// refuses (restarting it would not help) from a failure of the machine.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("the CA file {path}: {reason}")]
-    CaFile { path: String, reason: String },
-    #[error("TLS set-up failed: {0}")]
-    Tls(String),
-    #[error("handlers: {0}")]
+    #[error("cannot read the CA file {}", path.display())]
+    CaFileRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the CA file {} is not PEM", path.display())]
+    CaFilePem {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a certificate in the CA file {} cannot be trusted", path.display())]
+    CaFileCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("TLS set-up failed")]
+    Tls(#[source] rustls::Error),
+    #[error(transparent)]
     Handlers(#[from] handlers::builtin::BuildError),
+    /// Another process (or agent) holds the outbox file's lock: two agents must not share
+    /// one outbox. The message names the holder's pid.
+    #[error(transparent)]
+    OutboxLocked(LockError),
+}
+
+impl AgentError {
+    /// Whether the configuration is at fault (exit code 78, EX_CONFIG, for a daemon): a CA
+    /// file, the handlers, an outbox file that another agent owns.
+    pub fn is_config(&self) -> bool {
+        match self {
+            AgentError::CaFileRead { .. }
+            | AgentError::CaFilePem { .. }
+            | AgentError::CaFileCertificate { .. }
+            | AgentError::Handlers(_)
+            | AgentError::OutboxLocked(_) => true,
+            AgentError::Tls(_) => false,
+        }
+    }
+}
+
+/// `error` and its sources, as one line for a log.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The TLS client configuration: the public roots plus the configured CA (a local hub's).
@@ -61,20 +121,23 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, A
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read_to_string(path).map_err(|e| AgentError::CaFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
+        let pem = std::fs::read_to_string(path).map_err(|source| AgentError::CaFileRead {
+            path: path.to_path_buf(),
+            source,
         })?;
-        let certs =
-            crate::common::pem::parse_pem_certificates(&pem).map_err(|e| AgentError::CaFile {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let certs = crate::common::pem::parse_pem_certificates(&pem).map_err(|source| {
+            AgentError::CaFilePem {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         for cert in certs {
-            roots.add(cert).map_err(|e| AgentError::CaFile {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            roots
+                .add(cert)
+                .map_err(|source| AgentError::CaFileCertificate {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -84,10 +147,73 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, A
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| AgentError::Tls(e.to_string()))?
+    .map_err(AgentError::Tls)?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Why the configured outbox file is not used (the agent then keeps readings in memory).
+#[derive(Debug, thiserror::Error)]
+enum OutboxUnusable {
+    #[error("cannot create the directory {} of the outbox", dir.display())]
+    Directory {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Lock(LockError),
+}
+
+/// The configured outbox file, as far as start-up got with it.
+enum OutboxFile {
+    /// No `outbox.path`: memory only.
+    Memory,
+    /// Ours: its lock is held for the agent's life.
+    Owned { path: PathBuf, lock: StateLock },
+    /// The disk refused (a directory, the lock file): memory only, said so at run.
+    Unusable {
+        path: PathBuf,
+        error: OutboxUnusable,
+    },
+}
+
+/// The lock file guarding an outbox file: the same path with `.lock` appended.
+pub fn outbox_lock_path(outbox: &Path) -> PathBuf {
+    let mut path = outbox.as_os_str().to_owned();
+    path.push(".lock");
+    PathBuf::from(path)
+}
+
+/// Takes the outbox file's lock before anything opens the file: one outbox, one owner. Held
+/// by another process (or another agent here): refused. A disk that fails leaves the agent
+/// on memory, as when the file itself cannot be opened.
+fn claim_outbox(path: Option<&Path>) -> Result<OutboxFile, AgentError> {
+    let Some(path) = path else {
+        return Ok(OutboxFile::Memory);
+    };
+    let unusable = |error| OutboxFile::Unusable {
+        path: path.to_path_buf(),
+        error,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Err(source) = std::fs::create_dir_all(dir) {
+            return Ok(unusable(OutboxUnusable::Directory {
+                dir: dir.to_path_buf(),
+                source,
+            }));
+        }
+    }
+    let what = format!("the outbox file {}", path.display());
+    match StateLock::acquire(&outbox_lock_path(path), &what) {
+        Ok(lock) => Ok(OutboxFile::Owned {
+            path: path.to_path_buf(),
+            lock,
+        }),
+        Err(error @ LockError::Held { .. }) => Err(AgentError::OutboxLocked(error)),
+        Err(error @ LockError::Io { .. }) => Ok(unusable(OutboxUnusable::Lock(error))),
+    }
 }
 
 /// A running agent's handles that outlive start-up: for SIGHUP reloads and for tests.
@@ -123,23 +249,30 @@ pub struct Agent {
     tls: Arc<rustls::ClientConfig>,
     handle: AgentHandle,
     reports: mpsc::Receiver<Value>,
+    door: Arc<DoorCell>,
+    outbox: OutboxFile,
 }
 
 impl Agent {
-    /// Checks what can fail before connecting: the CA file and the handlers.
+    /// Checks what can fail before connecting: the CA file, the handlers, the outbox's lock.
     pub fn new(config: Config) -> Result<Agent, AgentError> {
         let tls = client_tls(config.identity.ca_file.as_deref())?;
         Self::with_tls(config, tls)
     }
 
-    /// The same with a TLS configuration shared by many agents.
+    /// The same with a TLS configuration shared by many agents. Takes the outbox file's lock
+    /// (`<outbox.path>.lock`), held until the agent is dropped or its [`Agent::run`] returns:
+    /// [`AgentError::OutboxLocked`] when another agent holds it.
     pub fn with_tls(config: Config, tls: Arc<rustls::ClientConfig>) -> Result<Agent, AgentError> {
         let registry = handlers::builtin::register_all(&config.methods)?;
+        let outbox = claim_outbox(config.outbox.path.as_deref())?;
         let (reports_tx, reports) = mpsc::channel(REPORT_QUEUE);
+        let door = Arc::new(DoorCell::default());
         let ctx = HandlerContext::new(
             &config.identity.device_id,
             config.telemetry.interval,
             reports_tx,
+            door.clone(),
         );
         let handle = AgentHandle {
             ctx,
@@ -151,6 +284,8 @@ impl Agent {
             tls,
             handle,
             reports,
+            door,
+            outbox,
         })
     }
 
@@ -166,10 +301,13 @@ impl Agent {
             tls,
             handle,
             reports,
+            door,
+            outbox,
         } = self;
         let ctx = handle.ctx.clone();
         let tasks = TaskTracker::new();
-        let (outbox, store, persisted) = open_outbox(&config, &ctx).await;
+        let (outbox, store, persisted, _outbox_lock) =
+            open_outbox(&config, outbox, &ctx, &door).await;
         let (requests_tx, requests_rx) = mpsc::channel::<Request>(64);
         let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
         let (twin_tx, twin_rx) = mpsc::channel::<TwinEvent>(64);
@@ -223,10 +361,17 @@ impl Agent {
             }
             .run(),
         );
-        tasks.spawn(door::auto_unlock(ctx.clone(), shutdown.clone()));
-        if let Some(store) = &store {
-            tasks.spawn(door::persist(ctx.clone(), store.clone(), shutdown.clone()));
-        }
+        tasks.spawn({
+            let (ctx, store, shutdown) = (ctx.clone(), store.clone(), shutdown.clone());
+            async move {
+                let report = |patch| {
+                    if let Err(error) = ctx.report(patch) {
+                        tracing::warn!(%error, "door state not reported");
+                    }
+                };
+                door.run(store, report, shutdown).await;
+            }
+        });
 
         let methods = Arc::new(Semaphore::new(CONCURRENT_METHODS));
         while let Some(event) = incoming.recv().await {
@@ -292,45 +437,70 @@ impl Agent {
         if let Some(store) = store {
             store.close().await;
         }
+        // `_outbox_lock` goes here, after the file is closed.
     }
 }
 
 /// Opens the agent's state (`[outbox] path`) and restores what it holds: readings not yet
 /// acknowledged, the next `seq`, the door, the applied desired properties. Without a path, or
-/// when the file cannot be used (said so in the log), readings are kept in memory.
+/// when the file cannot be used (said so in the log), readings are kept in memory. Returns the
+/// outbox file's lock too, for the caller to hold until the file is closed.
 async fn open_outbox(
     config: &Config,
+    file: OutboxFile,
     ctx: &HandlerContext,
-) -> (Arc<outbox::Outbox>, Option<state::Store>, state::Persisted) {
+    door_cell: &DoorCell,
+) -> (
+    Arc<outbox::Outbox>,
+    Option<state::Store>,
+    state::Persisted,
+    Option<StateLock>,
+) {
     let settings = &config.outbox;
-    let Some(path) = settings.path.clone() else {
-        tracing::info!("no outbox.path: readings are kept in memory only");
-        let outbox =
-            outbox::Outbox::with_store(config.telemetry.queue_size, Some(settings.max_age), None);
-        return (Arc::new(outbox), None, state::Persisted::default());
+    let memory = || outbox::Outbox::with_store(settings.max_readings, Some(settings.max_age), None);
+    let memory_only_warning = |path: &Path| {
+        tracing::warn!(path = %path.display(),
+            "readings are kept in memory only: those not yet acknowledged are lost if the agent stops");
+    };
+    let (path, lock) = match file {
+        OutboxFile::Memory => {
+            tracing::info!("no outbox.path: readings are kept in memory only");
+            let outbox = outbox::Outbox::with_store(
+                config.telemetry.queue_size,
+                Some(settings.max_age),
+                None,
+            );
+            return (Arc::new(outbox), None, state::Persisted::default(), None);
+        }
+        OutboxFile::Unusable { path, error } => {
+            tracing::error!(error = %with_causes(&error), "cannot use the outbox");
+            memory_only_warning(&path);
+            return (Arc::new(memory()), None, state::Persisted::default(), None);
+        }
+        OutboxFile::Owned { path, lock } => (path, lock),
     };
     let device_id = config.identity.device_id.clone();
     let opening = {
-        let (path, ctx) = (path.clone(), ctx.clone());
-        tokio::task::spawn_blocking(move || state::Store::open(&path, &device_id, ctx)).await
+        let (path, durable) = (path.clone(), ctx.counters().outbox_durable.clone());
+        tokio::task::spawn_blocking(move || state::Store::open(&path, &device_id, durable)).await
     };
     let (store, mut persisted) = match opening {
         Ok(Ok((store, persisted))) => (Some(store), persisted),
         Ok(Err(error)) => {
-            tracing::error!(%error, "cannot open the outbox");
-            tracing::warn!(path = %path.display(),
-                "readings are kept in memory only: those not yet acknowledged are lost if the agent stops");
+            tracing::error!(error = %with_causes(&error), "cannot open the outbox");
+            memory_only_warning(&path);
             (None, state::Persisted::default())
         }
         Err(error) => {
             tracing::error!(%error, path = %path.display(), "opening the outbox failed");
+            memory_only_warning(&path);
             (None, state::Persisted::default())
         }
     };
     let outbox =
         outbox::Outbox::with_store(settings.max_readings, Some(settings.max_age), store.clone());
     if let Some(door) = persisted.door.clone() {
-        *ctx.door() = door;
+        door_cell.restore(door);
     }
     *ctx.settings() = persisted.desired.settings.clone();
     if let Some(interval) = persisted
@@ -348,10 +518,12 @@ async fn open_outbox(
         tracing::info!(path = %path.display(), waiting, next_seq = persisted.next_seq,
             desired_version = persisted.desired.version, "outbox opened");
     }
-    (Arc::new(outbox), store, persisted)
+    (Arc::new(outbox), store, persisted, Some(lock))
 }
 
-/// Checks a method payload, then calls the handler.
+/// Checks a method payload (its size, that it is JSON; no bytes at all is no payload), then
+/// calls the handler. Built-in handlers also take a string holding an object, or an empty
+/// string (`handlers::builtin::builtin_payload`).
 async fn answer_method(
     registry: &Registry,
     ctx: HandlerContext,

@@ -4,8 +4,9 @@
 //! original `$.mid` (at-least-once; consumers de-duplicate by message id).
 //!
 //! Durable when it has a [`Store`]: [`Outbox::push`] waits until the reading is committed to
-//! SQLite before the connection task can see it, and [`Outbox::acknowledge`] deletes it
-//! there (without waiting). After a crash the agent [`Outbox::restore`]s what the file holds,
+//! SQLite before the connection task can see it (together with the deletion of the readings
+//! it pushes out, and of those acknowledged since the last push), and [`Outbox::acknowledge`]
+//! deletes it there (without waiting: the store commits it with the next insert). After a crash the agent [`Outbox::restore`]s what the file holds,
 //! so unacknowledged readings go out first, in order, with their original `seq` and `$.mid`.
 //! The queue in memory mirrors the file, so `take_next` never touches the disk. When a write
 //! fails the store turns itself off and the outbox carries on in memory: nothing it holds is
@@ -19,37 +20,11 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
+use super::reading::Reading;
 use super::state::Store;
-use crate::protocol::property_bag::PropertyBag;
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Reading {
-    pub seq: u64,
-    pub message_id: String,
-    pub created: DateTime<Utc>,
-    pub body: Bytes,
-}
-
-impl Reading {
-    /// The telemetry property bag: JSON content type and encoding (so hub routing can read
-    /// the body), the message id, and the creation time.
-    pub fn properties(&self) -> PropertyBag {
-        let mut bag = PropertyBag::new();
-        bag.insert("$.mid", self.message_id.clone());
-        bag.insert("$.ct", "application/json");
-        bag.insert("$.ce", "utf-8");
-        bag.insert(
-            "iothub-creation-time-utc",
-            self.created
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        );
-        bag
-    }
-}
 
 #[derive(Default)]
 struct Queue {
@@ -167,18 +142,17 @@ impl Outbox {
 
     /// Adds a reading, on disk first when the outbox is durable (if that write fails the
     /// reading is kept in memory all the same). Returns the readings dropped to respect the
-    /// bounds.
+    /// bounds; their deletion is committed with the insert.
     pub async fn push(&self, reading: Reading) -> Dropped {
+        let dropped = {
+            let mut queue = self.lock();
+            self.enforce_bounds(&mut queue, Utc::now(), 1)
+        };
+        self.forget(&dropped);
         if let Some(store) = &self.store {
             store.insert(&reading).await;
         }
-        let dropped = {
-            let mut queue = self.lock();
-            let dropped = self.enforce_bounds(&mut queue, Utc::now(), 1);
-            queue.waiting.push_back(reading);
-            dropped
-        };
-        self.forget(&dropped);
+        self.lock().waiting.push_back(reading);
         self.ready.notify_one();
         dropped
     }
@@ -234,7 +208,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::context::HandlerContext;
+    use bytes::Bytes;
 
     fn reading(seq: u64) -> Reading {
         Reading {
@@ -297,8 +271,7 @@ mod tests {
     async fn a_durable_outbox_gives_back_what_was_not_acknowledged() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.db");
-        let (ctx, _reports) = HandlerContext::for_tests();
-        let (store, _) = Store::open(&path, "d", ctx.clone()).unwrap();
+        let (store, _) = Store::open(&path, "d", Default::default()).unwrap();
         let outbox = Outbox::with_store(3, None, Some(store.clone()));
         assert!(outbox.is_durable());
         for seq in 1..=4 {
@@ -310,7 +283,7 @@ mod tests {
         assert_eq!(outbox.take_next().unwrap().seq, 3);
         store.close().await;
 
-        let (store, persisted) = Store::open(&path, "d", ctx).unwrap();
+        let (store, persisted) = Store::open(&path, "d", Default::default()).unwrap();
         let found: Vec<(u64, String)> = persisted
             .readings
             .iter()
@@ -321,13 +294,5 @@ mod tests {
         let outbox = Outbox::with_store(3, None, Some(store));
         assert!(outbox.restore(persisted.readings, Utc::now()).is_empty());
         assert_eq!(seqs(&outbox), vec![3, 4]);
-    }
-
-    #[test]
-    fn properties_mark_json_and_carry_the_message_id() {
-        let bag = reading(7).properties();
-        assert_eq!(bag.get("$.mid"), Some("m7"));
-        assert_eq!(bag.get("$.ct"), Some("application/json"));
-        assert!(bag.format().contains("%24.ct=application%2Fjson"));
     }
 }

@@ -2,58 +2,73 @@
 //! the hub has not acknowledged yet (`readings`: seq, message id, creation time, body) and one
 //! row of agent state (`state`: the device id, the next `seq`, the last applied desired
 //! version with what it set, the door). A process crash (SIGKILL) loses nothing committed; a
-//! power cut may lose the last commits, never the file. This module knows rows, not policy:
+//! power cut may lose the last commits, never the file. This module knows rows of plain data
+//! (readings, the door, the applied desired state), not policy and not the rest of the agent:
 //! the bounds (size, age) are the outbox's, the meaning of the door and of desired properties
-//! belongs to their modules.
+//! belongs to their modules, and nothing here sees a handler or the connection.
 //!
-//! Threading, decided: one dedicated writer thread per agent owns the connection, fed by a
-//! bounded channel ([`JOBS`] jobs). The async side never runs SQLite: an insert (a reading, the
-//! desired state, the door) sends a job and awaits its commit; the connection task's
-//! acknowledgements only append a `seq` to a list under a mutex (bounded by the readings held)
-//! and wake the writer, so the MQTT session loop never waits on the disk. The writer commits
-//! whatever has gathered in one transaction (group commit), so a burst of PUBACKs costs one
-//! commit. `spawn_blocking` per write was the alternative; it would reorder writes and give
-//! no batching. A deletion that has not reached the disk when the process dies only means that
-//! reading is sent again (at-least-once; consumers de-duplicate by `$.mid`).
+//! Threading, decided: one dedicated writer thread per agent owns the connection. The async
+//! side never runs SQLite: an insert (a reading, the desired state, the door) queues a job and
+//! awaits its commit; at most [`JOBS`] jobs wait (a semaphore: the sender of one more waits for
+//! room). The writer commits whatever has gathered in one transaction (group commit).
+//! `spawn_blocking` per write was the alternative; it would reorder writes and give no batching.
+//!
+//! Deletions (acknowledged or dropped readings) are not worth a transaction of their own: they
+//! only append a `seq` to a list under the mutex, without waking the writer, so the MQTT
+//! session loop never waits on the disk, and they are committed with the next job. The writer
+//! expects the next insert one insert gap after the last (readings come on a steady cadence)
+//! and waits for it until [`DELETE_SLACK`] past that, never more than [`MAX_DELETE_DELAY`];
+//! when no insert comes in time it commits the deletions alone. At the default cadence that is
+//! one transaction per reading, its insert carrying the previous reading's deletion. A deletion
+//! that has not reached the disk when the process dies only means that reading is sent again
+//! (at-least-once; consumers de-duplicate by `$.mid`).
 //!
 //! Failure: the first write that fails (disk full, read-only file system, permission) is logged
-//! once as an error naming the file, the store stops, `Counters::outbox_durable` turns false,
-//! and every later call answers "not written": the outbox keeps its readings in memory.
+//! once as an error naming the file, the store stops, the `durable` flag given at open turns
+//! false, and every later call answers "not written": the outbox keeps its readings in memory.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::context::HandlerContext;
 use super::door::DoorState;
-use super::outbox::Reading;
+use super::reading::Reading;
 
-/// Jobs waiting for the writer thread; senders of inserts wait when it is full.
+/// Jobs waiting for the writer thread; senders of more wait for room.
 pub const JOBS: usize = 256;
 /// Jobs committed in one transaction, at most.
 const BATCH: usize = 256;
+/// How long past the expected next insert the writer waits before committing deletions alone.
+pub const DELETE_SLACK: Duration = Duration::from_secs(1);
+/// The longest a deletion waits for an insert to ride with.
+pub const MAX_DELETE_DELAY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot create the directory {} of the outbox: {source}", dir.display())]
+    #[error("cannot create the directory {} of the outbox", dir.display())]
     Directory {
         dir: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot open the outbox {} for writing: {source}", path.display())]
+    #[error("cannot open the outbox {} for writing", path.display())]
     File {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot use the outbox {}: {source}", path.display())]
+    #[error("cannot use the outbox {}", path.display())]
     Sqlite {
         path: PathBuf,
+        #[source]
         source: rusqlite::Error,
     },
     #[error(
@@ -65,8 +80,8 @@ pub enum StoreError {
         found: String,
         expected: String,
     },
-    #[error("cannot start the outbox writer thread: {0}")]
-    Thread(std::io::Error),
+    #[error("cannot start the outbox writer thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// What a desired-properties update left behind, so a restart needs not apply it again: its
@@ -106,37 +121,51 @@ enum Op {
     Insert(Reading),
     Desired(AppliedDesired),
     Door(DoorState),
-    /// Deletions are waiting in `Shared::deletes`.
-    Wake,
-    /// Commit what is waiting, then stop.
+    /// Commit what is waiting, close the file, then answer.
     Close,
 }
 
 struct Job {
     op: Op,
     /// Told whether the job was committed.
-    reply: Option<oneshot::Sender<bool>>,
+    reply: oneshot::Sender<bool>,
+    /// The job's place among the [`JOBS`]; freed once it is committed.
+    _place: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Acknowledged or dropped readings not yet deleted on disk.
+    deletes: Vec<u64>,
+    /// When `deletes` stopped being empty.
+    deletes_since: Option<Instant>,
+    /// The writer sleeps with no deadline: a deletion must wake it so that it sets one.
+    writer_parked: bool,
+    /// The writer has ended (a failed write, a close, every handle dropped): jobs are refused.
+    stopped: bool,
+    /// Every [`Store`] handle is gone: commit what is waiting and end.
+    abandoned: bool,
 }
 
 struct Shared {
     path: PathBuf,
-    /// Acknowledged or dropped readings not yet deleted on disk.
-    deletes: Mutex<Vec<u64>>,
-    healthy: AtomicBool,
-    ctx: HandlerContext,
+    /// True while the store writes; the agent shows it (`durable`).
+    durable: Arc<AtomicBool>,
+    queue: Mutex<Queue>,
+    /// Wakes the writer: a job, a deletion while it is parked, the last handle dropped.
+    wake: Condvar,
+    /// Transactions committed, for tests and the curious.
+    commits: AtomicU64,
 }
 
 impl Shared {
-    fn deletes(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        self.deletes.lock().unwrap_or_else(|p| p.into_inner())
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn fail(&self, error: &rusqlite::Error) {
-        self.healthy.store(false, Ordering::Release);
-        self.ctx
-            .counters()
-            .outbox_durable
-            .store(false, Ordering::Relaxed);
+        self.durable.store(false, Ordering::Release);
         tracing::error!(path = %self.path.display(), %error,
             "cannot write the outbox; it is no longer durable");
         tracing::warn!(path = %self.path.display(),
@@ -144,30 +173,42 @@ impl Shared {
     }
 }
 
+/// Tells the writer when the last [`Store`] handle goes, so its thread does not outlive them.
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.queue().abandoned = true;
+        self.0.wake.notify_one();
+    }
+}
+
 /// A handle on the writer thread; cheap to clone. Every call after a failure (or after
 /// [`Store::close`]) returns "not written" at once.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
     shared: Arc<Shared>,
+    places: Arc<Semaphore>,
+    _owner: Arc<Owner>,
 }
 
 impl Store {
     /// Opens (or creates) the file and its directory, checks that it belongs to `device_id`,
     /// loads what it holds and starts the writer thread. Blocking: call it from
-    /// `spawn_blocking`. Sets `outbox_durable` in the context's counters on success.
+    /// `spawn_blocking`. `durable` is set while the store writes (true from here, false after a
+    /// failed write), for whoever shows it.
     pub fn open(
         path: &Path,
         device_id: &str,
-        ctx: HandlerContext,
+        durable: Arc<AtomicBool>,
     ) -> Result<(Store, Persisted), StoreError> {
-        Self::open_with(path, device_id, ctx, |_| Ok(()))
+        Self::open_with(path, device_id, durable, |_| Ok(()))
     }
 
     fn open_with(
         path: &Path,
         device_id: &str,
-        ctx: HandlerContext,
+        durable: Arc<AtomicBool>,
         setup: impl FnOnce(&Connection) -> rusqlite::Result<()>,
     ) -> Result<(Store, Persisted), StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -196,49 +237,65 @@ impl Store {
         let persisted = prepare(&conn, device_id, path)?;
         setup(&conn).map_err(sql)?;
 
-        let (jobs, receiver) = mpsc::channel(JOBS);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
-            deletes: Mutex::new(Vec::new()),
-            healthy: AtomicBool::new(true),
-            ctx: ctx.clone(),
+            durable,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            commits: AtomicU64::new(0),
         });
         std::thread::Builder::new()
             .name("simdevice-outbox".into())
             .spawn({
                 let shared = shared.clone();
-                move || writer(conn, receiver, &shared)
+                move || writer(conn, &shared)
             })
             .map_err(StoreError::Thread)?;
-        ctx.counters().outbox_durable.store(true, Ordering::Relaxed);
-        Ok((Store { jobs, shared }, persisted))
+        shared.durable.store(true, Ordering::Release);
+        Ok((
+            Store {
+                _owner: Arc::new(Owner(shared.clone())),
+                shared,
+                places: Arc::new(Semaphore::new(JOBS)),
+            },
+            persisted,
+        ))
     }
 
     pub fn path(&self) -> &Path {
         &self.shared.path
     }
 
-    /// False once a write has failed.
+    /// False once a write has failed (or the store was closed).
     pub fn is_durable(&self) -> bool {
-        self.shared.healthy.load(Ordering::Acquire)
+        self.shared.durable.load(Ordering::Acquire)
     }
 
     async fn commit(&self, op: Op) -> bool {
         if !self.is_durable() {
             return false;
         }
-        let (reply, committed) = oneshot::channel();
-        let job = Job {
-            op,
-            reply: Some(reply),
-        };
-        if self.jobs.send(job).await.is_err() {
+        let Ok(place) = self.places.clone().acquire_owned().await else {
             return false;
+        };
+        let (reply, committed) = oneshot::channel();
+        {
+            let mut queue = self.shared.queue();
+            if queue.stopped {
+                return false;
+            }
+            queue.jobs.push_back(Job {
+                op,
+                reply,
+                _place: place,
+            });
         }
+        self.shared.wake.notify_one();
         committed.await.unwrap_or(false)
     }
 
-    /// Stores a reading (and moves the next `seq` past it); true once committed.
+    /// Stores a reading (and moves the next `seq` past it), with the deletions waiting; true
+    /// once committed.
     pub async fn insert(&self, reading: &Reading) -> bool {
         self.commit(Op::Insert(reading.clone())).await
     }
@@ -253,27 +310,30 @@ impl Store {
         self.commit(Op::Door(door.clone())).await
     }
 
-    /// Deletes readings (acknowledged or dropped) without waiting: never blocks the caller.
+    /// Deletes readings (acknowledged or dropped) without waiting: never blocks the caller,
+    /// and wakes the writer only when it sleeps with no deadline (see the module's note).
     pub fn delete(&self, seqs: impl IntoIterator<Item = u64>) {
         if !self.is_durable() {
             return;
         }
         let wake = {
-            let mut deletes = self.shared.deletes();
-            let was_empty = deletes.is_empty();
-            deletes.extend(seqs);
-            was_empty && !deletes.is_empty()
+            let mut queue = self.shared.queue();
+            if queue.stopped {
+                return;
+            }
+            let before = queue.deletes.len();
+            queue.deletes.extend(seqs);
+            if before == 0 && !queue.deletes.is_empty() {
+                queue.deletes_since = Some(Instant::now());
+            }
+            queue.writer_parked && queue.deletes.len() > before
         };
         if wake {
-            // Full: the writer has jobs queued and takes the deletions in its next round.
-            let _ = self.jobs.try_send(Job {
-                op: Op::Wake,
-                reply: None,
-            });
+            self.shared.wake.notify_one();
         }
     }
 
-    /// Commits what is waiting and stops the writer thread.
+    /// Commits what is waiting, closes the file and stops the writer thread.
     pub async fn close(&self) {
         self.commit(Op::Close).await;
     }
@@ -417,29 +477,125 @@ fn desired_from_json(text: &str) -> AppliedDesired {
     }
 }
 
-/// The writer thread: takes what has gathered, commits it in one transaction, answers.
-fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>, shared: &Shared) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// Insert cadence as the writer sees it.
+#[derive(Default)]
+struct Cadence {
+    last_insert: Option<Instant>,
+    gap: Option<Duration>,
+}
+
+impl Cadence {
+    fn inserted(&mut self, at: Instant) {
+        if let Some(last) = self.last_insert {
+            self.gap = Some(at - last);
+        }
+        self.last_insert = Some(at);
+    }
+
+    /// When the next insert is late: one gap (at most [`MAX_DELETE_DELAY`]) after the last
+    /// insert, plus [`DELETE_SLACK`]. `None` until the cadence is known.
+    fn next_insert_late(&self) -> Option<Instant> {
+        let (last, gap) = (self.last_insert?, self.gap?);
+        Some(last + gap.min(MAX_DELETE_DELAY) + DELETE_SLACK)
+    }
+
+    /// When deletions waiting since `since` are committed alone: when the next insert is late,
+    /// but no sooner than [`DELETE_SLACK`] and no later than [`MAX_DELETE_DELAY`] after `since`.
+    fn delete_deadline(&self, since: Instant) -> Instant {
+        self.next_insert_late()
+            .unwrap_or(since)
+            .clamp(since + DELETE_SLACK, since + MAX_DELETE_DELAY)
+    }
+}
+
+/// What the writer takes for one transaction.
+struct Round {
+    jobs: Vec<Job>,
+    deletes: Vec<u64>,
+    /// No handle is left: commit this and end.
+    last: bool,
+}
+
+/// Waits until there is something to commit: a job, every handle gone, or deletions whose
+/// deadline has come. Right after an insert the writer does not park: it sleeps until the next
+/// insert is late, because that reading's deletion is about to come and must not wake it.
+fn next_round(shared: &Shared, cadence: &Cadence) -> Round {
+    let mut queue = shared.queue();
+    loop {
+        if !queue.jobs.is_empty() || queue.abandoned {
+            break;
+        }
+        let now = Instant::now();
+        let wake_at = match queue.deletes_since {
+            Some(since) => Some(cadence.delete_deadline(since)),
+            None => cadence.next_insert_late().filter(|at| *at > now),
+        };
+        match wake_at {
+            Some(at) if at <= now => break,
+            Some(at) => {
+                queue.writer_parked = false;
+                queue = shared
+                    .wake
+                    .wait_timeout(queue, at - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            None => {
+                queue.writer_parked = true;
+                queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
             }
         }
-        let deletes = std::mem::take(&mut *shared.deletes());
-        let closing = batch.iter().any(|job| matches!(job.op, Op::Close));
-        let outcome = write_batch(&mut conn, &batch, &deletes);
+    }
+    queue.writer_parked = false;
+    queue.deletes_since = None;
+    let take = queue.jobs.len().min(BATCH);
+    Round {
+        jobs: queue.jobs.drain(..take).collect(),
+        deletes: std::mem::take(&mut queue.deletes),
+        last: queue.abandoned && queue.jobs.is_empty(),
+    }
+}
+
+/// The writer thread: takes what has gathered, commits it in one transaction, answers.
+fn writer(mut conn: Connection, shared: &Shared) {
+    let mut cadence = Cadence::default();
+    loop {
+        let round = next_round(shared, &cadence);
+        let closing = round.last || round.jobs.iter().any(|job| matches!(job.op, Op::Close));
+        let outcome = if round.jobs.is_empty() && round.deletes.is_empty() {
+            Ok(())
+        } else {
+            let written = write_batch(&mut conn, &round.jobs, &round.deletes);
+            if written.is_ok() {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+            }
+            written
+        };
         if let Err(error) = &outcome {
             shared.fail(error);
         }
-        for job in batch {
-            if let Some(reply) = job.reply {
-                let _ = reply.send(outcome.is_ok());
-            }
+        if round.jobs.iter().any(|job| matches!(job.op, Op::Insert(_))) {
+            cadence.inserted(Instant::now());
         }
         if outcome.is_err() || closing {
+            {
+                let mut queue = shared.queue();
+                queue.stopped = true;
+                // Jobs queued meanwhile are answered "not written" (their replies dropped).
+                queue.jobs.clear();
+                queue.deletes.clear();
+            }
+            shared.durable.store(false, Ordering::Release);
+            // The file is closed before anyone learns that the store has stopped, so a new
+            // owner of the file never meets this connection.
+            drop(conn);
+            for job in round.jobs {
+                let _ = job.reply.send(outcome.is_ok());
+            }
             return;
+        }
+        for job in round.jobs {
+            let _ = job.reply.send(true);
         }
     }
 }
@@ -472,7 +628,7 @@ fn write_batch(conn: &mut Connection, batch: &[Job], deletes: &[u64]) -> rusqlit
                 tx.prepare_cached("UPDATE state SET door = ?1 WHERE id = 1")?
                     .execute(params![door_to_json(door)])?;
             }
-            Op::Wake | Op::Close => {}
+            Op::Close => {}
         }
     }
     for seq in deletes {
@@ -496,8 +652,17 @@ mod tests {
     }
 
     fn open(path: &Path) -> (Store, Persisted) {
-        let (ctx, _reports) = HandlerContext::for_tests();
-        Store::open(path, "test-device", ctx).expect("store opens")
+        Store::open(path, "test-device", Arc::default()).expect("store opens")
+    }
+
+    /// The seqs in the file, read by a second connection as any SQLite client would.
+    fn seqs_on_disk(path: &Path) -> Vec<u64> {
+        let conn = Connection::open(path).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT seq FROM readings ORDER BY seq")
+            .unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0)).unwrap();
+        rows.map(|seq| uint(seq.unwrap())).collect()
     }
 
     #[tokio::test]
@@ -561,8 +726,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.db");
         drop(open(&path));
-        let (ctx, _reports) = HandlerContext::for_tests();
-        let error = Store::open(&path, "other-device", ctx)
+        let error = Store::open(&path, "other-device", Arc::default())
             .err()
             .expect("refused");
         let message = error.to_string();
@@ -576,37 +740,121 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a-file");
         std::fs::write(&file, "not a directory").unwrap();
-        let (ctx, _reports) = HandlerContext::for_tests();
-        let error = Store::open(&file.join("outbox.db"), "d", ctx.clone())
+        let durable = Arc::new(AtomicBool::new(false));
+        let error = Store::open(&file.join("outbox.db"), "d", durable.clone())
             .err()
             .expect("refused");
         let message = error.to_string();
         assert!(message.contains(&file.display().to_string()), "{message}");
-        assert!(message.contains("os error"), "{message}");
-        assert!(!ctx.counters().outbox_durable.load(Ordering::Relaxed));
+        let cause = std::error::Error::source(&error)
+            .expect("the OS error")
+            .to_string();
+        assert!(cause.contains("os error"), "{cause}");
+        assert!(!durable.load(Ordering::Relaxed));
     }
 
     #[tokio::test]
     async fn a_full_disk_stops_the_store_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.db");
-        let (ctx, _reports) = HandlerContext::for_tests();
+        let durable = Arc::new(AtomicBool::new(false));
         // The file may not grow: the next page it needs is "disk full" (SQLITE_FULL).
-        let (store, _) = Store::open_with(&path, "d", ctx.clone(), |conn| {
+        let (store, _) = Store::open_with(&path, "d", durable.clone(), |conn| {
             let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
             conn.pragma_update(None, "max_page_count", pages)
         })
         .unwrap();
-        assert!(ctx.counters().outbox_durable.load(Ordering::Relaxed));
+        assert!(durable.load(Ordering::Relaxed));
         let big = Reading {
             body: Bytes::from(vec![b'x'; 64 * 1024]),
             ..reading(1)
         };
         assert!(!store.insert(&big).await, "the write fails");
         assert!(!store.is_durable());
-        assert!(!ctx.counters().outbox_durable.load(Ordering::Relaxed));
+        assert!(!durable.load(Ordering::Relaxed));
         assert!(!store.insert(&reading(2)).await, "and stays failed");
         store.delete([1]);
-        assert!(store.shared.deletes().is_empty(), "nothing piles up");
+        assert!(store.shared.queue().deletes.is_empty(), "nothing piles up");
+    }
+
+    #[tokio::test]
+    async fn a_deletion_rides_with_the_next_insert() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let (store, _) = open(&path);
+        assert!(store.insert(&reading(1)).await);
+        assert_eq!(store.shared.commits.load(Ordering::Relaxed), 1);
+        store.delete([1]);
+        assert!(store.insert(&reading(2)).await);
+        assert_eq!(
+            store.shared.commits.load(Ordering::Relaxed),
+            2,
+            "one transaction for the insert and the deletion before it"
+        );
+        assert_eq!(seqs_on_disk(&path), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_deletion_with_no_insert_to_ride_with_is_committed_alone_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let (store, _) = open(&path);
+        assert!(store.insert(&reading(1)).await);
+        assert!(store.insert(&reading(2)).await);
+        let asked = Instant::now();
+        store.delete([1]);
+        let limit = DELETE_SLACK * 2 + Duration::from_secs(5);
+        while seqs_on_disk(&path) != vec![2] {
+            assert!(asked.elapsed() < limit, "the deletion is still not on disk");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.shared.commits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn deletions_wait_for_the_next_insert_within_bounds() {
+        let now = Instant::now();
+        let mut cadence = Cadence::default();
+        assert_eq!(
+            cadence.delete_deadline(now),
+            now + DELETE_SLACK,
+            "no cadence yet"
+        );
+        cadence.inserted(now - Duration::from_secs(20));
+        cadence.inserted(now - Duration::from_secs(10));
+        assert_eq!(
+            cadence.delete_deadline(now - Duration::from_secs(9)),
+            now + DELETE_SLACK,
+            "until the next insert (10 s after the last) is late"
+        );
+        assert_eq!(
+            cadence.delete_deadline(now + Duration::from_secs(30)),
+            now + Duration::from_secs(30) + DELETE_SLACK,
+            "the insert is late already: soon"
+        );
+        cadence.inserted(now);
+        cadence.inserted(now + Duration::from_secs(3600));
+        let since = now + Duration::from_secs(3600);
+        assert_eq!(cadence.delete_deadline(since), since + MAX_DELETE_DELAY);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_with_the_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let (store, _) = open(&path);
+        assert!(store.insert(&reading(1)).await);
+        store.delete([1]);
+        let shared = store.shared.clone();
+        drop(store);
+        let asked = Instant::now();
+        while !shared.queue().stopped {
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "the writer still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seqs_on_disk(&path).is_empty(), "what waited was committed");
     }
 }

@@ -12,9 +12,10 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::context::{Beat, Counters, HandlerContext, Heartbeat};
+use super::context::{Beat, Counters, HandlerContext};
 use super::environment::Environment;
-use super::outbox::{Dropped, Outbox, Reading};
+use super::outbox::{Dropped, Outbox};
+use super::reading::Reading;
 
 pub fn make_reading(device_id: &str, seq: u64, env: &mut Environment) -> Reading {
     let now = chrono::Utc::now();
@@ -71,10 +72,10 @@ pub async fn produce(
     let mut last = Instant::now();
     let mut next = last;
     loop {
-        ctx.heartbeat().beat(Beat::Telemetry);
+        // Asleep until the next reading: no wake-up before it just to say so.
+        ctx.heartbeat().wait_until(Beat::Telemetry, next);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = Heartbeat::tick() => continue,
             changed = interval.changed() => {
                 if changed.is_err() {
                     return;
@@ -84,6 +85,7 @@ pub async fn produce(
             }
             _ = tokio::time::sleep_until(next) => {}
         }
+        ctx.heartbeat().beat(Beat::Telemetry);
         let reading = make_reading(ctx.device_id(), seq, &mut env);
         seq += 1;
         Counters::bump(&ctx.counters().readings_produced);

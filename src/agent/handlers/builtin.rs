@@ -1,14 +1,22 @@
 //! The handlers every simdevice has, listed in one place ([`register_all`]): the methods
 //! `lockDoor`, `unlockDoor` and `getDeviceInfo`, the desired property `telemetryInterval`, the
 //! default desired-property handler, and the cloud-to-device message handler.
+//!
+//! Payloads of the built-in methods are taken as real services send them ([`builtin_payload`]):
+//! a JSON string whose content is a JSON object stands for that object (the jobs tutorial's
+//! service sends `"{\"lockTime\":\"10m\"}"`), and an empty string (what the Python service SDK
+//! sends when invoked with no payload) is no payload, like `null` or nothing at all.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::command::CommandMethod;
-use super::{DesiredAck, FnDesired, FnMethod, MethodResponse, Registry, RegistryError};
+use super::{
+    DesiredAck, FnDesired, FnMethod, MethodHandler, MethodResponse, Registry, RegistryError,
+};
 use crate::agent::context::HandlerContext;
 use crate::agent::door::parse_lock_time;
 use crate::config::CommandMethodConfig;
@@ -28,9 +36,9 @@ pub enum BuildError {
 /// The registry of a device: the built-ins, then the command methods of the configuration.
 pub fn register_all(commands: &[CommandMethodConfig]) -> Result<Registry, BuildError> {
     let mut registry = Registry::default();
-    registry.add_method("lockDoor", Arc::new(FnMethod(lock_door)))?;
-    registry.add_method("unlockDoor", Arc::new(FnMethod(unlock_door)))?;
-    registry.add_method("getDeviceInfo", Arc::new(FnMethod(device_info)))?;
+    registry.add_method("lockDoor", builtin(lock_door))?;
+    registry.add_method("unlockDoor", builtin(unlock_door))?;
+    registry.add_method("getDeviceInfo", builtin(device_info))?;
     registry.add_desired("telemetryInterval", Arc::new(FnDesired(telemetry_interval)))?;
     registry.set_default_desired(Arc::new(FnDesired(store_desired)));
     for config in commands {
@@ -40,6 +48,33 @@ pub fn register_all(commands: &[CommandMethodConfig]) -> Result<Registry, BuildE
     Ok(registry)
 }
 
+/// A built-in method: its payload goes through [`builtin_payload`] first.
+fn builtin<F, Fut>(handler: F) -> Arc<dyn MethodHandler>
+where
+    F: Fn(HandlerContext, Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = MethodResponse> + Send + 'static,
+{
+    Arc::new(FnMethod(move |ctx, payload| {
+        handler(ctx, builtin_payload(payload))
+    }))
+}
+
+/// The payload a built-in method sees: a JSON string whose content (around whitespace) parses
+/// as a JSON object is that object; an empty or all-blank string is no payload (`null`);
+/// anything else is left as it is (and refused by the method if it expects an object).
+pub fn builtin_payload(payload: Value) -> Value {
+    let Value::String(text) = &payload else {
+        return payload;
+    };
+    if text.trim().is_empty() {
+        return Value::Null;
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(object @ Value::Object(_)) => object,
+        _ => payload,
+    }
+}
+
 async fn lock_door(ctx: HandlerContext, payload: Value) -> MethodResponse {
     let lock_time = match &payload {
         Value::Null => None,
@@ -47,7 +82,7 @@ async fn lock_door(ctx: HandlerContext, payload: Value) -> MethodResponse {
             None | Some(Value::Null) => None,
             Some(Value::String(text)) => match parse_lock_time(text) {
                 Ok(duration) => Some(duration),
-                Err(message) => return MethodResponse::error(400, message),
+                Err(error) => return MethodResponse::error(400, error.to_string()),
             },
             Some(other) => {
                 return MethodResponse::error(
@@ -65,12 +100,7 @@ async fn lock_door(ctx: HandlerContext, payload: Value) -> MethodResponse {
             )
         }
     };
-    let report = {
-        let mut door = ctx.door();
-        door.lock(chrono::Utc::now(), lock_time);
-        door.reported()
-    };
-    ctx.shared().door_changed.notify_waiters();
+    let report = ctx.lock_door(lock_time).reported();
     tracing::info!(
         device = ctx.device_id(),
         lock_time_s = lock_time.map(|d| d.as_secs()),
@@ -83,12 +113,7 @@ async fn lock_door(ctx: HandlerContext, payload: Value) -> MethodResponse {
 }
 
 async fn unlock_door(ctx: HandlerContext, _payload: Value) -> MethodResponse {
-    let report = {
-        let mut door = ctx.door();
-        door.unlock();
-        door.reported()
-    };
-    ctx.shared().door_changed.notify_waiters();
+    let report = ctx.unlock_door().reported();
     tracing::info!(device = ctx.device_id(), "door unlocked");
     if let Err(error) = ctx.report(report) {
         tracing::warn!(%error, "door state not reported");
@@ -107,10 +132,7 @@ async fn device_info(ctx: HandlerContext, _payload: Value) -> MethodResponse {
         "door": door["door"],
         "settings": Value::Object(ctx.settings().clone()),
         "counters": ctx.counters().to_json(),
-        "durable": ctx
-            .counters()
-            .outbox_durable
-            .load(std::sync::atomic::Ordering::Relaxed),
+        "durable": ctx.is_durable(),
     }))
 }
 
@@ -238,5 +260,56 @@ mod tests {
             duplicate,
             Err(RegistryError::DuplicateMethod("lockDoor".into()))
         );
+    }
+
+    #[test]
+    fn a_string_holding_an_object_is_that_object_and_an_empty_string_is_no_payload() {
+        let object = json!({"lockTime": "10m"});
+        assert_eq!(builtin_payload(json!("{\"lockTime\":\"10m\"}")), object);
+        assert_eq!(builtin_payload(json!(" {\"lockTime\":\"10m\"} \n")), object);
+        assert_eq!(builtin_payload(object.clone()), object);
+        assert_eq!(builtin_payload(json!("")), Value::Null);
+        assert_eq!(builtin_payload(json!("  ")), Value::Null);
+        assert_eq!(builtin_payload(Value::Null), Value::Null);
+        // Strings that hold no object stay strings (and lockDoor refuses them).
+        for other in ["10m", "[1]", "\"{}\"", "{not json", "42", "null"] {
+            assert_eq!(builtin_payload(json!(other)), json!(other), "{other}");
+        }
+        assert_eq!(builtin_payload(json!([1])), json!([1]));
+    }
+
+    #[tokio::test]
+    async fn lock_door_takes_a_string_encoded_object_and_an_empty_string() {
+        let registry = register_all(&[]).unwrap();
+        let (ctx, mut reports) = HandlerContext::for_tests();
+        let answer = call_method(
+            &registry,
+            ctx.clone(),
+            "lockDoor",
+            json!("{\"lockTime\":\"10m\"}"),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let report = reports.recv().await.unwrap();
+        assert!(
+            report["door"]["unlockAt"].is_string(),
+            "locked for 10 minutes"
+        );
+        assert!(ctx.door().unlock_at.is_some());
+
+        let answer = call_method(&registry, ctx.clone(), "lockDoor", json!("")).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(
+            reports.recv().await.unwrap()["door"]["unlockAt"],
+            Value::Null,
+            "as with no payload: until unlockDoor"
+        );
+        let answer = call_method(&registry, ctx.clone(), "unlockDoor", json!("")).await;
+        assert_eq!(answer.status, 200);
+        let answer = call_method(&registry, ctx.clone(), "getDeviceInfo", json!("")).await;
+        assert_eq!(answer.status, 200);
+
+        let answer = call_method(&registry, ctx, "lockDoor", json!("{\"lockTime\":\"ten\"}")).await;
+        assert_eq!(answer.status, 400, "the object's content is still checked");
     }
 }

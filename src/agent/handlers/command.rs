@@ -42,11 +42,20 @@ pub enum CommandMethodError {
     Empty { method: String },
     #[error("method {method:?}: {} is not an absolute path", path.display())]
     NotAbsolute { method: String, path: PathBuf },
-    #[error("method {method:?}: {}: {reason}", path.display())]
+    #[error("method {method:?}: cannot use {}", path.display())]
     Unusable {
         method: String,
         path: PathBuf,
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("method {method:?}: {} is not a regular file", path.display())]
+    NotAFile { method: String, path: PathBuf },
+    #[error("method {method:?}: {} is not executable (mode {mode:04o})", path.display())]
+    NotExecutable {
+        method: String,
+        path: PathBuf,
+        mode: u32,
     },
     #[error(
         "method {method:?}: {} is writable by group or others (mode {mode:04o}); run: chmod go-w {}",
@@ -84,14 +93,13 @@ impl CommandMethod {
         if !path.is_absolute() {
             return Err(CommandMethodError::NotAbsolute { method, path });
         }
-        let unusable = |reason: String| CommandMethodError::Unusable {
+        let metadata = std::fs::metadata(&path).map_err(|source| CommandMethodError::Unusable {
             method: method.clone(),
             path: path.clone(),
-            reason,
-        };
-        let metadata = std::fs::metadata(&path).map_err(|error| unusable(error.to_string()))?;
+            source,
+        })?;
         if !metadata.is_file() {
-            return Err(unusable("is not a regular file".to_string()));
+            return Err(CommandMethodError::NotAFile { method, path });
         }
         check_mode(&method, &path, &metadata)?;
         Ok(CommandMethod {
@@ -114,10 +122,10 @@ fn check_mode(
     use std::os::unix::fs::PermissionsExt as _;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & 0o111 == 0 {
-        return Err(CommandMethodError::Unusable {
+        return Err(CommandMethodError::NotExecutable {
             method: method.to_string(),
             path: path.to_path_buf(),
-            reason: format!("is not executable (mode {mode:04o})"),
+            mode,
         });
     }
     if mode & 0o022 != 0 {
