@@ -104,18 +104,6 @@ impl AgentError {
     }
 }
 
-/// `error` and its sources, as one line for a log.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The TLS client configuration: the public roots plus the configured CA (a local hub's).
 pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -473,7 +461,7 @@ async fn open_outbox(
             return (Arc::new(outbox), None, state::Persisted::default(), None);
         }
         OutboxFile::Unusable { path, error } => {
-            tracing::error!(error = %with_causes(&error), "cannot use the outbox");
+            tracing::error!(error = %crate::common::logging::error_chain(&error), "cannot use the outbox");
             memory_only_warning(&path);
             return (Arc::new(memory()), None, state::Persisted::default(), None);
         }
@@ -487,7 +475,7 @@ async fn open_outbox(
     let (store, mut persisted) = match opening {
         Ok(Ok((store, persisted))) => (Some(store), persisted),
         Ok(Err(error)) => {
-            tracing::error!(error = %with_causes(&error), "cannot open the outbox");
+            tracing::error!(error = %crate::common::logging::error_chain(&error), "cannot open the outbox");
             memory_only_warning(&path);
             (None, state::Persisted::default())
         }

@@ -47,11 +47,13 @@ pub enum RunError {
 
 impl RunError {
     /// A configuration the agent cannot run with (exit 78, so systemd does not restart-loop):
-    /// everything but a metrics port that cannot be bound (which may free up) and a local hub
-    /// that failed at run time.
+    /// a refused configuration, a CA file or handler that cannot be used, an outbox owned by
+    /// another agent, a local hub state that cannot be used. Not: a metrics port that cannot
+    /// be bound (it may free up), a TLS set-up or local hub that failed at run time.
     pub fn is_config(&self) -> bool {
         match self {
-            RunError::Config(_) | RunError::Agent(_) => true,
+            RunError::Config(_) => true,
+            RunError::Agent(error) => error.is_config(),
             #[cfg(feature = "hub")]
             RunError::Local(error) => error.is_config(),
             RunError::Metrics(_) => false,

@@ -9,6 +9,8 @@ mod common;
 
 mod agent;
 mod agent_durability;
+mod agent_lock;
+mod agent_payloads;
 mod agent_process;
 mod cli_generate;
 mod config;

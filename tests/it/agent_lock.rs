@@ -3,12 +3,10 @@
 //! `AgentError::OutboxLocked`, a configuration error naming the holder's pid, and never falls
 //! back to memory; the `simdevice run` daemon exits 78 (EX_CONFIG) on it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::agent::{agent_config, eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{agent_config, eventually, RunningAgent};
+use crate::common::*;
 use simdevice::agent::{outbox_lock_path, Agent, AgentError};
 use simdevice::common::lock::LockError;
 

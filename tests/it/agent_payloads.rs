@@ -3,12 +3,10 @@
 //! holding the object, and the Python service SDK invoked without a payload sends `""`. The
 //! built-in methods take the first as the object and the second as no payload.
 
-mod common;
-
 use std::time::Duration;
 
-use common::agent::{agent_config, eventually, RunningAgent};
-use common::*;
+use crate::common::agent::{agent_config, eventually, RunningAgent};
+use crate::common::*;
 use serde_json::{json, Value};
 
 /// The hub's answer to a method call once the device is connected: `{"status", "payload"}`.
