@@ -9,7 +9,7 @@ use crate::common::local_hub::default_state_dir;
 use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
 use crate::hub::error::IotHubError;
-use crate::hub::registry::{DeviceSpec, DeviceStatus};
+use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
 
 #[derive(Debug, clap::Args)]
@@ -88,13 +88,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         if !hub.state().registry.contains(id) {
             hub.state()
                 .registry
-                .create(DeviceSpec {
-                    id: id.clone(),
-                    status: DeviceStatus::Enabled,
-                    status_reason: None,
-                    primary_key: None,
-                    secondary_key: None,
-                })
+                .create(DeviceSpec::enabled(id))
                 .map_err(|source| HubCommandError::Device {
                     id: id.clone(),
                     source,

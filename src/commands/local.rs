@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::common::local_hub::default_state_dir;
 use crate::config::{Config, Identity, Secret};
 use crate::hub::error::IotHubError;
-use crate::hub::registry::{DeviceSpec, DeviceStatus};
+use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
 
 #[derive(Debug, clap::Args)]
@@ -58,13 +58,7 @@ pub async fn start(args: &LocalArgs) -> Result<(Config, Hub), LocalError> {
     let registry = &hub.state().registry;
     if !registry.contains(&args.device_id) {
         registry
-            .create(DeviceSpec {
-                id: args.device_id.clone(),
-                status: DeviceStatus::Enabled,
-                status_reason: None,
-                primary_key: None,
-                secondary_key: None,
-            })
+            .create(DeviceSpec::enabled(&args.device_id))
             .map_err(register)?;
     }
     let key = registry

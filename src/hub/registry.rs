@@ -222,6 +222,20 @@ pub struct DeviceSpec {
     pub secondary_key: Option<String>,
 }
 
+impl DeviceSpec {
+    /// An enabled device with keys the registry generates: what `--device`, `run --local` and
+    /// most tests register.
+    pub fn enabled(id: impl Into<String>) -> DeviceSpec {
+        DeviceSpec {
+            id: id.into(),
+            status: DeviceStatus::Enabled,
+            status_reason: None,
+            primary_key: None,
+            secondary_key: None,
+        }
+    }
+}
+
 pub struct Registry {
     devices: RwLock<HashMap<String, Device>>,
     store: Arc<Store>,
@@ -453,13 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("hub.db")).unwrap());
         let registry = Registry::load(store.clone()).unwrap();
-        let spec = |id: &str| DeviceSpec {
-            id: id.into(),
-            status: DeviceStatus::Enabled,
-            status_reason: None,
-            primary_key: None,
-            secondary_key: None,
-        };
+        let spec = DeviceSpec::enabled;
         registry.create(spec("d1")).unwrap();
         let err = registry.create(spec("d1")).unwrap_err();
         assert_eq!(err.code, ErrorCode::DeviceAlreadyExists);

@@ -106,18 +106,8 @@ async fn the_api_caps_its_connections_and_closes_the_ones_over_the_cap_at_once()
     let addr = hub.hub.api_addr();
     // Silent sockets that never send a TLS byte; each holds a permit until the hub's TLS
     // deadline (10 s), the ones over the cap are closed at once.
-    let flood: Vec<std::net::TcpStream> = tokio::task::spawn_blocking(move || {
-        (0..MAX_API_CONNECTIONS + OVER)
-            .map(|_| {
-                let socket = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                    .expect("the kernel completes the TCP handshake");
-                socket.set_nonblocking(true).unwrap();
-                socket
-            })
-            .collect()
-    })
-    .await
-    .unwrap();
+    let flood: Vec<std::net::TcpStream> =
+        crate::common::open_tcp(addr, MAX_API_CONNECTIONS + OVER).await;
     let is_closed = |socket: &std::net::TcpStream| {
         let mut byte = [0u8; 1];
         match (&*socket).read(&mut byte) {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use simdevice::common::lock::LockError;
-use simdevice::hub::registry::{DeviceSpec, DeviceStatus};
+use simdevice::hub::registry::DeviceSpec;
 use simdevice::hub::{Hub, HubConfig, HubError};
 
 fn mode(path: &Path) -> u32 {
@@ -24,13 +24,7 @@ fn mode(path: &Path) -> u32 {
 fn add_device(hub: &Hub, id: &str) {
     hub.state()
         .registry
-        .create(DeviceSpec {
-            id: id.into(),
-            status: DeviceStatus::Enabled,
-            status_reason: None,
-            primary_key: None,
-            secondary_key: None,
-        })
+        .create(DeviceSpec::enabled(id))
         .expect("device created");
 }
 

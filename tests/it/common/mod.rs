@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttc::{Connect, Login, Packet, Publish, QoS, Subscribe};
 use serde_json::Value;
-use simdevice::hub::registry::{DeviceSpec, DeviceStatus};
+use simdevice::hub::registry::DeviceSpec;
 use simdevice::hub::{Hub, HubConfig};
 use simdevice::protocol::sas;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,13 +53,7 @@ impl TestHub {
         self.hub
             .state()
             .registry
-            .create(DeviceSpec {
-                id: id.into(),
-                status: DeviceStatus::Enabled,
-                status_reason: None,
-                primary_key: None,
-                secondary_key: None,
-            })
+            .create(DeviceSpec::enabled(id))
             .expect("device created");
         self.device_key(id)
     }
@@ -537,3 +531,20 @@ pub mod agent;
 pub mod fake_hub;
 pub mod proxy;
 pub mod raw_mqtt;
+
+/// Opens `count` plain TCP connections to `addr` (the kernel completes each handshake; nothing
+/// is sent), non-blocking, from a blocking thread: the raw material of the flood tests.
+pub async fn open_tcp(addr: std::net::SocketAddr, count: usize) -> Vec<std::net::TcpStream> {
+    tokio::task::spawn_blocking(move || {
+        (0..count)
+            .map(|_| {
+                let socket = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .expect("the kernel completes the TCP handshake");
+                socket.set_nonblocking(true).expect("non-blocking");
+                socket
+            })
+            .collect()
+    })
+    .await
+    .expect("the connecting thread ends")
+}

@@ -35,18 +35,8 @@ async fn a_flood_of_silent_connections_is_capped_and_the_hub_keeps_serving() {
         tls_flood.push(RawDevice::open(&hub).await);
     }
     let addr = hub.hub.mqtt_addr();
-    let tcp_flood: Vec<std::net::TcpStream> = tokio::task::spawn_blocking(move || {
-        (0..FLOOD - TLS_SILENT)
-            .map(|_| {
-                let socket = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                    .expect("the kernel completes the TCP handshake");
-                socket.set_nonblocking(true).unwrap();
-                socket
-            })
-            .collect()
-    })
-    .await
-    .unwrap();
+    let tcp_flood: Vec<std::net::TcpStream> =
+        crate::common::open_tcp(addr, FLOOD - TLS_SILENT).await;
     let flood_took = opened.elapsed();
     // The kernel queues the burst for the hub (a short listen backlog drops SYNs, which the
     // clients retry a second later).
