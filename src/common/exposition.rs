@@ -222,12 +222,15 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(end);
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
+        match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) if end <= MAX_HEAD => {
+                buf.truncate(end);
+                return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
+            }
+            // Too long, whether it arrived whole or is still coming.
+            Some(_) => return Ok(None),
+            None if buf.len() > MAX_HEAD => return Ok(None),
+            None => {}
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -378,6 +381,63 @@ impl LabelledCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Fixed(Result<(), String>);
+
+    impl MetricsSource for Fixed {
+        fn health(&self) -> Result<(), String> {
+            self.0.clone()
+        }
+        fn render(&self, out: &mut Exposition) {
+            out.single("up", Kind::Gauge, "Up.", 1.0);
+        }
+    }
+
+    /// Sends `request` as it is and returns the whole answer.
+    async fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request).await.expect("send");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("read");
+        String::from_utf8(answer).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn routes_methods_and_oversized_heads_get_their_status() {
+        let stop = CancellationToken::new();
+        let source = Arc::new(Fixed(Err("not connected".into())));
+        let server = serve("127.0.0.1:0".parse().unwrap(), source, stop.clone())
+            .await
+            .expect("bind");
+        let addr = server.local_addr;
+        let metrics = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
+        assert!(metrics.contains(CONTENT_TYPE), "{metrics}");
+        assert!(metrics.ends_with("# TYPE up gauge\nup 1\n"), "{metrics}");
+        let health = ask(addr, b"GET /healthz?verbose HTTP/1.0\r\n\r\n").await;
+        assert!(health.starts_with("HTTP/1.1 503 "), "{health}");
+        assert!(health.ends_with("\r\n\r\nnot connected\n"), "{health}");
+        let head = ask(addr, b"HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            head.ends_with("connection: close\r\n\r\n"),
+            "no body: {head}"
+        );
+        let missing = ask(addr, b"GET /admin HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+        let post = ask(addr, b"POST /metrics HTTP/1.1\r\ncontent-length: 0\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        let http2 = ask(addr, b"PRI * HTTP/2.0\r\n\r\n").await;
+        assert!(http2.starts_with("HTTP/1.1 505 "), "{http2}");
+        let garbage = ask(addr, b"hello\r\n\r\n").await;
+        assert!(garbage.starts_with("HTTP/1.1 400 "), "{garbage}");
+        let mut huge = b"GET /metrics HTTP/1.1\r\nx: ".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 100));
+        huge.extend_from_slice(b"\r\n\r\n");
+        let huge = ask(addr, &huge).await;
+        assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
+        stop.cancel();
+        server.task.await.expect("the server stops when told");
+    }
 
     #[test]
     fn samples_escape_labels_and_format_values() {
