@@ -25,7 +25,7 @@ pub struct HubInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubInfoError {
-    #[error("cannot read {path} (is `simdevice hub` running on this state directory?)")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
