@@ -8,7 +8,7 @@
 //! `responseTimeoutInSeconds`; whichever way, its pending entry is removed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -27,9 +27,17 @@ use crate::protocol::topic::{method_request_topic, SubscriptionKind};
 pub struct MethodCalls {
     pending: Mutex<HashMap<String, (String, oneshot::Sender<MethodResult>)>>,
     next_rid: AtomicU64,
+    /// Calls waiting (up to `connectTimeoutInSeconds`) for their device to connect and
+    /// subscribe; what tests and operators can see of a call that is not sent yet.
+    waiting: AtomicUsize,
 }
 
 impl MethodCalls {
+    /// Calls now waiting for their device to become reachable.
+    pub fn waiting_for_device(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
     fn lock(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, (String, oneshot::Sender<MethodResult>)>> {
@@ -150,6 +158,7 @@ async fn wait_until_reachable(
     connect_timeout: Duration,
 ) -> Result<(), IotHubError> {
     let deadline = Instant::now() + connect_timeout;
+    let mut counted = None;
     loop {
         // Registered before the check, so a change between the check and the wait wakes us.
         let changed = state.sessions.changed.notified();
@@ -161,8 +170,27 @@ async fn wait_until_reachable(
         {
             return Ok(());
         }
+        if counted.is_none() {
+            counted = Some(WaitingGuard::new(&state.methods.waiting));
+        }
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             return Err(not_online(device_id));
         }
+    }
+}
+
+/// Counts a call in [`MethodCalls::waiting_for_device`] for as long as it lives.
+struct WaitingGuard<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        WaitingGuard(count)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -367,7 +367,12 @@ async fn method_call_waits_for_connect_timeout() {
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The call is really waiting for the device before the device appears.
+    let methods = &hub.hub.state().methods;
+    crate::common::agent::eventually(Duration::from_secs(5), || async {
+        (methods.waiting_for_device() == 1).then_some(())
+    })
+    .await;
     let mut device = RawDevice::connect(&hub, "d1", &key).await;
     device
         .subscribe("$iothub/methods/POST/#", QoS::AtMostOnce)
@@ -383,6 +388,7 @@ async fn method_call_waits_for_connect_timeout() {
         .await;
     let reply = call.await.unwrap();
     assert_eq!(reply.body, json!({"status": 201, "payload": null}));
+    assert_eq!(hub.hub.state().methods.waiting_for_device(), 0);
     hub.stop().await;
 }
 
