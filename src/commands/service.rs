@@ -83,12 +83,33 @@ pub enum ServiceCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Register a device; the hub generates its keys.
+    /// Register a device (the hub generates its keys), or a numbered range of devices whose
+    /// keys derive from a group key (--prefix, --count, --group-key), 100 per bulk call.
     Create {
-        id: String,
-        /// Register it disabled.
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        id: Option<String>,
+        /// Register it (them) disabled.
         #[arg(long)]
         disabled: bool,
+        /// The ids' prefix: PREFIX + the number, zero-padded to the width of the last
+        /// (door-00001 ... door-10000).
+        #[arg(long, requires_all = ["count", "group_key"])]
+        prefix: Option<String>,
+        /// How many devices.
+        #[arg(long, requires = "prefix", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// The first number.
+        #[arg(long, requires = "prefix", default_value_t = 1)]
+        first: u64,
+        /// The group key (base64): each device's key is derived from it with the DPS
+        /// group-enrollment derivation, so no per-device key needs to be handed out.
+        #[arg(
+            long,
+            requires = "prefix",
+            env = "SIMDEVICE_GROUP_KEY",
+            hide_env_values = true
+        )]
+        group_key: Option<String>,
     },
     /// List device identities.
     List {
@@ -174,6 +195,22 @@ pub enum ServiceCommandError {
     /// `twin update` with nothing to update.
     #[error("twin update needs --tags or --desired (or both)")]
     EmptyTwinUpdate,
+    /// `device create` without an id, or without all of --prefix, --count and --group-key.
+    #[error("device create needs an ID, or --prefix with --count and --group-key")]
+    RangeIncomplete,
+    /// The numbered range does not fit (`--first` + `--count` past 2^64).
+    #[error("--first {first} with --count {count} goes past the largest number")]
+    RangeTooLarge { first: u64, count: u64 },
+    /// An id of the range is not a valid device id (a bad --prefix).
+    #[error("--prefix {prefix:?} makes an invalid device id")]
+    BadPrefix {
+        prefix: String,
+        #[source]
+        source: crate::protocol::identity::DeviceIdError,
+    },
+    /// The group key is not base64.
+    #[error("--group-key is not a usable key")]
+    GroupKey(#[source] crate::protocol::sas::SasError),
     /// The answer cannot be written to stdout (a closed pipe, a full disk).
     #[error("cannot write the answer to stdout")]
     Output(#[source] std::io::Error),
@@ -191,7 +228,11 @@ impl ServiceCommandError {
             | ServiceCommandError::ConnectionString(_)
             | ServiceCommandError::NotJson { .. }
             | ServiceCommandError::NotObject { .. }
-            | ServiceCommandError::EmptyTwinUpdate => true,
+            | ServiceCommandError::EmptyTwinUpdate
+            | ServiceCommandError::RangeIncomplete
+            | ServiceCommandError::RangeTooLarge { .. }
+            | ServiceCommandError::BadPrefix { .. }
+            | ServiceCommandError::GroupKey(_) => true,
             ServiceCommandError::Output(_) => false,
         }
     }
@@ -258,7 +299,25 @@ async fn device(
     command: DeviceCommand,
 ) -> Result<Value, ServiceCommandError> {
     match command {
-        DeviceCommand::Create { id, disabled } => Ok(client.create_device(&id, !disabled).await?),
+        DeviceCommand::Create {
+            id: Some(id),
+            disabled,
+            ..
+        } => Ok(client.create_device(&id, !disabled).await?),
+        DeviceCommand::Create {
+            id: None,
+            disabled,
+            prefix,
+            count,
+            first,
+            group_key,
+        } => {
+            let (Some(prefix), Some(count), Some(group_key)) = (prefix, count, group_key) else {
+                // clap's `requires` makes this unreachable; say so rather than panic.
+                return Err(ServiceCommandError::RangeIncomplete);
+            };
+            create_range(client, &prefix, first, count, &group_key, !disabled).await
+        }
         DeviceCommand::List { top } => Ok(client.list_devices(top).await?),
         DeviceCommand::Show { id } => Ok(client.get_device(&id).await?),
         DeviceCommand::Delete { id, etag } => {
@@ -268,6 +327,48 @@ async fn device(
         DeviceCommand::Enable { id } => Ok(client.set_device_status(&id, true).await?),
         DeviceCommand::Disable { id } => Ok(client.set_device_status(&id, false).await?),
     }
+}
+
+/// Registers `prefix` + `first ..` (`count` devices) with keys derived from `group_key`, through
+/// bulk registry calls of 100. Every id and key is checked before the first call. Prints what
+/// was created and each device the hub refused (an id that exists already, say).
+async fn create_range(
+    client: &ServiceClient,
+    prefix: &str,
+    first: u64,
+    count: u64,
+    group_key: &str,
+    enabled: bool,
+) -> Result<Value, ServiceCommandError> {
+    use crate::protocol::{identity, sas};
+    let ids = identity::numbered_ids(prefix, first, count)
+        .ok_or(ServiceCommandError::RangeTooLarge { first, count })?;
+    let status = if enabled { "enabled" } else { "disabled" };
+    let mut operations = Vec::new();
+    for id in ids {
+        identity::validate_device_id(&id).map_err(|source| ServiceCommandError::BadPrefix {
+            prefix: prefix.to_owned(),
+            source,
+        })?;
+        let key = sas::derive_device_key(group_key, &id).map_err(ServiceCommandError::GroupKey)?;
+        operations.push(json!({
+            "id": id,
+            "importMode": "create",
+            "status": status,
+            "authentication": {
+                "type": "sas",
+                "symmetricKey": {"primaryKey": key, "secondaryKey": key},
+            },
+        }));
+    }
+    let (mut created, mut errors) = (0u64, Vec::new());
+    for chunk in operations.chunks(crate::service::client::BULK_MAX_DEVICES) {
+        let result = client.bulk_registry(chunk).await?;
+        let failed = result["errors"].as_array().cloned().unwrap_or_default();
+        created += (chunk.len() - failed.len().min(chunk.len())) as u64;
+        errors.extend(failed);
+    }
+    Ok(json!({"created": created, "failed": errors.len(), "errors": errors}))
 }
 
 async fn twin(client: &ServiceClient, command: TwinCommand) -> Result<Value, ServiceCommandError> {

@@ -50,9 +50,34 @@ pub fn validate_device_id(id: &str) -> Result<(), DeviceIdError> {
     Ok(())
 }
 
+/// Device ids `prefix` + number for `first ..= first + count - 1`, each number zero-padded to
+/// the width of the last (`door-`, 1, 10,000: `door-00001` ... `door-10000`), so that ids sort
+/// as their numbers do. `None` when the range does not fit in a `u64`.
+pub fn numbered_ids(
+    prefix: &str,
+    first: u64,
+    count: u64,
+) -> Option<impl Iterator<Item = String> + '_> {
+    let last = first.checked_add(count.checked_sub(1)?)?;
+    let width = last.to_string().len();
+    Some((first..=last).map(move |n| format!("{prefix}{n:0width$}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbered_ids_are_padded_to_the_width_of_the_last() {
+        let ids: Vec<String> = numbered_ids("door-", 1, 10_000).unwrap().collect();
+        assert_eq!(ids.len(), 10_000);
+        assert_eq!(ids[0], "door-00001");
+        assert_eq!(ids[9_999], "door-10000");
+        let ids: Vec<String> = numbered_ids("d", 8, 3).unwrap().collect();
+        assert_eq!(ids, ["d08", "d09", "d10"]);
+        assert!(numbered_ids("d", 1, 0).is_none(), "no ids");
+        assert!(numbered_ids("d", u64::MAX, 2).is_none(), "past u64");
+    }
 
     #[test]
     fn every_documented_character_is_accepted() {

@@ -28,6 +28,22 @@ use crate::protocol::sas::{self, SasError};
 
 /// The service API version this client speaks.
 use crate::protocol::API_VERSION;
+
+/// The most operations one bulk registry call may carry, as on IoT Hub.
+pub const BULK_MAX_DEVICES: usize = 100;
+/// How many times a throttled (429) bulk registry call is waited out and sent again.
+pub const BULK_THROTTLE_RETRIES: u32 = 5;
+
+/// An answer body as JSON (empty: null).
+fn parse_answer(request_line: &str, text: &str) -> Result<Value, ServiceError> {
+    if text.trim().is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_str(text).map_err(|source| ServiceError::AnswerNotJson {
+        request: request_line.to_owned(),
+        source,
+    })
+}
 /// Lifetime of each SAS token.
 const TOKEN_LIFETIME_SECS: u64 = 3600;
 /// A token with less than this left is replaced before the next request.
@@ -388,7 +404,27 @@ impl ServiceClient {
         headers: &[(&'static str, String)],
         timeout: Option<Duration>,
     ) -> Result<(Value, HeaderMap), ServiceError> {
-        // What the errors name: the method and the path, never the query or a header.
+        let (request_line, status, headers, text) =
+            self.exchange(method, url, body, headers, timeout).await?;
+        if !status.is_success() {
+            let header_code = headers
+                .get("iothub-errorcode")
+                .and_then(|v| v.to_str().ok());
+            return Err(parse_hub_error(status.as_u16(), header_code, &text));
+        }
+        Ok((parse_answer(&request_line, &text)?, headers))
+    }
+
+    /// One request and its raw answer (what the errors name: the method and the path, never
+    /// the query or a header).
+    async fn exchange(
+        &self,
+        method: Method,
+        url: String,
+        body: Option<&Value>,
+        headers: &[(&'static str, String)],
+        timeout: Option<Duration>,
+    ) -> Result<(String, StatusCode, HeaderMap, String), ServiceError> {
         let request_line = format!(
             "{method} {}",
             url.split('?')
@@ -426,21 +462,51 @@ impl ServiceClient {
                 request: request_line.clone(),
                 source,
             })?;
-        if !status.is_success() {
-            let header_code = headers
-                .get("iothub-errorcode")
-                .and_then(|v| v.to_str().ok());
-            return Err(parse_hub_error(status.as_u16(), header_code, &text));
+        Ok((request_line, status, headers, text))
+    }
+
+    /// `POST /devices`: one bulk registry call of at most [`BULK_MAX_DEVICES`] operations
+    /// (IoT Hub's `ExportImportDevice` objects). Returns IoT Hub's
+    /// `BulkRegistryOperationResult` whether every operation succeeded (200) or some failed
+    /// (400 with the same body, each failure listed); a 429 is waited out (its
+    /// `Retry-After`, else 1, 2, 4, ... s) up to [`BULK_THROTTLE_RETRIES`] times.
+    pub async fn bulk_registry(&self, operations: &[Value]) -> Result<Value, ServiceError> {
+        let body = Value::Array(operations.to_vec());
+        let mut retries = 0;
+        loop {
+            let url = self.url("/devices", &[]);
+            let (request_line, status, headers, text) = self
+                .exchange(Method::POST, url, Some(&body), &[], None)
+                .await?;
+            if status == StatusCode::TOO_MANY_REQUESTS && retries < BULK_THROTTLE_RETRIES {
+                let wait = headers
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(1 << retries);
+                retries += 1;
+                tracing::info!(
+                    wait_secs = wait,
+                    "bulk registry call throttled (429): waiting"
+                );
+                tokio::time::sleep(Duration::from_secs(wait.min(60))).await;
+                continue;
+            }
+            if status.is_success() || status == StatusCode::BAD_REQUEST {
+                if let Ok(result) = serde_json::from_str::<Value>(&text) {
+                    if result.get("isSuccessful").is_some() {
+                        return Ok(result);
+                    }
+                }
+            }
+            if !status.is_success() {
+                let header_code = headers
+                    .get("iothub-errorcode")
+                    .and_then(|v| v.to_str().ok());
+                return Err(parse_hub_error(status.as_u16(), header_code, &text));
+            }
+            return parse_answer(&request_line, &text);
         }
-        let value = if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).map_err(|source| ServiceError::AnswerNotJson {
-                request: request_line,
-                source,
-            })?
-        };
-        Ok((value, headers))
     }
 
     async fn call(

@@ -439,3 +439,146 @@ async fn the_binary_prints_json_and_error_codes() {
     assert_eq!(output.status.code(), Some(2));
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_numbered_range_is_registered_in_bulk_with_keys_derived_from_the_group_key() {
+    let hub = TestHub::start().await;
+    let group_key = simdevice::protocol::sas::generate_key();
+    let argv = [
+        "device",
+        "create",
+        "--prefix",
+        "door-",
+        "--count",
+        "150",
+        "--group-key",
+        &group_key,
+    ];
+    // 150 devices: two bulk calls (100 + 50).
+    let created = local(&hub, &argv).await.unwrap();
+    assert_eq!(created, json!({"created": 150, "failed": 0, "errors": []}));
+    let registry = &hub.hub.state().registry;
+    assert!(registry.contains("door-001") && registry.contains("door-150"));
+    assert!(!registry.contains("door-000") && !registry.contains("door-151"));
+    // The device needs nothing but the group key: its own key is derived, and it connects.
+    let key = simdevice::protocol::sas::derive_device_key(&group_key, "door-042").unwrap();
+    // (RawDevice::connect asserts that the hub accepted the CONNECT.)
+    let device = RawDevice::connect(&hub, "door-042", &key).await;
+    drop(device);
+
+    // Again: every create is refused one by one (they exist), and said so.
+    let again = local(&hub, &argv).await.unwrap();
+    assert_eq!(again["created"], 0);
+    assert_eq!(again["failed"], 150);
+    assert_eq!(again["errors"][0]["deviceId"], "door-001");
+    assert_eq!(again["errors"][0]["errorCode"], "DeviceAlreadyExists");
+    assert!(!again.to_string().contains(&key), "no key in the answer");
+
+    // Bad input is refused before any call: a prefix that makes invalid ids, a bad key.
+    let bad_prefix = local(
+        &hub,
+        &[
+            "device",
+            "create",
+            "--prefix",
+            "a/",
+            "--count",
+            "2",
+            "--group-key",
+            &group_key,
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(bad_prefix.is_usage(), "{bad_prefix}");
+    assert!(!registry.contains("a/1"));
+    let bad_key = local(
+        &hub,
+        &[
+            "device",
+            "create",
+            "--prefix",
+            "x-",
+            "--count",
+            "2",
+            "--group-key",
+            "not base64!",
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(bad_key.is_usage(), "{bad_key}");
+    assert!(!registry.contains("x-1"));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_bulk_registry_call_answers_as_iot_hub_does() {
+    let hub = TestHub::start().await;
+    let service = hub.service();
+    hub.add_device("old");
+    let create = |id: &str| json!({"id": id, "importMode": "create"});
+    let reply = service
+        .call(
+            reqwest::Method::POST,
+            "/devices",
+            Some(json!([create("new1"), create("old"), {"id": "old", "importMode": "delete"}])),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 400, "a device named twice: {}", reply.body);
+
+    let reply = service
+        .call(
+            reqwest::Method::POST,
+            "/devices",
+            Some(
+                json!([create("new1"), create("old"), {"id": "gone", "importMode": "delete"},
+                        {"id": "new2", "importMode": "frobnicate"}]),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.body["isSuccessful"], false);
+    let failed: Vec<&str> = reply.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["deviceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["old", "gone", "new2"], "{}", reply.body);
+    let registry = &hub.hub.state().registry;
+    assert!(
+        registry.contains("new1"),
+        "one failure does not stop the others"
+    );
+
+    let reply = service
+        .call(
+            reqwest::Method::POST,
+            "/devices",
+            Some(json!([{"id": "new1", "importMode": "delete"}, create("new3")])),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.body,
+        json!({"isSuccessful": true, "errors": [], "warnings": []})
+    );
+    assert!(!registry.contains("new1") && registry.contains("new3"));
+
+    let many: Vec<Value> = (0..101).map(|i| create(&format!("m{i}"))).collect();
+    let reply = service
+        .call(
+            reqwest::Method::POST,
+            "/devices",
+            Some(Value::Array(many)),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 400, "more than 100: {}", reply.body);
+    assert!(!registry.contains("m0"));
+    hub.stop().await;
+}

@@ -1,5 +1,6 @@
-//! The device registry over REST: `PUT/GET/DELETE /devices/{id}`, `GET /devices`, and the
-//! registry and service statistics.
+//! The device registry over REST: `PUT/GET/DELETE /devices/{id}`, `GET /devices`, the bulk
+//! registry operation `POST /devices` (at most 100 devices a call), and the registry and
+//! service statistics.
 
 use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
@@ -97,6 +98,107 @@ pub async fn delete(
     state.registry.delete(&id, if_match(&headers))?;
     state.sessions.remove(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The most devices one bulk registry call may name, as on IoT Hub.
+pub const BULK_MAX_DEVICES: usize = 100;
+
+/// One entry of a bulk registry call (IoT Hub's `ExportImportDevice`, the fields this hub
+/// honours).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkDevice {
+    id: String,
+    import_mode: String,
+    e_tag: Option<String>,
+    status: Option<DeviceStatus>,
+    status_reason: Option<String>,
+    authentication: Option<Authentication>,
+}
+
+/// `POST /devices`: creates, updates or deletes up to [`BULK_MAX_DEVICES`] identities, each on
+/// its own (one failing does not stop the others). 200 with `isSuccessful: true` when all
+/// succeeded, else 400 with the same body listing each failure, as IoT Hub answers.
+pub async fn bulk(
+    _: Authorized<RegistryWrite>,
+    state: AppState,
+    body: JsonBody<Vec<BulkDevice>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let devices = json_body(body, "bulk registry body (an array of devices)")?;
+    if devices.is_empty() || devices.len() > BULK_MAX_DEVICES {
+        return Err(ApiError::bad_request(format!(
+            "a bulk registry call names 1 to {BULK_MAX_DEVICES} devices, not {}",
+            devices.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = devices.iter().find(|d| !seen.insert(d.id.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "device {} is named more than once; a bulk call names each device once",
+            twice.id
+        )));
+    }
+    let mut errors = Vec::new();
+    for device in devices {
+        let operation = device.import_mode.clone();
+        if let Err(error) = apply_bulk(&state, device.id.clone(), device) {
+            errors.push(json!({
+                "deviceId": error.0,
+                "errorCode": error.1.code.name(),
+                "errorStatus": error.1.message,
+                "operation": operation,
+            }));
+        }
+    }
+    let status = if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    let body = json!({"isSuccessful": errors.is_empty(), "errors": errors, "warnings": []});
+    Ok((status, Json(body)))
+}
+
+fn apply_bulk(
+    state: &AppState,
+    id: String,
+    device: BulkDevice,
+) -> Result<(), (String, crate::hub::error::IotHubError)> {
+    let fail = |error| (id.clone(), error);
+    let keys = device.authentication.and_then(|a| a.symmetric_key);
+    let spec = || DeviceSpec {
+        id: id.clone(),
+        status: device.status.unwrap_or(DeviceStatus::Enabled),
+        status_reason: device.status_reason.clone(),
+        primary_key: keys.as_ref().and_then(|k| k.primary_key.clone()),
+        secondary_key: keys.as_ref().and_then(|k| k.secondary_key.clone()),
+    };
+    match device.import_mode.to_ascii_lowercase().as_str() {
+        "create" => state.registry.create(spec()).map(drop).map_err(fail),
+        "update" | "updateifmatchetag" => {
+            let etag = (device.import_mode.eq_ignore_ascii_case("updateIfMatchETag"))
+                .then(|| device.e_tag.as_deref().unwrap_or(""));
+            let spec = spec();
+            let disabled = spec.status == DeviceStatus::Disabled;
+            state.registry.update_identity(spec, etag).map_err(fail)?;
+            if disabled {
+                // A disabled device is disconnected at once, as on IoT Hub.
+                state.sessions.remove(&id);
+            }
+            Ok(())
+        }
+        "delete" | "deleteifmatchetag" => {
+            let etag = (device.import_mode.eq_ignore_ascii_case("deleteIfMatchETag"))
+                .then(|| device.e_tag.as_deref().unwrap_or(""));
+            state.registry.delete(&id, etag).map_err(fail)?;
+            state.sessions.remove(&id);
+            Ok(())
+        }
+        other => Err(fail(crate::hub::error::IotHubError::argument(format!(
+            "importMode {other:?} is not one this hub knows (create, update, \
+             updateIfMatchETag, delete, deleteIfMatchETag)"
+        )))),
+    }
 }
 
 #[derive(Deserialize)]

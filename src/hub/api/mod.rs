@@ -49,7 +49,7 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn router(state: Arc<HubState>) -> Router {
     Router::new()
-        .route("/devices", get(devices::list))
+        .route("/devices", get(devices::list).post(devices::bulk))
         .route(
             "/devices/{id}",
             get(devices::get_one)
