@@ -16,6 +16,10 @@
 //!   lifetime of the caller's own token locks that caller out until the offset is set back by
 //!   someone else, or the hub restarts.
 //!
+//! - **Throttle bulk registry calls** (`throttle_bulk_registry`, Rust only): the next N
+//!   `POST /devices` are answered 429 ThrottlingException with `Retry-After: 1`, as IoT Hub
+//!   answers over its registry-operations quota, without being applied.
+//!
 //! - **Kill an accept loop** (`kill_accept_loop`, Rust only): the MQTT or the API accept loop
 //!   ends as if it had died; its port closes and the hub's health turns bad (`Hub::health`,
 //!   `/healthz`, the systemd watchdog). It cannot be undone short of a restart, so it is not
@@ -43,6 +47,7 @@ pub struct Faults {
     clock_offset: watch::Sender<i64>,
     connects_refused: AtomicU64,
     reported_throttled: AtomicU64,
+    bulk_throttles_left: AtomicU64,
     kill_mqtt_accept: CancellationToken,
     kill_api_accept: CancellationToken,
 }
@@ -78,6 +83,7 @@ impl Default for Faults {
             clock_offset,
             connects_refused: AtomicU64::new(0),
             reported_throttled: AtomicU64::new(0),
+            bulk_throttles_left: AtomicU64::new(0),
             kill_mqtt_accept: CancellationToken::new(),
             kill_api_accept: CancellationToken::new(),
         }
@@ -97,6 +103,18 @@ fn remaining(slot: &Mutex<Option<Instant>>) -> Duration {
 }
 
 impl Faults {
+    /// Answers the next `calls` bulk registry calls with 429.
+    pub fn throttle_bulk_registry(&self, calls: u64) {
+        self.bulk_throttles_left.store(calls, Ordering::Relaxed);
+    }
+
+    /// Whether this bulk registry call is to be throttled (uses up one).
+    pub fn throttle_bulk(&self) -> bool {
+        self.bulk_throttles_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// Refuses every CONNECT for `duration` from now; zero stops refusing.
     pub fn refuse_connects_for(&self, duration: Duration) {
         set_deadline(&self.refuse_connects_until, duration);

@@ -454,8 +454,19 @@ async fn a_numbered_range_is_registered_in_bulk_with_keys_derived_from_the_group
         "--group-key",
         &group_key,
     ];
-    // 150 devices: two bulk calls (100 + 50).
+    // 150 devices: two bulk calls (100 + 50); the first two attempts are throttled (429,
+    // Retry-After: 1 s) and waited out.
+    hub.hub.state().faults.throttle_bulk_registry(2);
+    let started = std::time::Instant::now();
     let created = local(&hub, &argv).await.unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "each 429 was waited out for its Retry-After"
+    );
+    assert!(
+        !hub.hub.state().faults.throttle_bulk(),
+        "both throttles were met"
+    );
     assert_eq!(created, json!({"created": 150, "failed": 0, "errors": []}));
     let registry = &hub.hub.state().registry;
     assert!(registry.contains("door-001") && registry.contains("door-150"));

@@ -123,7 +123,20 @@ pub async fn bulk(
     _: Authorized<RegistryWrite>,
     state: AppState,
     body: JsonBody<Vec<BulkDevice>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    if state.faults.throttle_bulk() {
+        let error: ApiError = crate::hub::error::IotHubError::new(
+            crate::protocol::error_code::ErrorCode::ThrottlingException,
+            "the hub is throttling registry operations; retry later",
+        )
+        .into();
+        let mut response = error.into_response();
+        response
+            .headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        return Ok(response);
+    }
     let devices = json_body(body, "bulk registry body (an array of devices)")?;
     if devices.is_empty() || devices.len() > BULK_MAX_DEVICES {
         return Err(ApiError::bad_request(format!(
@@ -156,7 +169,7 @@ pub async fn bulk(
         StatusCode::BAD_REQUEST
     };
     let body = json!({"isSuccessful": errors.is_empty(), "errors": errors, "warnings": []});
-    Ok((status, Json(body)))
+    Ok((status, Json(body)).into_response())
 }
 
 fn apply_bulk(
