@@ -34,6 +34,14 @@ pub const BULK_MAX_DEVICES: usize = 100;
 /// How many times a throttled (429) bulk registry call is waited out and sent again.
 pub const BULK_THROTTLE_RETRIES: u32 = 5;
 
+/// The hub's refusal: its status, the `iothub-errorcode` header and the body.
+fn hub_error(status: StatusCode, headers: &HeaderMap, text: &str) -> ServiceError {
+    let header_code = headers
+        .get("iothub-errorcode")
+        .and_then(|v| v.to_str().ok());
+    parse_hub_error(status.as_u16(), header_code, text)
+}
+
 /// An answer body as JSON (empty: null).
 fn parse_answer(request_line: &str, text: &str) -> Result<Value, ServiceError> {
     if text.trim().is_empty() {
@@ -407,10 +415,7 @@ impl ServiceClient {
         let (request_line, status, headers, text) =
             self.exchange(method, url, body, headers, timeout).await?;
         if !status.is_success() {
-            let header_code = headers
-                .get("iothub-errorcode")
-                .and_then(|v| v.to_str().ok());
-            return Err(parse_hub_error(status.as_u16(), header_code, &text));
+            return Err(hub_error(status, &headers, &text));
         }
         Ok((parse_answer(&request_line, &text)?, headers))
     }
@@ -500,10 +505,7 @@ impl ServiceClient {
                 }
             }
             if !status.is_success() {
-                let header_code = headers
-                    .get("iothub-errorcode")
-                    .and_then(|v| v.to_str().ok());
-                return Err(parse_hub_error(status.as_u16(), header_code, &text));
+                return Err(hub_error(status, &headers, &text));
             }
             return parse_answer(&request_line, &text);
         }
