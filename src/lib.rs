@@ -9,6 +9,7 @@
 //! - [`agent`] (one simulated device) and [`hub`] (the local IoT Hub, feature `hub`), side by
 //!   side, never importing each other.
 //! - [`service`]: a client of the service REST API of any hub (feature `service`).
+//! - [`fleet`]: many agents in one process, sharded, with their run report (feature `fleet`).
 //! - [`commands`]: what each verb does; [`cli`]: the clap command tree. `main` on top.
 //!
 //! ARCHITECTURE.md at the repository root has the map and the message flows.
@@ -18,6 +19,8 @@ pub mod cli;
 pub mod commands;
 pub mod common;
 pub mod config;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod protocol;

@@ -1,0 +1,1 @@
+//! The run report (filled in by issue 9).

@@ -1,0 +1,1 @@
+//! Shards of a device range (filled in by issue 9).
