@@ -221,7 +221,12 @@ struct AgentShared {
     /// Liveness of the long-running loops, read by the systemd watchdog.
     heartbeat: Heartbeat,
     reports: mpsc::Sender<Value>,
+    /// Who wants each reading's acknowledgement latency (the fleet's report); set once.
+    ack_observer: std::sync::OnceLock<AckObserver>,
 }
+
+/// Told the time from a reading's PUBLISH to its PUBACK, once per acknowledged reading.
+pub type AckObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// What a handler may touch; cheap to clone. See the module's note.
 #[derive(Clone)]
@@ -246,7 +251,21 @@ impl HandlerContext {
             settings: Mutex::new(serde_json::Map::new()),
             heartbeat: Heartbeat::default(),
             reports,
+            ack_observer: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Hands each reading's acknowledgement latency to `observer` (set once; a second call
+    /// is ignored). Many agents may share one observer.
+    pub fn observe_acks(&self, observer: AckObserver) {
+        let _ = self.0.ack_observer.set(observer);
+    }
+
+    /// A reading was acknowledged `latency` after it was published: the connection says so.
+    pub fn acknowledged(&self, latency: Duration) {
+        if let Some(observer) = self.0.ack_observer.get() {
+            observer(latency);
+        }
     }
 
     /// A context whose reported patches arrive on the returned receiver.
