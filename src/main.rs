@@ -16,7 +16,15 @@ const EX_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    simdevice::common::logging::init(cli.log_format);
+    // A fleet's thousands of agents would each log every connect and acknowledgement: it
+    // logs its own progress at info, the agents' warnings and errors only (RUST_LOG still
+    // decides when set).
+    let default_level = match &cli.command {
+        #[cfg(feature = "fleet")]
+        Command::Fleet(_) => "warn,simdevice::fleet=info,simdevice::commands::fleet=info",
+        _ => "info",
+    };
+    simdevice::common::logging::init(cli.log_format, default_level);
     // One device needs no thread pool: `run` gets a single-threaded runtime, which keeps the
     // daemon's memory and CPU small; the hub and the rest use one worker per core.
     let runtime = match &cli.command {
@@ -45,6 +53,11 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) if error.is_usage() => fail(&error, ExitCode::from(EX_USAGE)),
                 Err(error) => fail(&error, ExitCode::FAILURE),
+            },
+            #[cfg(feature = "fleet")]
+            Command::Fleet(args) => match commands::fleet::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
             Command::Config(args) => match commands::config::run(args) {
                 Ok(()) => ExitCode::SUCCESS,

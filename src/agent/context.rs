@@ -32,6 +32,8 @@ pub struct Counters {
     pub method_calls: AtomicU64,
     pub desired_applied: AtomicU64,
     pub reported_patches: AtomicU64,
+    /// Full twins received (one per connect, when the twin GET succeeds).
+    pub twins_fetched: AtomicU64,
     pub cloud_to_device: AtomicU64,
     /// True from an accepted CONNACK until that connection ends.
     pub connected: AtomicBool,

@@ -311,7 +311,11 @@ impl Agent {
             ctx.clone(),
             environment,
             outbox.clone(),
-            persisted.next_seq,
+            telemetry::Plan {
+                first_seq: persisted.next_seq,
+                messages: telemetry.messages,
+                start_phase: telemetry.start_phase,
+            },
             shutdown.clone(),
         ));
         tasks.spawn(

@@ -62,6 +62,9 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     /// Woken when a reading arrives.
     pub ready: Notify,
+    /// Woken when a reading is acknowledged (room for a producer that waits instead of
+    /// dropping: the fleet's `--interval-secs 0`).
+    room: Notify,
 }
 
 impl Outbox {
@@ -82,6 +85,7 @@ impl Outbox {
             store,
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
+            room: Notify::new(),
         }
     }
 
@@ -177,8 +181,20 @@ impl Outbox {
             if let Some(store) = &self.store {
                 store.delete([seq]);
             }
+            self.room.notify_waiters();
         }
         found
+    }
+
+    /// Waits until fewer than `readings` are waiting or in flight.
+    pub async fn wait_for_room(&self, readings: usize) {
+        loop {
+            let room = self.room.notified();
+            if self.len() < readings {
+                return;
+            }
+            room.await;
+        }
     }
 
     /// The connection ended: everything in flight goes back to the front, in `seq` order.

@@ -4,6 +4,10 @@
 //! the interval (desired property `telemetryInterval`, or SIGHUP) takes effect at once. A
 //! reading is `{"id","timestamp","temperature","humidity","uv","seq"}` with a per-device
 //! sequence number and a unique message id.
+//!
+//! A [`Plan`] may delay the first reading (the fleet spreads its devices over the interval)
+//! and end production after a number of readings. With a zero interval readings are produced
+//! as fast as the hub acknowledges them (at most [`BURST`] waiting): waiting, not dropping.
 
 use std::sync::Arc;
 
@@ -60,18 +64,38 @@ pub fn count_dropped(ctx: &HandlerContext, dropped: &Dropped, queued: usize) {
     }
 }
 
+/// Readings waiting or in flight at most when the interval is zero.
+pub const BURST: usize = 2 * super::connection::WINDOW;
+
+/// When and how many readings to produce.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Plan {
+    /// The first reading's `seq` (the outbox's next one).
+    pub first_seq: u64,
+    /// Readings to produce in all (`None`: until shutdown).
+    pub messages: Option<u64>,
+    /// Delay before the first reading.
+    pub start_phase: std::time::Duration,
+}
+
 pub async fn produce(
     ctx: HandlerContext,
     mut env: Environment,
     outbox: Arc<Outbox>,
-    first_seq: u64,
+    plan: Plan,
     shutdown: CancellationToken,
 ) {
     let mut interval = ctx.watch_telemetry_interval();
-    let mut seq = first_seq;
+    let mut seq = plan.first_seq;
+    let mut produced = 0u64;
     let mut last = Instant::now();
-    let mut next = last;
+    let mut next = last + plan.start_phase;
     loop {
+        if plan.messages.is_some_and(|m| produced >= m) {
+            // Done: the loop no longer has anything to do, so the watchdog must not wait on it.
+            ctx.heartbeat().wait_for_events(Beat::Telemetry);
+            return;
+        }
         // Asleep until the next reading: no wake-up before it just to say so.
         ctx.heartbeat().wait_until(Beat::Telemetry, next);
         tokio::select! {
@@ -86,8 +110,17 @@ pub async fn produce(
             _ = tokio::time::sleep_until(next) => {}
         }
         ctx.heartbeat().beat(Beat::Telemetry);
+        if interval.borrow().is_zero() {
+            ctx.heartbeat().wait_for_events(Beat::Telemetry);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = outbox.wait_for_room(BURST) => {}
+            }
+            ctx.heartbeat().beat(Beat::Telemetry);
+        }
         let reading = make_reading(ctx.device_id(), seq, &mut env);
         seq += 1;
+        produced += 1;
         Counters::bump(&ctx.counters().readings_produced);
         let dropped = outbox.push(reading).await;
         count_dropped(&ctx, &dropped, outbox.len());

@@ -164,6 +164,7 @@ impl TwinTask {
         }
         let twin: Value = serde_json::from_slice(&response.body)
             .map_err(|e| format!("twin GET body is not JSON: {e}"))?;
+        Counters::bump(&self.ctx.counters().twins_fetched);
         tracing::info!(twin = %twin, "twin received");
         let desired = twin.get("desired").cloned().unwrap_or(Value::Null);
         let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);

@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod doctor;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod generate;
 #[cfg(feature = "hub")]
 pub mod hub;

@@ -16,9 +16,9 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init(format: LogFormat) {
+pub fn init(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
-    let filter = filter_from(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = filter_with_default(std::env::var("RUST_LOG").ok().as_deref(), default);
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
@@ -35,7 +35,14 @@ pub fn init(format: LogFormat) {
 /// The filter `RUST_LOG` asks for: unset or empty is `info`; a value that does not parse is
 /// `info` too, said once on stderr (logging is not up yet).
 pub fn filter_from(rust_log: Option<&str>) -> Targets {
-    let default = Targets::new().with_default(LevelFilter::INFO);
+    filter_with_default(rust_log, "info")
+}
+
+/// The same with another filter when `RUST_LOG` is unset (`default` is a valid filter).
+pub fn filter_with_default(rust_log: Option<&str>, default: &str) -> Targets {
+    let default: Targets = default
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
     match rust_log.map(str::trim) {
         None | Some("") => default,
         Some(spec) => spec.parse().unwrap_or_else(|error| {

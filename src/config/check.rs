@@ -253,6 +253,7 @@ impl<'a> Check<'a> {
             temperature,
             humidity,
             uv,
+            ..TelemetrySettings::default()
         })
     }
 

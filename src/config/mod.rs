@@ -148,6 +148,12 @@ pub struct TelemetrySettings {
     pub temperature: (f64, f64),
     pub humidity: (f64, f64),
     pub uv: (f64, f64),
+    /// Readings to produce in all, then stop (`None`: no end). Set by the fleet
+    /// (`--messages`); not a configuration file key.
+    pub messages: Option<u64>,
+    /// Delay of the first reading after start, so that devices started together do not
+    /// send together. Set by the fleet from its seed; not a configuration file key.
+    pub start_phase: Duration,
 }
 
 impl Default for TelemetrySettings {
@@ -159,6 +165,8 @@ impl Default for TelemetrySettings {
             temperature: (70.0, 100.0),
             humidity: (70.0, 100.0),
             uv: (0.0, 1.0),
+            messages: None,
+            start_phase: Duration::ZERO,
         }
     }
 }

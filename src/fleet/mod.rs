@@ -1,5 +1,15 @@
 //! The fleet: many full agents in one process (`simdevice fleet`), one slice of a device range
 //! per shard, and the run report each shard writes.
+//!
+//! Rooms, lowest first: `shard` (which slice of the id range is ours), `report` (the JSON a
+//! shard writes and `merge-reports` merges, with its mergeable latency histogram), `devices`
+//! (identities from a range and a group key, or from a file), `run` (the agents, the ramp, the
+//! end), `progress` (the live line), `metrics` (`/metrics` and `/healthz`).
 
+pub mod devices;
+pub mod metrics;
+pub mod progress;
 pub mod report;
+pub mod run;
 pub mod shard;
+mod shim;

@@ -16,6 +16,7 @@ mod cli_generate;
 mod config;
 mod doctor;
 mod faults;
+mod fleet;
 mod hostile;
 mod hub_api;
 mod hub_jobs;

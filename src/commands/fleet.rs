@@ -1,0 +1,382 @@
+//! `simdevice fleet`: many full devices in one process, one shard of a device range, and
+//! `simdevice fleet merge-reports` to sum the shards' reports into one.
+//!
+//! Where the devices are comes from one of `--local` (the local hub's `hub.json`, its CA and
+//! group key), `--host` with `--group-key` (a real hub; keys derived per device), or
+//! `--devices FILE` (one connection string per line). Which slice is ours comes from
+//! `--shard-index`/`--shard-count`, or `JOB_COMPLETION_INDEX` (a Kubernetes Indexed Job).
+//! Everything is checked before the first device connects: a bad shard, count, file or key is
+//! a [`FleetCommandError`] with `is_config` (exit 78). SIGTERM/SIGINT stop the run, which
+//! drains and writes the report all the same.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::exposition::MetricsError;
+use crate::common::local_hub::{default_state_dir, HubInfo, HubInfoError};
+use crate::fleet::devices::{self, DevicesError, FleetDevice};
+use crate::fleet::metrics::FleetMetrics;
+use crate::fleet::progress::Progress;
+use crate::fleet::run::{Ending, Fleet, FleetError, FleetSettings};
+use crate::fleet::shard::{self, ShardError};
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct FleetArgs {
+    #[command(subcommand)]
+    pub command: Option<FleetCommand>,
+    #[command(flatten)]
+    pub run: FleetRunArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FleetCommand {
+    /// Merge the reports of a fleet's shards into one (counts summed, latency histograms
+    /// merged, so the percentiles are those of the whole run).
+    MergeReports {
+        /// The shards' report files.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Where to write the merged report [default: stdout].
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Merge even when some shards' reports are missing (the result says which).
+        #[arg(long)]
+        partial: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("hub").required(true).args(["local", "host", "devices"]))]
+pub struct FleetRunArgs {
+    /// Run against the local hub (`simdevice hub --auto-register`): its hub.json gives the
+    /// address, the CA and the group key.
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: the hub's state directory [default: the per-user data directory].
+    #[arg(long, requires = "local", env = "SIMDEVICE_HUB_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The IoT Hub host name (a real hub, or a local one by name).
+    #[arg(long, requires = "group_key")]
+    pub host: Option<String>,
+    /// The group key (base64): each device's key is derived from it and the device id with
+    /// the DPS group-enrollment derivation.
+    #[arg(long, env = "SIMDEVICE_GROUP_KEY", hide_env_values = true)]
+    pub group_key: Option<String>,
+    /// Where to connect instead of --host (`host:port`), keeping --host in the tokens.
+    #[arg(long, requires = "host")]
+    pub gateway: Option<String>,
+    /// A CA certificate (PEM) to trust besides the public roots.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// One device connection string per line (blank lines and `#` comments skipped), instead
+    /// of a prefix and a range; the shards split the lines.
+    #[arg(long, conflicts_with_all = ["prefix", "first", "count"])]
+    pub devices: Option<PathBuf>,
+    /// Device ids: PREFIX + the number, zero-padded to the width of the last id.
+    #[arg(long, default_value = "door-")]
+    pub prefix: String,
+    /// Devices in the whole range (all shards together).
+    #[arg(long, default_value_t = 100)]
+    pub count: u64,
+    /// The first device number.
+    #[arg(long, default_value_t = 1)]
+    pub first: u64,
+    /// This shard's index, 0-based [default: $JOB_COMPLETION_INDEX, else 0].
+    #[arg(long)]
+    pub shard_index: Option<u64>,
+    /// The number of shards the range is split into [default: 1].
+    #[arg(long)]
+    pub shard_count: Option<u64>,
+    /// Seconds between two readings of a device; 0: as fast as the hub acknowledges.
+    #[arg(long, default_value_t = 10.0)]
+    pub interval_secs: f64,
+    /// Readings per device; the run ends once each is acknowledged (or dropped).
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// Run this many seconds, then stop.
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Devices started per second (jittered); 0: all at once.
+    #[arg(long, default_value_t = 100.0)]
+    pub connect_rate: f64,
+    /// The seed of every device's simulation [default: drawn, and written in the report].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A telemetry template (JSON) every device renders instead of the environment reading.
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Where to write the run report (JSON) [default: stdout].
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Serve the fleet's /metrics and /healthz on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetCommandError {
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error(transparent)]
+    Devices(#[from] DevicesError),
+    #[error("--local: cannot use the local hub in {}", state_dir.display())]
+    LocalHub {
+        state_dir: PathBuf,
+        #[source]
+        source: HubInfoError,
+    },
+    #[error("--local: the hub in {} has no group key: start it with --auto-register, or use --devices", state_dir.display())]
+    NoGroupKey { state_dir: PathBuf },
+    #[error("--{flag} must be {what}, not {value}")]
+    BadNumber {
+        flag: &'static str,
+        what: &'static str,
+        value: f64,
+    },
+    #[error("--count must be at least 1")]
+    ZeroCount,
+    #[error("--messages must be at least 1")]
+    ZeroMessages,
+    #[error(transparent)]
+    Template(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Report(#[from] crate::fleet::report::ReportError),
+    #[error(transparent)]
+    Merge(#[from] crate::fleet::report::MergeError),
+    #[error("cannot write the report to {}", path.display())]
+    WriteReport {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FleetCommandError {
+    /// Bad input (exit 78): everything but a metrics port that cannot be bound, a report
+    /// that cannot be written, or a machine that fails.
+    pub fn is_config(&self) -> bool {
+        match self {
+            FleetCommandError::Fleet(error) => error.is_config(),
+            FleetCommandError::Metrics(_) | FleetCommandError::WriteReport { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+pub async fn run(args: FleetArgs) -> Result<(), FleetCommandError> {
+    match args.command {
+        Some(FleetCommand::MergeReports {
+            reports,
+            output,
+            partial,
+        }) => merge_reports(&reports, output.as_deref(), partial),
+        None => run_fleet(args.run).await,
+    }
+}
+
+fn merge_reports(
+    paths: &[PathBuf],
+    output: Option<&Path>,
+    partial: bool,
+) -> Result<(), FleetCommandError> {
+    let reports = paths
+        .iter()
+        .map(|path| crate::fleet::report::Report::read(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let merged = crate::fleet::report::merge(&reports, partial)?;
+    write_report(&merged.to_json_pretty(), output)
+}
+
+fn write_report(json: &str, path: Option<&Path>) -> Result<(), FleetCommandError> {
+    match path {
+        Some(path) => std::fs::write(path, format!("{json}\n")).map_err(|source| {
+            FleetCommandError::WriteReport {
+                path: path.to_path_buf(),
+                source,
+            }
+        }),
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{json}").map_err(|source| FleetCommandError::WriteReport {
+                path: PathBuf::from("stdout"),
+                source,
+            })
+        }
+    }
+}
+
+/// Checks every argument, builds every device, then runs and writes the report.
+async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
+    let positive = |flag, value: f64| {
+        if value.is_finite() && value >= 0.0 {
+            Ok(value)
+        } else {
+            Err(FleetCommandError::BadNumber {
+                flag,
+                what: "a number of seconds, 0 or more",
+                value,
+            })
+        }
+    };
+    let interval = Duration::from_secs_f64(positive("interval-secs", args.interval_secs)?);
+    let duration = args
+        .duration
+        .map(|d| positive("duration", d).map(Duration::from_secs_f64))
+        .transpose()?;
+    if !(args.connect_rate.is_finite() && args.connect_rate >= 0.0) {
+        return Err(FleetCommandError::BadNumber {
+            flag: "connect-rate",
+            what: "devices per second, 0 (unlimited) or more",
+            value: args.connect_rate,
+        });
+    }
+    if args.messages == Some(0) {
+        return Err(FleetCommandError::ZeroMessages);
+    }
+    let shard = shard::Shard::resolve(
+        args.shard_index,
+        args.shard_count,
+        std::env::var(shard::JOB_COMPLETION_INDEX).ok(),
+    )?;
+    let (devices, ca_file, range) = select_devices(&args, shard)?;
+    let template = args
+        .template
+        .as_deref()
+        .map(crate::agent::template::Template::load)
+        .transpose()
+        .map_err(crate::config::ConfigError::from)?
+        .map(std::sync::Arc::new);
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let fleet = Fleet::new(FleetSettings {
+        devices,
+        ca_file,
+        interval,
+        messages: args.messages,
+        duration,
+        connect_rate: (args.connect_rate > 0.0).then_some(args.connect_rate),
+        seed,
+        template,
+    })?;
+    tracing::info!(
+        shard = %format!("{}/{}", shard.index, shard.count),
+        first = %range.first, last = %range.last, devices = range.count, seed,
+        "fleet starting"
+    );
+    let stop = CancellationToken::new();
+    let metrics_stop = CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let source = std::sync::Arc::new(FleetMetrics { view: fleet.view() });
+        crate::common::exposition::serve(addr, source, metrics_stop.clone()).await?;
+    }
+    let signals = tokio::spawn(wait_for_signal(stop.clone()));
+    let started_at = chrono::Utc::now();
+    let mut progress = Progress::new(std::io::stderr().is_terminal());
+    let (ending, view) = fleet.run(stop, |view| progress.tick(view)).await;
+    signals.abort();
+    metrics_stop.cancel();
+    progress.finish();
+    let ended_at = chrono::Utc::now();
+    tracing::info!(ending = ?ending, "fleet stopped");
+    let report = crate::fleet::report::Report::from_run(
+        shard,
+        range,
+        &view.snapshot(),
+        view.latency(),
+        seed,
+        started_at,
+        ended_at,
+    );
+    write_report(&report.to_json_pretty(), args.report.as_deref())
+}
+
+/// The first and last device ids of this shard and their count, for the report.
+#[derive(Clone, Debug)]
+pub struct DeviceSpan {
+    pub first: String,
+    pub last: String,
+    pub count: u64,
+}
+
+fn span(devices: &[FleetDevice]) -> DeviceSpan {
+    DeviceSpan {
+        first: devices.first().map(|d| d.device_id.clone()).unwrap_or_default(),
+        last: devices.last().map(|d| d.device_id.clone()).unwrap_or_default(),
+        count: devices.len() as u64,
+    }
+}
+
+/// This shard's devices, the CA to trust, and their span.
+fn select_devices(
+    args: &FleetRunArgs,
+    shard: shard::Shard,
+) -> Result<(Vec<FleetDevice>, Option<PathBuf>, DeviceSpan), FleetCommandError> {
+    if let Some(path) = &args.devices {
+        let all = devices::from_file(path)?;
+        let slice = shard.slice(0, all.len() as u64)?;
+        let mine: Vec<FleetDevice> = all
+            .into_iter()
+            .skip(slice.first as usize)
+            .take(slice.count as usize)
+            .collect();
+        let span = span(&mine);
+        return Ok((mine, args.ca_file.clone(), span));
+    }
+    if args.count == 0 {
+        return Err(FleetCommandError::ZeroCount);
+    }
+    let slice = shard.slice(args.first, args.count)?;
+    let ids = shard::slice_ids(&args.prefix, args.first, args.count, slice);
+    let (host, gateway, group_key, ca_file) = if args.local {
+        let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+        let info = HubInfo::read(&state_dir).map_err(|source| FleetCommandError::LocalHub {
+            state_dir: state_dir.clone(),
+            source,
+        })?;
+        let Some(group_key) = info.group_key.clone() else {
+            return Err(FleetCommandError::NoGroupKey { state_dir });
+        };
+        let gateway = format!("{}:{}", info.hostname, info.mqtt_port);
+        (
+            info.hostname,
+            Some(gateway),
+            group_key,
+            Some(args.ca_file.clone().unwrap_or(info.ca_file)),
+        )
+    } else {
+        (
+            args.host.clone().unwrap_or_default(),
+            args.gateway.clone(),
+            args.group_key.clone().unwrap_or_default(),
+            args.ca_file.clone(),
+        )
+    };
+    let devices = devices::from_group_key(ids, &host, gateway.as_deref(), &group_key)?;
+    let span = span(&devices);
+    Ok((devices, ca_file, span))
+}
+
+/// Cancels `stop` on SIGTERM or SIGINT.
+async fn wait_for_signal(stop: CancellationToken) {
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping the fleet: draining, then writing the report");
+    stop.cancel();
+}
