@@ -391,7 +391,9 @@ fn rounded(x: f64, decimals: u8) -> Drawn<'static> {
         return Drawn::Int(x.round() as i64);
     }
     let scale = 10f64.powi(i32::from(decimals));
-    Drawn::Float((x * scale).round() / scale)
+    let round = (x * scale).round() / scale;
+    // Near f64::MAX the scaled value overflows; such a value has no decimals to round anyway.
+    Drawn::Float(if round.is_finite() { round } else { x })
 }
 
 fn push_number(out: &mut String, drawn: &Drawn<'_>) {
@@ -780,6 +782,10 @@ impl Compiler<'_> {
                 if min >= max {
                     return Err(a.bad(format!("min ({min}) must be less than max ({max})")));
                 }
+                // The generator needs the span as a number; refused here, not a panic later.
+                if !(max - min).is_finite() {
+                    return Err(a.bad("the range is too wide".into()));
+                }
                 let decimals = a.decimals(2)?;
                 Gen::Float { min, max, decimals }
             }
@@ -796,6 +802,9 @@ impl Compiler<'_> {
                 }
                 if step <= 0.0 {
                     return Err(a.bad(format!("step ({step}) must be more than 0")));
+                }
+                if !(2.0 * step).is_finite() {
+                    return Err(a.bad("the step is too large".into()));
                 }
                 let decimals = a.decimals(4)?;
                 let index = self.walk_starts.len();
@@ -1217,7 +1226,9 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_refused_with_the_usage() {
-        let cases: [(&str, &str); 14] = [
+        let cases: [(&str, &str); 16] = [
+            ("${float(-1e308, 1e308)}", "the range is too wide"),
+            ("${walk(0, -1, 1, 1e308)}", "the step is too large"),
             ("${int(5, 3)}", "min (5) is more than max (3)"),
             ("${int(1.5, 3)}", "min must be a whole number"),
             ("${int(1)}", "takes 2 arguments, got 1"),
@@ -1293,6 +1304,20 @@ mod tests {
         let error = Template::load(Path::new("/nonexistent/t.json")).unwrap_err();
         assert_eq!(error.to_string(), "/nonexistent/t.json: cannot read it");
         assert!(std::error::Error::source(&error).is_some());
+    }
+
+    #[test]
+    fn extreme_bounds_render_finite_numbers() {
+        let mut s = state(
+            r#"{"body": ["${float(-1e307, 1e307)}", "${walk(1e308, -1e308, 1.7e308, 1e307)}",
+                "${int(-9223372036854775808, 9223372036854775807)}"]}"#,
+            1,
+        );
+        for seq in 1..=100 {
+            let b = body(&mut s, seq);
+            assert!(b[0].as_f64().unwrap().abs() <= 1e307, "{b}");
+            assert!(b[1].is_f64() && b[2].is_i64(), "{b}");
+        }
     }
 
     #[test]
