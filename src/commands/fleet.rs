@@ -23,7 +23,7 @@ use crate::common::local_hub::{default_state_dir, HubInfo, HubInfoError};
 use crate::fleet::devices::{self, DevicesError, FleetDevice};
 use crate::fleet::metrics::FleetMetrics;
 use crate::fleet::progress::Progress;
-use crate::fleet::run::{Ending, Fleet, FleetError, FleetSettings};
+use crate::fleet::run::{Fleet, FleetError, FleetSettings};
 use crate::fleet::report::{Devices, Report, Shards};
 use crate::fleet::shard::{IdRange, Shard, ShardError, SHARD_INDEX_ENV};
 
@@ -153,6 +153,10 @@ pub enum FleetCommandError {
     Report(#[from] crate::fleet::report::ReadError),
     #[error(transparent)]
     Merge(#[from] crate::fleet::report::MergeError),
+    /// The report is written all the same; a shard that reached nothing must not look done
+    /// to the engine that ran it.
+    #[error("none of the {devices} devices connected (see the report's errors)")]
+    NothingConnected { devices: u64 },
     #[error("cannot write the report to {}", path.display())]
     WriteReport {
         path: PathBuf,
@@ -167,7 +171,9 @@ impl FleetCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             FleetCommandError::Fleet(error) => error.is_config(),
-            FleetCommandError::Metrics(_) | FleetCommandError::WriteReport { .. } => false,
+            FleetCommandError::Metrics(_)
+            | FleetCommandError::WriteReport { .. }
+            | FleetCommandError::NothingConnected { .. } => false,
             _ => true,
         }
     }
@@ -305,7 +311,13 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         started_at,
         ended_at,
     };
-    write_report(&report.to_json_pretty(), args.report.as_deref())
+    write_report(&report.to_json_pretty(), args.report.as_deref())?;
+    if report.connected == 0 {
+        return Err(FleetCommandError::NothingConnected {
+            devices: report.devices.count,
+        });
+    }
+    Ok(())
 }
 
 /// The first and last device ids of this shard and their count, for the report.
