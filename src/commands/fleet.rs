@@ -18,13 +18,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::exposition::MetricsError;
-use crate::common::template::{Template, TemplateError};
 use crate::common::local_hub::{default_state_dir, HubInfo, HubInfoError};
+use crate::common::template::{Template, TemplateError};
 use crate::fleet::devices::{self, DevicesError, FleetDevice};
 use crate::fleet::metrics::FleetMetrics;
 use crate::fleet::progress::Progress;
-use crate::fleet::run::{Fleet, FleetError, FleetSettings};
 use crate::fleet::report::{Devices, Report, Shards};
+use crate::fleet::run::{Fleet, FleetError, FleetSettings};
 use crate::fleet::shard::{IdRange, Shard, ShardError, SHARD_INDEX_ENV};
 
 #[derive(Debug, clap::Args)]
@@ -205,19 +205,18 @@ fn merge_reports(
 
 fn write_report(json: &str, path: Option<&Path>) -> Result<(), FleetCommandError> {
     match path {
-        Some(path) => std::fs::write(path, json).map_err(|source| {
-            FleetCommandError::WriteReport {
-                path: path.to_path_buf(),
-                source,
-            }
+        Some(path) => std::fs::write(path, json).map_err(|source| FleetCommandError::WriteReport {
+            path: path.to_path_buf(),
+            source,
         }),
         None => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            out.write_all(json.as_bytes()).map_err(|source| FleetCommandError::WriteReport {
-                path: PathBuf::from("stdout"),
-                source,
-            })
+            out.write_all(json.as_bytes())
+                .map_err(|source| FleetCommandError::WriteReport {
+                    path: PathBuf::from("stdout"),
+                    source,
+                })
         }
     }
 }
@@ -323,8 +322,14 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
 /// The first and last device ids of this shard and their count, for the report.
 fn span(devices: &[FleetDevice]) -> Devices {
     Devices {
-        first: devices.first().map(|d| d.device_id.clone()).unwrap_or_default(),
-        last: devices.last().map(|d| d.device_id.clone()).unwrap_or_default(),
+        first: devices
+            .first()
+            .map(|d| d.device_id.clone())
+            .unwrap_or_default(),
+        last: devices
+            .last()
+            .map(|d| d.device_id.clone())
+            .unwrap_or_default(),
         count: devices.len() as u64,
     }
 }

@@ -82,8 +82,8 @@ pub fn from_group_key(
                 device_id: device_id.clone(),
                 source,
             })?;
-            let key = sas::derive_device_key(group_key, &device_id)
-                .map_err(DevicesError::GroupKey)?;
+            let key =
+                sas::derive_device_key(group_key, &device_id).map_err(DevicesError::GroupKey)?;
             Ok(FleetDevice {
                 device_id,
                 host_name: host_name.to_string(),
@@ -114,12 +114,11 @@ fn parse_lines(path: &Path, text: &str) -> Result<Vec<FleetDevice>, DevicesError
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let parsed: DeviceConnectionString =
-            line.parse().map_err(|source| DevicesError::Line {
-                path: path.to_path_buf(),
-                line: line_no,
-                source,
-            })?;
+        let parsed: DeviceConnectionString = line.parse().map_err(|source| DevicesError::Line {
+            path: path.to_path_buf(),
+            line: line_no,
+            source,
+        })?;
         let Some(key) = parsed.shared_access_key.clone() else {
             return Err(DevicesError::NoKey {
                 path: path.to_path_buf(),
@@ -178,7 +177,10 @@ mod tests {
     fn a_group_key_that_is_not_base64_is_refused_once() {
         let error = from_group_key(["a".to_string()], "h", None, "not base64!").unwrap_err();
         assert!(matches!(error, DevicesError::GroupKey(_)), "{error}");
-        assert!(!error.to_string().contains("not base64!"), "no key in errors");
+        assert!(
+            !error.to_string().contains("not base64!"),
+            "no key in errors"
+        );
     }
 
     #[test]
@@ -189,7 +191,10 @@ mod tests {
         );
         let devices = parse_lines(path, &good).unwrap();
         assert_eq!(
-            devices.iter().map(|d| d.device_id.as_str()).collect::<Vec<_>>(),
+            devices
+                .iter()
+                .map(|d| d.device_id.as_str())
+                .collect::<Vec<_>>(),
             ["a", "b"]
         );
 
@@ -197,9 +202,13 @@ mod tests {
         let error = parse_lines(path, &bad).unwrap_err().to_string();
         assert!(error.starts_with("devices.txt:2:"), "{error}");
 
-        let sas = "HostName=h;DeviceId=a;SharedAccessSignature=SharedAccessSignature sr=x&sig=y&se=1\n";
+        let sas =
+            "HostName=h;DeviceId=a;SharedAccessSignature=SharedAccessSignature sr=x&sig=y&se=1\n";
         let error = parse_lines(path, sas).unwrap_err().to_string();
-        assert!(error.contains("devices.txt:1:") && error.contains("SharedAccessKey"), "{error}");
+        assert!(
+            error.contains("devices.txt:1:") && error.contains("SharedAccessKey"),
+            "{error}"
+        );
 
         let twice = format!("{good}HostName=h.local;DeviceId=a;SharedAccessKey={KEY}\n");
         let error = parse_lines(path, &twice).unwrap_err().to_string();

@@ -23,7 +23,11 @@ impl MetricsSource for FleetMetrics {
         use Kind::{Counter, Gauge};
         let s = self.view.snapshot();
         let gauges = [
-            ("simdevice_fleet_devices", "Devices in this shard.", s.target),
+            (
+                "simdevice_fleet_devices",
+                "Devices in this shard.",
+                s.target,
+            ),
             (
                 "simdevice_fleet_started",
                 "Devices started so far (the connect ramp).",

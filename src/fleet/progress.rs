@@ -45,7 +45,10 @@ impl Progress {
             let _ = write!(err, "\r\x1b[K{line}");
             let _ = err.flush();
             self.drawn = true;
-        } else if self.last_log.is_none_or(|at| now.duration_since(at) >= LOG_EVERY) {
+        } else if self
+            .last_log
+            .is_none_or(|at| now.duration_since(at) >= LOG_EVERY)
+        {
             self.last_log = Some(now);
             tracing::info!(target: "simdevice::fleet", "{line}");
         }

@@ -258,8 +258,7 @@ fn device_config(settings: &FleetSettings, device: &FleetDevice) -> Config {
     telemetry.temperature = shift(telemetry.temperature, &mut rng);
     telemetry.humidity = shift(telemetry.humidity, &mut rng);
     config.connectivity.operator = OPERATORS[rng.gen_range(0..OPERATORS.len())].to_string();
-    config.connectivity.technology =
-        TECHNOLOGIES[rng.gen_range(0..TECHNOLOGIES.len())].to_string();
+    config.connectivity.technology = TECHNOLOGIES[rng.gen_range(0..TECHNOLOGIES.len())].to_string();
     config.outbox.path = None;
     config
 }

@@ -19,7 +19,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_simdevice");
 fn settings_for(hub: &TestHub, count: u64) -> FleetSettings {
     let info = hub.hub.info();
     let gateway = format!("{}:{}", info.hostname, info.mqtt_port);
-    let group_key = info.group_key.clone().expect("auto-register hub has a group key");
+    let group_key = info
+        .group_key
+        .clone()
+        .expect("auto-register hub has a group key");
     let ids = numbered_ids("door-", 1, count).unwrap();
     FleetSettings {
         devices: from_group_key(ids, &info.hostname, Some(&gateway), &group_key).unwrap(),
@@ -51,7 +54,11 @@ async fn a_thousand_devices_are_full_devices() {
         (s.connectivity_reported == N && s.twins_fetched == N).then_some(())
     })
     .await;
-    assert_eq!(hub.hub.state().registry.list(usize::MAX).len() as u64, N, "each device registered itself");
+    assert_eq!(
+        hub.hub.state().registry.list(usize::MAX).len() as u64,
+        N,
+        "each device registered itself"
+    );
 
     // A random sample (a fixed seed, so a failure can be replayed).
     let sample: Vec<String> = {
@@ -108,7 +115,10 @@ async fn a_thousand_devices_are_full_devices() {
         state.telemetry.total(),
         "acknowledged by the fleet = received by the hub"
     );
-    assert_eq!(s.readings_sent, s.readings_acknowledged, "nothing left in flight");
+    assert_eq!(
+        s.readings_sent, s.readings_acknowledged,
+        "nothing left in flight"
+    );
     assert!(s.methods_answered >= sample.len() as u64, "{s:?}");
     assert!(s.desired_applied >= sample.len() as u64, "{s:?}");
     assert_eq!(s.error_total(), 0, "{:?}", s.errors);
@@ -138,8 +148,12 @@ async fn fleet_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output 
 fn report_of(output: &std::process::Output) -> Value {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("the report is JSON ({e}): {}", String::from_utf8_lossy(&output.stdout)))
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the report is JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
 }
 
 /// The Event Hubs walkthrough's sender (`--count 10 --messages 20`, no interval), sharded in
@@ -150,8 +164,21 @@ async fn shards_send_their_messages_and_their_reports_merge_to_the_hubs_count() 
     let hub = TestHub::start_with(|c| c.auto_register = true).await;
     let dir = hub.dir.path().to_str().unwrap().to_owned();
     let common = [
-        "--local", "--state-dir", &dir, "--count", "10", "--messages", "20",
-        "--interval-secs", "0", "--connect-rate", "0", "--seed", "1", "--shard-count", "2",
+        "--local",
+        "--state-dir",
+        &dir,
+        "--count",
+        "10",
+        "--messages",
+        "20",
+        "--interval-secs",
+        "0",
+        "--connect-rate",
+        "0",
+        "--seed",
+        "1",
+        "--shard-count",
+        "2",
     ];
     let mut paths = Vec::new();
     for index in ["0", "1"] {
@@ -170,12 +197,20 @@ async fn shards_send_their_messages_and_their_reports_merge_to_the_hubs_count() 
     assert_eq!(alone.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains('1'), "names the missing shard: {stderr}");
     let partial = report_of(
-        &fleet_cli(&["merge-reports", "--partial", paths[0].to_str().unwrap()], &[]).await,
+        &fleet_cli(
+            &["merge-reports", "--partial", paths[0].to_str().unwrap()],
+            &[],
+        )
+        .await,
     );
     assert_eq!(partial["shard"]["complete"], false);
     assert_eq!(partial["shard"]["missing"], json!([1]));
     let output = fleet_cli(
-        &["merge-reports", paths[0].to_str().unwrap(), paths[1].to_str().unwrap()],
+        &[
+            "merge-reports",
+            paths[0].to_str().unwrap(),
+            paths[1].to_str().unwrap(),
+        ],
         &[],
     )
     .await;
@@ -197,21 +232,52 @@ async fn shards_send_their_messages_and_their_reports_merge_to_the_hubs_count() 
 async fn bad_input_is_refused_with_exit_78() {
     let dir = tempfile::tempdir().unwrap();
     let bad_file = dir.path().join("devices.txt");
-    std::fs::write(&bad_file, "HostName=h;DeviceId=a;SharedAccessKey=a2V5\nnot a connection string\n").unwrap();
+    std::fs::write(
+        &bad_file,
+        "HostName=h;DeviceId=a;SharedAccessKey=a2V5\nnot a connection string\n",
+    )
+    .unwrap();
     let host = ["--host", "hub.example", "--group-key", "a2V5a2V5a2V5"];
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
-        ([&host[..], &["--shard-index", "3", "--shard-count", "2"]].concat(), vec![], "--shard-index 3"),
+        (
+            [&host[..], &["--shard-index", "3", "--shard-count", "2"]].concat(),
+            vec![],
+            "--shard-index 3",
+        ),
         ([&host[..], &["--count", "0"]].concat(), vec![], "--count 0"),
-        ([&host[..], &["--count", "5", "--shard-count", "6", "--shard-index", "0"]].concat(), vec![], "more than the 5 devices"),
-        ([&host[..], &["--shard-count", "2"]].concat(), vec![("JOB_COMPLETION_INDEX", "x")], "JOB_COMPLETION_INDEX"),
-        (vec!["--host", "hub.example", "--group-key", "not base64!"], vec![], "--group-key"),
-        (vec!["--devices", bad_file.to_str().unwrap()], vec![], "devices.txt:2"),
+        (
+            [
+                &host[..],
+                &["--count", "5", "--shard-count", "6", "--shard-index", "0"],
+            ]
+            .concat(),
+            vec![],
+            "more than the 5 devices",
+        ),
+        (
+            [&host[..], &["--shard-count", "2"]].concat(),
+            vec![("JOB_COMPLETION_INDEX", "x")],
+            "JOB_COMPLETION_INDEX",
+        ),
+        (
+            vec!["--host", "hub.example", "--group-key", "not base64!"],
+            vec![],
+            "--group-key",
+        ),
+        (
+            vec!["--devices", bad_file.to_str().unwrap()],
+            vec![],
+            "devices.txt:2",
+        ),
     ];
     for (args, env, expected) in cases {
         let output = fleet_cli(&args, &env).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(78), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(!stderr.contains("not base64!"), "no key in errors: {stderr}");
+        assert!(
+            !stderr.contains("not base64!"),
+            "no key in errors: {stderr}"
+        );
     }
 }

@@ -18,6 +18,7 @@ mod config;
 mod doctor;
 mod faults;
 mod fleet;
+mod fleet_engine;
 mod hostile;
 mod hub_api;
 mod hub_jobs;
