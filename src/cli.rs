@@ -33,7 +33,7 @@ pub enum Command {
     Service(crate::commands::service::ServiceArgs),
     /// Run many simulated devices in one process: one shard of a device range, with a report.
     #[cfg(feature = "fleet")]
-    Fleet(crate::commands::fleet::FleetArgs),
+    Fleet(Box<crate::commands::fleet::FleetArgs>),
     /// Check the configuration, DNS, TCP, TLS, clock and authentication against the hub.
     Doctor(crate::commands::doctor::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).

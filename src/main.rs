@@ -55,7 +55,7 @@ fn main() -> ExitCode {
                 Err(error) => fail(&error, ExitCode::FAILURE),
             },
             #[cfg(feature = "fleet")]
-            Command::Fleet(args) => match commands::fleet::run(args).await {
+            Command::Fleet(args) => match commands::fleet::run(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },

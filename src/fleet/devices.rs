@@ -9,8 +9,8 @@ use crate::protocol::connection_string::{ConnectionStringError, DeviceConnection
 use crate::protocol::identity::{validate_device_id, DeviceIdError};
 use crate::protocol::sas;
 
-/// One device of the fleet: what its agent connects as.
-#[derive(Clone)]
+/// One device of the fleet: what its agent connects as (`Debug` shows the key as `***`).
+#[derive(Clone, Debug)]
 pub struct FleetDevice {
     pub device_id: String,
     pub host_name: String,

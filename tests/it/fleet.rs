@@ -238,7 +238,9 @@ async fn bad_input_is_refused_with_exit_78() {
     )
     .unwrap();
     let host = ["--host", "hub.example", "--group-key", "a2V5a2V5a2V5"];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, environment, what the error must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             [&host[..], &["--shard-index", "3", "--shard-count", "2"]].concat(),
             vec![],
