@@ -32,6 +32,16 @@ pub struct HubArgs {
     /// Register any device whose key derives from the hub's group key on its first connect.
     #[arg(long)]
     pub auto_register: bool,
+    /// With --auto-register: the group key (base64) to use instead of the one the hub made
+    /// and keeps in its state, so that devices elsewhere can derive their keys from a key
+    /// you hand out (a Kubernetes Secret, for example).
+    #[arg(
+        long,
+        requires = "auto_register",
+        env = "SIMDEVICE_HUB_GROUP_KEY",
+        hide_env_values = true
+    )]
+    pub group_key: Option<String>,
     /// Register this device at start-up if it does not exist yet (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
@@ -82,6 +92,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         api_port: args.api_port,
         hostnames: args.hostnames,
         auto_register: args.auto_register,
+        group_key: args.group_key,
     })
     .await?;
     for id in &args.devices {

@@ -57,6 +57,9 @@ pub struct HubConfig {
     /// Names besides `localhost` and the loopback addresses to put in the server certificate.
     pub hostnames: Vec<String>,
     pub auto_register: bool,
+    /// With `auto_register`: the group key to use (kept in the state, replacing the one
+    /// there); `None` keeps the stored one, or makes one the first time.
+    pub group_key: Option<String>,
 }
 
 impl HubConfig {
@@ -69,6 +72,7 @@ impl HubConfig {
             api_port: 0,
             hostnames: Vec::new(),
             auto_register: false,
+            group_key: None,
         }
     }
 }
@@ -99,6 +103,9 @@ pub enum HubError {
     Store(#[from] store::StoreError),
     #[error("cannot load the hub's state")]
     Load(#[from] error::LoadError),
+    /// `--group-key` is not a key (base64).
+    #[error("--group-key is not a usable key (it must be base64)")]
+    GroupKey(#[source] sas::SasError),
     /// A change the hub's own start-up asked for (`--device ID`) was refused.
     #[error("the device registry refused a change")]
     Registry(#[from] error::IotHubError),
@@ -114,7 +121,10 @@ impl HubError {
     pub fn is_config(&self) -> bool {
         use std::io::ErrorKind;
         match self {
-            HubError::Locked(_) | HubError::State { .. } | HubError::Load(_) => true,
+            HubError::Locked(_)
+            | HubError::State { .. }
+            | HubError::Load(_)
+            | HubError::GroupKey(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -221,9 +231,16 @@ impl Hub {
         let store = Arc::new(store::Store::open(&db_path)?);
         let policies = auth::Policies::load_or_create(&store)?;
         let group_key = if config.auto_register {
-            Some(match store.setting("group_key")? {
-                Some(key) => key,
-                None => {
+            Some(match (&config.group_key, store.setting("group_key")?) {
+                (Some(given), stored) => {
+                    sas::derive_device_key(given, "check").map_err(HubError::GroupKey)?;
+                    if stored.as_ref() != Some(given) {
+                        store.put_setting("group_key", given)?;
+                    }
+                    given.clone()
+                }
+                (None, Some(key)) => key,
+                (None, None) => {
                     let key = sas::generate_key();
                     store.put_setting("group_key", &key)?;
                     key

@@ -283,3 +283,45 @@ async fn bad_input_is_refused_with_exit_78() {
         );
     }
 }
+
+/// `simdevice hub --auto-register --group-key KEY`: the hub takes a key handed out elsewhere
+/// (a Kubernetes Secret) instead of making its own, so devices started with the same key
+/// connect; a key that is not base64 stops the hub as a configuration error.
+#[tokio::test]
+async fn the_hub_takes_a_given_group_key() {
+    const KEY: &str = "Z2l2ZW4tZ3JvdXAta2V5LWZvci10ZXN0cy0wMTIzNDU2Nzg5";
+    let hub = TestHub::start_with(|c| {
+        c.auto_register = true;
+        c.group_key = Some(KEY.to_string());
+    })
+    .await;
+    assert_eq!(hub.hub.info().group_key.as_deref(), Some(KEY));
+    let mut settings = settings_for(&hub, 3);
+    let info = hub.hub.info();
+    let ids = numbered_ids("door-", 1, 3).unwrap();
+    let gateway = format!("{}:{}", info.hostname, info.mqtt_port);
+    settings.devices = from_group_key(ids, &info.hostname, Some(&gateway), KEY).unwrap();
+    settings.messages = Some(2);
+    settings.interval = Duration::ZERO;
+    let fleet = Fleet::new(settings).unwrap();
+    let (ending, view) = tokio::time::timeout(
+        Duration::from_secs(30),
+        fleet.run(CancellationToken::new(), |_| {}),
+    )
+    .await
+    .expect("the fleet ends once its readings are acknowledged");
+    assert_eq!(ending, Ending::Done);
+    assert_eq!(view.snapshot().readings_acknowledged, 6);
+    hub.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = simdevice::hub::HubConfig::ephemeral(dir.path());
+    config.auto_register = true;
+    config.group_key = Some("not base64!".into());
+    let error = match simdevice::hub::Hub::start(config).await {
+        Ok(_) => panic!("a bad group key is refused"),
+        Err(error) => error,
+    };
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("--group-key"), "{error}");
+}
