@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::common::lock::{LockError, StateLock};
+use crate::common::template::TemplateState;
 use crate::config::Config;
 use connection::{Connection, Incoming, Request};
 use context::{Counters, HandlerContext, REPORT_QUEUE};
@@ -301,15 +302,21 @@ impl Agent {
         let (twin_tx, twin_rx) = mpsc::channel::<TwinEvent>(64);
 
         let telemetry = &config.telemetry;
-        let environment = environment::Environment::new(
-            telemetry.seed,
-            telemetry.temperature,
-            telemetry.humidity,
-            telemetry.uv,
-        );
+        let source = match &telemetry.template {
+            Some(template) => telemetry::Source::Template(TemplateState::new(
+                template.clone(),
+                telemetry.seed.unwrap_or_else(rand::random),
+            )),
+            None => telemetry::Source::Environment(Box::new(environment::Environment::new(
+                telemetry.seed,
+                telemetry.temperature,
+                telemetry.humidity,
+                telemetry.uv,
+            ))),
+        };
         tasks.spawn(telemetry::produce(
             ctx.clone(),
-            environment,
+            source,
             outbox.clone(),
             telemetry::Plan {
                 first_seq: persisted.next_seq,

@@ -232,6 +232,7 @@ mod tests {
             message_id: format!("m{seq}"),
             created: Utc::now(),
             body: Bytes::from("{}"),
+            app_properties: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The agent's durable state: one SQLite file (WAL, `synchronous=NORMAL`) holding the readings
-//! the hub has not acknowledged yet (`readings`: seq, message id, creation time, body) and one
+//! the hub has not acknowledged yet (`readings`: seq, message id, creation time, body, the
+//! application properties a telemetry template gave it, as a `k=v&k2=v2` bag) and one
 //! row of agent state (`state`: the device id, the next `seq`, the last applied desired
 //! version with what it set, the door). A process crash (SIGKILL) loses nothing committed; a
 //! power cut may lose the last commits, never the file. This module knows rows of plain data
@@ -41,6 +42,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::door::DoorState;
 use super::reading::Reading;
+use crate::protocol::property_bag::PropertyBag;
 
 /// Jobs waiting for the writer thread; senders of more wait for room.
 pub const JOBS: usize = 256;
@@ -367,6 +369,18 @@ fn prepare(conn: &Connection, device_id: &str, path: &Path) -> Result<Persisted,
              last_desired_version INTEGER NOT NULL, desired TEXT, door TEXT);",
     )
     .map_err(sql)?;
+    // Files written before templates have no `properties` column; NULL reads as none.
+    let has_properties: bool = conn
+        .query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('readings') WHERE name = 'properties'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    if !has_properties {
+        conn.execute_batch("ALTER TABLE readings ADD COLUMN properties TEXT")
+            .map_err(sql)?;
+    }
     type Row = (String, i64, i64, Option<String>, Option<String>);
     let row: Option<Row> = conn
         .query_row(
@@ -404,12 +418,13 @@ fn prepare(conn: &Connection, device_id: &str, path: &Path) -> Result<Persisted,
         }
     }
     let mut stmt = conn
-        .prepare("SELECT seq, message_id, created, body FROM readings ORDER BY seq")
+        .prepare("SELECT seq, message_id, created, body, properties FROM readings ORDER BY seq")
         .map_err(sql)?;
     let rows = stmt
         .query_map([], |r| {
             let created: i64 = r.get(2)?;
             let body: Vec<u8> = r.get(3)?;
+            let properties: Option<String> = r.get(4)?;
             Ok(Reading {
                 seq: uint(r.get(0)?),
                 message_id: r.get(1)?,
@@ -418,6 +433,12 @@ fn prepare(conn: &Connection, device_id: &str, path: &Path) -> Result<Persisted,
                     .single()
                     .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
                 body: Bytes::from(body),
+                // Written by `PropertyBag::format`; a bag that does not parse back (a file
+                // edited by hand) leaves the reading without its properties.
+                app_properties: properties
+                    .as_deref()
+                    .and_then(|text| PropertyBag::parse(text).ok())
+                    .unwrap_or_default(),
             })
         })
         .map_err(sql)?;
@@ -606,14 +627,15 @@ fn write_batch(conn: &mut Connection, batch: &[Job], deletes: &[u64]) -> rusqlit
         match &job.op {
             Op::Insert(reading) => {
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO readings (seq, message_id, created, body)
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR REPLACE INTO readings (seq, message_id, created, body, properties)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
                     int(reading.seq),
                     reading.message_id,
                     reading.created.timestamp_millis(),
-                    &reading.body[..]
+                    &reading.body[..],
+                    (!reading.app_properties.is_empty()).then(|| reading.app_properties.format()),
                 ])?;
                 tx.prepare_cached("UPDATE state SET next_seq = max(next_seq, ?1) WHERE id = 1")?
                     .execute(params![int(reading.seq.saturating_add(1))])?;
@@ -648,6 +670,7 @@ mod tests {
             message_id: format!("mid-{seq}"),
             created: Utc::now(),
             body: Bytes::from(format!("{{\"seq\":{seq}}}")),
+            app_properties: PropertyBag::new(),
         }
     }
 
@@ -704,6 +727,55 @@ mod tests {
             restored.unlock_at.map(|t| t.timestamp_millis()),
             door.unlock_at.map(|t| t.timestamp_millis())
         );
+    }
+
+    #[tokio::test]
+    async fn a_readings_template_properties_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let (store, _) = open(&path);
+        let mut app_properties = PropertyBag::new();
+        app_properties.insert("alert", "a=b&c %");
+        app_properties.insert("source", "sim");
+        let with = Reading {
+            app_properties: app_properties.clone(),
+            ..reading(1)
+        };
+        assert!(store.insert(&with).await);
+        assert!(store.insert(&reading(2)).await);
+        store.close().await;
+        let (_store, persisted) = open(&path);
+        assert_eq!(persisted.readings[0].app_properties, app_properties);
+        assert!(persisted.readings[1].app_properties.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_file_from_before_templates_opens_and_keeps_its_readings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE readings (seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL,
+                     created INTEGER NOT NULL, body BLOB NOT NULL);
+                 INSERT INTO readings VALUES (4, 'mid-4', 0, x'7b7d');",
+            )
+            .unwrap();
+        }
+        let (store, persisted) = open(&path);
+        assert_eq!(persisted.readings.len(), 1);
+        assert_eq!(persisted.readings[0].message_id, "mid-4");
+        assert!(persisted.readings[0].app_properties.is_empty());
+        let mut app_properties = PropertyBag::new();
+        app_properties.insert("k", "v");
+        let reading = Reading {
+            app_properties: app_properties.clone(),
+            ..reading(5)
+        };
+        assert!(store.insert(&reading).await, "the new column is written");
+        store.close().await;
+        let (_store, persisted) = open(&path);
+        assert_eq!(persisted.readings[1].app_properties, app_properties);
     }
 
     #[tokio::test]

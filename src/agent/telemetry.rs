@@ -1,9 +1,10 @@
-//! The telemetry producer: one environment reading per interval into the outbox.
+//! The telemetry producer: one reading per interval into the outbox.
 //!
 //! The first reading is produced at start, then one every `telemetry.interval`; a change of
 //! the interval (desired property `telemetryInterval`, or SIGHUP) takes effect at once. A
-//! reading is `{"id","timestamp","temperature","humidity","uv","seq"}` with a per-device
-//! sequence number and a unique message id.
+//! reading has a per-device sequence number and a unique message id; its body is the
+//! environment reading `{"id","timestamp","temperature","humidity","uv","seq"}`, or, when
+//! `telemetry.template` is set, the template's body with its application properties.
 //!
 //! A [`Plan`] may delay the first reading (the fleet spreads its devices over the interval)
 //! and end production after a number of readings. With a zero interval readings are produced
@@ -20,6 +21,35 @@ use super::context::{Beat, Counters, HandlerContext};
 use super::environment::Environment;
 use super::outbox::{Dropped, Outbox};
 use super::reading::Reading;
+use crate::common::template::TemplateState;
+use crate::protocol::property_bag::PropertyBag;
+
+/// Where a device's readings come from. The environment (its generator is some 300 bytes) is
+/// boxed so that a device with a template does not carry its room.
+pub enum Source {
+    Environment(Box<Environment>),
+    Template(TemplateState),
+}
+
+impl Source {
+    /// The reading `seq` of `device_id`, made now.
+    pub fn reading(&mut self, device_id: &str, seq: u64) -> Reading {
+        match self {
+            Source::Environment(env) => make_reading(device_id, seq, env),
+            Source::Template(state) => {
+                let now = chrono::Utc::now();
+                let rendered = state.render(device_id, seq, now);
+                Reading {
+                    seq,
+                    message_id: uuid::Uuid::new_v4().to_string(),
+                    created: now,
+                    body: rendered.body,
+                    app_properties: rendered.properties,
+                }
+            }
+        }
+    }
+}
 
 pub fn make_reading(device_id: &str, seq: u64, env: &mut Environment) -> Reading {
     let now = chrono::Utc::now();
@@ -37,6 +67,7 @@ pub fn make_reading(device_id: &str, seq: u64, env: &mut Environment) -> Reading
         message_id: uuid::Uuid::new_v4().to_string(),
         created: now,
         body: Bytes::from(body.to_string()),
+        app_properties: PropertyBag::new(),
     }
 }
 
@@ -80,7 +111,7 @@ pub struct Plan {
 
 pub async fn produce(
     ctx: HandlerContext,
-    mut env: Environment,
+    mut source: Source,
     outbox: Arc<Outbox>,
     plan: Plan,
     shutdown: CancellationToken,
@@ -118,7 +149,7 @@ pub async fn produce(
             }
             ctx.heartbeat().beat(Beat::Telemetry);
         }
-        let reading = make_reading(ctx.device_id(), seq, &mut env);
+        let reading = source.reading(ctx.device_id(), seq);
         seq += 1;
         produced += 1;
         Counters::bump(&ctx.counters().readings_produced);

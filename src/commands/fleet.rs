@@ -18,12 +18,14 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::exposition::MetricsError;
+use crate::common::template::{Template, TemplateError};
 use crate::common::local_hub::{default_state_dir, HubInfo, HubInfoError};
 use crate::fleet::devices::{self, DevicesError, FleetDevice};
 use crate::fleet::metrics::FleetMetrics;
 use crate::fleet::progress::Progress;
-use crate::fleet::run::{Ending, Fleet, FleetError, FleetSettings};
-use crate::fleet::shard::{self, ShardError};
+use crate::fleet::run::{Fleet, FleetError, FleetSettings};
+use crate::fleet::report::{Devices, Report, Shards};
+use crate::fleet::shard::{IdRange, Shard, ShardError, SHARD_INDEX_ENV};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -105,7 +107,7 @@ pub struct FleetRunArgs {
     /// Devices started per second (jittered); 0: all at once.
     #[arg(long, default_value_t = 100.0)]
     pub connect_rate: f64,
-    /// The seed of every device's simulation [default: drawn, and written in the report].
+    /// The seed of every device's simulation [default: drawn, and logged at start].
     #[arg(long)]
     pub seed: Option<u64>,
     /// A telemetry template (JSON) every device renders instead of the environment reading.
@@ -139,20 +141,22 @@ pub enum FleetCommandError {
         what: &'static str,
         value: f64,
     },
-    #[error("--count must be at least 1")]
-    ZeroCount,
     #[error("--messages must be at least 1")]
     ZeroMessages,
     #[error(transparent)]
-    Template(#[from] crate::config::ConfigError),
+    Template(#[from] TemplateError),
     #[error(transparent)]
     Fleet(#[from] FleetError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error(transparent)]
-    Report(#[from] crate::fleet::report::ReportError),
+    Report(#[from] crate::fleet::report::ReadError),
     #[error(transparent)]
     Merge(#[from] crate::fleet::report::MergeError),
+    /// The report is written all the same; a shard that reached nothing must not look done
+    /// to the engine that ran it.
+    #[error("none of the {devices} devices connected (see the report's errors)")]
+    NothingConnected { devices: u64 },
     #[error("cannot write the report to {}", path.display())]
     WriteReport {
         path: PathBuf,
@@ -167,7 +171,9 @@ impl FleetCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             FleetCommandError::Fleet(error) => error.is_config(),
-            FleetCommandError::Metrics(_) | FleetCommandError::WriteReport { .. } => false,
+            FleetCommandError::Metrics(_)
+            | FleetCommandError::WriteReport { .. }
+            | FleetCommandError::NothingConnected { .. } => false,
             _ => true,
         }
     }
@@ -191,15 +197,15 @@ fn merge_reports(
 ) -> Result<(), FleetCommandError> {
     let reports = paths
         .iter()
-        .map(|path| crate::fleet::report::Report::read(path))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|path| Ok((path.clone(), Report::read(path)?)))
+        .collect::<Result<Vec<_>, FleetCommandError>>()?;
     let merged = crate::fleet::report::merge(&reports, partial)?;
     write_report(&merged.to_json_pretty(), output)
 }
 
 fn write_report(json: &str, path: Option<&Path>) -> Result<(), FleetCommandError> {
     match path {
-        Some(path) => std::fs::write(path, format!("{json}\n")).map_err(|source| {
+        Some(path) => std::fs::write(path, json).map_err(|source| {
             FleetCommandError::WriteReport {
                 path: path.to_path_buf(),
                 source,
@@ -208,7 +214,7 @@ fn write_report(json: &str, path: Option<&Path>) -> Result<(), FleetCommandError
         None => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{json}").map_err(|source| FleetCommandError::WriteReport {
+            out.write_all(json.as_bytes()).map_err(|source| FleetCommandError::WriteReport {
                 path: PathBuf::from("stdout"),
                 source,
             })
@@ -244,18 +250,17 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
     if args.messages == Some(0) {
         return Err(FleetCommandError::ZeroMessages);
     }
-    let shard = shard::Shard::resolve(
+    let shard = Shard::resolve(
         args.shard_index,
         args.shard_count,
-        std::env::var(shard::JOB_COMPLETION_INDEX).ok(),
+        std::env::var(SHARD_INDEX_ENV).ok(),
     )?;
     let (devices, ca_file, range) = select_devices(&args, shard)?;
     let template = args
         .template
         .as_deref()
-        .map(crate::agent::template::Template::load)
-        .transpose()
-        .map_err(crate::config::ConfigError::from)?
+        .map(Template::load)
+        .transpose()?
         .map(std::sync::Arc::new);
     let seed = args.seed.unwrap_or_else(rand::random);
     let fleet = Fleet::new(FleetSettings {
@@ -269,7 +274,7 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         template,
     })?;
     tracing::info!(
-        shard = %format!("{}/{}", shard.index, shard.count),
+        shard = %format!("{}/{}", shard.index(), shard.count()),
         first = %range.first, last = %range.last, devices = range.count, seed,
         "fleet starting"
     );
@@ -288,28 +293,36 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
     progress.finish();
     let ended_at = chrono::Utc::now();
     tracing::info!(ending = ?ending, "fleet stopped");
-    let report = crate::fleet::report::Report::from_run(
-        shard,
-        range,
-        &view.snapshot(),
-        view.latency(),
-        seed,
+    let s = view.snapshot();
+    let report = Report {
+        shard: Shards::One(shard),
+        devices: range,
+        connected: s.connected,
+        twins_fetched: s.twins_fetched,
+        connectivity_reported: s.connectivity_reported,
+        readings_sent: s.readings_sent,
+        readings_acknowledged: s.readings_acknowledged,
+        methods_answered: s.methods_answered,
+        desired_applied: s.desired_applied,
+        cloud_to_device: s.cloud_to_device,
+        reconnects: s.reconnects,
+        errors: s.errors,
+        ack_latency: view.latency(),
         started_at,
         ended_at,
-    );
-    write_report(&report.to_json_pretty(), args.report.as_deref())
+    };
+    write_report(&report.to_json_pretty(), args.report.as_deref())?;
+    if report.connected == 0 {
+        return Err(FleetCommandError::NothingConnected {
+            devices: report.devices.count,
+        });
+    }
+    Ok(())
 }
 
 /// The first and last device ids of this shard and their count, for the report.
-#[derive(Clone, Debug)]
-pub struct DeviceSpan {
-    pub first: String,
-    pub last: String,
-    pub count: u64,
-}
-
-fn span(devices: &[FleetDevice]) -> DeviceSpan {
-    DeviceSpan {
+fn span(devices: &[FleetDevice]) -> Devices {
+    Devices {
         first: devices.first().map(|d| d.device_id.clone()).unwrap_or_default(),
         last: devices.last().map(|d| d.device_id.clone()).unwrap_or_default(),
         count: devices.len() as u64,
@@ -319,24 +332,32 @@ fn span(devices: &[FleetDevice]) -> DeviceSpan {
 /// This shard's devices, the CA to trust, and their span.
 fn select_devices(
     args: &FleetRunArgs,
-    shard: shard::Shard,
-) -> Result<(Vec<FleetDevice>, Option<PathBuf>, DeviceSpan), FleetCommandError> {
+    shard: Shard,
+) -> Result<(Vec<FleetDevice>, Option<PathBuf>, Devices), FleetCommandError> {
     if let Some(path) = &args.devices {
         let all = devices::from_file(path)?;
-        let slice = shard.slice(0, all.len() as u64)?;
+        // The lines are split as a range 0.. is: the same contiguous, balanced slices.
+        let lines = IdRange {
+            prefix: String::new(),
+            first: 0,
+            count: all.len() as u64,
+        };
+        let slice = lines.slice(shard)?;
         let mine: Vec<FleetDevice> = all
             .into_iter()
-            .skip(slice.first as usize)
-            .take(slice.count as usize)
+            .skip(slice.first() as usize)
+            .take(slice.count() as usize)
             .collect();
         let span = span(&mine);
         return Ok((mine, args.ca_file.clone(), span));
     }
-    if args.count == 0 {
-        return Err(FleetCommandError::ZeroCount);
-    }
-    let slice = shard.slice(args.first, args.count)?;
-    let ids = shard::slice_ids(&args.prefix, args.first, args.count, slice);
+    let range = IdRange {
+        prefix: args.prefix.clone(),
+        first: args.first,
+        count: args.count,
+    };
+    let slice = range.slice(shard)?;
+    let ids = slice.ids();
     let (host, gateway, group_key, ca_file) = if args.local {
         let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
         let info = HubInfo::read(&state_dir).map_err(|source| FleetCommandError::LocalHub {

@@ -8,6 +8,7 @@
 //! - [`logging`]: tracing set-up, text or JSON.
 //! - [`file_mode`]: the permission bits of key files and commands (private, writable by others).
 //! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
+//! - [`template`]: telemetry templates (parsed by the configuration, rendered by the agent).
 
 pub mod exposition;
 pub mod file_mode;
@@ -16,3 +17,4 @@ pub mod lock;
 pub mod logging;
 pub mod pem;
 pub mod sdnotify;
+pub mod template;

@@ -2,9 +2,11 @@
 //! string, a number, a count or a duration within its range, and checks the sections one by
 //! one (the identity is in `identity`), naming the key of every value it refuses.
 //!
-//! No I/O here except through `files` (the key file and the CA file).
+//! No I/O here except through `files` (the key file and the CA file) and the telemetry
+//! template's reader.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -19,6 +21,7 @@ use super::{
     CommandMethodConfig, Config, ConnectionSettings, ConnectivitySettings, MetricsSettings,
     OutboxSettings, TelemetrySettings,
 };
+use crate::common::template::Template;
 use crate::protocol::method::validate_method_name;
 
 /// Turns raw values into checked ones, naming where each came from.
@@ -246,15 +249,34 @@ impl<'a> Check<'a> {
             d.humidity,
         )?;
         let uv = self.range("telemetry.uv", raw.uv_min, raw.uv_max, d.uv)?;
+        let template = self.template(raw.template)?;
         Ok(TelemetrySettings {
             interval,
             queue_size,
             seed,
+            template,
             temperature,
             humidity,
             uv,
             ..TelemetrySettings::default()
         })
+    }
+
+    /// The template file, read and checked now. A relative path is taken from the working
+    /// directory, as every other path of the configuration.
+    fn template(&self, value: Option<Scalar>) -> Result<Option<Arc<Template>>, ConfigError> {
+        const KEY: &str = "telemetry.template";
+        let Some(path) = self.string(KEY, value)? else {
+            return Ok(None);
+        };
+        match Template::load(Path::new(&path)) {
+            Ok(template) => Ok(Some(Arc::new(template))),
+            Err(source) => Err(ConfigError::Template {
+                file: self.origin.file(),
+                env_var: self.origin.env_keys.get(KEY).cloned(),
+                source: Box::new(source),
+            }),
+        }
     }
 
     /// `{prefix}_min` < `{prefix}_max`, both finite.

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::common::file_mode::FileMode;
+use crate::common::template::TemplateError;
 
 /// Why the configuration was refused. Messages name the key and where its value came from;
 /// they never contain a key or a connection string.
@@ -59,6 +60,16 @@ pub enum ConfigError {
     KeyFile(KeyFileError),
     #[error(transparent)]
     CaFile(CaFileError),
+    /// `telemetry.template` names a file that cannot be read or is not a valid template; the
+    /// source names the file, the line and the column.
+    #[error("{}", describe_invalid("telemetry.template", file.as_deref(), env_var.as_deref(), "the template is refused"))]
+    Template {
+        file: Option<PathBuf>,
+        env_var: Option<String>,
+        /// Boxed: it is large, and this case is rare.
+        #[source]
+        source: Box<TemplateError>,
+    },
 }
 
 /// Why the file `identity.key_file` names was refused.

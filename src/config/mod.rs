@@ -6,19 +6,24 @@
 //!   keys), the file and the `SIMDEVICE__*` variables into raw structs.
 //! - `raw`: those raw structs, which refuse unknown keys, with every leaf a loose `Scalar`.
 //! - `check` and `identity`: each raw value checked into the types below, naming its key.
-//! - `files`: the key file and the CA file a configuration names (their mode, their content).
+//! - `files`: the key file and the CA file a configuration names (their mode, their content);
+//!   the telemetry template is read and checked by [`crate::common::template`].
 //! - `error`: [`ConfigError`], and the `config` crate's errors translated into ones that name
 //!   the key (`telemetry.interval_secs`), the file, and the environment variable when the value
 //!   came from one.
 //! - `render`: the effective configuration as TOML, the key masked (`simdevice config check`).
 //!
 //! Secrets (the device key, a connection string) never appear in an error, in `Debug` output or
-//! in [`Config::to_masked_toml`]. This module reads the configuration file, the key file and the
-//! CA file; it never opens a connection, and it imports only `protocol` and `common`.
+//! in [`Config::to_masked_toml`]. This module reads the configuration file, the key file, the
+//! CA file and the telemetry template; it never opens a connection, and it imports only
+//! `protocol` and `common`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::common::template::Template;
 
 mod check;
 mod error;
@@ -144,6 +149,10 @@ pub struct TelemetrySettings {
     pub queue_size: usize,
     /// Seed of the simulated readings; `None` draws one from the OS.
     pub seed: Option<u64>,
+    /// The body and properties of each reading, instead of the environment reading
+    /// (`telemetry.template`, read and checked at load). Shared: a fleet gives every device's
+    /// configuration the same one.
+    pub template: Option<Arc<Template>>,
     /// `(min, max)` of each reading, `min < max`.
     pub temperature: (f64, f64),
     pub humidity: (f64, f64),
@@ -162,6 +171,7 @@ impl Default for TelemetrySettings {
             interval: Duration::from_secs(10),
             queue_size: 1000,
             seed: None,
+            template: None,
             temperature: (70.0, 100.0),
             humidity: (70.0, 100.0),
             uv: (0.0, 1.0),

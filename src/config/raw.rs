@@ -116,6 +116,7 @@ pub(super) struct RawTelemetry {
     pub(super) interval_secs: Option<Scalar>,
     pub(super) queue_size: Option<Scalar>,
     pub(super) seed: Option<Scalar>,
+    pub(super) template: Option<Scalar>,
     pub(super) temperature_min: Option<Scalar>,
     pub(super) temperature_max: Option<Scalar>,
     pub(super) humidity_min: Option<Scalar>,

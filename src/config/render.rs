@@ -46,6 +46,9 @@ impl Config {
                 .unwrap_or_else(|_| Value::String(seed.to_string()));
             telemetry.insert("seed".into(), value);
         }
+        if let Some(template) = &t.template {
+            telemetry.insert("template".into(), path(template.path()));
+        }
         for (name, (min, max)) in [
             ("temperature", t.temperature),
             ("humidity", t.humidity),

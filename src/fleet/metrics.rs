@@ -83,11 +83,13 @@ impl MetricsSource for FleetMetrics {
             "Acknowledgement latency of readings (PUBLISH to PUBACK), by quantile.",
         );
         for (label, q) in [("0.5", 50.0), ("0.99", 99.0), ("1", 100.0)] {
-            out.sample(
-                "simdevice_fleet_ack_latency_seconds",
-                &[("quantile", label)],
-                latency.percentile_ms(q) / 1000.0,
-            );
+            if let Some(ms) = latency.percentile_ms(q) {
+                out.sample(
+                    "simdevice_fleet_ack_latency_seconds",
+                    &[("quantile", label)],
+                    ms / 1000.0,
+                );
+            }
         }
     }
 }

@@ -12,4 +12,3 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod shard;
-mod shim;

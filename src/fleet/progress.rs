@@ -38,7 +38,7 @@ impl Progress {
             None => 0.0,
         };
         self.last = Some((now, snapshot.readings_sent));
-        let p99 = view.latency().percentile_ms(99.0);
+        let p99 = view.latency().p99_ms();
         let line = line(&snapshot, rate, p99);
         if self.terminal {
             let mut err = std::io::stderr().lock();
@@ -60,16 +60,17 @@ impl Progress {
     }
 }
 
-/// `connected 9800/10000, 980.0 readings/s, 120345 acknowledged, 3 errors, p99 4.1 ms`
-pub fn line(s: &Snapshot, readings_per_s: f64, p99_ms: f64) -> String {
+/// `connected 9800/10000, 980.0 readings/s, 120345 acknowledged, 3 errors, p99 ack 4.1 ms`
+/// (`p99 ack -` before the first acknowledgement).
+pub fn line(s: &Snapshot, readings_per_s: f64, p99_ms: Option<f64>) -> String {
+    let p99 = p99_ms.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
     format!(
-        "connected {}/{}, {:.1} readings/s, {} acknowledged, {} errors, p99 ack {:.1} ms",
+        "connected {}/{}, {:.1} readings/s, {} acknowledged, {} errors, p99 ack {p99}",
         s.connected_now,
         s.target,
         readings_per_s,
         s.readings_acknowledged,
         s.error_total(),
-        p99_ms
     )
 }
 
@@ -87,7 +88,7 @@ mod tests {
         };
         s.errors.insert("connect_refused".into(), 2);
         assert_eq!(
-            line(&s, 12.34, 4.06),
+            line(&s, 12.34, Some(4.06)),
             "connected 9/10, 12.3 readings/s, 42 acknowledged, 2 errors, p99 ack 4.1 ms"
         );
     }

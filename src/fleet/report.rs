@@ -433,7 +433,7 @@ pub enum MergeError {
         path: PathBuf,
     },
     #[error(
-        "shard{} {} of {count} missing (--allow-partial merges the reports present)",
+        "shard{} {} of {count} missing (--partial merges the reports present)",
         if .missing.len() == 1 { "" } else { "s" },
         list(.missing)
     )]
@@ -1058,12 +1058,12 @@ mod tests {
         let err = merge(&reports, false).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "shards 0, 2, 4 of 5 missing (--allow-partial merges the reports present)"
+            "shards 0, 2, 4 of 5 missing (--partial merges the reports present)"
         );
         let err = merge(&named(vec![shard_report(100, 1, 2, &run, &[])]), false).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "shard 0 of 2 missing (--allow-partial merges the reports present)"
+            "shard 0 of 2 missing (--partial merges the reports present)"
         );
 
         let partial = merge(&reports, true).unwrap();

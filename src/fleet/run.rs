@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::devices::FleetDevice;
-use super::shim::LatencyHistogram;
+use super::report::LatencyHistogram;
 use crate::agent::context::HandlerContext;
 use crate::agent::{client_tls, Agent, AgentError};
 use crate::config::Config;
@@ -54,7 +54,7 @@ pub struct FleetSettings {
     pub connect_rate: Option<f64>,
     pub seed: u64,
     /// The telemetry template every device renders, if any.
-    pub template: Option<Arc<super::shim::Template>>,
+    pub template: Option<Arc<crate::common::template::Template>>,
 }
 
 /// Why a fleet cannot start.
@@ -248,7 +248,7 @@ fn device_config(settings: &FleetSettings, device: &FleetDevice) -> Config {
     telemetry.interval = settings.interval;
     telemetry.seed = Some(seed);
     telemetry.messages = settings.messages;
-    let _ = &settings.template; // SHIM
+    telemetry.template = settings.template.clone();
     telemetry.start_phase = settings.interval.mul_f64(rng.gen_range(0.0..1.0));
     // Baselines: each device's ranges shifted by up to a sixth of their span.
     let shift = |(min, max): (f64, f64), rng: &mut StdRng| {

@@ -512,6 +512,97 @@ fn a_ca_file_must_hold_a_certificate() {
 }
 
 #[test]
+fn a_telemetry_template_is_read_at_load_and_shown_by_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = write_file(
+        dir.path(),
+        "t.json",
+        r#"{"body": {"n": "${seq}"}, "properties": {"k": "v"}}"#,
+        0o644,
+    );
+    let text = format!(
+        "{}\n[telemetry]\ntemplate = \"{}\"\n",
+        identity_toml(),
+        template.display()
+    );
+    let config = load(&text, &[]).unwrap();
+    let loaded = config.telemetry.template.as_ref().expect("a template");
+    assert_eq!(loaded.path(), template);
+    let masked = config.to_masked_toml();
+    assert!(
+        masked.contains(&format!("template = \"{}\"", template.display())),
+        "{masked}"
+    );
+    let reloaded = load(&masked.replace("\"***\"", &format!("\"{KEY}\"")), &[]).unwrap();
+    assert_eq!(reloaded.telemetry.template.unwrap().path(), template);
+
+    // From the environment too; an empty value is "not set", as for every key.
+    let from_env = load(
+        &identity_toml(),
+        &[("SIMDEVICE__TELEMETRY__TEMPLATE", template.to_str().unwrap())],
+    )
+    .unwrap();
+    assert!(from_env.telemetry.template.is_some());
+    let empty = load(
+        &format!("{}\n[telemetry]\ntemplate = \"\"\n", identity_toml()),
+        &[],
+    );
+    assert!(empty.unwrap().telemetry.template.is_none());
+    assert!(load(&identity_toml(), &[])
+        .unwrap()
+        .telemetry
+        .template
+        .is_none());
+}
+
+#[test]
+fn a_bad_template_is_a_config_error_naming_the_key_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = write_file(
+        dir.path(),
+        "t.json",
+        "{\n  \"body\": {\"n\": \"${seq} ${int(9, 1)}\"}\n}\n",
+        0o644,
+    );
+    let text = format!(
+        "{}\n[telemetry]\ntemplate = \"{}\"\n",
+        identity_toml(),
+        template.display()
+    );
+    let error = load(&text, &[]).unwrap_err();
+    assert!(matches!(error, ConfigError::Template { .. }), "{error:?}");
+    let chain = simdevice::common::logging::error_chain(&error);
+    let expected = format!(
+        "telemetry.template in /etc/simdevice/test.toml: the template is refused: {}, line 2, \
+         column 25: `${{int(min, max)}}`: min (9) is more than max (1)",
+        template.display()
+    );
+    assert_eq!(chain, expected);
+
+    // Set by the environment: the variable is named; a missing file is named with its cause.
+    let missing = dir.path().join("none.json");
+    let error = load(
+        &identity_toml(),
+        &[("SIMDEVICE__TELEMETRY__TEMPLATE", missing.to_str().unwrap())],
+    )
+    .unwrap_err();
+    let chain = simdevice::common::logging::error_chain(&error);
+    assert!(
+        chain.starts_with(&format!(
+            "telemetry.template (from environment variable SIMDEVICE__TELEMETRY__TEMPLATE): \
+             the template is refused: {}: cannot read it: ",
+            missing.display()
+        )),
+        "{chain}"
+    );
+    let message = load_err(
+        &format!("{}\n[telemetry]\ntemplate = 5\n", identity_toml()),
+        &[],
+    );
+    assert!(message.contains("telemetry.template"), "{message}");
+}
+
+#[test]
 fn secrets_stay_masked() {
     let text = format!(
         "{}\n[methods.reboot]\ncommand = [\"/sbin/reboot\"]\n[telemetry]\nseed = 9\n",
