@@ -17,7 +17,6 @@
 //! acknowledged goes back to the outbox, so nothing accepted is sent twice and nothing
 //! produced is lost.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -270,7 +269,9 @@ impl Connection {
         if self.shutdown.is_cancelled() {
             return SessionEnd::Shutdown;
         }
-        let (mut wire, session_present) = match self.open().await {
+        // Boxed: the handshake's state is large and needed only until CONNACK, so it is not
+        // kept in the task's own allocation for the whole life of the connection.
+        let (mut wire, session_present) = match Box::pin(self.open()).await {
             Ok(open) => open,
             Err(end) => return end,
         };
@@ -314,7 +315,7 @@ impl Connection {
                 }
             } else if self.outbox.in_flight() == 0 {
                 let (_, end) = draining.take().expect("checked above");
-                self.disconnect(wire).await;
+                self.disconnect(&mut wire).await;
                 return end;
             }
             if wire.has_output() {
@@ -360,7 +361,7 @@ impl Connection {
                     let (_, end) = draining.take().expect("deadline implies draining");
                     tracing::warn!(device = %self.identity.device_id, in_flight = self.outbox.in_flight(),
                         "readings still unacknowledged at disconnect; they will be sent again");
-                    self.disconnect(wire).await;
+                    self.disconnect(&mut wire).await;
                     return end;
                 }
                 _ = &mut keepalive, if !keep_alive.is_zero() => {
@@ -531,7 +532,7 @@ impl Connection {
                 status,
                 rid,
                 version,
-            }) => match session.twin_waiting.remove(&rid) {
+            }) => match session.twin_reply(&rid) {
                 Some(reply) => {
                     let _ = reply.send(TwinResponse {
                         status,
@@ -570,7 +571,7 @@ impl Connection {
     }
 
     /// Sends DISCONNECT and closes, within [`DISCONNECT_GRACE`]: the session ends either way.
-    async fn disconnect(&self, wire: Wire) {
+    async fn disconnect(&self, wire: &mut Wire) {
         match tokio::time::timeout(DISCONNECT_GRACE, wire.disconnect()).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
@@ -599,7 +600,8 @@ struct Session {
     in_flight: Vec<InFlight>,
     /// The packet id of the SUBSCRIBE waiting for its SUBACK.
     subscribing: Option<u16>,
-    twin_waiting: HashMap<String, oneshot::Sender<TwinResponse>>,
+    /// Twin requests waiting for their response, by request id: a few at most.
+    twin_waiting: Vec<(String, oneshot::Sender<TwinResponse>)>,
     next_rid: u64,
     last_pkid: u16,
 }
@@ -614,6 +616,12 @@ impl Session {
                 return id;
             }
         }
+    }
+
+    /// Where the twin response for `rid` goes, no longer waiting.
+    fn twin_reply(&mut self, rid: &str) -> Option<oneshot::Sender<TwinResponse>> {
+        let index = self.twin_waiting.iter().position(|(r, _)| r == rid)?;
+        Some(self.twin_waiting.swap_remove(index).1)
     }
 
     /// The reading the PUBACK with `pkid` acknowledges, no longer in flight.
@@ -656,7 +664,11 @@ fn on_request(wire: &mut Wire, request: Request, session: &mut Session) -> Resul
     wire.send(&Packet::Publish(publish))
         .map_err(|e| format!("cannot send a request: {}", error_chain(&e)))?;
     if let Some((rid, reply)) = reply {
-        session.twin_waiting.insert(rid, reply);
+        // A requester that gave up (its own timeout) waits no more.
+        session
+            .twin_waiting
+            .retain(|(_, waiting)| !waiting.is_closed());
+        session.twin_waiting.push((rid, reply));
     }
     Ok(())
 }

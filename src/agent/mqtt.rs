@@ -6,11 +6,17 @@
 //! into the outgoing buffer and [`Wire::flush`] writes it. It keeps no MQTT state (packet ids,
 //! subscriptions, keep-alive): `connection` does. It touches nothing but its socket.
 //!
-//! Memory, since a fleet holds thousands of these: nothing is sized in advance beyond two small
-//! buffers. The read buffer grows to the packet being read (its size is known from the fixed
-//! header, and checked against [`MAX_PACKET`] before anything is reserved), and after a large
-//! packet it is replaced by a small one, so the large allocation lives only as long as the
-//! packet's payload. The write buffer is shrunk back the same way after a large packet.
+//! Memory, since a fleet holds thousands of these: nothing is sized in advance, and an idle
+//! connection holds only the [`READ_CHUNK`] bytes its pending read waits with. The read buffer
+//! grows to the packet being read (its size is known from the fixed header, and checked against
+//! [`MAX_PACKET`] before anything is reserved); a packet's payload keeps that allocation (no
+//! copy), and the buffer lets it go once nothing more is buffered, or after a large packet. The
+//! write buffer is reserved to the packets sent in one turn and released once they are written.
+//!
+//! rustls keeps its own per connection (0.23): the deframer's buffer, which stays at 4 KiB
+//! after the first read whatever the reads ask for (it grows for a large record and shrinks back
+//! to 4 KiB once empty), the handshake deframer, the peer's certificates, the record keys; its
+//! send buffer holds a record only until it is written. Nothing here keeps those larger.
 
 use std::io;
 use std::sync::Arc;
@@ -26,9 +32,10 @@ use tokio_rustls::TlsConnector;
 
 /// Largest packet either way: a 256 KB message plus room for topic and headers.
 pub const MAX_PACKET: usize = 256 * 1024 + 8 * 1024;
-/// Capacity each buffer starts with and returns to: a PUBACK, a reading, a method call.
-const BUFFER_START: usize = 512;
-/// A buffer grown past this is replaced by a fresh small one once its packet is done.
+/// Room a read asks for when the next packet's size is not known yet: a fixed header and
+/// any small packet (PUBACK, PINGRESP, SUBACK) in one go.
+const READ_CHUNK: usize = 64;
+/// A read buffer that held a packet larger than this is replaced once the packet is taken.
 const BUFFER_KEEP: usize = 4 * 1024;
 
 /// Why the wire failed. Never carries the token.
@@ -110,8 +117,8 @@ impl Wire {
             })?;
         let mut wire = Wire {
             stream,
-            inbuf: BytesMut::with_capacity(BUFFER_START),
-            out: BytesMut::with_capacity(BUFFER_START),
+            inbuf: BytesMut::new(),
+            out: BytesMut::new(),
         };
         connect.write(&mut wire.out).map_err(WireError::Encode)?;
         wire.flush().await?;
@@ -129,36 +136,22 @@ impl Wire {
     /// before a cancellation stay buffered for the next call.
     pub async fn next_packet(&mut self) -> Result<Packet, WireError> {
         loop {
-            let frame = match rumqttc::mqttbytes::check(self.inbuf.iter(), MAX_PACKET) {
-                Ok(header) => header.frame_length(),
-                Err(CodecError::InsufficientBytes(more)) => {
-                    // Once the fixed header is in, `more` is exactly what the packet still
-                    // needs (within MAX_PACKET, checked above): reserve it in one step.
-                    self.inbuf.reserve(more);
-                    match self.stream.read_buf(&mut self.inbuf).await {
-                        Ok(0) => return Err(WireError::Closed),
-                        Ok(_) => continue,
-                        Err(error) => return Err(WireError::Read(error)),
-                    }
-                }
-                Err(CodecError::PayloadSizeLimitExceeded(size)) => {
-                    return Err(WireError::TooLarge { size })
-                }
-                Err(error) => return Err(WireError::Malformed(error)),
-            };
-            let packet = Packet::read(&mut self.inbuf, MAX_PACKET).map_err(WireError::Malformed);
-            if frame > BUFFER_KEEP {
-                // The packet's payload shares the large allocation; let it go with the payload.
-                let rest = std::mem::take(&mut self.inbuf);
-                self.inbuf = BytesMut::with_capacity(BUFFER_START.max(rest.len()));
-                self.inbuf.extend_from_slice(&rest);
+            if let Some(packet) = take_packet(&mut self.inbuf)? {
+                return Ok(packet);
             }
-            return packet;
+            match self.stream.read_buf(&mut self.inbuf).await {
+                Ok(0) => return Err(WireError::Closed),
+                Ok(_) => {}
+                Err(error) => return Err(WireError::Read(error)),
+            }
         }
     }
 
     /// Encodes `packet` into the outgoing buffer; [`Wire::flush`] writes it.
     pub fn send(&mut self, packet: &Packet) -> Result<(), WireError> {
+        if packet.size() <= MAX_PACKET {
+            self.out.reserve(packet.size());
+        }
         packet
             .write(&mut self.out, MAX_PACKET)
             .map(|_| ())
@@ -178,20 +171,43 @@ impl Wire {
             .await
             .map_err(WireError::Write)?;
         self.stream.flush().await.map_err(WireError::Write)?;
-        if self.out.capacity() > BUFFER_KEEP {
-            self.out = BytesMut::with_capacity(BUFFER_START);
-        } else {
-            self.out.clear();
-        }
+        self.out = BytesMut::new();
         Ok(())
     }
 
     /// Sends DISCONNECT and closes the TLS session (close_notify, then FIN).
-    pub async fn disconnect(mut self) -> Result<(), WireError> {
+    pub async fn disconnect(&mut self) -> Result<(), WireError> {
         self.send(&Packet::Disconnect)?;
         self.flush().await?;
         self.stream.shutdown().await.map_err(WireError::Write)
     }
+}
+
+/// Takes the next whole packet out of `inbuf`; `None` when more bytes must be read first, for
+/// which it has reserved room: exactly what the packet still needs once its fixed header is in
+/// (after checking it against [`MAX_PACKET`]), else [`READ_CHUNK`].
+fn take_packet(inbuf: &mut BytesMut) -> Result<Option<Packet>, WireError> {
+    let frame = match rumqttc::mqttbytes::check(inbuf.iter(), MAX_PACKET) {
+        Ok(header) => header.frame_length(),
+        Err(CodecError::InsufficientBytes(more)) => {
+            inbuf.reserve(more.max(READ_CHUNK));
+            return Ok(None);
+        }
+        Err(CodecError::PayloadSizeLimitExceeded(size)) => {
+            return Err(WireError::TooLarge { size })
+        }
+        Err(error) => return Err(WireError::Malformed(error)),
+    };
+    let packet = Packet::read(inbuf, MAX_PACKET).map_err(WireError::Malformed)?;
+    if inbuf.is_empty() {
+        // Nothing more buffered: the allocation stays with the packet's payload alone.
+        *inbuf = BytesMut::new();
+    } else if frame > BUFFER_KEEP {
+        // The rest of a large allocation would otherwise be kept for small packets.
+        let rest = std::mem::take(inbuf);
+        *inbuf = BytesMut::from(&rest[..]);
+    }
+    Ok(Some(packet))
 }
 
 /// The packet's name, for a reason or a log line.
@@ -211,5 +227,73 @@ pub fn packet_name(packet: &Packet) -> &'static str {
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::v4::{PubAck, Publish};
+    use rumqttc::mqttbytes::QoS;
+
+    fn encode(packet: &Packet) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, usize::MAX).unwrap();
+        out.to_vec()
+    }
+
+    #[test]
+    fn an_oversize_packet_is_refused_from_its_fixed_header_before_any_room_is_made() {
+        // PUBLISH with a remaining length of 300 KiB, and not one byte of it.
+        let mut inbuf = BytesMut::from(&[0x30, 0x80, 0xe0, 0x12][..]);
+        match take_packet(&mut inbuf) {
+            Err(WireError::TooLarge { size }) => assert_eq!(size, 300 * 1024),
+            other => panic!("{other:?}"),
+        }
+        assert!(inbuf.capacity() < 1024, "{}", inbuf.capacity());
+    }
+
+    #[test]
+    fn a_large_packet_gets_room_for_itself_only_and_takes_it_along() {
+        let publish = Packet::Publish(Publish::new("t", QoS::AtMostOnce, vec![7; 200 * 1024]));
+        let bytes = encode(&publish);
+        let mut inbuf = BytesMut::new();
+        assert!(take_packet(&mut inbuf).unwrap().is_none());
+        assert_eq!(
+            inbuf.capacity(),
+            READ_CHUNK,
+            "nothing known yet: a small read"
+        );
+        inbuf.extend_from_slice(&bytes[..READ_CHUNK]);
+        assert!(take_packet(&mut inbuf).unwrap().is_none());
+        assert!(inbuf.capacity() >= bytes.len() && inbuf.capacity() < bytes.len() * 2);
+        inbuf.extend_from_slice(&bytes[READ_CHUNK..]);
+        inbuf.extend_from_slice(&encode(&Packet::PubAck(PubAck::new(9)))[..2]);
+        assert_eq!(take_packet(&mut inbuf).unwrap(), Some(publish));
+        // The start of the next packet moved to a buffer of its own size.
+        assert_eq!(inbuf.len(), 2);
+        assert!(inbuf.capacity() < 1024, "{}", inbuf.capacity());
+    }
+
+    #[test]
+    fn small_packets_leave_no_buffer_behind() {
+        let mut inbuf = BytesMut::new();
+        inbuf.extend_from_slice(&encode(&Packet::PubAck(PubAck::new(1))));
+        inbuf.extend_from_slice(&encode(&Packet::PingResp));
+        assert_eq!(
+            take_packet(&mut inbuf).unwrap(),
+            Some(Packet::PubAck(PubAck::new(1)))
+        );
+        assert_eq!(take_packet(&mut inbuf).unwrap(), Some(Packet::PingResp));
+        assert_eq!(inbuf.capacity(), 0);
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let mut inbuf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            take_packet(&mut inbuf),
+            Err(WireError::Malformed(_))
+        ));
     }
 }
