@@ -1,10 +1,14 @@
-//! The device's connection to IoT Hub: the only code in the agent that touches MQTT.
+//! The device's MQTT session with IoT Hub: the only code in the agent that speaks MQTT, over
+//! the wire of `mqtt` (TLS, packets, buffers).
 //!
-//! Each connection attempt is a fresh rumqttc event loop with a fresh SAS token, polled by its
-//! own task (so no poll is ever cancelled half-way) that forwards events to the session loop
-//! here. The session loop publishes readings from the outbox (at most [`WINDOW`] in flight,
-//! each tracked from its packet id to its PUBACK), serves twin requests and method answers
-//! from the rest of the agent, and hands what the hub sends to the agent as [`Incoming`].
+//! Each connection attempt opens a fresh connection with a fresh SAS token. One task (this one)
+//! owns it, with no helper task or channel of its own: it publishes readings from the outbox
+//! (at most [`WINDOW`] in flight, each under a packet id given here, until its PUBACK), serves
+//! twin requests and method answers from the rest of the agent, acknowledges the hub's QoS 1
+//! messages, hands what the hub sends to the agent as [`Incoming`], and keeps the connection
+//! alive: a PINGREQ when nothing was written for the keep-alive, and the connection counts as
+//! lost when nothing comes back within half of it (so 1.5 x the keep-alive of silence at most,
+//! the allowance the hub gives the device).
 //!
 //! A session ends when the connection fails (then: back off with full jitter, longer after
 //! an authorization refusal), when the token is due for renewal (then: wait for in-flight
@@ -13,23 +17,24 @@
 //! acknowledged goes back to the outbox, so nothing accepted is sent twice and nothing
 //! produced is lost.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Outgoing, Packet, QoS, TlsConfiguration, Transport,
+use rumqttc::mqttbytes::v4::{
+    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter, SubscribeReasonCode,
 };
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::context::{Beat, Counters, HandlerContext};
+use super::mqtt::{packet_name, Wire, WireError};
 use super::outbox::Outbox;
+use crate::common::logging::error_chain;
 use crate::config::{ConnectionSettings, Identity};
 use crate::protocol::encoding::enc;
 use crate::protocol::property_bag::PropertyBag;
@@ -44,9 +49,8 @@ use crate::protocol::API_VERSION;
 pub const WINDOW: usize = 10;
 /// Time to wait for in-flight readings before a renewal or shutdown disconnects anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
-/// The api-version this agent speaks.
-/// Largest packet either way: a 256 KB message plus room for topic and headers.
-const MAX_PACKET: usize = 256 * 1024 + 8 * 1024;
+/// Time DISCONNECT and the TLS close may take before the connection is simply dropped.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 
 /// What the rest of the agent asks of the connection.
 #[derive(Debug)]
@@ -176,7 +180,7 @@ impl Connection {
                     };
                     if refused {
                         tracing::error!(device = %self.identity.device_id, %reason, retry_in_s = delay.as_secs_f32(),
-                            "the hub refused the device's credentials");
+                            "the hub refused the device");
                     } else {
                         tracing::warn!(device = %self.identity.device_id, %reason, retry_in_s = delay.as_secs_f32(),
                             "connection failed");
@@ -195,115 +199,161 @@ impl Connection {
         let _ = self.incoming.send(event).await;
     }
 
-    fn options(&self, token: String) -> (AsyncClient, EventLoop) {
+    /// The four subscriptions of a device, with the QoS each is asked at.
+    fn filters(&self) -> [(String, QoS); 4] {
+        [
+            (METHODS_FILTER.to_string(), QoS::AtMostOnce),
+            (DESIRED_PATCHES_FILTER.to_string(), QoS::AtLeastOnce),
+            (TWIN_RESPONSES_FILTER.to_string(), QoS::AtMostOnce),
+            (
+                topic::c2d_filter(&self.identity.device_id),
+                QoS::AtLeastOnce,
+            ),
+        ]
+    }
+
+    /// Dials, shakes hands and sends CONNECT with a fresh token, within the connect timeout.
+    async fn open(&self) -> Result<(Wire, bool), SessionEnd> {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let resource =
+            sas::device_resource(&self.identity.host_name, &self.identity.device_id, None);
+        let expiry = now + self.settings.sas_lifetime.as_secs().max(1);
+        let token = match sas::generate_token(&resource, self.identity.key.expose(), None, expiry) {
+            Ok(token) => token,
+            Err(error) => {
+                return Err(SessionEnd::Failed {
+                    reason: format!("cannot sign a token: {error}"),
+                    refused: true,
+                    was_connected: false,
+                })
+            }
+        };
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(self.identity.device_id.clone());
+        connect.keep_alive = u16::try_from(self.settings.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        connect.clean_session = false;
+        connect.set_login(username(&self.identity), token);
         let (host, port) = self.identity.connect_address();
-        let mut options = MqttOptions::new(self.identity.device_id.clone(), host, port);
-        options
-            .set_keep_alive(self.settings.keep_alive)
-            .set_clean_session(false)
-            .set_credentials(username(&self.identity), token)
-            .set_transport(Transport::Tls(TlsConfiguration::Rustls(self.tls.clone())))
-            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-            .set_inflight(100);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        let mut network = NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        network.set_connection_timeout(self.settings.connect_timeout.as_secs().max(1));
-        eventloop.set_network_options(network);
-        (client, eventloop)
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
+        let opened = tokio::select! {
+            _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+            opened = tokio::time::timeout_at(deadline, Wire::open(&host, port, self.tls.clone(), &connect)) => opened,
+        };
+        match opened {
+            Ok(Ok(open)) => Ok(open),
+            Ok(Err(error)) => {
+                let refused = matches!(
+                    error,
+                    WireError::Refused(
+                        ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+                    )
+                );
+                Err(SessionEnd::Failed {
+                    reason: error_chain(&error),
+                    refused,
+                    was_connected: false,
+                })
+            }
+            Err(_) => Err(failed(
+                format!(
+                    "no CONNACK in time: {host}:{port} did not connect, shake hands and answer \
+                     CONNECT within {} s",
+                    self.settings.connect_timeout.as_secs_f32()
+                ),
+                false,
+            )),
+        }
     }
 
     async fn session(&mut self) -> SessionEnd {
         if self.shutdown.is_cancelled() {
             return SessionEnd::Shutdown;
         }
-        let lifetime = self.settings.sas_lifetime;
-        let now = chrono::Utc::now().timestamp().max(0) as u64;
-        let resource =
-            sas::device_resource(&self.identity.host_name, &self.identity.device_id, None);
-        let token = match sas::generate_token(
-            &resource,
-            self.identity.key.expose(),
-            None,
-            now + lifetime.as_secs().max(1),
-        ) {
-            Ok(token) => token,
-            Err(error) => {
-                return SessionEnd::Failed {
-                    reason: format!("cannot sign a token: {error}"),
-                    refused: true,
-                    was_connected: false,
-                }
-            }
-        };
-        let (client, mut eventloop) = self.options(token);
-        let (events_tx, mut events) = mpsc::channel(64);
-        let poller = tokio::spawn(async move {
-            loop {
-                let event = eventloop.poll().await;
-                let failed = event.is_err();
-                if events_tx.send(event).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        let _poller = AbortOnDrop(poller);
-
-        let session_present = match self.wait_for_connack(&mut events).await {
-            Ok(present) => present,
+        // Boxed: the handshake's state is large and needed only until CONNACK, so it is not
+        // kept in the task's own allocation for the whole life of the connection.
+        let (mut wire, session_present) = match Box::pin(self.open()).await {
+            Ok(open) => open,
             Err(end) => return end,
         };
         Counters::bump(&self.ctx.counters().connects);
         self.ctx.counters().set_connected(true);
         tracing::info!(device = %self.identity.device_id, session_present, "connected to IoT Hub");
+        let mut session = Session::default();
         if !session_present {
-            let filters = [
-                (METHODS_FILTER.to_string(), QoS::AtMostOnce),
-                (DESIRED_PATCHES_FILTER.to_string(), QoS::AtLeastOnce),
-                (TWIN_RESPONSES_FILTER.to_string(), QoS::AtMostOnce),
-                (
-                    topic::c2d_filter(&self.identity.device_id),
-                    QoS::AtLeastOnce,
-                ),
-            ];
-            let filters = filters
-                .into_iter()
-                .map(|(path, qos)| rumqttc::SubscribeFilter::new(path, qos));
-            if let Err(error) = client.try_subscribe_many(filters) {
-                return failed(format!("cannot subscribe: {error}"), true);
+            let pkid = session.next_pkid();
+            let filters = self.filters().into_iter();
+            let subscribe = Subscribe {
+                pkid,
+                filters: filters
+                    .map(|(path, qos)| SubscribeFilter::new(path, qos))
+                    .collect(),
+            };
+            if let Err(error) = wire.send(&Packet::Subscribe(subscribe)) {
+                return failed(format!("cannot subscribe: {}", error_chain(&error)), true);
             }
+            session.subscribing = Some(pkid);
         }
         self.notify(Incoming::Connected { session_present }).await;
 
-        let mut state = SessionState::default();
         // Renew at the configured fraction of the lifetime, minus up to 5 % jitter so that a
         // fleet started together does not reconnect together.
         let fraction = self.settings.renew_at * rand::thread_rng().gen_range(0.95..=1.0);
-        let renew_at = Instant::now() + lifetime.mul_f64(fraction);
+        let renew = tokio::time::sleep(self.settings.sas_lifetime.mul_f64(fraction));
+        let keep_alive = self.settings.keep_alive;
+        let mut last_write = Instant::now();
+        // When the PINGREQ that is still unanswered was sent.
+        let mut ping_sent: Option<Instant> = None;
+        // Both timers live for the whole session and are moved, not re-created.
+        let keepalive = tokio::time::sleep(keep_alive);
+        tokio::pin!(renew, keepalive);
         let mut draining: Option<(Instant, SessionEnd)> = None;
         loop {
             self.ctx.heartbeat().beat(Beat::Connection);
             if draining.is_none() {
-                if let Err(reason) = self.feed(&client, &mut state) {
+                if let Err(reason) = self.feed(&mut wire, &mut session) {
                     return failed(reason, true);
                 }
             } else if self.outbox.in_flight() == 0 {
                 let (_, end) = draining.take().expect("checked above");
-                disconnect(&client, &mut events).await;
+                self.disconnect(&mut wire).await;
                 return end;
             }
-            let drain_deadline = draining.as_ref().map(|(at, _)| *at);
-            // Waiting for the hub, the agent or a timer: an idle session loop needs no wake-up
-            // of its own (a dead connection ends it through the MQTT keep-alive).
-            match drain_deadline {
-                Some(at) => self.ctx.heartbeat().wait_until(Beat::Connection, at),
-                None => self.ctx.heartbeat().wait_for_events(Beat::Connection),
+            if wire.has_output() {
+                // As long as a connect may take: a hub that stops reading is a lost connection.
+                let deadline = Instant::now() + self.settings.connect_timeout;
+                self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
+                match tokio::time::timeout_at(deadline, wire.flush()).await {
+                    Ok(Ok(())) => last_write = Instant::now(),
+                    Ok(Err(error)) => return failed(error_chain(&error), true),
+                    Err(_) => {
+                        return failed("the hub stopped reading (write timed out)".into(), true)
+                    }
+                }
             }
+            let keepalive_at = match ping_sent {
+                Some(sent) => sent + keep_alive / 2,
+                None => last_write + keep_alive,
+            };
+            if keepalive.deadline() != keepalive_at {
+                keepalive.as_mut().reset(keepalive_at);
+            }
+            let drain_deadline = draining.as_ref().map(|(at, _)| *at);
+            // Waiting for the hub, the agent or a timer: the loop is back by the earliest timer.
+            let wake = match drain_deadline {
+                Some(at) => at,
+                None => renew.deadline(),
+            };
+            let wake = if keep_alive.is_zero() {
+                wake
+            } else {
+                wake.min(keepalive_at)
+            };
+            self.ctx.heartbeat().wait_until(Beat::Connection, wake);
             tokio::select! {
                 _ = self.shutdown.cancelled(), if draining.is_none() => {
                     draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Shutdown));
                 }
-                _ = tokio::time::sleep_until(renew_at), if draining.is_none() => {
+                _ = &mut renew, if draining.is_none() => {
                     tracing::info!(device = %self.identity.device_id, "renewing the SAS token");
                     draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Renew));
                 }
@@ -311,22 +361,37 @@ impl Connection {
                     let (_, end) = draining.take().expect("deadline implies draining");
                     tracing::warn!(device = %self.identity.device_id, in_flight = self.outbox.in_flight(),
                         "readings still unacknowledged at disconnect; they will be sent again");
-                    disconnect(&client, &mut events).await;
+                    self.disconnect(&mut wire).await;
                     return end;
                 }
-                event = events.recv() => match event {
-                    None => return failed("the event loop ended".into(), true),
-                    Some(Err(error)) => return failed(describe(&error), true),
-                    Some(Ok(event)) => {
-                        // Handing an event to the agent may wait (a full channel): that is work.
+                _ = &mut keepalive, if !keep_alive.is_zero() => {
+                    if ping_sent.is_some() {
+                        return failed(format!(
+                            "no answer to PINGREQ within {} s: the connection is dead",
+                            (keep_alive / 2).as_secs_f32()
+                        ), true);
+                    }
+                    if let Err(error) = wire.send(&Packet::PingReq) {
+                        return failed(error_chain(&error), true);
+                    }
+                    ping_sent = Some(Instant::now());
+                }
+                packet = wire.next_packet() => match packet {
+                    Err(error) => return failed(error_chain(&error), true),
+                    Ok(packet) => {
+                        // Any packet shows the connection alive, as a PINGRESP does.
+                        ping_sent = None;
+                        // Handing a packet to the agent may wait (a full channel): that is work.
                         self.ctx.heartbeat().beat(Beat::Connection);
-                        self.on_event(event, &mut state).await
+                        if let Err(end) = self.on_packet(packet, &mut wire, &mut session).await {
+                            return end;
+                        }
                     }
                 },
                 request = self.requests.recv(), if draining.is_none() => match request {
                     None => return SessionEnd::Shutdown,
                     Some(request) => {
-                        if let Err(reason) = on_request(&client, request, &mut state) {
+                        if let Err(reason) = on_request(&mut wire, request, &mut session) {
                             return failed(reason, true);
                         }
                     }
@@ -336,90 +401,138 @@ impl Connection {
         }
     }
 
-    async fn wait_for_connack(
-        &self,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-    ) -> Result<bool, SessionEnd> {
-        let deadline = Instant::now() + self.settings.connect_timeout;
-        loop {
-            self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
-            let event = tokio::select! {
-                _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-                event = tokio::time::timeout_at(deadline, events.recv()) => event,
-            };
-            match event {
-                Err(_) => return Err(failed("no CONNACK in time".into(), false)),
-                Ok(None) => return Err(failed("the event loop ended".into(), false)),
-                Ok(Some(Ok(Event::Incoming(Packet::ConnAck(ack))))) => {
-                    return Ok(ack.session_present)
-                }
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(error))) => {
-                    let refused = matches!(
-                        error,
-                        ConnectionError::ConnectionRefused(
-                            ConnectReturnCode::BadUserNamePassword
-                                | ConnectReturnCode::NotAuthorized
-                        )
-                    );
-                    return Err(SessionEnd::Failed {
-                        reason: describe(&error),
-                        refused,
-                        was_connected: false,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Publishes waiting readings while the window has room.
-    fn feed(&self, client: &AsyncClient, state: &mut SessionState) -> Result<(), String> {
+    /// Publishes waiting readings while the window has room, each under a fresh packet id.
+    fn feed(&self, wire: &mut Wire, session: &mut Session) -> Result<(), String> {
         while self.outbox.in_flight() < WINDOW {
             let Some(reading) = self.outbox.take_next() else {
                 break;
             };
-            let topic = topic::telemetry_topic(&self.identity.device_id, &reading.properties());
-            client
-                .try_publish(topic, QoS::AtLeastOnce, false, reading.body.clone())
-                .map_err(|e| format!("cannot queue a reading: {e}"))?;
-            state.awaiting_pkid.push_back(reading.seq);
+            let pkid = session.next_pkid();
+            let publish = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: topic::telemetry_topic(&self.identity.device_id, &reading.properties()),
+                pkid,
+                payload: reading.body.clone(),
+            };
+            wire.send(&Packet::Publish(publish))
+                .map_err(|e| format!("cannot send a reading: {}", error_chain(&e)))?;
+            // Written to the hub in this turn of the loop, before it waits again.
+            session.in_flight.push(InFlight {
+                pkid,
+                seq: reading.seq,
+                sent: Instant::now(),
+            });
             Counters::bump(&self.ctx.counters().readings_published);
         }
         Ok(())
     }
 
-    async fn on_event(&self, event: Event, state: &mut SessionState) {
-        match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                // rumqttc numbers QoS 1 publishes in the order they were queued, and only
-                // readings are sent at QoS 1.
-                if let Some(seq) = state.awaiting_pkid.pop_front() {
-                    state.in_flight.insert(pkid, seq);
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(seq) = state.in_flight.remove(&ack.pkid) {
-                    if self.outbox.acknowledge(seq) {
+    /// Acts on one packet from the hub; an error ends the session.
+    async fn on_packet(
+        &self,
+        packet: Packet,
+        wire: &mut Wire,
+        session: &mut Session,
+    ) -> Result<(), SessionEnd> {
+        match packet {
+            Packet::PubAck(ack) => match session.acknowledged(ack.pkid) {
+                Some(reading) => {
+                    if self.outbox.acknowledge(reading.seq) {
                         Counters::bump(&self.ctx.counters().readings_acknowledged);
                         self.ctx.counters().set_queue_length(self.outbox.len());
-                        tracing::info!(device = %self.identity.device_id, seq, "reading acknowledged by the hub");
+                        self.ctx.acknowledged(reading.sent.elapsed());
+                        tracing::info!(device = %self.identity.device_id, seq = reading.seq,
+                            "reading acknowledged by the hub");
                     }
                 }
+                None => tracing::debug!(pkid = ack.pkid, "PUBACK for no reading in flight"),
+            },
+            Packet::Publish(publish) => {
+                match publish.qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        if let Err(error) = wire.send(&Packet::PubAck(PubAck::new(publish.pkid))) {
+                            return Err(failed(error_chain(&error), true));
+                        }
+                    }
+                    QoS::ExactlyOnce => {
+                        return Err(failed(
+                            "the hub sent a QoS 2 message, which IoT Hub never does".into(),
+                            true,
+                        ))
+                    }
+                }
+                self.on_publish(publish, session).await;
             }
-            Event::Incoming(Packet::Publish(publish)) => {
-                self.on_publish(publish, state).await;
+            Packet::SubAck(ack) if session.subscribing == Some(ack.pkid) => {
+                session.subscribing = None;
+                let filters = self.filters();
+                if ack.return_codes.len() != filters.len() {
+                    return Err(failed(
+                        format!(
+                            "the SUBACK has {} return codes for {} filters",
+                            ack.return_codes.len(),
+                            filters.len()
+                        ),
+                        true,
+                    ));
+                }
+                let refused = filters
+                    .iter()
+                    .zip(&ack.return_codes)
+                    .find(|(_, code)| matches!(code, SubscribeReasonCode::Failure));
+                if let Some(((filter, _), _)) = refused {
+                    return Err(SessionEnd::Failed {
+                        reason: format!("the hub refused the subscription to {filter}"),
+                        refused: true,
+                        was_connected: true,
+                    });
+                }
             }
-            _ => {}
+            Packet::SubAck(ack) => {
+                tracing::debug!(pkid = ack.pkid, "SUBACK for no SUBSCRIBE of ours");
+            }
+            Packet::PingResp => {}
+            Packet::ConnAck(_) => {
+                return Err(failed("a second CONNACK on one connection".into(), true))
+            }
+            // A server never sends these (MQTT 3.1.1, 3.1 to 3.14).
+            packet @ (Packet::Connect(_)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)
+            | Packet::PingReq
+            | Packet::Disconnect) => {
+                return Err(failed(
+                    format!(
+                        "the hub sent {}, which a server never sends",
+                        packet_name(&packet)
+                    ),
+                    true,
+                ))
+            }
+            // Answers to what this agent never sends (QoS 2, UNSUBSCRIBE): nothing to do.
+            packet @ (Packet::PubRec(_)
+            | Packet::PubRel(_)
+            | Packet::PubComp(_)
+            | Packet::UnsubAck(_)) => {
+                tracing::debug!(
+                    packet = packet_name(&packet),
+                    "ignored a packet the agent never asked for"
+                );
+            }
         }
+        Ok(())
     }
 
-    async fn on_publish(&self, publish: rumqttc::Publish, state: &mut SessionState) {
+    async fn on_publish(&self, publish: Publish, session: &mut Session) {
         match parse_cloud_publish(&publish.topic, &self.identity.device_id) {
             Ok(CloudPublish::TwinResponse {
                 status,
                 rid,
                 version,
-            }) => match state.twin_waiting.remove(&rid) {
+            }) => match session.twin_reply(&rid) {
                 Some(reply) => {
                     let _ = reply.send(TwinResponse {
                         status,
@@ -456,32 +569,78 @@ impl Connection {
             }
         }
     }
+
+    /// Sends DISCONNECT and closes, within [`DISCONNECT_GRACE`]: the session ends either way.
+    async fn disconnect(&self, wire: &mut Wire) {
+        match tokio::time::timeout(DISCONNECT_GRACE, wire.disconnect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(device = %self.identity.device_id, error = %error_chain(&error), "DISCONNECT not sent")
+            }
+            Err(_) => {
+                tracing::debug!(device = %self.identity.device_id, "DISCONNECT not written in time")
+            }
+        }
+    }
 }
 
+/// A reading published and not yet acknowledged.
+struct InFlight {
+    pkid: u16,
+    seq: u64,
+    /// When its PUBLISH was written.
+    sent: Instant,
+}
+
+/// What one connection remembers; a new connection starts afresh (what was in flight is back
+/// in the outbox).
 #[derive(Default)]
-struct SessionState {
-    /// Readings queued to rumqttc, waiting to learn their packet id.
-    awaiting_pkid: VecDeque<u64>,
-    /// Packet id -> reading seq, until the PUBACK.
-    in_flight: HashMap<u16, u64>,
-    twin_waiting: HashMap<String, oneshot::Sender<TwinResponse>>,
+struct Session {
+    /// At most [`WINDOW`] (and a few more, should the outbox drop a reading in flight).
+    in_flight: Vec<InFlight>,
+    /// The packet id of the SUBSCRIBE waiting for its SUBACK.
+    subscribing: Option<u16>,
+    /// Twin requests waiting for their response, by request id: a few at most.
+    twin_waiting: Vec<(String, oneshot::Sender<TwinResponse>)>,
     next_rid: u64,
+    last_pkid: u16,
 }
 
-fn on_request(
-    client: &AsyncClient,
-    request: Request,
-    state: &mut SessionState,
-) -> Result<(), String> {
+impl Session {
+    /// The next packet id not in use (1..=65535; 0 is not a packet id).
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.checked_add(1).unwrap_or(1);
+            let id = self.last_pkid;
+            if self.subscribing != Some(id) && !self.in_flight.iter().any(|r| r.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Where the twin response for `rid` goes, no longer waiting.
+    fn twin_reply(&mut self, rid: &str) -> Option<oneshot::Sender<TwinResponse>> {
+        let index = self.twin_waiting.iter().position(|(r, _)| r == rid)?;
+        Some(self.twin_waiting.swap_remove(index).1)
+    }
+
+    /// The reading the PUBACK with `pkid` acknowledges, no longer in flight.
+    fn acknowledged(&mut self, pkid: u16) -> Option<InFlight> {
+        let index = self.in_flight.iter().position(|r| r.pkid == pkid)?;
+        Some(self.in_flight.swap_remove(index))
+    }
+}
+
+fn on_request(wire: &mut Wire, request: Request, session: &mut Session) -> Result<(), String> {
     let (topic, body, reply) = match request {
         Request::TwinGet { reply } => {
-            state.next_rid += 1;
-            let rid = state.next_rid.to_string();
+            session.next_rid += 1;
+            let rid = session.next_rid.to_string();
             (topic::twin_get_topic(&rid), Vec::new(), Some((rid, reply)))
         }
         Request::TwinPatchReported { body, reply } => {
-            state.next_rid += 1;
-            let rid = state.next_rid.to_string();
+            session.next_rid += 1;
+            let rid = session.next_rid.to_string();
             (
                 topic::twin_reported_patch_topic(&rid),
                 body,
@@ -494,11 +653,22 @@ fn on_request(
             payload,
         } => (topic::method_response_topic(status, &rid), payload, None),
     };
-    client
-        .try_publish(topic, QoS::AtMostOnce, false, body)
-        .map_err(|e| format!("cannot queue a request: {e}"))?;
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic,
+        pkid: 0,
+        payload: Bytes::from(body),
+    };
+    wire.send(&Packet::Publish(publish))
+        .map_err(|e| format!("cannot send a request: {}", error_chain(&e)))?;
     if let Some((rid, reply)) = reply {
-        state.twin_waiting.insert(rid, reply);
+        // A requester that gave up (its own timeout) waits no more.
+        session
+            .twin_waiting
+            .retain(|(_, waiting)| !waiting.is_closed());
+        session.twin_waiting.push((rid, reply));
     }
     Ok(())
 }
@@ -511,31 +681,6 @@ fn failed(reason: String, was_connected: bool) -> SessionEnd {
     }
 }
 
-fn describe(error: &ConnectionError) -> String {
-    match error {
-        ConnectionError::ConnectionRefused(code) => {
-            format!("CONNACK refused the connection ({code:?})")
-        }
-        other => other.to_string(),
-    }
-}
-
-/// Sends DISCONNECT and gives the event loop a moment to write it.
-async fn disconnect(
-    client: &AsyncClient,
-    events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-) {
-    if client.try_disconnect().is_err() {
-        return;
-    }
-    // rumqttc reports the DISCONNECT when it queues it; it is written by the polls that
-    // follow, which end when the hub closes the connection.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(_)) = events.recv().await {}
-    })
-    .await;
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -543,10 +688,30 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+    fn in_flight(pkid: u16) -> InFlight {
+        InFlight {
+            pkid,
+            seq: u64::from(pkid),
+            sent: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_those_in_use() {
+        let mut session = Session {
+            last_pkid: u16::MAX - 1,
+            ..Session::default()
+        };
+        session.in_flight.push(in_flight(u16::MAX));
+        session.in_flight.push(in_flight(1));
+        session.subscribing = Some(2);
+        assert_eq!(session.next_pkid(), 3);
+        assert_eq!(session.next_pkid(), 4);
+        assert_eq!(session.acknowledged(1).map(|r| r.seq), Some(1));
+        assert!(session.acknowledged(1).is_none());
     }
 }

@@ -128,11 +128,11 @@ impl Beat {
 /// Each loop says, whenever it goes round, by when it will go round again: a loop that starts
 /// some work promises to be back within [`HEARTBEAT_GRACE`] ([`Heartbeat::beat`]); a loop about
 /// to sleep until a deadline (its next reading, a backoff, a CONNACK timeout) promises that
-/// deadline plus the grace ([`Heartbeat::wait_until`]); a loop about to wait for events that
-/// only others produce (the session loop, whose connection has its own keep-alive) promises
-/// nothing ([`Heartbeat::wait_for_events`]). A loop stuck in its work (a disk that never
-/// answers, a full channel) breaks its promise and the agent turns unhealthy; a loop that waits
-/// never needs to wake up just to say it is alive.
+/// deadline plus the grace ([`Heartbeat::wait_until`]; the session loop promises its next
+/// keep-alive, renewal or drain deadline); a loop about to wait for events that only others
+/// produce promises nothing ([`Heartbeat::wait_for_events`]). A loop stuck in its work (a disk
+/// that never answers, a full channel) breaks its promise and the agent turns unhealthy; a loop
+/// that waits never needs to wake up just to say it is alive.
 #[derive(Debug)]
 pub struct Heartbeat {
     origin: Instant,

@@ -1,7 +1,8 @@
 //! The device agent: one simulated device, from its configuration to a live connection.
 //!
 //! [`Agent::run`] starts a small set of tasks on the current runtime and waits for shutdown:
-//! - `connection` owns MQTT (the only code that does) and the token renewals;
+//! - `connection` owns the MQTT session (the only code that speaks MQTT, over `mqtt`'s wire),
+//!   its keep-alive and the token renewals;
 //! - `telemetry` produces a reading per interval into the `outbox`;
 //! - `twin` catches up after each connect, applies desired properties, sends reported ones;
 //! - `door_cell` unlocks the door when its lock time has passed and saves each change;
@@ -15,7 +16,8 @@
 //! `environment`, `connectivity`, `backoff` (plain data and pure rules); `state` (the SQLite
 //! file: rows of plain data); `outbox` (readings until acknowledged, over `state`);
 //! `door_cell` (the door's live value, saved through `state`); `context` (what a handler may
-//! touch); `handlers`, `telemetry`, `connection`, `metrics`; `twin`; this module wires them.
+//! touch); `mqtt` (the wire: TLS, MQTT packets with rumqttc's codec, buffers); `handlers`,
+//! `telemetry`, `connection`, `metrics`; `twin`; this module wires them.
 //! One outbox file has one owner: [`Agent::new`] takes its lock ([`AgentError::OutboxLocked`]).
 
 pub mod backoff;
@@ -27,6 +29,7 @@ pub mod door_cell;
 pub mod environment;
 pub mod handlers;
 pub mod metrics;
+pub mod mqtt;
 pub mod outbox;
 pub mod reading;
 pub mod state;

@@ -12,6 +12,7 @@ mod agent_durability;
 mod agent_lock;
 mod agent_payloads;
 mod agent_process;
+mod agent_session;
 mod agent_template;
 mod cli_generate;
 mod config;

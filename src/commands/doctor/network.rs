@@ -10,14 +10,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, TlsConfiguration, Transport,
-};
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpStream;
 
 use super::der::certificate_summary;
 use super::Check;
+use crate::agent::mqtt::{Wire, WireError};
 use crate::common::local_hub::HubInfo;
+use crate::common::logging::error_chain;
 use crate::config::Config;
 use crate::protocol::sas;
 
@@ -247,37 +247,21 @@ pub(super) async fn authenticate(config: &Config, tls: Arc<rustls::ClientConfig>
         }
     };
     let (host, port) = identity.connect_address();
-    let mut options = MqttOptions::new(identity.device_id.clone(), host, port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_credentials(crate::agent::connection::username(identity), token)
-        .set_transport(Transport::Tls(TlsConfiguration::Rustls(tls)));
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 4);
-    let outcome = tokio::time::timeout(STEP_TIMEOUT, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(error) => return Err(error),
-            }
-        }
-    })
-    .await;
+    let mut connect = Connect::new(identity.device_id.clone());
+    connect.keep_alive = 30;
+    connect.clean_session = true;
+    connect.set_login(crate::agent::connection::username(identity), token);
+    let outcome = tokio::time::timeout(STEP_TIMEOUT, Wire::open(&host, port, tls, &connect)).await;
     match outcome {
-        Ok(Ok(())) => {
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while eventloop.poll().await.is_ok() {}
-            })
-            .await;
+        Ok(Ok((mut wire, _))) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), wire.disconnect()).await;
             let detail = format!(
                 "CONNACK 0 (accepted): the hub accepted device {}'s key; disconnected",
                 identity.device_id
             );
             Check::ok(NAME, detail)
         }
-        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+        Ok(Err(WireError::Refused(code))) => {
             let (number, meaning) = connack(code);
             let detail = format!(
                 "CONNACK {number} ({meaning}) for device {}",
@@ -297,7 +281,7 @@ pub(super) async fn authenticate(config: &Config, tls: Arc<rustls::ClientConfig>
         }
         Ok(Err(error)) => Check::fail(
             NAME,
-            format!("the MQTT connection failed: {error}"),
+            format!("the MQTT connection failed: {}", error_chain(&error)),
             "the earlier checks passed, so the hub closed the connection: check its logs",
         ),
         Err(_) => Check::fail(
