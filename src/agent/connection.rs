@@ -130,8 +130,11 @@ pub struct Connection {
     pub tls: Arc<rustls::ClientConfig>,
     pub outbox: Arc<Outbox>,
     pub ctx: HandlerContext,
-    pub requests: mpsc::Receiver<Request>,
-    pub incoming: mpsc::Sender<Incoming>,
+    pub requests: mpsc::Receiver<Box<Request>>,
+    pub incoming: mpsc::Sender<Box<Incoming>>,
+    /// Connects in progress at once, shared by a fleet's agents (`None`: no limit). A turn is
+    /// held from the TCP connect to the CONNACK.
+    pub connect_gate: Option<Arc<tokio::sync::Semaphore>>,
     pub shutdown: CancellationToken,
 }
 
@@ -196,7 +199,7 @@ impl Connection {
 
     async fn notify(&self, event: Incoming) {
         // The receiver only goes away at shutdown.
-        let _ = self.incoming.send(event).await;
+        let _ = self.incoming.send(Box::new(event)).await;
     }
 
     /// The four subscriptions of a device, with the QoS each is asked at.
@@ -233,6 +236,18 @@ impl Connection {
         connect.clean_session = false;
         connect.set_login(username(&self.identity), token);
         let (host, port) = self.identity.connect_address();
+        // Waiting for a turn is waiting on the other devices, not on the hub: before the
+        // connect timeout starts, and no heartbeat promise broken.
+        let _turn = match &self.connect_gate {
+            Some(gate) => {
+                self.ctx.heartbeat().wait_for_events(Beat::Connection);
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
+                    turn = gate.clone().acquire_owned() => turn.ok(),
+                }
+            }
+            None => None,
+        };
         let deadline = Instant::now() + self.settings.connect_timeout;
         self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
         let opened = tokio::select! {
@@ -391,7 +406,7 @@ impl Connection {
                 request = self.requests.recv(), if draining.is_none() => match request {
                     None => return SessionEnd::Shutdown,
                     Some(request) => {
-                        if let Err(reason) = on_request(&mut wire, request, &mut session) {
+                        if let Err(reason) = on_request(&mut wire, *request, &mut session) {
                             return failed(reason, true);
                         }
                     }

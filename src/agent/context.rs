@@ -222,7 +222,7 @@ struct AgentShared {
     settings: Mutex<serde_json::Map<String, Value>>,
     /// Liveness of the long-running loops, read by the systemd watchdog.
     heartbeat: Heartbeat,
-    reports: mpsc::Sender<Value>,
+    reports: mpsc::Sender<Box<Value>>,
     /// Who wants each reading's acknowledgement latency (the fleet's report); set once.
     ack_observer: std::sync::OnceLock<AckObserver>,
 }
@@ -240,7 +240,7 @@ impl HandlerContext {
     pub fn new(
         device_id: &str,
         telemetry_interval: Duration,
-        reports: mpsc::Sender<Value>,
+        reports: mpsc::Sender<Box<Value>>,
         door: Arc<DoorCell>,
     ) -> HandlerContext {
         let (interval_tx, _) = watch::channel(telemetry_interval);
@@ -271,7 +271,7 @@ impl HandlerContext {
     }
 
     /// A context whose reported patches arrive on the returned receiver.
-    pub fn for_tests() -> (HandlerContext, mpsc::Receiver<Value>) {
+    pub fn for_tests() -> (HandlerContext, mpsc::Receiver<Box<Value>>) {
         let (tx, rx) = mpsc::channel(REPORT_QUEUE);
         (
             HandlerContext::new("test-device", Duration::from_secs(10), tx, Arc::default()),
@@ -303,7 +303,10 @@ impl HandlerContext {
     /// Queues a reported-properties patch; the twin task sends it (merged with others) as soon
     /// as the device is connected, and retries it until the hub accepts it.
     pub fn report(&self, patch: Value) -> Result<(), ReportQueueFull> {
-        self.0.reports.try_send(patch).map_err(|_| ReportQueueFull)
+        self.0
+            .reports
+            .try_send(Box::new(patch))
+            .map_err(|_| ReportQueueFull)
     }
 
     pub fn telemetry_interval(&self) -> Duration {

@@ -240,9 +240,10 @@ pub struct Agent {
     config: Config,
     tls: Arc<rustls::ClientConfig>,
     handle: AgentHandle,
-    reports: mpsc::Receiver<Value>,
+    reports: mpsc::Receiver<Box<Value>>,
     door: Arc<DoorCell>,
     outbox: OutboxFile,
+    connect_gate: Option<Arc<Semaphore>>,
 }
 
 impl Agent {
@@ -256,7 +257,18 @@ impl Agent {
     /// (`<outbox.path>.lock`), held until the agent is dropped or its [`Agent::run`] returns:
     /// [`AgentError::OutboxLocked`] when another agent holds it.
     pub fn with_tls(config: Config, tls: Arc<rustls::ClientConfig>) -> Result<Agent, AgentError> {
-        let registry = handlers::builtin::register_all(&config.methods)?;
+        let registry = Arc::new(handlers::builtin::register_all(&config.methods)?);
+        Self::with_shared(config, tls, registry)
+    }
+
+    /// The same with a handler registry shared by many agents too (a fleet's devices have the
+    /// same methods: one registry, not one per device). `registry` must have been built from
+    /// `config.methods`.
+    pub fn with_shared(
+        config: Config,
+        tls: Arc<rustls::ClientConfig>,
+        registry: Arc<Registry>,
+    ) -> Result<Agent, AgentError> {
         let outbox = claim_outbox(config.outbox.path.as_deref())?;
         let (reports_tx, reports) = mpsc::channel(REPORT_QUEUE);
         let door = Arc::new(DoorCell::default());
@@ -268,7 +280,7 @@ impl Agent {
         );
         let handle = AgentHandle {
             ctx,
-            registry: Arc::new(RwLock::new(Arc::new(registry))),
+            registry: Arc::new(RwLock::new(registry)),
             device_id: config.identity.device_id.clone(),
         };
         Ok(Agent {
@@ -278,7 +290,14 @@ impl Agent {
             reports,
             door,
             outbox,
+            connect_gate: None,
         })
+    }
+
+    /// Connects only with a turn of `gate` (held from the TCP connect to the CONNACK): a
+    /// fleet bounds its connects in progress so that its ramp does not overrun the hub.
+    pub fn limit_connects(&mut self, gate: Arc<Semaphore>) {
+        self.connect_gate = Some(gate);
     }
 
     pub fn handle(&self) -> AgentHandle {
@@ -295,14 +314,17 @@ impl Agent {
             reports,
             door,
             outbox,
+            connect_gate,
         } = self;
         let ctx = handle.ctx.clone();
         let tasks = TaskTracker::new();
         let (outbox, store, persisted, _outbox_lock) =
             open_outbox(&config, outbox, &ctx, &door).await;
-        let (requests_tx, requests_rx) = mpsc::channel::<Request>(64);
-        let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
-        let (twin_tx, twin_rx) = mpsc::channel::<TwinEvent>(64);
+        // Boxed messages: a tokio channel allocates its slots 32 at a time up front, so an
+        // idle agent of a fleet holds 32 pointers per channel instead of 32 messages.
+        let (requests_tx, requests_rx) = mpsc::channel::<Box<Request>>(64);
+        let (incoming_tx, mut incoming) = mpsc::channel::<Box<Incoming>>(64);
+        let (twin_tx, twin_rx) = mpsc::channel::<Box<TwinEvent>>(64);
 
         let telemetry = &config.telemetry;
         let source = match &telemetry.template {
@@ -337,6 +359,7 @@ impl Agent {
                 ctx: ctx.clone(),
                 requests: requests_rx,
                 incoming: incoming_tx,
+                connect_gate,
                 shutdown: shutdown.clone(),
             }
             .run(),
@@ -377,17 +400,17 @@ impl Agent {
 
         let methods = Arc::new(Semaphore::new(CONCURRENT_METHODS));
         while let Some(event) = incoming.recv().await {
-            match event {
+            match *event {
                 Incoming::Connected { .. } => {
-                    let _ = twin_tx.send(TwinEvent::Connected).await;
+                    let _ = twin_tx.send(Box::new(TwinEvent::Connected)).await;
                 }
                 Incoming::Disconnected { reason } => {
                     tracing::info!(device = %config.identity.device_id, %reason, "disconnected from IoT Hub");
-                    let _ = twin_tx.send(TwinEvent::Disconnected).await;
+                    let _ = twin_tx.send(Box::new(TwinEvent::Disconnected)).await;
                 }
                 Incoming::DesiredPatch { version, body } => {
                     let _ = twin_tx
-                        .send(TwinEvent::DesiredPatch { version, body })
+                        .send(Box::new(TwinEvent::DesiredPatch { version, body }))
                         .await;
                 }
                 Incoming::MethodCall { name, rid, payload } => {
@@ -414,11 +437,11 @@ impl Agent {
                         ctx.counters().method_answered(&name, response.status);
                         let payload = serde_json::to_vec(&response.payload).unwrap_or_default();
                         let _ = requests
-                            .send(Request::MethodResponse {
+                            .send(Box::new(Request::MethodResponse {
                                 rid,
                                 status: response.status,
                                 payload,
-                            })
+                            }))
                             .await;
                     });
                 }

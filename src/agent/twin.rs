@@ -51,9 +51,9 @@ pub enum TwinEvent {
 pub struct TwinTask {
     pub ctx: HandlerContext,
     pub registry: Arc<RwLock<Arc<Registry>>>,
-    pub requests: mpsc::Sender<Request>,
-    pub reports: mpsc::Receiver<Value>,
-    pub events: mpsc::Receiver<TwinEvent>,
+    pub requests: mpsc::Sender<Box<Request>>,
+    pub reports: mpsc::Receiver<Box<Value>>,
+    pub events: mpsc::Receiver<Box<TwinEvent>>,
     pub cellular: Cellular,
     pub backoff: Backoff,
     pub shutdown: CancellationToken,
@@ -103,7 +103,7 @@ impl TwinTask {
             let wake = retry_at.filter(|_| connected);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                event = self.events.recv() => match event {
+                event = self.events.recv() => match event.map(|event| *event) {
                     None => return,
                     Some(TwinEvent::Connected) => {
                         connected = true;
@@ -116,7 +116,7 @@ impl TwinTask {
                         self.on_desired_patch(version, &body, &mut last_desired, &mut pending).await;
                     }
                 },
-                report = self.reports.recv() => match report {
+                report = self.reports.recv() => match report.map(|report| *report) {
                     None => return,
                     Some(Value::Object(patch)) => combine(&mut pending, patch),
                     Some(other) => tracing::error!(patch = %other, "a handler reported a patch that is not an object; dropped"),
@@ -138,7 +138,7 @@ impl TwinTask {
     ) -> Result<TwinResponse, String> {
         let (reply, response) = oneshot::channel();
         self.requests
-            .send(make(reply))
+            .send(Box::new(make(reply)))
             .await
             .map_err(|_| "the connection is gone".to_string())?;
         match tokio::time::timeout(TWIN_TIMEOUT, response).await {

@@ -30,6 +30,10 @@ use crate::config::Config;
 
 /// How often the fleet looks at its devices (the end of `--messages`, the live line).
 pub const TICK: Duration = Duration::from_secs(1);
+/// Connects in progress at once (TCP connect to CONNACK), whatever the connect rate: the
+/// unlimited ramp goes as fast as handshakes complete without overrunning the hub (the local
+/// hub closes connections beyond 1,024 waiting for their CONNACK; a real hub throttles).
+pub const CONNECTS_IN_PROGRESS: usize = 256;
 
 /// Cellular profiles a device is given, by its seed.
 const OPERATORS: [&str; 4] = [
@@ -66,14 +70,15 @@ pub enum FleetError {
         #[source]
         source: AgentError,
     },
+    /// The TLS configuration or the built-in handlers cannot be set up.
     #[error(transparent)]
-    Tls(AgentError),
+    Setup(AgentError),
 }
 
 impl FleetError {
     pub fn is_config(&self) -> bool {
         match self {
-            FleetError::Agent { source, .. } | FleetError::Tls(source) => source.is_config(),
+            FleetError::Agent { source, .. } | FleetError::Setup(source) => source.is_config(),
         }
     }
 }
@@ -266,7 +271,7 @@ fn device_config(settings: &FleetSettings, device: &FleetDevice) -> Config {
 impl Fleet {
     /// Builds every device's agent (each configuration is checked before anything connects).
     pub fn new(settings: FleetSettings) -> Result<Fleet, FleetError> {
-        let tls = client_tls(settings.ca_file.as_deref()).map_err(FleetError::Tls)?;
+        let tls = client_tls(settings.ca_file.as_deref()).map_err(FleetError::Setup)?;
         let latency = Arc::new(Mutex::new(LatencyHistogram::new()));
         let observer: crate::agent::context::AckObserver = {
             let latency = latency.clone();
@@ -277,15 +282,24 @@ impl Fleet {
                     .record(elapsed)
             })
         };
+        // Every device has the built-in methods: one registry for all.
+        let registry = Arc::new(
+            crate::agent::handlers::builtin::register_all(&[])
+                .map_err(|source| FleetError::Setup(AgentError::Handlers(source)))?,
+        );
+        let gate = Arc::new(tokio::sync::Semaphore::new(CONNECTS_IN_PROGRESS));
         let mut agents = Vec::with_capacity(settings.devices.len());
         let mut contexts = Vec::with_capacity(settings.devices.len());
         for device in &settings.devices {
-            let agent = Agent::with_tls(device_config(&settings, device), tls.clone()).map_err(
-                |source| FleetError::Agent {
-                    device_id: device.device_id.clone(),
-                    source,
-                },
-            )?;
+            let config = device_config(&settings, device);
+            let mut agent =
+                Agent::with_shared(config, tls.clone(), registry.clone()).map_err(|source| {
+                    FleetError::Agent {
+                        device_id: device.device_id.clone(),
+                        source,
+                    }
+                })?;
+            agent.limit_connects(gate.clone());
             let ctx = agent.handle().ctx;
             ctx.observe_acks(observer.clone());
             contexts.push(ctx);
