@@ -271,7 +271,16 @@ fn device_config(settings: &FleetSettings, device: &FleetDevice) -> Config {
 impl Fleet {
     /// Builds every device's agent (each configuration is checked before anything connects).
     pub fn new(settings: FleetSettings) -> Result<Fleet, FleetError> {
-        let tls = client_tls(settings.ca_file.as_deref()).map_err(FleetError::Setup)?;
+        let tls = {
+            let shared = client_tls(settings.ca_file.as_deref()).map_err(FleetError::Setup)?;
+            // No TLS session resumption: the client's session cache belongs to the shared
+            // configuration, so devices would resume each other's sessions, which distinct
+            // devices never do. Every connect is a full handshake, as a fleet of real devices
+            // makes its first connects.
+            let mut config = (*shared).clone();
+            config.resumption = rustls::client::Resumption::disabled();
+            Arc::new(config)
+        };
         let latency = Arc::new(Mutex::new(LatencyHistogram::new()));
         let observer: crate::agent::context::AckObserver = {
             let latency = latency.clone();

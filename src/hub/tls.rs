@@ -79,17 +79,35 @@ pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> Result<TlsIde
     let server_cert = server_params(extra_names)?.signed_by(&server_key, &ca_cert, &ca_key)?;
     let chain = vec![server_cert.der().clone(), ca_cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let server_config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)?;
+    let mut server_config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(server_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+    server_config.ignore_client_order = true;
     Ok(TlsIdentity {
         server_config: Arc::new(server_config),
         ca_file,
         ca_pem,
     })
+}
+
+/// aws-lc with the SHA-256 suites first, chosen whatever the client's order (the server's
+/// choice, as TLS allows): their key schedule runs on the CPU's SHA-256 instructions where
+/// SHA-384 has none, which is a tenth of the hub's CPU in a connect storm (perf, during
+/// scripts/bench-fleet's ramp). Every suite stays offered.
+fn server_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256};
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    let first = |suite: &rustls::SupportedCipherSuite| {
+        !matches!(
+            suite.suite(),
+            TLS13_AES_128_GCM_SHA256 | TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        )
+    };
+    // A stable sort: the SHA-256 suites move to the front, the rest keep their order.
+    provider.cipher_suites.sort_by_key(first);
+    provider
 }
 
 fn ca_params() -> CertificateParams {

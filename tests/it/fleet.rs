@@ -227,6 +227,56 @@ async fn shards_send_their_messages_and_their_reports_merge_to_the_hubs_count() 
     hub.stop().await;
 }
 
+/// `--template`: every device renders the template with its own id and sequence numbers, and
+/// the template's properties travel with each message.
+#[tokio::test]
+async fn the_fleet_sends_what_its_template_says() {
+    let hub = TestHub::start_with(|c| c.auto_register = true).await;
+    let dir = hub.dir.path().to_str().unwrap().to_owned();
+    let template = hub.dir.path().join("template.json");
+    std::fs::write(
+        &template,
+        r#"{"body": {"who": "${deviceId}", "n": "${seq}", "rpm": "${int(800, 1200)}"},
+            "properties": {"source": "fleet-${deviceId}"}}"#,
+    )
+    .unwrap();
+    let output = fleet_cli(
+        &[
+            "--local",
+            "--state-dir",
+            &dir,
+            "--count",
+            "2",
+            "--messages",
+            "3",
+            "--interval-secs",
+            "0",
+            "--template",
+            template.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(report_of(&output)["readings_acknowledged"], 6);
+    let service = hub.service();
+    for id in ["door-1", "door-2"] {
+        let events = service.events(id).await;
+        assert_eq!(events.len(), 3, "{events:?}");
+        for (event, seq) in events.iter().zip(1..) {
+            assert_eq!(event["body"]["who"], id, "{event}");
+            assert_eq!(event["body"]["n"], seq, "{event}");
+            let rpm = event["body"]["rpm"].as_u64().unwrap();
+            assert!((800..=1200).contains(&rpm), "{event}");
+            assert_eq!(
+                event["properties"]["source"],
+                format!("fleet-{id}"),
+                "{event}"
+            );
+        }
+    }
+    hub.stop().await;
+}
+
 /// Bad input: each a clear error naming it, exit 78, before anything connects.
 #[tokio::test]
 async fn bad_input_is_refused_with_exit_78() {
@@ -237,6 +287,8 @@ async fn bad_input_is_refused_with_exit_78() {
         "HostName=h;DeviceId=a;SharedAccessKey=a2V5\nnot a connection string\n",
     )
     .unwrap();
+    let bad_template = dir.path().join("template.json");
+    std::fs::write(&bad_template, "{\"body\": {\"x\": \"${nope}\"}}\n").unwrap();
     let host = ["--host", "hub.example", "--group-key", "a2V5a2V5a2V5"];
     // (arguments, environment, what the error must name)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
@@ -324,4 +376,43 @@ async fn the_hub_takes_a_given_group_key() {
     };
     assert!(error.is_config(), "{error}");
     assert!(error.to_string().contains("--group-key"), "{error}");
+}
+
+/// A hub that refuses connects (CONNACK 3, server unavailable) and throttles reported patches
+/// (429) while the fleet ramps: each device backs off on its own, every one ends connected with
+/// its connectivity reported, and no reading is lost: the hub holds exactly what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_throttled_devices_back_off_alone_and_lose_nothing() {
+    const N: u64 = 200;
+    let hub = TestHub::start_with(|c| c.auto_register = true).await;
+    let faults = &hub.hub.state().faults;
+    faults.refuse_connects_for(Duration::from_secs(2));
+    faults.throttle_reported_for(Duration::from_secs(3));
+    let mut settings = settings_for(&hub, N);
+    settings.connect_rate = None;
+    settings.messages = Some(3);
+    settings.interval = Duration::from_millis(500);
+    let fleet = Fleet::new(settings).unwrap();
+    let (ending, view) = tokio::time::timeout(
+        Duration::from_secs(90),
+        fleet.run(CancellationToken::new(), |_| {}),
+    )
+    .await
+    .expect("every reading acknowledged in the end");
+    assert_eq!(ending, Ending::Done);
+    let s = view.snapshot();
+    assert_eq!(s.connected, N);
+    assert_eq!(s.connectivity_reported, N, "reported despite the 429s");
+    assert!(
+        s.errors.get("connect_failed").copied().unwrap_or(0) > 0,
+        "{:?}",
+        s.errors
+    );
+    assert_eq!(s.readings_acknowledged, 3 * N);
+    assert_eq!(
+        hub.hub.state().telemetry.total(),
+        3 * N,
+        "nothing lost, nothing twice"
+    );
+    hub.stop().await;
 }
