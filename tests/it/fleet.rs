@@ -196,6 +196,19 @@ async fn shards_send_their_messages_and_their_reports_merge_to_the_hubs_count() 
     let stderr = String::from_utf8_lossy(&alone.stderr);
     assert_eq!(alone.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains('1'), "names the missing shard: {stderr}");
+    // The same shard twice is an overlap: refused, naming it.
+    let twice = fleet_cli(
+        &[
+            "merge-reports",
+            paths[0].to_str().unwrap(),
+            paths[0].to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&twice.stderr);
+    assert_eq!(twice.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("shard 0"), "names the shard: {stderr}");
     let partial = report_of(
         &fleet_cli(
             &["merge-reports", "--partial", paths[0].to_str().unwrap()],
