@@ -157,6 +157,13 @@ pub enum FleetCommandError {
     /// to the engine that ran it.
     #[error("none of the {devices} devices connected (see the report's errors)")]
     NothingConnected { devices: u64 },
+    /// Checked before the run: a report that could not be written at its end would lose it.
+    #[error("--report {}: cannot write there", path.display())]
+    ReportPath {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write the report to {}", path.display())]
     WriteReport {
         path: PathBuf,
@@ -254,6 +261,18 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         args.shard_count,
         std::env::var(SHARD_INDEX_ENV).ok(),
     )?;
+    if let Some(path) = &args.report {
+        // Opened (not truncated) now, written at the end: a run is not lost to a bad path.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| FleetCommandError::ReportPath {
+                path: path.clone(),
+                source,
+            })?;
+    }
     let (devices, ca_file, range) = select_devices(&args, shard)?;
     let template = args
         .template
