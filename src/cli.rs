@@ -34,6 +34,9 @@ pub enum Command {
     /// Run many simulated devices in one process: one shard of a device range, with a report.
     #[cfg(feature = "fleet")]
     Fleet(Box<crate::commands::fleet::FleetArgs>),
+    /// Read a telemetry archive (Avro capture files): `archive to-csv`, one CSV per device.
+    #[cfg(feature = "archive")]
+    Archive(crate::commands::archive::ArchiveArgs),
     /// Check the configuration, DNS, TCP, TLS, clock and authentication against the hub.
     Doctor(crate::commands::doctor::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).
