@@ -9,7 +9,7 @@
 //! (file, record index, reason) and skipped, and the run goes on; [`Summary`] counts them.
 //! With `delete`, a source file is removed once its rows are on disk.
 //!
-//! Uses `protocol` and `common` at most (today neither); never the hub, whose capture writes
+//! Uses `protocol` and `common` at most (today `common`'s error chain); never the hub, whose capture writes
 //! these files: the two meet only in the documented file formats.
 
 pub mod csv;
@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 use tracing::warn;
+
+use crate::common::logging::error_chain;
 
 use self::csv::{column_order, CsvError, CsvFile};
 use self::read::ArchiveFile;
@@ -65,8 +67,8 @@ impl Summary {
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error(
-        "{url}: reading from Blob Storage is not built yet; give a local directory \
-         (for example one synchronised with `azcopy sync`)"
+        "{url}: Blob Storage is not built yet: give a local directory (for example one \
+         synchronised with `azcopy sync`)"
     )]
     BlobStorageNotBuilt { url: String },
     #[error("source {}", path.display())]
@@ -348,17 +350,6 @@ fn file_name(key: &str) -> Result<String, Skip> {
         return Err(Skip::KeyTooLong(name.len()));
     }
     Ok(name)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

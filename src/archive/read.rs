@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
@@ -53,26 +53,16 @@ impl Format {
 /// A file that could not be opened as an archive file: nothing of it was read.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("cannot open {}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot open the file")]
+    Io(#[source] std::io::Error),
     /// Wrong magic, a broken header, an unknown codec.
-    #[error("{} is not an Avro object container file", path.display())]
-    NotAvro {
-        path: PathBuf,
-        #[source]
-        source: Box<apache_avro::Error>,
-    },
+    #[error("not an Avro object container file")]
+    NotAvro(#[source] Box<apache_avro::Error>),
     #[error(
-        "{}: schema {name} is neither Event Hubs Capture's \
-         Microsoft.ServiceBus.Messaging.EventData nor IoT Hub routing's \
-         Microsoft.Azure.Devices.Message",
-        path.display()
+        "schema {name} is neither Event Hubs Capture's Microsoft.ServiceBus.Messaging.EventData \
+         nor IoT Hub routing's Microsoft.Azure.Devices.Message"
     )]
-    UnknownSchema { path: PathBuf, name: String },
+    UnknownSchema { name: String },
 }
 
 /// Why one record yields no reading. [`RecordError::Decode`] ends the file (the bytes after
@@ -120,17 +110,11 @@ impl std::fmt::Debug for ArchiveFile {
 impl ArchiveFile {
     /// Opens `path` and reads its header (magic, schema, codec, sync marker).
     pub fn open(path: &Path) -> Result<ArchiveFile, OpenError> {
-        let file = File::open(path).map_err(|source| OpenError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let reader = Reader::new(BufReader::new(file)).map_err(|source| OpenError::NotAvro {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let file = File::open(path).map_err(OpenError::Io)?;
+        let reader = Reader::new(BufReader::new(file))
+            .map_err(|source| OpenError::NotAvro(Box::new(source)))?;
         let format = Format::from_schema(reader.writer_schema()).ok_or_else(|| {
             OpenError::UnknownSchema {
-                path: path.to_owned(),
                 name: schema_name(reader.writer_schema()),
             }
         })?;
@@ -329,7 +313,7 @@ mod tests {
         std::fs::write(file.path(), b"PK\x03\x04 not avro at all").expect("write");
         assert!(matches!(
             ArchiveFile::open(file.path()),
-            Err(OpenError::NotAvro { .. })
+            Err(OpenError::NotAvro(_))
         ));
 
         let other = write(
@@ -338,7 +322,7 @@ mod tests {
             vec![],
         );
         match ArchiveFile::open(other.path()) {
-            Err(OpenError::UnknownSchema { name, .. }) => assert_eq!(name, "Other"),
+            Err(OpenError::UnknownSchema { name }) => assert_eq!(name, "Other"),
             other => panic!("expected UnknownSchema, got {other:?}"),
         }
     }
