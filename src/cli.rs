@@ -1,5 +1,6 @@
 //! The command-line interface: the clap command tree, nothing else. Each verb's work is in
-//! `commands::*`. The verbs a build has follow its features (`hub`, `service`).
+//! `commands::*`. The verbs a build has follow its features (`hub`, `service`,
+//! `fleet`, `archive`).
 
 use clap::{Parser, Subcommand};
 
