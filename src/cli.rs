@@ -1,5 +1,6 @@
 //! The command-line interface: the clap command tree, nothing else. Each verb's work is in
-//! `commands::*`. The verbs a build has follow its features (`hub`, `service`).
+//! `commands::*`. The verbs a build has follow its features (`hub`, `service`,
+//! `fleet`, `archive`).
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,9 @@ pub enum Command {
     /// Run many simulated devices in one process: one shard of a device range, with a report.
     #[cfg(feature = "fleet")]
     Fleet(Box<crate::commands::fleet::FleetArgs>),
+    /// Read a telemetry archive (Avro capture files): `archive to-csv`, one CSV per device.
+    #[cfg(feature = "archive")]
+    Archive(crate::commands::archive::ArchiveArgs),
     /// Check the configuration, DNS, TCP, TLS, clock and authentication against the hub.
     Doctor(crate::commands::doctor::DoctorArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).

@@ -10,11 +10,14 @@
 //!   side, never importing each other.
 //! - [`service`]: a client of the service REST API of any hub (feature `service`).
 //! - [`fleet`]: many agents in one process, sharded, with their run report (feature `fleet`).
+//! - [`archive`]: the archive reader, Avro capture files into CSV (feature `archive`).
 //! - [`commands`]: what each verb does; [`cli`]: the clap command tree. `main` on top.
 //!
 //! ARCHITECTURE.md at the repository root has the map and the message flows.
 
 pub mod agent;
+#[cfg(feature = "archive")]
+pub mod archive;
 pub mod cli;
 pub mod commands;
 pub mod common;

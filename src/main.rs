@@ -59,6 +59,12 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
+            #[cfg(feature = "archive")]
+            Command::Archive(args) => match commands::archive::run(args) {
+                Ok(summary) if summary.is_clean() => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
+            },
             Command::Config(args) => match commands::config::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),

@@ -1,6 +1,8 @@
 //! What each command-line verb does, given its parsed arguments. A verb returns its own error
 //! type; `main` alone turns an error into a message (with its source chain) and an exit code.
 
+#[cfg(feature = "archive")]
+pub mod archive;
 pub mod config;
 pub mod doctor;
 #[cfg(feature = "fleet")]

@@ -14,6 +14,7 @@ mod agent_payloads;
 mod agent_process;
 mod agent_session;
 mod agent_template;
+mod archive;
 mod cli_generate;
 mod config;
 mod doctor;
