@@ -99,13 +99,24 @@ impl Telemetry {
     }
 
     pub fn record(&self, device_id: Arc<str>, properties: PropertyBag, body: Bytes) {
-        let event = Event {
+        let event = self.stamp(device_id, properties, body);
+        self.keep(event);
+    }
+
+    /// The hub's stamps on a message: its sequence number and enqueue time. A message stamped
+    /// and then refused (by capture) leaves a gap in the sequence numbers.
+    pub fn stamp(&self, device_id: Arc<str>, properties: PropertyBag, body: Bytes) -> Event {
+        Event {
             sequence_number: self.next_sequence.fetch_add(1, Ordering::Relaxed),
             device_id,
             enqueued_time: chrono::Utc::now(),
             properties,
             body,
-        };
+        }
+    }
+
+    /// Keeps an accepted, stamped message in the recent-events buffer.
+    pub fn keep(&self, event: Event) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() >= self.capacity {
             recent.pop_front();

@@ -319,11 +319,24 @@ impl Connection<'_> {
                         "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
                     ));
                 }
-                self.state.telemetry.record(
+                let event = self.state.telemetry.stamp(
                     self.device_id.clone(),
                     properties,
                     publish.payload.clone(),
                 );
+                // Capture first: a message it refuses (its buffer full) is not acknowledged,
+                // and the connection closes so that the device sends it again.
+                if let Some(capture) = &self.state.capture {
+                    let generation = self
+                        .state
+                        .registry
+                        .get(&self.device_id, |d| d.generation_id.clone())
+                        .unwrap_or_default();
+                    capture
+                        .accept(&event, &generation)
+                        .map_err(|e| format!("telemetry not accepted: {e}"))?;
+                }
+                self.state.telemetry.keep(event);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
             }
