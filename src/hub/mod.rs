@@ -320,7 +320,10 @@ impl Hub {
             sessions: sessions::Sessions::default(),
             methods: methods::MethodCalls::default(),
             jobs,
-            telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
+            telemetry: telemetry::Telemetry::starting_at(
+                RECENT_EVENTS,
+                capture.as_ref().map_or(1, |c| c.next_sequence),
+            ),
             capture: capture.as_ref().map(|c| c.intake.clone()),
             group_key,
             faults: faults::Faults::default(),

@@ -85,15 +85,23 @@ pub struct Telemetry {
     capacity: usize,
     recent: Mutex<VecDeque<Event>>,
     next_sequence: AtomicU64,
+    /// Where numbering started: `total` counts from here.
+    first_sequence: u64,
     dropped: AtomicU64,
 }
 
 impl Telemetry {
     pub fn new(capacity: usize) -> Self {
+        Self::starting_at(capacity, 1)
+    }
+
+    /// Numbering from `first`: with capture, after every message already in its files.
+    pub fn starting_at(capacity: usize, first: u64) -> Self {
         Telemetry {
             capacity,
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
-            next_sequence: AtomicU64::new(1),
+            next_sequence: AtomicU64::new(first),
+            first_sequence: first,
             dropped: AtomicU64::new(0),
         }
     }
@@ -138,7 +146,7 @@ impl Telemetry {
     }
 
     pub fn total(&self) -> u64 {
-        self.next_sequence.load(Ordering::Relaxed) - 1
+        self.next_sequence.load(Ordering::Relaxed) - self.first_sequence
     }
 
     /// Events in the buffer now.

@@ -22,6 +22,7 @@ mod fleet;
 mod fleet_engine;
 mod hostile;
 mod hub_api;
+mod hub_capture;
 mod hub_jobs;
 mod hub_listeners;
 mod hub_mqtt;

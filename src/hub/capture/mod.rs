@@ -159,8 +159,14 @@ impl Intake {
         log.wal.rotate()
     }
 
-    fn remove_before(&self, segment: u64) {
+    fn published(&self, highest_sequence: Option<u64>, segment: Option<u64>) {
         let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sequence) = highest_sequence {
+            if let Err(error) = log.wal.mark_published(sequence) {
+                tracing::warn!(%error, "cannot record the last published capture sequence number");
+            }
+        }
+        let Some(segment) = segment else { return };
         if let Err(error) = log.wal.remove_before(segment) {
             tracing::warn!(%error, "cannot remove published capture log segments");
         }
@@ -171,6 +177,9 @@ impl Intake {
 pub struct Capture {
     pub intake: Arc<Intake>,
     pub settings: CaptureSettings,
+    /// The sequence number the hub's next message gets: after every one published or
+    /// recovered.
+    pub next_sequence: u64,
     finish: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -197,6 +206,12 @@ impl Capture {
             source,
         })?;
         let (wal, recovered) = wal::Wal::open(&state_dir.join("capture"))?;
+        let highest_recovered = recovered
+            .iter()
+            .map(|m| m.event.sequence_number)
+            .max()
+            .unwrap_or(0);
+        let next_sequence = wal.last_published().max(highest_recovered) + 1;
         let (tx, rx) = mpsc::channel(capacity);
         let counters = Arc::new(CaptureCounters::default());
         counters
@@ -229,6 +244,7 @@ impl Capture {
         Ok(Capture {
             intake,
             settings,
+            next_sequence,
             finish,
             task: Mutex::new(Some(handle)),
         })
@@ -368,9 +384,12 @@ impl Task {
             .counters
             .pending
             .fetch_sub(window.len() as u64, Ordering::Relaxed);
-        if let Some(segment) = new_segment {
-            self.intake.remove_before(segment);
-        }
+        let highest = window
+            .messages()
+            .iter()
+            .map(|m| m.event.sequence_number)
+            .max();
+        self.intake.published(highest, new_segment);
     }
 }
 
@@ -544,5 +563,22 @@ mod tests {
         assert_eq!(all, vec![1, 2, 3]);
         let (_, left) = wal::Wal::open(&state.path().join("capture")).unwrap();
         assert!(left.is_empty());
+    }
+
+    #[tokio::test]
+    async fn numbering_goes_on_after_what_was_published_and_what_was_recovered() {
+        let out = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
+        assert_eq!(capture.next_sequence, 1);
+        capture.intake.accept(&sample(5, "x").event, "g").unwrap();
+        capture.finish().await;
+        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
+        assert_eq!(capture.next_sequence, 6, "after the published 5");
+        capture.intake.accept(&sample(9, "x").event, "g").unwrap();
+        drop(capture); // a kill: 9 stays in the log
+        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
+        assert_eq!(capture.next_sequence, 10, "after the recovered 9");
+        capture.finish().await;
     }
 }

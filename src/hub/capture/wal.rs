@@ -43,6 +43,10 @@ struct Line {
     body: String,
 }
 
+/// In the log's directory: the highest sequence number in a published file, so that a
+/// restarted hub numbers on from there (Event Hubs sequence numbers only grow in a partition).
+const LAST_SEQUENCE: &str = "last-sequence";
+
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("wal-{n:020}.log"))
 }
@@ -87,6 +91,21 @@ impl Wal {
             },
             recovered,
         ))
+    }
+
+    /// The highest sequence number published so far (0 when none).
+    pub fn last_published(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join(LAST_SEQUENCE))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Records `sequence` as the highest published one: a temporary file, then a rename.
+    pub fn mark_published(&self, sequence: u64) -> std::io::Result<()> {
+        let temp = self.dir.join(format!(".{LAST_SEQUENCE}.tmp"));
+        std::fs::write(&temp, format!("{sequence}\n"))?;
+        std::fs::rename(&temp, self.dir.join(LAST_SEQUENCE))
     }
 
     /// Appends one message; returns the segment it is in.
