@@ -239,8 +239,9 @@ impl Capture {
             naming,
             intake: intake.clone(),
             rx,
+            finish: finish.clone(),
         };
-        let handle = tokio::spawn(task.run(recovered, finish.clone()));
+        let handle = tokio::spawn(task.run(recovered));
         Ok(Capture {
             intake,
             settings,
@@ -268,10 +269,13 @@ struct Task {
     naming: Naming,
     intake: Arc<Intake>,
     rx: mpsc::Receiver<Item>,
+    /// Cancelled by [`Capture::finish`]: write the open window, then end.
+    finish: CancellationToken,
 }
 
 impl Task {
-    async fn run(mut self, recovered: Vec<Captured>, finish: CancellationToken) {
+    async fn run(mut self, recovered: Vec<Captured>) {
+        let finish = self.finish.clone();
         let mut window = Window::open(Instant::now());
         // Recovered messages are in segments older than any new one.
         let mut full = false;
@@ -290,7 +294,7 @@ impl Task {
                         while let Ok(item) = self.rx.try_recv() {
                             window.push(item.message, &self.rules);
                         }
-                        self.close(&mut window, &mut carried, Some(&finish)).await;
+                        self.close(&mut window, &mut carried).await;
                         return;
                     }
                     _ = tokio::time::sleep_until(deadline) => {}
@@ -303,7 +307,12 @@ impl Task {
                     },
                 }
             }
-            self.close(&mut window, &mut carried, None).await;
+            if !self.close(&mut window, &mut carried).await {
+                // Stopped while the file could not be written: its messages, and every later
+                // one, stay in the log for the next start (removing any segment now could
+                // drop the unwritten window's messages).
+                return;
+            }
             window = Window::open(Instant::now());
             full = false;
             if let Some(item) = carried.take() {
@@ -314,13 +323,9 @@ impl Task {
 
     /// Closes `window`: rotates the log, moves the rest of the old segments' messages from the
     /// channel into it, writes the file (retrying with backoff), then drops the old segments.
-    /// The first message of the new segment, if one was taken, is left in `carried`.
-    async fn close(
-        &mut self,
-        window: &mut Window,
-        carried: &mut Option<Item>,
-        finishing: Option<&CancellationToken>,
-    ) {
+    /// The first message of the new segment, if one was taken, is left in `carried`. False
+    /// when the hub stopped before the file could be written: the log keeps its messages.
+    async fn close(&mut self, window: &mut Window, carried: &mut Option<Item>) -> bool {
         let new_segment = match self.intake.rotate() {
             Ok(segment) => Some(segment),
             Err(error) => {
@@ -350,7 +355,7 @@ impl Task {
                 Err(error) => {
                     self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %error, messages = window.len(), "capture window dropped: it cannot be encoded");
-                    return;
+                    return true;
                 }
             };
             let relative =
@@ -366,15 +371,18 @@ impl Task {
                     Err(error) => {
                         self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(error = %error, cause = %error.source, retry_in = ?delay, "capture file not written");
-                        if finishing.is_some() {
-                            // Stopping: the log keeps the messages for the next start.
+                        let stopped = self.finish.is_cancelled()
+                            || tokio::select! {
+                                _ = self.finish.cancelled() => true,
+                                _ = tokio::time::sleep(delay) => false,
+                            };
+                        if stopped {
                             tracing::warn!(
                                 messages = window.len(),
                                 "capture window left in the write-ahead log for the next start"
                             );
-                            return;
+                            return false;
                         }
-                        tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(RETRY_MAX);
                     }
                 }
@@ -390,6 +398,7 @@ impl Task {
             .map(|m| m.event.sequence_number)
             .max();
         self.intake.published(highest, new_segment);
+        true
     }
 }
 
@@ -580,5 +589,32 @@ mod tests {
         let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
         assert_eq!(capture.next_sequence, 10, "after the recovered 9");
         capture.finish().await;
+    }
+
+    #[tokio::test]
+    async fn stopping_while_the_directory_is_unwritable_keeps_the_window_in_the_log() {
+        let base = tempfile::tempdir().unwrap();
+        let out = base.path().join("out");
+        let state = tempfile::tempdir().unwrap();
+        let one_second = CaptureSettings {
+            window: Duration::from_secs(1),
+            ..settings(&out)
+        };
+        let capture = Capture::start(one_second.clone(), state.path(), naming()).unwrap();
+        std::fs::remove_dir(&out).unwrap();
+        std::fs::write(&out, b"").unwrap();
+        capture.intake.accept(&sample(1, "x").event, "g").unwrap();
+        let counters = capture.intake.counters.clone();
+        until("an error", || counters.errors.load(Ordering::Relaxed) >= 1).await;
+        capture.intake.accept(&sample(2, "x").event, "g").unwrap();
+        // Finishing does not wait for the directory to come back.
+        tokio::time::timeout(Duration::from_secs(5), capture.finish())
+            .await
+            .expect("finish returns while the directory is unwritable");
+        std::fs::remove_file(&out).unwrap();
+        let capture = Capture::start(one_second, state.path(), naming()).unwrap();
+        capture.finish().await;
+        let all: Vec<i64> = published(&out).into_iter().flat_map(|(_, s)| s).collect();
+        assert_eq!(all, vec![1, 2], "both recovered, once");
     }
 }
