@@ -477,3 +477,71 @@ fn blob_storage_destinations_are_refused_at_start_with_exit_78() {
         );
     }
 }
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_written_files_and_pending_messages() {
+    use simdevice::common::exposition;
+    use simdevice::hub::metrics::HubMetrics;
+    use tokio_util::sync::CancellationToken;
+
+    let out = tempfile::tempdir().unwrap();
+    let settings = settings(out.path(), Format::EventHubs, Codec::Deflate, 1);
+    let hub = TestHub::start_with(|c| c.capture = Some(settings)).await;
+    let stop = CancellationToken::new();
+    let addr = exposition::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(HubMetrics {
+            state: hub.hub.state().clone(),
+            stopping: stop.clone(),
+        }),
+        stop.clone(),
+    )
+    .await
+    .unwrap()
+    .local_addr;
+    let scrape = || async {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+    assert_eq!(
+        sample(&before, "simdevice_hub_capture_files_total"),
+        Some(0.0)
+    );
+    send_readings(&hub, 2).await;
+    wait_for_records(out.path(), 2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = scrape().await;
+        let files = sample(&text, "simdevice_hub_capture_files_total").unwrap();
+        let pending = sample(&text, "simdevice_hub_capture_pending_events").unwrap();
+        if files >= 1.0 && pending == 0.0 {
+            assert_eq!(
+                sample(&text, "simdevice_hub_capture_errors_total"),
+                Some(0.0)
+            );
+            assert_eq!(
+                sample(&text, "simdevice_hub_capture_refused_total"),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "files {files}, pending {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    hub.stop().await;
+}

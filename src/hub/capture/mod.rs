@@ -617,4 +617,19 @@ mod tests {
         let all: Vec<i64> = published(&out).into_iter().flat_map(|(_, s)| s).collect();
         assert_eq!(all, vec![1, 2], "both recovered, once");
     }
+
+    #[tokio::test]
+    async fn an_empty_window_writes_a_file_without_records_unless_skipped() {
+        let out = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let empty_written = CaptureSettings {
+            window: Duration::from_secs(1),
+            skip_empty: false,
+            ..settings(out.path())
+        };
+        let capture = Capture::start(empty_written, state.path(), naming()).unwrap();
+        until("an empty file", || !published(out.path()).is_empty()).await;
+        assert!(published(out.path())[0].1.is_empty());
+        capture.finish().await;
+    }
 }
