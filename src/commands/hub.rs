@@ -8,6 +8,7 @@ use crate::common::local_hub::default_state_dir;
 
 use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
+use crate::hub::capture::CaptureSettings;
 use crate::hub::error::IotHubError;
 use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
@@ -45,6 +46,40 @@ pub struct HubArgs {
     /// Register this device at start-up if it does not exist yet (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
+    /// Archive every accepted telemetry message into Avro files in this directory, as Azure's
+    /// Event Hubs Capture (or IoT Hub routing to storage) writes them [default: off]. Blob
+    /// Storage destinations (azure://CONTAINER, https://) are not built yet.
+    #[arg(long, value_name = "DIR", env = "SIMDEVICE_HUB_CAPTURE")]
+    pub capture: Option<String>,
+    /// With --capture: the file format, `eventhubs` (Event Hubs Capture's EventData) or
+    /// `iothub` (IoT Hub routing's Message).
+    #[arg(
+        long,
+        default_value = "eventhubs",
+        requires = "capture",
+        env = "SIMDEVICE_HUB_CAPTURE_FORMAT"
+    )]
+    pub capture_format: crate::hub::capture::Format,
+    /// With --capture: the Avro codec, `deflate` or `null`.
+    #[arg(
+        long,
+        default_value = "deflate",
+        requires = "capture",
+        env = "SIMDEVICE_HUB_CAPTURE_CODEC"
+    )]
+    pub capture_codec: crate::hub::capture::Codec,
+    /// With --capture: a window closes after this many seconds (Azure allows 60..900; shorter
+    /// is for tests), or at --capture-window-bytes, whichever comes first.
+    #[arg(long, default_value_t = crate::hub::capture::DEFAULT_WINDOW_SECS, requires = "capture",
+          value_parser = clap::value_parser!(u64).range(1..), env = "SIMDEVICE_HUB_CAPTURE_WINDOW_SECS")]
+    pub capture_window_secs: u64,
+    /// With --capture: a window closes when its messages reach this many bytes.
+    #[arg(long, default_value_t = crate::hub::capture::DEFAULT_WINDOW_BYTES, requires = "capture",
+          value_parser = clap::value_parser!(u64).range(1..), env = "SIMDEVICE_HUB_CAPTURE_WINDOW_BYTES")]
+    pub capture_window_bytes: u64,
+    /// With --capture: write no file for a window without messages (Azure's skipEmptyArchives).
+    #[arg(long, requires = "capture", env = "SIMDEVICE_HUB_CAPTURE_SKIP_EMPTY")]
+    pub capture_skip_empty: bool,
     /// Serve /healthz and /metrics (Prometheus) over plain HTTP at this address, e.g.
     /// 127.0.0.1:9101 [default: off]
     #[arg(long, value_name = "ADDR")]
@@ -65,6 +100,9 @@ pub enum HubCommandError {
     },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `--capture` names a destination this build cannot write to.
+    #[error("--capture {dest}: {reason}")]
+    CaptureDest { dest: String, reason: &'static str },
 }
 
 impl HubCommandError {
@@ -74,7 +112,7 @@ impl HubCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             HubCommandError::Hub(error) => error.is_config(),
-            HubCommandError::Device { .. } => true,
+            HubCommandError::Device { .. } | HubCommandError::CaptureDest { .. } => true,
             HubCommandError::Metrics(MetricsError::Bind { source, .. }) => matches!(
                 source.kind(),
                 std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied
@@ -83,7 +121,40 @@ impl HubCommandError {
     }
 }
 
+/// `--capture` and its options as the hub's settings; Blob Storage destinations are refused.
+fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubCommandError> {
+    let Some(dest) = &args.capture else {
+        return Ok(None);
+    };
+    let refuse = |reason| HubCommandError::CaptureDest {
+        dest: dest.clone(),
+        reason,
+    };
+    if dest.starts_with("azure://") || dest.starts_with("https://") {
+        return Err(refuse(
+            "capture to Azure Blob Storage is not built yet; give a directory",
+        ));
+    }
+    if dest.contains("://") {
+        return Err(refuse(
+            "not a directory, and not a destination this hub knows",
+        ));
+    }
+    if dest.is_empty() {
+        return Err(refuse("an empty path"));
+    }
+    Ok(Some(CaptureSettings {
+        dir: PathBuf::from(dest),
+        format: args.capture_format,
+        codec: args.capture_codec,
+        window: std::time::Duration::from_secs(args.capture_window_secs),
+        window_bytes: args.capture_window_bytes,
+        skip_empty: args.capture_skip_empty,
+    }))
+}
+
 pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
+    let capture = capture_settings(&args)?;
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let hub = Hub::start(HubConfig {
         state_dir: state_dir.clone(),
@@ -93,6 +164,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         hostnames: args.hostnames,
         auto_register: args.auto_register,
         group_key: args.group_key,
+        capture,
     })
     .await?;
     for id in &args.devices {
@@ -170,6 +242,13 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     );
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
+    if let Some(capture) = &info.capture {
+        let _ = writeln!(
+            out,
+            "  capture:          {} ({}, {}, {} s or {} bytes)",
+            capture.dest, capture.format, capture.codec, capture.window_secs, capture.window_bytes
+        );
+    }
     if info.group_key.is_some() {
         let _ = writeln!(out, "  auto-register: on (group key in hub.json)");
     }

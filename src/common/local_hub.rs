@@ -21,6 +21,23 @@ pub struct HubInfo {
     pub service_connection_string: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_key: Option<String>,
+    /// With `simdevice hub --capture`: what is archived, and where. Absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureInfo>,
+}
+
+/// `hub.json`'s `capture` object.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CaptureInfo {
+    /// The capture directory, absolute.
+    pub dest: String,
+    /// `eventhubs` or `iothub`.
+    pub format: String,
+    /// `deflate` or `null`.
+    pub codec: String,
+    pub window_secs: u64,
+    pub window_bytes: u64,
+    pub skip_empty: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -126,5 +126,34 @@ impl MetricsSource for HubMetrics {
             "Messages dropped from the full recent-events buffer.",
             state.telemetry.dropped() as f64,
         );
+        if let Some(capture) = &state.capture {
+            let c = &capture.counters;
+            out.single(
+                "simdevice_hub_capture_files_total",
+                Counter,
+                "Capture files written (--capture).",
+                load(&c.files),
+            );
+            out.single(
+                "simdevice_hub_capture_errors_total",
+                Counter,
+                "Capture failures: a file not written (retried), a write-ahead log append or \
+                 rotation that failed.",
+                load(&c.errors),
+            );
+            out.single(
+                "simdevice_hub_capture_refused_total",
+                Counter,
+                "Telemetry messages refused (not acknowledged) because the capture buffer was \
+                 full or its write-ahead log could not be written.",
+                load(&c.refused),
+            );
+            out.single(
+                "simdevice_hub_capture_pending_events",
+                Gauge,
+                "Accepted messages not yet in a published capture file.",
+                load(&c.pending),
+            );
+        }
     }
 }

@@ -17,6 +17,7 @@
 pub mod accept;
 pub mod api;
 pub mod auth;
+pub mod capture;
 pub mod error;
 pub mod faults;
 pub mod jobs;
@@ -60,6 +61,8 @@ pub struct HubConfig {
     /// With `auto_register`: the group key to use (kept in the state, replacing the one
     /// there); `None` keeps the stored one, or makes one the first time.
     pub group_key: Option<String>,
+    /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
+    pub capture: Option<capture::CaptureSettings>,
 }
 
 impl HubConfig {
@@ -73,6 +76,7 @@ impl HubConfig {
             hostnames: Vec::new(),
             auto_register: false,
             group_key: None,
+            capture: None,
         }
     }
 }
@@ -109,6 +113,8 @@ pub enum HubError {
     /// A change the hub's own start-up asked for (`--device ID`) was refused.
     #[error("the device registry refused a change")]
     Registry(#[from] error::IotHubError),
+    #[error("capture cannot start")]
+    Capture(#[from] capture::CaptureError),
 }
 
 impl HubError {
@@ -124,7 +130,8 @@ impl HubError {
             HubError::Locked(_)
             | HubError::State { .. }
             | HubError::Load(_)
-            | HubError::GroupKey(_) => true,
+            | HubError::GroupKey(_)
+            | HubError::Capture(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -150,6 +157,8 @@ pub struct HubState {
     pub methods: methods::MethodCalls,
     pub jobs: jobs::Jobs,
     pub telemetry: telemetry::Telemetry,
+    /// With `--capture`: where accepted telemetry goes before it is acknowledged.
+    pub capture: Option<Arc<capture::Intake>>,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
     pub group_key: Option<String>,
     /// Fault hooks (refuse connects, throttle reported patches, clock offset); all off.
@@ -177,6 +186,8 @@ pub struct Hub {
     api_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// With `--capture`: its task, finished after every connection has ended.
+    capture: Option<capture::Capture>,
     /// The state directory is this hub's until it is dropped (after `shutdown`).
     _lock: StateLock,
 }
@@ -280,6 +291,22 @@ impl Hub {
             }
             .to_string(),
             group_key: group_key.clone(),
+            capture: config.capture.as_ref().map(capture_info),
+        };
+
+        // After the lock: the write-ahead log is in the state directory. Started before the
+        // listeners, so recovered messages are in the first window before any new one.
+        let capture = match &config.capture {
+            Some(settings) => Some(capture::Capture::start(
+                settings.clone(),
+                dir,
+                capture::Naming {
+                    namespace: capture::NAMESPACE.into(),
+                    hub: info.hostname.clone(),
+                    partition: capture::PARTITION.into(),
+                },
+            )?),
+            None => None,
         };
 
         let mut liveness = accept::Liveness::default();
@@ -293,7 +320,11 @@ impl Hub {
             sessions: sessions::Sessions::default(),
             methods: methods::MethodCalls::default(),
             jobs,
-            telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
+            telemetry: telemetry::Telemetry::starting_at(
+                RECENT_EVENTS,
+                capture.as_ref().map_or(1, |c| c.next_sequence),
+            ),
+            capture: capture.as_ref().map(|c| c.intake.clone()),
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
@@ -336,6 +367,7 @@ impl Hub {
             api_addr,
             shutdown,
             tasks,
+            capture,
             _lock: lock,
         })
     }
@@ -396,12 +428,30 @@ impl Hub {
         move || health_of(&state, &shutdown)
     }
 
-    /// Stops accepting, closes every connection and waits for the tasks to end; then the state
-    /// directory's lock is released.
+    /// Stops accepting, closes every connection and waits for the tasks to end; then closes
+    /// the open capture window and writes it; then the state directory's lock is released.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(capture) = &self.capture {
+            capture.finish().await;
+        }
+    }
+}
+
+/// `hub.json`'s `capture`: what the hub archives, and where.
+fn capture_info(settings: &capture::CaptureSettings) -> crate::common::local_hub::CaptureInfo {
+    crate::common::local_hub::CaptureInfo {
+        dest: std::path::absolute(&settings.dir)
+            .unwrap_or(settings.dir.clone())
+            .display()
+            .to_string(),
+        format: settings.format.as_str().into(),
+        codec: settings.codec.as_str().into(),
+        window_secs: settings.window.as_secs(),
+        window_bytes: settings.window_bytes,
+        skip_empty: settings.skip_empty,
     }
 }
 

@@ -85,27 +85,46 @@ pub struct Telemetry {
     capacity: usize,
     recent: Mutex<VecDeque<Event>>,
     next_sequence: AtomicU64,
+    /// Where numbering started: `total` counts from here.
+    first_sequence: u64,
     dropped: AtomicU64,
 }
 
 impl Telemetry {
     pub fn new(capacity: usize) -> Self {
+        Self::starting_at(capacity, 1)
+    }
+
+    /// Numbering from `first`: with capture, after every message already in its files.
+    pub fn starting_at(capacity: usize, first: u64) -> Self {
         Telemetry {
             capacity,
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
-            next_sequence: AtomicU64::new(1),
+            next_sequence: AtomicU64::new(first),
+            first_sequence: first,
             dropped: AtomicU64::new(0),
         }
     }
 
     pub fn record(&self, device_id: Arc<str>, properties: PropertyBag, body: Bytes) {
-        let event = Event {
+        let event = self.stamp(device_id, properties, body);
+        self.keep(event);
+    }
+
+    /// The hub's stamps on a message: its sequence number and enqueue time. A message stamped
+    /// and then refused (by capture) leaves a gap in the sequence numbers.
+    pub fn stamp(&self, device_id: Arc<str>, properties: PropertyBag, body: Bytes) -> Event {
+        Event {
             sequence_number: self.next_sequence.fetch_add(1, Ordering::Relaxed),
             device_id,
             enqueued_time: chrono::Utc::now(),
             properties,
             body,
-        };
+        }
+    }
+
+    /// Keeps an accepted, stamped message in the recent-events buffer.
+    pub fn keep(&self, event: Event) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() >= self.capacity {
             recent.pop_front();
@@ -127,7 +146,7 @@ impl Telemetry {
     }
 
     pub fn total(&self) -> u64 {
-        self.next_sequence.load(Ordering::Relaxed) - 1
+        self.next_sequence.load(Ordering::Relaxed) - self.first_sequence
     }
 
     /// Events in the buffer now.

@@ -53,7 +53,14 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
     let capture = dir.path().join("capture");
     let out = dir.path().join("csv");
     let mut hub = command()
-        .args(["hub", "--auto-register", "--mqtt-port", "0", "--api-port", "0"])
+        .args([
+            "hub",
+            "--auto-register",
+            "--mqtt-port",
+            "0",
+            "--api-port",
+            "0",
+        ])
         .arg("--state-dir")
         .arg(&state)
         .arg("--capture")
@@ -79,7 +86,11 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
         .await
         .expect("the sender ends")
         .unwrap();
-    assert!(sender.status.success(), "{}", String::from_utf8_lossy(&sender.stderr));
+    assert!(
+        sender.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sender.stderr)
+    );
     let report: Value = serde_json::from_slice(&sender.stdout).unwrap();
     assert_eq!(report["readings_acknowledged"], 200);
 
@@ -94,7 +105,11 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
             .output()
             .await
             .unwrap();
-        assert!(events.status.success(), "{}", String::from_utf8_lossy(&events.stderr));
+        assert!(
+            events.status.success(),
+            "{}",
+            String::from_utf8_lossy(&events.stderr)
+        );
         let events: Value = serde_json::from_slice(&events.stdout).unwrap();
         for event in events.as_array().unwrap() {
             let body = event["body"].clone();
@@ -124,7 +139,11 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
         .output()
         .await
         .unwrap();
-    assert!(archive.status.success(), "{}", String::from_utf8_lossy(&archive.stderr));
+    assert!(
+        archive.status.success(),
+        "{}",
+        String::from_utf8_lossy(&archive.stderr)
+    );
     let mut files: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -137,7 +156,11 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
         let id = path.file_stem().unwrap().to_str().unwrap();
         let mut seqs: Vec<u64> = rows.iter().map(|r| r["seq"].parse().unwrap()).collect();
         seqs.sort();
-        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{id}: every reading once");
+        assert_eq!(
+            seqs,
+            (1..=20).collect::<Vec<_>>(),
+            "{id}: every reading once"
+        );
         for row in &rows {
             assert_eq!(row["id"], id);
             let body = &sent[&(id.to_string(), row["seq"].parse().unwrap())];

@@ -129,6 +129,7 @@ pub async fn serve(
         state: &state,
         live: &live,
         out: BytesMut::with_capacity(256),
+        generation_id: None,
     };
     let reason = connection
         .run(
@@ -168,6 +169,9 @@ struct Connection<'a> {
     state: &'a HubState,
     live: &'a LiveStats,
     out: BytesMut,
+    /// The device's generation id, looked up at its first message when capture is on (it
+    /// cannot change while the device is connected: a deleted device loses its connection).
+    generation_id: Option<String>,
 }
 
 /// Why the loop ended; logged once.
@@ -319,11 +323,25 @@ impl Connection<'_> {
                         "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
                     ));
                 }
-                self.state.telemetry.record(
+                let event = self.state.telemetry.stamp(
                     self.device_id.clone(),
                     properties,
                     publish.payload.clone(),
                 );
+                // Capture first: a message it refuses (its buffer full) is not acknowledged,
+                // and the connection closes so that the device sends it again.
+                if let Some(capture) = &self.state.capture {
+                    let (registry, id) = (&self.state.registry, &self.device_id);
+                    let generation = self.generation_id.get_or_insert_with(|| {
+                        registry
+                            .get(id, |d| d.generation_id.clone())
+                            .unwrap_or_default()
+                    });
+                    capture
+                        .accept(&event, generation)
+                        .map_err(|e| format!("telemetry not accepted: {e}"))?;
+                }
+                self.state.telemetry.keep(event);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
             }

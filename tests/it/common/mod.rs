@@ -71,18 +71,7 @@ impl TestHub {
     }
 
     pub fn tls_connector(&self) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in simdevice::common::pem::parse_pem_certificates(&self.ca_pem()).unwrap() {
-            roots.add(cert).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
+        tls_connector_for(&self.ca_pem())
     }
 
     pub fn service(&self) -> Service {
@@ -92,6 +81,22 @@ impl TestHub {
     pub async fn stop(self) {
         self.hub.shutdown().await;
     }
+}
+
+/// A TLS client that trusts `ca_pem` (a hub's CA), e.g. for a hub run as a child process.
+pub fn tls_connector_for(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in simdevice::common::pem::parse_pem_certificates(ca_pem).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 pub fn now() -> u64 {
@@ -131,10 +136,18 @@ pub struct RawDevice {
 
 impl RawDevice {
     pub async fn open(hub: &TestHub) -> RawDevice {
-        let tcp = TcpStream::connect(hub.hub.mqtt_addr()).await.unwrap();
+        Self::open_at(hub.hub.mqtt_addr(), hub.tls_connector()).await
+    }
+
+    /// A connection to a hub anywhere (a hub run as a child process, for example).
+    pub async fn open_at(
+        addr: std::net::SocketAddr,
+        connector: tokio_rustls::TlsConnector,
+    ) -> RawDevice {
+        let tcp = TcpStream::connect(addr).await.unwrap();
         tcp.set_nodelay(true).unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = hub.tls_connector().connect(name, tcp).await.unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
         RawDevice {
             stream,
             buf: BytesMut::new(),
