@@ -104,7 +104,8 @@ def read_avro(path):
     with open(path, "rb") as f:
         reader = DataFileReader(f, DatumReader())
         schema = json.loads(reader.get_meta("avro.schema"))
-        codec = reader.get_meta("avro.codec").decode()
+        # No avro.codec in the header means null (the Avro spec); apache-avro writes none for null.
+        codec = (reader.get_meta("avro.codec") or b"null").decode()
         records = list(reader)
         reader.close()
         return schema, codec, records
