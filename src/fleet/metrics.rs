@@ -80,14 +80,13 @@ impl MetricsSource for FleetMetrics {
         for (kind, n) in &s.errors {
             out.sample("simdevice_fleet_errors_total", &[("kind", kind)], *n as f64);
         }
-        let latency = self.view.latency();
         out.family(
             "simdevice_fleet_ack_latency_seconds",
             Kind::Gauge,
             "Acknowledgement latency of readings (PUBLISH to PUBACK), by quantile.",
         );
         for (label, q) in [("0.5", 50.0), ("0.99", 99.0), ("1", 100.0)] {
-            if let Some(ms) = latency.percentile_ms(q) {
+            if let Some(ms) = self.view.latency_percentile_ms(q) {
                 out.sample(
                     "simdevice_fleet_ack_latency_seconds",
                     &[("quantile", label)],

@@ -38,7 +38,7 @@ impl Progress {
             None => 0.0,
         };
         self.last = Some((now, snapshot.readings_sent));
-        let p99 = view.latency().p99_ms();
+        let p99 = view.latency_percentile_ms(99.0);
         let line = line(&snapshot, rate, p99);
         if self.terminal {
             let mut err = std::io::stderr().lock();

@@ -153,28 +153,28 @@ impl FleetView {
             started: self.started.load(Ordering::Relaxed),
             ..Snapshot::default()
         };
+        let mut errors = std::collections::BTreeMap::<String, u64>::new();
         let mut add_error = |kind: &str, n: u64| {
             if n > 0 {
-                *s.errors.entry(kind.to_string()).or_insert(0) += n;
+                *errors.entry(kind.to_string()).or_insert(0) += n;
             }
         };
-        let mut totals = [0u64; 12];
         for ctx in self.contexts.iter() {
             let c = ctx.counters();
             let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-            totals[0] += c.connected.load(Ordering::Relaxed) as u64;
-            totals[1] += (get(&c.connects) > 0) as u64;
-            totals[2] += (get(&c.twins_fetched) > 0) as u64;
-            totals[3] += (get(&c.reported_patches) > 0) as u64;
-            totals[4] += get(&c.readings_produced);
-            totals[5] += get(&c.readings_published);
-            totals[6] += get(&c.readings_acknowledged);
-            totals[7] += get(&c.readings_dropped);
-            totals[8] += get(&c.method_calls);
-            totals[9] += get(&c.desired_applied);
-            totals[10] += get(&c.cloud_to_device);
+            s.connected_now += c.connected.load(Ordering::Relaxed) as u64;
+            s.connected += (get(&c.connects) > 0) as u64;
+            s.twins_fetched += (get(&c.twins_fetched) > 0) as u64;
+            s.connectivity_reported += (get(&c.reported_patches) > 0) as u64;
+            s.readings_produced += get(&c.readings_produced);
+            s.readings_sent += get(&c.readings_published);
+            s.readings_acknowledged += get(&c.readings_acknowledged);
+            s.readings_dropped += get(&c.readings_dropped);
+            s.method_calls += get(&c.method_calls);
+            s.desired_applied += get(&c.desired_applied);
+            s.cloud_to_device += get(&c.cloud_to_device);
             for (labels, n) in c.reconnects.snapshot() {
-                totals[11] += n;
+                s.reconnects += n;
                 match labels.first().map(String::as_str) {
                     Some("refused") => add_error("connect_refused", n),
                     Some("failed") => add_error("connect_failed", n),
@@ -190,23 +190,21 @@ impl FleetView {
                 }
             }
         }
-        add_error("readings_dropped", totals[7]);
-        s.connected_now = totals[0];
-        s.connected = totals[1];
-        s.twins_fetched = totals[2];
-        s.connectivity_reported = totals[3];
-        s.readings_produced = totals[4];
-        s.readings_sent = totals[5];
-        s.readings_acknowledged = totals[6];
-        s.readings_dropped = totals[7];
-        s.method_calls = totals[8];
-        s.desired_applied = totals[9];
-        s.cloud_to_device = totals[10];
-        s.reconnects = totals[11];
+        add_error("readings_dropped", s.readings_dropped);
+        s.errors = errors;
         s
     }
 
-    /// The acknowledgement latencies so far.
+    /// A percentile of the acknowledgement latencies so far, in ms (`None` before the first),
+    /// read in place: the live line and `/metrics` need no copy of the histogram.
+    pub fn latency_percentile_ms(&self, percentile: f64) -> Option<f64> {
+        self.latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .percentile_ms(percentile)
+    }
+
+    /// The acknowledgement latencies so far (for the report).
     pub fn latency(&self) -> LatencyHistogram {
         self.latency
             .lock()
@@ -328,10 +326,6 @@ impl Fleet {
         })
     }
 
-    pub fn seed(&self) -> u64 {
-        self.seed
-    }
-
     /// What the fleet shows while it runs (before it runs too: all zero).
     pub fn view(&self) -> FleetView {
         self.view.clone()
@@ -370,7 +364,9 @@ impl Fleet {
         let ending = loop {
             tokio::select! {
                 _ = stop.cancelled() => break Ending::Stopped,
-                _ = sleep_until_opt(deadline) => break Ending::Duration,
+                _ = tokio::time::sleep_until(deadline.unwrap_or(began)), if deadline.is_some() => {
+                    break Ending::Duration
+                }
                 _ = tick.tick() => {
                     on_tick(&view);
                     if messages.is_some_and(|m| view.all_done(m)) {
@@ -413,13 +409,6 @@ async fn start_agents(
         }
         tasks.spawn(agent.run(shutdown.clone()));
         started.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -244,7 +244,7 @@ impl Hub {
         let group_key = if config.auto_register {
             Some(match (&config.group_key, store.setting("group_key")?) {
                 (Some(given), stored) => {
-                    sas::derive_device_key(given, "check").map_err(HubError::GroupKey)?;
+                    sas::check_key(given).map_err(HubError::GroupKey)?;
                     if stored.as_ref() != Some(given) {
                         store.put_setting("group_key", given)?;
                     }

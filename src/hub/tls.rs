@@ -94,8 +94,8 @@ pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> Result<TlsIde
 
 /// aws-lc with the SHA-256 suites first, chosen whatever the client's order (the server's
 /// choice, as TLS allows): their key schedule runs on the CPU's SHA-256 instructions where
-/// SHA-384 has none, which is a tenth of the hub's CPU in a connect storm (perf, during
-/// scripts/bench-fleet's ramp). Every suite stays offered.
+/// SHA-384 has none, and its software block function was the hub's busiest symbol in a
+/// connect storm (perf, during scripts/bench-fleet's ramp). Every suite stays offered.
 fn server_provider() -> rustls::crypto::CryptoProvider {
     use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256};
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();

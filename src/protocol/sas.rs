@@ -59,6 +59,11 @@ fn sign(key_b64: &str, message: &[u8]) -> Result<HmacSha256, SasError> {
     Ok(mac)
 }
 
+/// Whether `key_b64` is a usable key (base64), checked before it is handed out or kept.
+pub fn check_key(key_b64: &str) -> Result<(), SasError> {
+    sign(key_b64, b"").map(|_| ())
+}
+
 /// Makes a token for `resource` (unencoded) that expires at `expiry_unix`. `key_name` is the policy
 /// name for service tokens (`skn`); device tokens have none.
 pub fn generate_token(

@@ -10,18 +10,13 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::agent::eventually;
+use crate::common::isolated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_simdevice");
 
 fn command() -> tokio::process::Command {
     let mut command = tokio::process::Command::new(BIN);
-    command
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("SIMDEVICE_GROUP_KEY")
-        .env_remove("SIMDEVICE_HUB_STATE_DIR")
-        .env_remove("SIMDEVICE_HUB_GROUP_KEY")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true);
+    isolated(&mut command).env("RUST_LOG", "warn");
     command
 }
 

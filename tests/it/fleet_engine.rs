@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::agent::eventually;
+use crate::common::isolated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_simdevice");
 const SHARDS: u64 = 3;
@@ -103,12 +104,7 @@ fn on_host(ns: Option<&str>, program: &str) -> tokio::process::Command {
         }
         None => tokio::process::Command::new(program),
     };
-    command
-        .env_remove("JOB_COMPLETION_INDEX")
-        .env_remove("SIMDEVICE_GROUP_KEY")
-        .env_remove("SIMDEVICE_HUB_STATE_DIR")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true);
+    isolated(&mut command).env("RUST_LOG", "warn");
     command
 }
 

@@ -18,6 +18,18 @@ use tokio_rustls::client::TlsStream;
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// A child `simdevice` (or a program that starts one) freed of the caller's environment that
+/// would change what it does (a shard index, group keys, a hub state directory), and killed if
+/// the test drops it.
+pub fn isolated(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    command
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("SIMDEVICE_GROUP_KEY")
+        .env_remove("SIMDEVICE_HUB_GROUP_KEY")
+        .env_remove("SIMDEVICE_HUB_STATE_DIR")
+        .kill_on_drop(true)
+}
+
 pub struct TestHub {
     pub hub: Hub,
     pub dir: tempfile::TempDir,
