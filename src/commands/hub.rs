@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use crate::common::local_hub::default_state_dir;
 
+use crate::common::blob::{self, Location};
 use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
-use crate::hub::capture::CaptureSettings;
+use crate::hub::capture::{CaptureSettings, Destination};
 use crate::hub::error::IotHubError;
 use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
@@ -46,10 +47,13 @@ pub struct HubArgs {
     /// Register this device at start-up if it does not exist yet (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
-    /// Archive every accepted telemetry message into Avro files in this directory, as Azure's
-    /// Event Hubs Capture (or IoT Hub routing to storage) writes them [default: off]. Blob
-    /// Storage destinations (azure://CONTAINER, https://) are not built yet.
-    #[arg(long, value_name = "DIR", env = "SIMDEVICE_HUB_CAPTURE")]
+    /// Archive every accepted telemetry message into Avro files, as Azure's Event Hubs Capture
+    /// (or IoT Hub routing to storage) writes them [default: off]. DEST is a directory;
+    /// `azure://CONTAINER[/PREFIX]` with the storage account's connection string in
+    /// AZURE_STORAGE_CONNECTION_STRING (`UseDevelopmentStorage=true` for Azurite); or
+    /// `https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?SAS` (a SAS that may create
+    /// blobs; `http://` only for a loopback emulator).
+    #[arg(long, value_name = "DEST", env = "SIMDEVICE_HUB_CAPTURE")]
     pub capture: Option<String>,
     /// With --capture: the file format, `eventhubs` (Event Hubs Capture's EventData) or
     /// `iothub` (IoT Hub routing's Message).
@@ -103,6 +107,9 @@ pub enum HubCommandError {
     /// `--capture` names a destination this build cannot write to.
     #[error("--capture {dest}: {reason}")]
     CaptureDest { dest: String, reason: &'static str },
+    /// `--capture` names a container that cannot be used as given.
+    #[error("--capture")]
+    CaptureContainer(#[source] blob::BlobError),
 }
 
 impl HubCommandError {
@@ -112,7 +119,9 @@ impl HubCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             HubCommandError::Hub(error) => error.is_config(),
-            HubCommandError::Device { .. } | HubCommandError::CaptureDest { .. } => true,
+            HubCommandError::Device { .. }
+            | HubCommandError::CaptureDest { .. }
+            | HubCommandError::CaptureContainer(_) => true,
             HubCommandError::Metrics(MetricsError::Bind { source, .. }) => matches!(
                 source.kind(),
                 std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied
@@ -121,30 +130,32 @@ impl HubCommandError {
     }
 }
 
-/// `--capture` and its options as the hub's settings; Blob Storage destinations are refused.
+/// `--capture` and its options as the hub's settings: a directory, or a Blob Storage container
+/// (`azure://` with `AZURE_STORAGE_CONNECTION_STRING`, or an `https://` URL with a SAS).
 fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubCommandError> {
     let Some(dest) = &args.capture else {
         return Ok(None);
     };
     let refuse = |reason| HubCommandError::CaptureDest {
-        dest: dest.clone(),
+        dest: blob::redacted(dest),
         reason,
     };
-    if dest.starts_with("azure://") || dest.starts_with("https://") {
-        return Err(refuse(
-            "capture to Azure Blob Storage is not built yet; give a directory",
-        ));
-    }
-    if dest.contains("://") {
-        return Err(refuse(
-            "not a directory, and not a destination this hub knows",
-        ));
-    }
     if dest.is_empty() {
         return Err(refuse("an empty path"));
     }
+    if dest.contains("://") && !blob::is_container(dest) {
+        return Err(refuse(
+            "not a directory, and not a destination this hub knows (azure://, https://)",
+        ));
+    }
+    let env = std::env::var(blob::CONNECTION_STRING_ENV).ok();
+    let destination = match blob::parse(dest, env.as_deref()) {
+        Ok(Location::Directory(dir)) => Destination::Directory(dir),
+        Ok(Location::Container(container)) => Destination::Container(container),
+        Err(error) => return Err(HubCommandError::CaptureContainer(error)),
+    };
     Ok(Some(CaptureSettings {
-        dir: PathBuf::from(dest),
+        destination,
         format: args.capture_format,
         codec: args.capture_codec,
         window: std::time::Duration::from_secs(args.capture_window_secs),

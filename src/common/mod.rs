@@ -9,7 +9,11 @@
 //! - [`file_mode`]: the permission bits of key files and commands (private, writable by others).
 //! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
 //! - [`template`]: telemetry templates (parsed by the configuration, rendered by the agent).
+//! - [`blob`]: where an archive lives, a directory or a Blob Storage container (the hub's capture
+//!   and the archive reader).
 
+#[cfg(any(feature = "hub", feature = "archive"))]
+pub mod blob;
 pub mod exposition;
 pub mod file_mode;
 pub mod local_hub;

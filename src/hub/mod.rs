@@ -443,10 +443,7 @@ impl Hub {
 /// `hub.json`'s `capture`: what the hub archives, and where.
 fn capture_info(settings: &capture::CaptureSettings) -> crate::common::local_hub::CaptureInfo {
     crate::common::local_hub::CaptureInfo {
-        dest: std::path::absolute(&settings.dir)
-            .unwrap_or(settings.dir.clone())
-            .display()
-            .to_string(),
+        dest: settings.destination.describe(),
         format: settings.format.as_str().into(),
         codec: settings.codec.as_str().into(),
         window_secs: settings.window.as_secs(),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use simdevice::common::local_hub::HubInfo;
-use simdevice::hub::capture::{CaptureSettings, Codec, Format};
+use simdevice::hub::capture::{CaptureSettings, Codec, Destination, Format};
 
 use crate::common::{connect_packet, device_token, tls_connector_for, RawDevice, TestHub};
 
@@ -19,7 +19,7 @@ const TELEMETRY: &str = "devices/d1/messages/events/$.ct=application%2Fjson&$.ce
 
 fn settings(dir: &Path, format: Format, codec: Codec, window_secs: u64) -> CaptureSettings {
     CaptureSettings {
-        dir: dir.to_owned(),
+        destination: Destination::Directory(dir.to_owned()),
         format,
         codec,
         window: Duration::from_secs(window_secs),
@@ -447,10 +447,21 @@ async fn sigterm_writes_the_open_window_before_the_hub_exits() {
 }
 
 #[test]
-fn blob_storage_destinations_are_refused_at_start_with_exit_78() {
-    for dest in [
-        "azure://telemetry",
-        "https://account.blob.core.windows.net/c?sv=x",
+fn unusable_containers_are_refused_at_start_with_exit_78() {
+    for (dest, reason) in [
+        (
+            "azure://telemetry",
+            "AZURE_STORAGE_CONNECTION_STRING is not set",
+        ),
+        (
+            "https://account.blob.core.windows.net/c1x",
+            "carries no SAS",
+        ),
+        (
+            "http://account.blob.core.windows.net/c1x?sv=x&sig=SECRETSIG",
+            "only for a loopback emulator",
+        ),
+        ("ftp://host/x", "not a destination this hub knows"),
     ] {
         let state = tempfile::tempdir().unwrap();
         let output = Command::new(env!("CARGO_BIN_EXE_simdevice"))
@@ -466,12 +477,14 @@ fn blob_storage_destinations_are_refused_at_start_with_exit_78() {
             .arg("--state-dir")
             .arg(state.path())
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("AZURE_STORAGE_CONNECTION_STRING")
             .stdin(Stdio::null())
             .output()
             .unwrap();
         assert_eq!(output.status.code(), Some(78), "{dest}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("not built yet"), "{dest}: {stderr}");
+        assert!(stderr.contains(reason), "{dest}: {stderr}");
+        assert!(!stderr.contains("SECRETSIG"), "{dest}: {stderr}");
         assert!(
             !state.path().join("hub.json").exists(),
             "refused before the hub starts"

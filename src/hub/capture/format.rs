@@ -3,6 +3,7 @@
 //! `deflate` or `null`. Pure: events in, bytes out; no files, no clock, no tasks.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use apache_avro::types::Value;
 use apache_avro::{Schema, Writer};
@@ -136,23 +137,55 @@ pub fn schema(format: Format) -> Schema {
     Schema::parse_str(text).expect("the built-in schemas parse")
 }
 
-/// One whole file: the header (schema, codec) and every message, in order. No messages gives
-/// the header alone (an "empty archive").
-pub fn encode(format: Format, codec: Codec, messages: &[Captured]) -> Result<Vec<u8>, EncodeError> {
-    let schema = schema(format);
-    let codec = match codec {
-        Codec::Deflate => apache_avro::Codec::Deflate(Default::default()),
-        Codec::Null => apache_avro::Codec::Null,
-    };
-    let mut writer = Writer::with_codec(&schema, Vec::new(), codec).map_err(EncodeError)?;
-    for message in messages {
-        let record = match format {
+/// The schemas, parsed once: a [`FileWriter`] borrows its schema for as long as it lives.
+static EVENTHUBS: LazyLock<Schema> = LazyLock::new(|| schema(Format::EventHubs));
+static IOTHUB: LazyLock<Schema> = LazyLock::new(|| schema(Format::IotHub));
+
+/// A file being written, a record at a time: apache-avro keeps the records of the current
+/// block (about 16 KB) and compresses each full block as it goes, so an open window holds its
+/// file's bytes, not its messages, and closing it costs one last block.
+pub struct FileWriter {
+    format: Format,
+    writer: Writer<'static, Vec<u8>>,
+}
+
+impl FileWriter {
+    pub fn new(format: Format, codec: Codec) -> Result<FileWriter, EncodeError> {
+        let schema: &'static Schema = match format {
+            Format::EventHubs => &EVENTHUBS,
+            Format::IotHub => &IOTHUB,
+        };
+        let codec = match codec {
+            Codec::Deflate => apache_avro::Codec::Deflate(Default::default()),
+            Codec::Null => apache_avro::Codec::Null,
+        };
+        let writer = Writer::with_codec(schema, Vec::new(), codec).map_err(EncodeError)?;
+        Ok(FileWriter { format, writer })
+    }
+
+    pub fn append(&mut self, message: &Captured) -> Result<(), EncodeError> {
+        let record = match self.format {
             Format::EventHubs => event_data(message),
             Format::IotHub => routing_message(message),
         };
-        writer.append_value(record).map_err(EncodeError)?;
+        self.writer.append_value(record).map_err(EncodeError)?;
+        Ok(())
     }
-    writer.into_inner().map_err(EncodeError)
+
+    /// The whole file: the header (schema, codec) and every record; with no record, the header
+    /// alone (an "empty archive").
+    pub fn finish(self) -> Result<Vec<u8>, EncodeError> {
+        self.writer.into_inner().map_err(EncodeError)
+    }
+}
+
+/// One whole file of `messages`, in order.
+pub fn encode(format: Format, codec: Codec, messages: &[Captured]) -> Result<Vec<u8>, EncodeError> {
+    let mut file = FileWriter::new(format, codec)?;
+    for message in messages {
+        file.append(message)?;
+    }
+    file.finish()
 }
 
 /// Capture's own text form of the enqueue time: `M/d/yyyy h:mm:ss tt`, e.g. `12/2/2021 2:58:24 PM`.
