@@ -21,8 +21,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use object_store::azure::MicrosoftAzureBuilder;
-use object_store::ObjectStore;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
 /// The environment variable `azure://` destinations take their account from (the name Azure's
 /// tools use).
@@ -33,6 +35,25 @@ const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 const EMULATOR_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const EMULATOR_BLOB_ENDPOINT: &str = "http://127.0.0.1:10000/devstoreaccount1";
+
+/// A new client: requests bounded in time, and few retries inside one call. The callers retry
+/// on their own terms (the hub's capture with its backoff, for as long as it runs; the reader
+/// not at all), and a hub told to stop must not wait out object_store's default of ten retries
+/// over three minutes.
+fn builder() -> MicrosoftAzureBuilder {
+    let client = ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        // A window's file (up to the window's size) goes up in one request.
+        .with_timeout(Duration::from_secs(300));
+    let retry = RetryConfig {
+        backoff: BackoffConfig::default(),
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(15),
+    };
+    MicrosoftAzureBuilder::new()
+        .with_client_options(client)
+        .with_retry(retry)
+}
 
 /// A parsed destination or source.
 pub enum Location {
@@ -124,7 +145,7 @@ fn azure_scheme(text: &str, rest: &str, env_value: Option<&str>) -> Result<Conta
         return Err(BlobError::NoConnectionString { url });
     };
     let account = StorageAccount::parse(value)?;
-    let mut builder = MicrosoftAzureBuilder::new()
+    let mut builder = builder()
         .with_account(&account.name)
         .with_container_name(container)
         .with_endpoint(account.blob_endpoint.clone());
@@ -193,7 +214,7 @@ fn container_url(text: &str) -> Result<Container, BlobError> {
     }
     let container = segments.remove(0);
     check_container_name(&name, container)?;
-    let mut builder = MicrosoftAzureBuilder::new()
+    let mut builder = builder()
         .with_account(&account)
         .with_container_name(container)
         .with_endpoint(origin)

@@ -28,7 +28,7 @@ fn settings(dir: &Path, format: Format, codec: Codec, window_secs: u64) -> Captu
     }
 }
 
-/// Every regular file under `root` except temporaries, sorted.
+/// Every regular file under `root` except hidden ones (the temporaries), sorted.
 fn files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -38,6 +38,9 @@ fn files(root: &Path) -> Vec<PathBuf> {
         };
         for entry in entries {
             let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+                continue; // the hub's temporaries
+            }
             if path.is_dir() {
                 stack.push(path);
             } else {

@@ -15,6 +15,7 @@ mod agent_process;
 mod agent_session;
 mod agent_template;
 mod archive;
+mod capture_blob;
 mod capture_walkthrough;
 mod cli_generate;
 mod config;
