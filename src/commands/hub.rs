@@ -9,7 +9,7 @@ use crate::common::local_hub::default_state_dir;
 use crate::common::blob::{self, Location};
 use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
-use crate::hub::capture::{CaptureSettings, Destination};
+use crate::hub::capture::{CaptureSettings, Destination, Encoding, Format};
 use crate::hub::error::IotHubError;
 use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
@@ -72,6 +72,15 @@ pub struct HubArgs {
         env = "SIMDEVICE_HUB_CAPTURE_CODEC"
     )]
     pub capture_codec: crate::hub::capture::Codec,
+    /// With --capture-format iothub: routing's encoding, `avro` or `json` (one JSON object a
+    /// line; --capture-codec does not apply). Event Hubs Capture writes Avro only.
+    #[arg(
+        long,
+        default_value = "avro",
+        requires = "capture",
+        env = "SIMDEVICE_HUB_CAPTURE_ENCODING"
+    )]
+    pub capture_encoding: crate::hub::capture::Encoding,
     /// With --capture: a window closes after this many seconds (Azure allows 60..900; shorter
     /// is for tests), or at --capture-window-bytes, whichever comes first.
     #[arg(long, default_value_t = crate::hub::capture::DEFAULT_WINDOW_SECS, requires = "capture",
@@ -154,10 +163,16 @@ fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubComman
         Ok(Location::Container(container)) => Destination::Container(container),
         Err(error) => return Err(HubCommandError::CaptureContainer(error)),
     };
+    if args.capture_encoding == Encoding::Json && args.capture_format != Format::IotHub {
+        return Err(refuse(
+            "--capture-encoding json is IoT Hub routing's; Event Hubs Capture (eventhubs) writes Avro only: add --capture-format iothub",
+        ));
+    }
     Ok(Some(CaptureSettings {
         destination,
         format: args.capture_format,
         codec: args.capture_codec,
+        encoding: args.capture_encoding,
         window: std::time::Duration::from_secs(args.capture_window_secs),
         window_bytes: args.capture_window_bytes,
         skip_empty: args.capture_skip_empty,
@@ -254,10 +269,14 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
     if let Some(capture) = &info.capture {
+        let encoding = match capture.encoding.as_str() {
+            "json" => "json".to_string(),
+            _ => format!("avro {}", capture.codec),
+        };
         let _ = writeln!(
             out,
-            "  capture:          {} ({}, {}, {} s or {} bytes)",
-            capture.dest, capture.format, capture.codec, capture.window_secs, capture.window_bytes
+            "  capture:          {} ({}, {encoding}, {} s or {} bytes)",
+            capture.dest, capture.format, capture.window_secs, capture.window_bytes
         );
     }
     if info.group_key.is_some() {

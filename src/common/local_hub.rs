@@ -29,15 +29,22 @@ pub struct HubInfo {
 /// `hub.json`'s `capture` object.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CaptureInfo {
-    /// The capture directory, absolute.
+    /// The capture directory, absolute, or the container (never its SAS).
     pub dest: String,
     /// `eventhubs` or `iothub`.
     pub format: String,
     /// `deflate` or `null`.
     pub codec: String,
+    /// `avro` or (routing only) `json`; absent in older files.
+    #[serde(default = "avro")]
+    pub encoding: String,
     pub window_secs: u64,
     pub window_bytes: u64,
     pub skip_empty: bool,
+}
+
+fn avro() -> String {
+    "avro".into()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -446,6 +446,7 @@ fn capture_info(settings: &capture::CaptureSettings) -> crate::common::local_hub
         dest: settings.destination.describe(),
         format: settings.format.as_str().into(),
         codec: settings.codec.as_str().into(),
+        encoding: settings.encoding.as_str().into(),
         window_secs: settings.window.as_secs(),
         window_bytes: settings.window_bytes,
         skip_empty: settings.skip_empty,

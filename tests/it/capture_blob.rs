@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use simdevice::common::blob::{self, Location};
-use simdevice::hub::capture::{CaptureSettings, Codec, Destination, Format};
+use simdevice::hub::capture::{CaptureSettings, Codec, Destination, Encoding, Format};
 
 use crate::common::agent::eventually;
 use crate::common::azurite::Azurite;
@@ -156,6 +156,7 @@ async fn storage_down_is_retried_with_the_messages_kept_and_published_when_it_is
         destination: container("azure://capture", &connection_string),
         format: Format::EventHubs,
         codec: Codec::Deflate,
+        encoding: Encoding::Avro,
         window: Duration::from_secs(1),
         window_bytes: 314_572_800,
         skip_empty: true,

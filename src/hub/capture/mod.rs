@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use format::Captured;
-pub use format::{Codec, Format};
+pub use format::{Codec, Encoding, Format};
 pub use sink::{Destination, Naming};
 use window::{Closed, Window, WindowRules};
 
@@ -68,6 +68,8 @@ pub struct CaptureSettings {
     pub destination: Destination,
     pub format: Format,
     pub codec: Codec,
+    /// Avro, or (with `iothub`) routing's JSON encoding.
+    pub encoding: Encoding,
     pub window: Duration,
     pub window_bytes: u64,
     pub skip_empty: bool,
@@ -223,7 +225,12 @@ impl Capture {
         };
         // The first window is opened here so that a format that cannot be set up fails the
         // start, not the task.
-        let first = Window::open(Instant::now(), settings.format, settings.codec)?;
+        let first = Window::open(
+            Instant::now(),
+            settings.format,
+            settings.codec,
+            settings.encoding,
+        )?;
         let (wal, recovered) = wal::Wal::open(&state_dir.join("capture"))?;
         let highest_recovered = recovered
             .iter()
@@ -254,6 +261,7 @@ impl Capture {
             rules,
             format: settings.format,
             codec: settings.codec,
+            encoding: settings.encoding,
             intake: intake.clone(),
             rx,
             ready: ready_tx,
@@ -307,6 +315,7 @@ struct Collector {
     rules: WindowRules,
     format: Format,
     codec: Codec,
+    encoding: Encoding,
     intake: Arc<Intake>,
     rx: mpsc::Receiver<Item>,
     ready: mpsc::Sender<Ready>,
@@ -350,7 +359,7 @@ impl Collector {
             if !self.close(window, &mut carried).await {
                 return;
             }
-            window = match Window::open(Instant::now(), self.format, self.codec) {
+            window = match Window::open(Instant::now(), self.format, self.codec, self.encoding) {
                 Ok(window) => window,
                 Err(error) => {
                     // Not seen in practice (the first window opened with the same settings);
@@ -510,6 +519,7 @@ mod tests {
             destination: Destination::Directory(dir.to_owned()),
             format: Format::EventHubs,
             codec: Codec::Null,
+            encoding: Encoding::Avro,
             window: Duration::from_secs(60),
             window_bytes: DEFAULT_WINDOW_BYTES,
             skip_empty: true,

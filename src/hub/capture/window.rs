@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::format::{Captured, Codec, EncodeError, FileWriter, Format};
+use super::format::{Captured, Codec, EncodeError, Encoding, FileWriter, Format};
 
 /// When a window closes, and whether an empty one is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,10 +34,15 @@ pub struct Closed {
 }
 
 impl Window {
-    pub fn open(now: Instant, format: Format, codec: Codec) -> Result<Window, EncodeError> {
+    pub fn open(
+        now: Instant,
+        format: Format,
+        codec: Codec,
+        encoding: Encoding,
+    ) -> Result<Window, EncodeError> {
         Ok(Window {
             opened: now,
-            file: FileWriter::new(format, codec)?,
+            file: FileWriter::new(format, codec, encoding)?,
             messages: 0,
             bytes: 0,
             highest_sequence: None,
@@ -67,10 +72,11 @@ impl Window {
         self.messages == 0
     }
 
-    /// Closes the window: its file, unless it is empty and empty archives are skipped.
+    /// Closes the window: its file, unless it is empty and empty archives are skipped (an
+    /// empty JSON file has no bytes at all, so it is never written).
     pub fn close(self, rules: &WindowRules) -> Result<Closed, EncodeError> {
         let file = if self.messages > 0 || !rules.skip_empty {
-            Some(self.file.finish()?)
+            Some(self.file.finish()?).filter(|bytes| !bytes.is_empty())
         } else {
             None
         };
@@ -94,7 +100,13 @@ mod tests {
     };
 
     fn open() -> Window {
-        Window::open(Instant::now(), Format::EventHubs, Codec::Null).unwrap()
+        Window::open(
+            Instant::now(),
+            Format::EventHubs,
+            Codec::Null,
+            Encoding::Avro,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -121,7 +133,7 @@ mod tests {
     #[test]
     fn a_window_closes_on_time_from_when_it_opened() {
         let now = Instant::now();
-        let window = Window::open(now, Format::IotHub, Codec::Deflate).unwrap();
+        let window = Window::open(now, Format::IotHub, Codec::Deflate, Encoding::Avro).unwrap();
         assert_eq!(window.deadline(&RULES), now + Duration::from_secs(300));
     }
 
