@@ -97,6 +97,31 @@ pub struct HubArgs {
     /// 127.0.0.1:9101 [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Port of the Event Hubs-compatible endpoint, AMQP over TLS (0 picks a free port).
+    #[arg(long, default_value_t = crate::hub::amqp::AMQPS_PORT)]
+    pub amqp_port: u16,
+    /// Port of plain AMQP for clients in emulator mode (`UseDevelopmentEmulator=true`); 0
+    /// picks a free port. Keys and tokens cross it in clear, so it listens on loopback.
+    #[arg(long, default_value_t = crate::hub::amqp::AMQP_PLAIN_PORT, conflicts_with = "no_amqp_plain")]
+    pub amqp_plain_port: u16,
+    /// Address of the plain AMQP port, to widen it past loopback deliberately.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub amqp_plain_bind: IpAddr,
+    /// No plain AMQP port at all.
+    #[arg(long)]
+    pub no_amqp_plain: bool,
+    /// A consumer group of the event hub besides $Default (repeatable).
+    #[arg(long = "consumer-group", value_name = "NAME")]
+    pub consumer_groups: Vec<String>,
+    /// Partitions of the event hub; fixed once the state has events.
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+    /// Events are kept this many seconds (default one day).
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_RETENTION.as_secs())]
+    pub retention_secs: u64,
+    /// At most this many events are kept per partition (the store's memory bound).
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_MAX_COUNT)]
+    pub retention_count: usize,
 }
 
 /// Why `simdevice hub` could not run. `main` prints it with its source chain and exits 78 when
@@ -191,6 +216,17 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
+        amqp: crate::hub::amqp::AmqpSettings {
+            port: args.amqp_port,
+            plain_port: (!args.no_amqp_plain).then_some(args.amqp_plain_port),
+            plain_bind: args.amqp_plain_bind,
+            consumer_groups: args.consumer_groups,
+        },
+        events: crate::hub::events::StoreSettings {
+            partitions: args.partitions,
+            max_age: std::time::Duration::from_secs(args.retention_secs),
+            max_count: args.retention_count,
+        },
     })
     .await?;
     for id in &args.devices {
@@ -268,6 +304,18 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     );
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
+    let _ = writeln!(out, "  Event Hubs AMQP/TLS: {}", hub.amqp_addr());
+    if let Some(cs) = &info.eventhub_connection_string {
+        let _ = writeln!(out, "  Event Hubs-compatible connection string (service):");
+        let _ = writeln!(out, "    {cs}");
+    }
+    if let Some(cs) = &info.eventhub_emulator_connection_string {
+        let _ = writeln!(
+            out,
+            "  Event Hubs emulator-mode connection string (plain AMQP):"
+        );
+        let _ = writeln!(out, "    {cs}");
+    }
     if let Some(capture) = &info.capture {
         let encoding = match capture.encoding.as_str() {
             "json" => "json".to_string(),

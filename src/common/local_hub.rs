@@ -24,6 +24,19 @@ pub struct HubInfo {
     /// With `simdevice hub --capture`: what is archived, and where. Absent in older files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureInfo>,
+    /// The Event Hubs-compatible endpoint's AMQP-over-TLS port. Absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_port: Option<u16>,
+    /// Its plain AMQP port, for clients in emulator mode (loopback unless widened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_plain_port: Option<u16>,
+    /// `Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`, as the
+    /// portal shows it (policy `service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eventhub_connection_string: Option<String>,
+    /// The same for the plain port, with `UseDevelopmentEmulator=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eventhub_emulator_connection_string: Option<String>,
 }
 
 /// `hub.json`'s `capture` object.

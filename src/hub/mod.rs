@@ -15,10 +15,12 @@
 //! (the device listener) and `api` (the service REST API).
 
 pub mod accept;
+pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod capture;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod jobs;
 pub mod methods;
@@ -63,6 +65,10 @@ pub struct HubConfig {
     pub group_key: Option<String>,
     /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
     pub capture: Option<capture::CaptureSettings>,
+    /// The Event Hubs-compatible endpoint's listeners and consumer groups (`amqp`).
+    pub amqp: amqp::AmqpSettings,
+    /// Partitions and retention of the event store (`events`).
+    pub events: events::StoreSettings,
 }
 
 impl HubConfig {
@@ -77,6 +83,8 @@ impl HubConfig {
             auto_register: false,
             group_key: None,
             capture: None,
+            amqp: amqp::AmqpSettings::ephemeral(),
+            events: events::StoreSettings::default(),
         }
     }
 }
@@ -115,6 +123,8 @@ pub enum HubError {
     Registry(#[from] error::IotHubError),
     #[error("capture cannot start")]
     Capture(#[from] capture::CaptureError),
+    #[error("the event store cannot open")]
+    Events(#[from] events::EventStoreError),
 }
 
 impl HubError {
@@ -131,7 +141,8 @@ impl HubError {
             | HubError::State { .. }
             | HubError::Load(_)
             | HubError::GroupKey(_)
-            | HubError::Capture(_) => true,
+            | HubError::Capture(_)
+            | HubError::Events(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -159,6 +170,10 @@ pub struct HubState {
     pub telemetry: telemetry::Telemetry,
     /// With `--capture`: where accepted telemetry goes before it is acknowledged.
     pub capture: Option<Arc<capture::Intake>>,
+    /// The retained event store: accepted telemetry by partition (`events`).
+    pub events: events::EventStore,
+    /// The Event Hubs-compatible endpoint's shared state (`amqp`).
+    pub eventhub: amqp::Endpoint,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
     pub group_key: Option<String>,
     /// Fault hooks (refuse connects, throttle reported patches, clock offset); all off.
@@ -184,6 +199,8 @@ pub struct Hub {
     info: HubInfo,
     mqtt_addr: SocketAddr,
     api_addr: SocketAddr,
+    amqp_addr: SocketAddr,
+    amqp_plain_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
@@ -265,6 +282,27 @@ impl Hub {
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
         let api_listener = bind(config.bind, config.api_port).await?;
+        let amqp_listener = bind(config.bind, config.amqp.port).await?;
+        let amqp_plain_listener = match config.amqp.plain_port {
+            Some(port) => Some(bind(config.amqp.plain_bind, port).await?),
+            None => None,
+        };
+        let local_addr = |listener: &TcpListener, ip, port| {
+            listener.local_addr().map_err(|source| HubError::Bind {
+                addr: SocketAddr::new(ip, port),
+                source,
+            })
+        };
+        let amqp_addr = local_addr(&amqp_listener, config.bind, config.amqp.port)?;
+        let amqp_plain_addr = match &amqp_plain_listener {
+            Some(listener) => Some(local_addr(
+                listener,
+                config.amqp.plain_bind,
+                config.amqp.plain_port.unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        let events = events::EventStore::open(dir, config.events.clone(), events::Clock::System)?;
         let mqtt_addr = mqtt_listener
             .local_addr()
             .map_err(|source| HubError::Bind {
@@ -292,7 +330,36 @@ impl Hub {
             .to_string(),
             group_key: group_key.clone(),
             capture: config.capture.as_ref().map(capture_info),
+            amqp_port: Some(amqp_addr.port()),
+            amqp_plain_port: amqp_plain_addr.map(|a| a.port()),
+            eventhub_connection_string: None,
+            eventhub_emulator_connection_string: None,
         };
+        // The event hub's name is the hub's: the first label of its host name.
+        let hub_name = info
+            .hostname
+            .split('.')
+            .next()
+            .unwrap_or("localhost")
+            .to_string();
+        let mut info = info;
+        if let Some(service) = policies.get("service") {
+            info.eventhub_connection_string = Some(amqp::connection_string(
+                &info.hostname,
+                &service.name,
+                &service.primary_key,
+                &hub_name,
+            ));
+            info.eventhub_emulator_connection_string = amqp_plain_addr.map(|addr| {
+                amqp::emulator_connection_string(
+                    &info.hostname,
+                    addr.port(),
+                    &service.name,
+                    &service.primary_key,
+                    &hub_name,
+                )
+            });
+        }
 
         // After the lock: the write-ahead log is in the state directory. Started before the
         // listeners, so recovered messages are in the first window before any new one.
@@ -313,6 +380,10 @@ impl Hub {
         let mqtt_alive = liveness.watch("MQTT accept loop");
         let api_alive = liveness.watch("API accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
+        let amqp_alive = liveness.watch("AMQPS accept loop");
+        let amqp_plain_alive = amqp_plain_listener
+            .as_ref()
+            .map(|_| liveness.watch("AMQP accept loop"));
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
             policies,
@@ -325,6 +396,8 @@ impl Hub {
                 capture.as_ref().map_or(1, |c| c.next_sequence),
             ),
             capture: capture.as_ref().map(|c| c.intake.clone()),
+            events,
+            eventhub: amqp::Endpoint::new(hub_name, &config.amqp.consumer_groups),
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
@@ -348,6 +421,25 @@ impl Hub {
             tasks.clone(),
             scheduler_alive,
         ));
+        tasks.spawn(amqp::serve(
+            amqp_listener,
+            Some(acceptor.clone()),
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            amqp_alive,
+        ));
+        if let (Some(listener), Some(alive)) = (amqp_plain_listener, amqp_plain_alive) {
+            tasks.spawn(amqp::serve(
+                listener,
+                None,
+                state.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+                alive,
+            ));
+        }
+        tasks.spawn(expire_events(state.clone(), shutdown.clone()));
         tasks.spawn(api::serve(
             api_listener,
             acceptor,
@@ -365,6 +457,8 @@ impl Hub {
             info,
             mqtt_addr,
             api_addr,
+            amqp_addr,
+            amqp_plain_addr,
             shutdown,
             tasks,
             capture,
@@ -386,6 +480,16 @@ impl Hub {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The Event Hubs-compatible endpoint over TLS.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
+    }
+
+    /// The plain AMQP listener, when there is one.
+    pub fn amqp_plain_addr(&self) -> Option<SocketAddr> {
+        self.amqp_plain_addr
     }
 
     /// The connection string a device uses to reach this hub. `GatewayHostName` carries the
@@ -436,6 +540,19 @@ impl Hub {
         self.tasks.wait().await;
         if let Some(capture) = &self.capture {
             capture.finish().await;
+        }
+    }
+}
+
+/// Drops expired events every [`events::EXPIRY_INTERVAL`] (appends drop them too; this is
+/// for a quiet hub), until shutdown.
+async fn expire_events(state: Arc<HubState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(events::EXPIRY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => state.events.expire(),
         }
     }
 }

@@ -247,7 +247,9 @@ def hub(tmp_path_factory):
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     process = subprocess.Popen(
-        [str(binary), "hub", "--state-dir", str(state_dir), "--mqtt-port", "0", "--api-port", "0"],
+        [str(binary), "hub", "--state-dir", str(state_dir), "--mqtt-port", "0", "--api-port", "0",
+         # The Event Hubs-compatible endpoint (test_eventhub.py): free ports, as the others.
+         "--amqp-port", "0", "--amqp-plain-port", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ mod agent_payloads;
 mod agent_process;
 mod agent_session;
 mod agent_template;
+mod amqp;
 mod archive;
 mod capture_blob;
 mod capture_walkthrough;

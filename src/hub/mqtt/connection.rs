@@ -341,6 +341,20 @@ impl Connection<'_> {
                         .accept(&event, generation)
                         .map_err(|e| format!("telemetry not accepted: {e}"))?;
                 }
+                // The event store, read by the Event Hubs-compatible endpoint.
+                let (registry, id) = (&self.state.registry, &self.device_id);
+                let generation = self.generation_id.get_or_insert_with(|| {
+                    registry
+                        .get(id, |d| d.generation_id.clone())
+                        .unwrap_or_default()
+                });
+                self.state.events.append(
+                    event.device_id.clone(),
+                    Arc::from(generation.as_str()),
+                    event.properties.clone(),
+                    event.body.clone(),
+                    event.enqueued_time,
+                );
                 self.state.telemetry.keep(event);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
