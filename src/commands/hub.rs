@@ -27,6 +27,10 @@ pub struct HubArgs {
     /// Port for the service REST API over HTTPS (0 picks a free port).
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
+    /// Port for device MQTT over WebSocket (TLS, path /$iothub/websocket; 0 picks a free port)
+    /// [default: 443; when 443 cannot be bound, a free port, with a warning]
+    #[arg(long, env = "SIMDEVICE_HUB_WS_PORT")]
+    pub ws_port: Option<u16>,
     /// Extra host name for the server certificate (repeatable).
     #[arg(long = "hostname")]
     pub hostnames: Vec<String>,
@@ -161,6 +165,8 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         bind: args.bind,
         mqtt_port: args.mqtt_port,
         api_port: args.api_port,
+        ws_port: args.ws_port.unwrap_or(crate::protocol::WEBSOCKET_PORT),
+        ws_port_is_default: args.ws_port.is_none(),
         hostnames: args.hostnames,
         auto_register: args.auto_register,
         group_key: args.group_key,
@@ -227,6 +233,12 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "simdevice hub is running");
     let _ = writeln!(out, "  host name:        {}", info.hostname);
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
+    let _ = writeln!(
+        out,
+        "  device MQTT/WS:   wss://{}{}",
+        hub.ws_addr(),
+        crate::common::ws_stream::PATH
+    );
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
     if let Some(addr) = metrics {

@@ -9,6 +9,7 @@
 //! - [`file_mode`]: the permission bits of key files and commands (private, writable by others).
 //! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
 //! - [`template`]: telemetry templates (parsed by the configuration, rendered by the agent).
+//! - [`ws_stream`]: MQTT over WebSocket as a byte stream (the hub's listener, the agent's dial).
 
 pub mod exposition;
 pub mod file_mode;
@@ -18,3 +19,4 @@ pub mod logging;
 pub mod pem;
 pub mod sdnotify;
 pub mod template;
+pub mod ws_stream;

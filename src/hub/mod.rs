@@ -5,14 +5,14 @@
 //! one, or `run --local` on the same state, gets [`HubError::Locked`] naming the holder's pid),
 //! makes the state private (`private`: the directory 0700, the files with keys 0600, wider
 //! modes left by older versions tightened with a warning), loads or creates the CA, policies
-//! and registry, binds both listeners and returns a handle; [`Hub::health`] says whether its
+//! and registry, binds its listeners (MQTT, MQTT over WebSocket, HTTPS) and returns a handle; [`Hub::health`] says whether its
 //! accept loops and job scheduler still run; [`Hub::shutdown`] stops the listeners and every
 //! connection, then releases the lock. The pieces: `tls` (certificates), `store` (SQLite),
 //! `auth` (policies and SAS checks), `registry` (devices), `twins` (where twin changes are
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
 //! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
-//! (the device listener) and `api` (the service REST API).
+//! (the device listeners: MQTT over TLS and over WebSocket) and `api` (the service REST API).
 
 pub mod accept;
 pub mod api;
@@ -55,6 +55,12 @@ pub struct HubConfig {
     pub bind: IpAddr,
     pub mqtt_port: u16,
     pub api_port: u16,
+    /// MQTT over WebSocket (TLS); 0 picks a free port.
+    pub ws_port: u16,
+    /// `ws_port` is the default (443), not the operator's choice: when it cannot be bound (no
+    /// permission for a port under 1024, or in use), the hub warns and serves WebSocket on a
+    /// free port instead of failing. A port the operator gave fails as the other ports do.
+    pub ws_port_is_default: bool,
     /// Names besides `localhost` and the loopback addresses to put in the server certificate.
     pub hostnames: Vec<String>,
     pub auto_register: bool,
@@ -73,6 +79,8 @@ impl HubConfig {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             mqtt_port: 0,
             api_port: 0,
+            ws_port: 0,
+            ws_port_is_default: false,
             hostnames: Vec::new(),
             auto_register: false,
             group_key: None,
@@ -170,7 +178,7 @@ pub struct HubState {
 }
 
 impl HubState {
-    /// `Ok` while both accept loops and the job scheduler run; else which ones do not. A hub
+    /// `Ok` while the accept loops and the job scheduler run; else which ones do not. A hub
     /// whose loop died still answers the connections it has, but takes no new ones: it is
     /// unhealthy, and says so on `/healthz` and to the systemd watchdog.
     pub fn health(&self) -> Result<(), String> {
@@ -184,6 +192,7 @@ pub struct Hub {
     info: HubInfo,
     mqtt_addr: SocketAddr,
     api_addr: SocketAddr,
+    ws_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
@@ -222,6 +231,26 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
         socket.listen(LISTEN_BACKLOG)
     };
     listen().map_err(|source| HubError::Bind { addr, source })
+}
+
+/// The WebSocket listener: the configured port, or (see [`HubConfig::ws_port_is_default`]) a
+/// free one when the default cannot be had.
+async fn bind_ws(config: &HubConfig) -> Result<TcpListener, HubError> {
+    use std::io::ErrorKind;
+    match bind(config.bind, config.ws_port).await {
+        Err(HubError::Bind { addr, source })
+            if config.ws_port_is_default
+                && matches!(
+                    source.kind(),
+                    ErrorKind::PermissionDenied | ErrorKind::AddrInUse
+                ) =>
+        {
+            tracing::warn!(%addr, error = %source,
+                "cannot listen on the default WebSocket port; serving MQTT over WebSocket on a free port instead (--ws-port chooses one)");
+            bind(config.bind, 0).await
+        }
+        other => other,
+    }
 }
 
 impl Hub {
@@ -265,6 +294,7 @@ impl Hub {
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
         let api_listener = bind(config.bind, config.api_port).await?;
+        let ws_listener = bind_ws(&config).await?;
         let mqtt_addr = mqtt_listener
             .local_addr()
             .map_err(|source| HubError::Bind {
@@ -275,6 +305,10 @@ impl Hub {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,
         })?;
+        let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
+            addr: SocketAddr::new(config.bind, config.ws_port),
+            source,
+        })?;
 
         let owner = policies
             .get("iothubowner")
@@ -283,6 +317,7 @@ impl Hub {
             hostname: "localhost".into(),
             mqtt_port: mqtt_addr.port(),
             api_port: api_addr.port(),
+            ws_port: ws_addr.port(),
             ca_file: std::path::absolute(&identity.ca_file).unwrap_or(identity.ca_file.clone()),
             service_connection_string: ServiceConnectionString {
                 host_name: format!("localhost:{}", api_addr.port()),
@@ -312,6 +347,7 @@ impl Hub {
         let mut liveness = accept::Liveness::default();
         let mqtt_alive = liveness.watch("MQTT accept loop");
         let api_alive = liveness.watch("API accept loop");
+        let ws_alive = liveness.watch("WebSocket accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
@@ -334,13 +370,24 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+        let devices_pool = mqtt::listener::unauthenticated_pool();
         tasks.spawn(mqtt::listener::serve(
             mqtt_listener,
             acceptor.clone(),
             state.clone(),
+            devices_pool.clone(),
             shutdown.clone(),
             tasks.clone(),
             mqtt_alive,
+        ));
+        tasks.spawn(mqtt::listener::serve_websocket(
+            ws_listener,
+            acceptor.clone(),
+            state.clone(),
+            devices_pool,
+            shutdown.clone(),
+            tasks.clone(),
+            ws_alive,
         ));
         tasks.spawn(jobs::run_scheduler(
             state.clone(),
@@ -365,6 +412,7 @@ impl Hub {
             info,
             mqtt_addr,
             api_addr,
+            ws_addr,
             shutdown,
             tasks,
             capture,
@@ -386,6 +434,11 @@ impl Hub {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// Where MQTT over WebSocket is served (path `/$iothub/websocket`, subprotocol `mqtt`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
     }
 
     /// The connection string a device uses to reach this hub. `GatewayHostName` carries the
@@ -413,7 +466,7 @@ impl Hub {
         )
     }
 
-    /// `Ok` while the hub serves: not stopping, and both accept loops and the job scheduler
+    /// `Ok` while the hub serves: not stopping, and the accept loops and the job scheduler
     /// running. Else why not, in one line (no secrets): what `/healthz` and the systemd
     /// watchdog go by.
     pub fn health(&self) -> Result<(), String> {
