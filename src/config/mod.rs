@@ -383,3 +383,80 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDENTITY: &str = "[identity]\nhost_name = \"hub.example\"\ndevice_id = \"d1\"\n\
+                            key = \"a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2U=\"\n";
+
+    fn load(extra: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let text = format!("{IDENTITY}{extra}");
+        Config::from_sources(Some((Path::new("/etc/simdevice/config.toml"), &text)), &env)
+    }
+
+    #[test]
+    fn the_transport_picks_the_default_port_and_a_gateway_port_wins() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.connection.transport, Transport::Mqtt);
+        assert_eq!(config.identity.connect_address().1, 8883);
+        let config = load("[connection]\ntransport = \"websocket\"\n", &[]).unwrap();
+        assert_eq!(config.connection.transport, Transport::WebSocket);
+        assert_eq!(
+            config.identity.dial_address(Transport::WebSocket),
+            ("hub.example".to_string(), 443)
+        );
+        let mut identity = config.identity.clone();
+        identity.gateway_host_name = Some("localhost:9443".into());
+        assert_eq!(
+            identity.dial_address(Transport::WebSocket),
+            ("localhost".to_string(), 9443)
+        );
+        let error = load("[connection]\ntransport = \"amqp\"\n", &[]).unwrap_err();
+        assert!(
+            error.to_string().contains("connection.transport"),
+            "{error}"
+        );
+        let from_env = load("", &[("SIMDEVICE__CONNECTION__TRANSPORT", "websocket")]).unwrap();
+        assert_eq!(from_env.connection.transport, Transport::WebSocket);
+    }
+
+    #[test]
+    fn the_proxy_comes_from_the_file_or_https_proxy_minus_no_proxy() {
+        let file = "[connection]\nproxy = \"http://u:pw@proxy:3128\"\n";
+        let config = load(file, &[("HTTPS_PROXY", "http://other:1")]).unwrap();
+        let proxy = config.connection.proxy.as_ref().unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy", 3128));
+        // Shown masked by `config check`.
+        let rendered = config.to_masked_toml();
+        assert!(rendered.contains("http://***@proxy:3128"), "{rendered}");
+        assert!(!rendered.contains("pw"), "{rendered}");
+
+        let config = load("", &[("https_proxy", "http://envproxy:8080")]).unwrap();
+        assert_eq!(config.connection.proxy.unwrap().host, "envproxy");
+        let config = load(
+            "",
+            &[
+                ("HTTPS_PROXY", "http://envproxy:8080"),
+                ("NO_PROXY", "hub.example"),
+            ],
+        )
+        .unwrap();
+        assert!(config.connection.proxy.is_none());
+        assert!(load("", &[]).unwrap().connection.proxy.is_none());
+
+        let error = load("[connection]\nproxy = \"socks5://u:pw@p:1\"\n", &[]).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("connection.proxy") && !text.contains("pw"),
+            "{text}"
+        );
+        let error = load("", &[("HTTPS_PROXY", "proxy:3128")]).unwrap_err();
+        assert!(error.to_string().contains("HTTPS_PROXY"), "{error}");
+    }
+}

@@ -432,3 +432,107 @@ async fn serve_proxy(
         }
     }
 }
+
+/// `simdevice doctor` for device `id` dialling `port` over WebSocket, through `proxy` if any:
+/// its exit code and output.
+async fn doctor(
+    hub: &TestHub,
+    id: &str,
+    key: &str,
+    port: u16,
+    proxy: Option<String>,
+) -> (i32, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    let mut text = crate::common::agent::identity_toml(id, key, port, &hub.hub.info().ca_file);
+    text.push_str("[connection]\ntransport = \"websocket\"\n");
+    if let Some(proxy) = proxy {
+        text.push_str(&format!("proxy = \"{proxy}\"\n"));
+    }
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"))
+        .arg("doctor")
+        .arg("--config")
+        .arg(&path)
+        .arg("--state-dir")
+        .arg(hub.dir.path())
+        .env_remove("RUST_LOG")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap(),
+        String::from_utf8(output.stdout).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn doctor_checks_the_proxy_tunnel_and_the_websocket_upgrade() {
+    let hub = TestHub::start().await;
+    let key = hub.add_device("ws-doctor");
+    let ws_port = hub.hub.ws_addr().port();
+
+    let proxy = TestProxy::start(ProxyMode::Tunnel { credentials: None }).await;
+    let (code, out) = doctor(
+        &hub,
+        "ws-doctor",
+        &key,
+        ws_port,
+        Some(format!("http://{}", proxy.addr)),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("[ok]   TCP: 127.0.0.1:{}", proxy.addr.port())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "[ok]   proxy CONNECT: http://{} opened a tunnel to localhost:{ws_port}",
+            proxy.addr
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "[ok]   WebSocket: wss://localhost:{ws_port}/$iothub/websocket accepted"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("[ok]   authentication: CONNACK 0"), "{out}");
+    assert!(
+        proxy.tunnels() >= 3,
+        "TLS, WebSocket and authentication went through it"
+    );
+
+    let refusing = TestProxy::start(ProxyMode::Status(502)).await;
+    let (code, out) = doctor(
+        &hub,
+        "ws-doctor",
+        &key,
+        ws_port,
+        Some(format!("http://{}", refusing.addr)),
+    )
+    .await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("[FAIL] proxy CONNECT:") && out.contains("HTTP 502"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(" WebSocket: "),
+        "later checks do not run: {out}"
+    );
+
+    // The MQTT port speaks TLS but not HTTP: the upgrade is the step that fails.
+    let mqtt_port = hub.hub.mqtt_addr().port();
+    let (code, out) = doctor(&hub, "ws-doctor", &key, mqtt_port, None).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[ok]   TLS:"), "{out}");
+    assert!(out.contains("[FAIL] WebSocket:"), "{out}");
+}
