@@ -536,3 +536,60 @@ async fn doctor_checks_the_proxy_tunnel_and_the_websocket_upgrade() {
     assert!(out.contains("[ok]   TLS:"), "{out}");
     assert!(out.contains("[FAIL] WebSocket:"), "{out}");
 }
+
+#[tokio::test]
+async fn the_fleet_passes_transport_and_proxy_to_its_devices() {
+    let hub = TestHub::start_with(|c| c.auto_register = true).await;
+    let proxy = TestProxy::start(ProxyMode::Tunnel { credentials: None }).await;
+    let output = crate::common::isolated(&mut tokio::process::Command::new(env!(
+        "CARGO_BIN_EXE_simdevice"
+    )))
+    .args(["fleet", "--local", "--state-dir"])
+    .arg(hub.dir.path())
+    .args(["--count", "3", "--messages", "2", "--interval-secs", "0"])
+    .args(["--transport", "websocket", "--proxy"])
+    .arg(format!("http://{}", proxy.addr))
+    .env_remove("RUST_LOG")
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["readings_acknowledged"], 6, "{report}");
+    assert_eq!(proxy.tunnels(), 3, "one tunnel per device");
+    let ws = format!("localhost:{}", hub.hub.ws_addr().port());
+    assert!(
+        proxy.targets().iter().all(|t| *t == ws),
+        "{:?}",
+        proxy.targets()
+    );
+}
+
+#[tokio::test]
+async fn the_default_websocket_port_falls_back_to_a_free_one_a_given_port_does_not() {
+    // A port that cannot be had (in use here; no permission for 443 is the other case).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let hub = TestHub::start_with(|c| {
+        c.ws_port = port;
+        c.ws_port_is_default = true;
+    })
+    .await;
+    let served = hub.hub.ws_addr().port();
+    assert!(served != port && served != 0);
+    assert_eq!(hub.hub.info().ws_port, served, "hub.json tells the port");
+    hub.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = simdevice::hub::HubConfig::ephemeral(dir.path());
+    config.ws_port = port;
+    let error = match simdevice::hub::Hub::start(config).await {
+        Err(error) => error,
+        Ok(_) => panic!("a given port that is taken must fail"),
+    };
+    assert!(
+        matches!(&error, simdevice::hub::HubError::Bind { addr, .. } if addr.port() == port),
+        "{error:?}"
+    );
+}
