@@ -34,6 +34,7 @@ use super::backoff::Backoff;
 use super::context::{Beat, Counters, HandlerContext};
 use super::mqtt::{packet_name, Wire, WireError};
 use super::outbox::Outbox;
+use super::transport::Dial;
 use crate::common::logging::error_chain;
 use crate::config::{ConnectionSettings, Identity};
 use crate::protocol::encoding::enc;
@@ -235,7 +236,7 @@ impl Connection {
         connect.keep_alive = u16::try_from(self.settings.keep_alive.as_secs()).unwrap_or(u16::MAX);
         connect.clean_session = false;
         connect.set_login(username(&self.identity), token);
-        let (host, port) = self.identity.connect_address();
+        let dial = Dial::new(&self.identity, &self.settings, self.tls.clone());
         // Waiting for a turn is waiting on the other devices, not on the hub: before the
         // connect timeout starts, and no heartbeat promise broken.
         let _turn = match &self.connect_gate {
@@ -252,7 +253,7 @@ impl Connection {
         self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
         let opened = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-            opened = tokio::time::timeout_at(deadline, Wire::open(&host, port, self.tls.clone(), &connect)) => opened,
+            opened = tokio::time::timeout_at(deadline, Wire::open(&dial, &connect)) => opened,
         };
         match opened {
             Ok(Ok(open)) => Ok(open),
@@ -271,8 +272,13 @@ impl Connection {
             }
             Err(_) => Err(failed(
                 format!(
-                    "no CONNACK in time: {host}:{port} did not connect, shake hands and answer \
+                    "no CONNACK in time: {} ({}{}) did not connect, shake hands and answer \
                      CONNECT within {} s",
+                    dial.authority(),
+                    dial.transport,
+                    dial.proxy
+                        .map(|p| format!(" through {p}"))
+                        .unwrap_or_default(),
                     self.settings.connect_timeout.as_secs_f32()
                 ),
                 false,

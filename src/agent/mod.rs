@@ -16,7 +16,8 @@
 //! `environment`, `connectivity`, `backoff` (plain data and pure rules); `state` (the SQLite
 //! file: rows of plain data); `outbox` (readings until acknowledged, over `state`);
 //! `door_cell` (the door's live value, saved through `state`); `context` (what a handler may
-//! touch); `mqtt` (the wire: TLS, MQTT packets with rumqttc's codec, buffers); `handlers`,
+//! touch); `transport` (the dial: TCP or a proxy's tunnel, TLS, the WebSocket upgrade);
+//! `mqtt` (the wire over it: MQTT packets with rumqttc's codec, buffers); `handlers`,
 //! `telemetry`, `connection`, `metrics`; `twin`; this module wires them.
 //! One outbox file has one owner: [`Agent::new`] takes its lock ([`AgentError::OutboxLocked`]).
 
@@ -34,6 +35,7 @@ pub mod outbox;
 pub mod reading;
 pub mod state;
 pub mod telemetry;
+pub mod transport;
 pub mod twin;
 
 use std::path::{Path, PathBuf};

@@ -28,6 +28,10 @@ pub struct HubArgs {
     /// Port for the service REST API over HTTPS (0 picks a free port).
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
+    /// Port for device MQTT over WebSocket (TLS, path /$iothub/websocket; 0 picks a free port)
+    /// [default: 443; when 443 cannot be bound, a free port, with a warning]
+    #[arg(long, env = "SIMDEVICE_HUB_WS_PORT")]
+    pub ws_port: Option<u16>,
     /// Extra host name for the server certificate (repeatable).
     #[arg(long = "hostname")]
     pub hostnames: Vec<String>,
@@ -97,13 +101,20 @@ pub struct HubArgs {
     /// 127.0.0.1:9101 [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Port of the Event Hubs-compatible endpoint, AMQP over TLS (0 picks a free port).
-    #[arg(long, default_value_t = crate::hub::amqp::AMQPS_PORT)]
-    pub amqp_port: u16,
-    /// Port of plain AMQP for clients in emulator mode (`UseDevelopmentEmulator=true`); 0
-    /// picks a free port. Keys and tokens cross it in clear, so it listens on loopback.
-    #[arg(long, default_value_t = crate::hub::amqp::AMQP_PLAIN_PORT, conflicts_with = "no_amqp_plain")]
-    pub amqp_plain_port: u16,
+    /// Port of the Event Hubs-compatible endpoint, AMQP over TLS [default: 5671, or a free port
+    /// when 5671 cannot be had] (0 picks a free port).
+    #[arg(long, value_name = "PORT", env = "SIMDEVICE_HUB_AMQP_PORT")]
+    pub amqp_port: Option<u16>,
+    /// Port of plain AMQP for clients in emulator mode (`UseDevelopmentEmulator=true`)
+    /// [default: 5672, or a free port when 5672 cannot be had] (0 picks a free port). Keys and
+    /// tokens cross it in clear, so it listens on loopback.
+    #[arg(
+        long,
+        value_name = "PORT",
+        conflicts_with = "no_amqp_plain",
+        env = "SIMDEVICE_HUB_AMQP_PLAIN_PORT"
+    )]
+    pub amqp_plain_port: Option<u16>,
     /// Address of the plain AMQP port, to widen it past loopback deliberately.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     pub amqp_plain_bind: IpAddr,
@@ -204,6 +215,11 @@ fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubComman
     }))
 }
 
+/// A port flag: the operator's choice, or the listener's default (`hub::Port`).
+fn port(given: Option<u16>, default: u16) -> crate::hub::Port {
+    given.map_or(crate::hub::Port::Default(default), crate::hub::Port::Chosen)
+}
+
 pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
     let capture = capture_settings(&args)?;
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
@@ -212,13 +228,15 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         bind: args.bind,
         mqtt_port: args.mqtt_port,
         api_port: args.api_port,
+        ws_port: port(args.ws_port, crate::protocol::WEBSOCKET_PORT),
         hostnames: args.hostnames,
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
         amqp: crate::hub::amqp::AmqpSettings {
-            port: args.amqp_port,
-            plain_port: (!args.no_amqp_plain).then_some(args.amqp_plain_port),
+            port: port(args.amqp_port, crate::hub::amqp::AMQPS_PORT),
+            plain_port: (!args.no_amqp_plain)
+                .then(|| port(args.amqp_plain_port, crate::hub::amqp::AMQP_PLAIN_PORT)),
             plain_bind: args.amqp_plain_bind,
             consumer_groups: args.consumer_groups,
         },
@@ -289,6 +307,12 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "simdevice hub is running");
     let _ = writeln!(out, "  host name:        {}", info.hostname);
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
+    let _ = writeln!(
+        out,
+        "  device MQTT/WS:   wss://{}{}",
+        hub.ws_addr(),
+        crate::common::ws_stream::PATH
+    );
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
     if let Some(addr) = metrics {

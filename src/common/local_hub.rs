@@ -17,6 +17,9 @@ pub struct HubInfo {
     pub hostname: String,
     pub mqtt_port: u16,
     pub api_port: u16,
+    /// MQTT over WebSocket (path `/$iothub/websocket`); 0 in files of older versions.
+    #[serde(default)]
+    pub ws_port: u16,
     pub ca_file: PathBuf,
     pub service_connection_string: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,6 +11,7 @@
 //! - [`template`]: telemetry templates (parsed by the configuration, rendered by the agent).
 //! - [`blob`]: where an archive lives, a directory or a Blob Storage container (the hub's capture
 //!   and the archive reader).
+//! - [`ws_stream`]: MQTT over WebSocket as a byte stream (the hub's listener, the agent's dial).
 
 #[cfg(any(feature = "hub", feature = "archive"))]
 pub mod blob;
@@ -22,3 +23,4 @@ pub mod logging;
 pub mod pem;
 pub mod sdnotify;
 pub mod template;
+pub mod ws_stream;

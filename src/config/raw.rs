@@ -108,6 +108,8 @@ pub(super) struct RawConnection {
     pub(super) backoff_min_secs: Option<Scalar>,
     pub(super) backoff_max_secs: Option<Scalar>,
     pub(super) connect_timeout_secs: Option<Scalar>,
+    pub(super) transport: Option<Scalar>,
+    pub(super) proxy: Option<Scalar>,
 }
 
 #[derive(Default, Deserialize)]

@@ -34,6 +34,14 @@ impl Config {
         connection.insert("backoff_min_secs".into(), seconds(c.backoff_min));
         connection.insert("backoff_max_secs".into(), seconds(c.backoff_max));
         connection.insert("connect_timeout_secs".into(), seconds(c.connect_timeout));
+        connection.insert(
+            "transport".into(),
+            Value::String(c.transport.as_str().into()),
+        );
+        if let Some(proxy) = &c.proxy {
+            // Credentials masked, as the key is.
+            connection.insert("proxy".into(), Value::String(proxy.to_string()));
+        }
 
         let t = &self.telemetry;
         let mut telemetry = Table::new();

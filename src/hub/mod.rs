@@ -5,14 +5,14 @@
 //! one, or `run --local` on the same state, gets [`HubError::Locked`] naming the holder's pid),
 //! makes the state private (`private`: the directory 0700, the files with keys 0600, wider
 //! modes left by older versions tightened with a warning), loads or creates the CA, policies
-//! and registry, binds both listeners and returns a handle; [`Hub::health`] says whether its
+//! and registry, binds its listeners (MQTT, MQTT over WebSocket, HTTPS) and returns a handle; [`Hub::health`] says whether its
 //! accept loops and job scheduler still run; [`Hub::shutdown`] stops the listeners and every
 //! connection, then releases the lock. The pieces: `tls` (certificates), `store` (SQLite),
 //! `auth` (policies and SAS checks), `registry` (devices), `twins` (where twin changes are
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
 //! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
-//! (the device listener) and `api` (the service REST API).
+//! (the device listeners: MQTT over TLS and over WebSocket) and `api` (the service REST API).
 
 pub mod accept;
 pub mod amqp;
@@ -57,6 +57,8 @@ pub struct HubConfig {
     pub bind: IpAddr,
     pub mqtt_port: u16,
     pub api_port: u16,
+    /// MQTT over WebSocket (TLS); `Chosen(0)` picks a free port.
+    pub ws_port: Port,
     /// Names besides `localhost` and the loopback addresses to put in the server certificate.
     pub hostnames: Vec<String>,
     pub auto_register: bool,
@@ -79,6 +81,7 @@ impl HubConfig {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             mqtt_port: 0,
             api_port: 0,
+            ws_port: Port::Chosen(0),
             hostnames: Vec::new(),
             auto_register: false,
             group_key: None,
@@ -185,7 +188,7 @@ pub struct HubState {
 }
 
 impl HubState {
-    /// `Ok` while both accept loops and the job scheduler run; else which ones do not. A hub
+    /// `Ok` while the accept loops and the job scheduler run; else which ones do not. A hub
     /// whose loop died still answers the connections it has, but takes no new ones: it is
     /// unhealthy, and says so on `/healthz` and to the systemd watchdog.
     pub fn health(&self) -> Result<(), String> {
@@ -201,6 +204,7 @@ pub struct Hub {
     api_addr: SocketAddr,
     amqp_addr: SocketAddr,
     amqp_plain_addr: Option<SocketAddr>,
+    ws_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
@@ -239,6 +243,46 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
         socket.listen(LISTEN_BACKLOG)
     };
     listen().map_err(|source| HubError::Bind { addr, source })
+}
+
+/// A listener's port: one the operator chose, or a default. The MQTT and API ports are the
+/// hub's address and always chosen (their defaults fail like any port). The others have
+/// defaults that clients of the real service dial (443 for WebSocket, 5671 and 5672 for AMQP):
+/// when such a default cannot be had (in use, or under 1024 without the privilege), the hub
+/// warns and listens on a free port instead, which the banner and `hub.json` report, so that a
+/// second hub, or one run unprivileged, still starts. A chosen port that cannot be bound fails
+/// the start. `Chosen(0)` is any free port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    Chosen(u16),
+    Default(u16),
+}
+
+impl Port {
+    pub fn number(self) -> u16 {
+        match self {
+            Port::Chosen(n) | Port::Default(n) => n,
+        }
+    }
+}
+
+/// Binds `port` on `ip`, falling back to a free port for a default one (see [`Port`]).
+async fn bind_port(ip: IpAddr, port: Port, what: &str) -> Result<TcpListener, HubError> {
+    use std::io::ErrorKind;
+    match bind(ip, port.number()).await {
+        Err(HubError::Bind { addr, source })
+            if matches!(port, Port::Default(_))
+                && matches!(
+                    source.kind(),
+                    ErrorKind::PermissionDenied | ErrorKind::AddrInUse
+                ) =>
+        {
+            tracing::warn!(%addr, error = %source, listener = what,
+                "cannot listen on the default port; listening on a free port instead (hub.json and the banner say which; its flag chooses one)");
+            bind(ip, 0).await
+        }
+        other => other,
+    }
 }
 
 impl Hub {
@@ -282,9 +326,9 @@ impl Hub {
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
         let api_listener = bind(config.bind, config.api_port).await?;
-        let amqp_listener = bind(config.bind, config.amqp.port).await?;
+        let amqp_listener = bind_port(config.bind, config.amqp.port, "AMQPS").await?;
         let amqp_plain_listener = match config.amqp.plain_port {
-            Some(port) => Some(bind(config.amqp.plain_bind, port).await?),
+            Some(port) => Some(bind_port(config.amqp.plain_bind, port, "AMQP").await?),
             None => None,
         };
         let local_addr = |listener: &TcpListener, ip, port| {
@@ -293,16 +337,17 @@ impl Hub {
                 source,
             })
         };
-        let amqp_addr = local_addr(&amqp_listener, config.bind, config.amqp.port)?;
+        let amqp_addr = local_addr(&amqp_listener, config.bind, config.amqp.port.number())?;
         let amqp_plain_addr = match &amqp_plain_listener {
             Some(listener) => Some(local_addr(
                 listener,
                 config.amqp.plain_bind,
-                config.amqp.plain_port.unwrap_or_default(),
+                config.amqp.plain_port.map_or(0, Port::number),
             )?),
             None => None,
         };
         let events = events::EventStore::open(dir, config.events.clone(), events::Clock::System)?;
+        let ws_listener = bind_port(config.bind, config.ws_port, "WebSocket").await?;
         let mqtt_addr = mqtt_listener
             .local_addr()
             .map_err(|source| HubError::Bind {
@@ -313,6 +358,10 @@ impl Hub {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,
         })?;
+        let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
+            addr: SocketAddr::new(config.bind, config.ws_port.number()),
+            source,
+        })?;
 
         let owner = policies
             .get("iothubowner")
@@ -321,6 +370,7 @@ impl Hub {
             hostname: "localhost".into(),
             mqtt_port: mqtt_addr.port(),
             api_port: api_addr.port(),
+            ws_port: ws_addr.port(),
             ca_file: std::path::absolute(&identity.ca_file).unwrap_or(identity.ca_file.clone()),
             service_connection_string: ServiceConnectionString {
                 host_name: format!("localhost:{}", api_addr.port()),
@@ -379,6 +429,7 @@ impl Hub {
         let mut liveness = accept::Liveness::default();
         let mqtt_alive = liveness.watch("MQTT accept loop");
         let api_alive = liveness.watch("API accept loop");
+        let ws_alive = liveness.watch("WebSocket accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
         let amqp_alive = liveness.watch("AMQPS accept loop");
         let amqp_plain_alive = amqp_plain_listener
@@ -407,13 +458,24 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+        let devices_pool = mqtt::listener::unauthenticated_pool();
         tasks.spawn(mqtt::listener::serve(
             mqtt_listener,
             acceptor.clone(),
             state.clone(),
+            devices_pool.clone(),
             shutdown.clone(),
             tasks.clone(),
             mqtt_alive,
+        ));
+        tasks.spawn(mqtt::listener::serve_websocket(
+            ws_listener,
+            acceptor.clone(),
+            state.clone(),
+            devices_pool,
+            shutdown.clone(),
+            tasks.clone(),
+            ws_alive,
         ));
         tasks.spawn(jobs::run_scheduler(
             state.clone(),
@@ -459,6 +521,7 @@ impl Hub {
             api_addr,
             amqp_addr,
             amqp_plain_addr,
+            ws_addr,
             shutdown,
             tasks,
             capture,
@@ -492,6 +555,11 @@ impl Hub {
         self.amqp_plain_addr
     }
 
+    /// Where MQTT over WebSocket is served (path `/$iothub/websocket`, subprotocol `mqtt`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
     /// The connection string a device uses to reach this hub. `GatewayHostName` carries the
     /// MQTT port when it is not the standard 8883 (the agent honours it; SDKs that dial 8883
     /// need the standard port).
@@ -517,7 +585,7 @@ impl Hub {
         )
     }
 
-    /// `Ok` while the hub serves: not stopping, and both accept loops and the job scheduler
+    /// `Ok` while the hub serves: not stopping, and the accept loops and the job scheduler
     /// running. Else why not, in one line (no secrets): what `/healthz` and the systemd
     /// watchdog go by.
     pub fn health(&self) -> Result<(), String> {

@@ -1,7 +1,8 @@
 //! `simdevice doctor`: walks the path from the configuration to an authenticated MQTT
 //! connection and says where it breaks: the configuration, where the key is kept, DNS, TCP to
-//! the MQTT port, the TLS handshake and certificate chain, the clock against the hub's, and SAS
-//! authentication (a connect and disconnect). Each check prints `[ok]`, `[warn]` or `[FAIL]`
+//! the MQTT port (to the proxy, and then its CONNECT tunnel, when one is set), the TLS
+//! handshake and certificate chain, the WebSocket upgrade (with `transport = "websocket"`),
+//! the clock against the hub's, and SAS authentication (a connect and disconnect). Each check prints `[ok]`, `[warn]` or `[FAIL]`
 //! with a one-line hint; the exit code is 1 when any check failed.
 //!
 //! The network checks run in order and stop at the first failure (a host that does not
@@ -158,18 +159,32 @@ async fn network(
     out: &mut dyn Write,
     report: &mut Report,
 ) {
-    let (host, port) = config.identity.connect_address();
-    let (check, addrs) = network::dns(&host, port).await;
+    let (host, port) = config.identity.dial_address(config.connection.transport);
+    // Through a proxy, DNS and TCP are the proxy's; the proxy reaches the hub.
+    let proxy = config.connection.proxy.as_ref();
+    let (first_host, first_port) = proxy.map_or((host.as_str(), port), |p| (&p.host, p.port));
+    let (check, addrs) = network::dns(first_host, first_port).await;
     if !record(out, report, check) {
         return;
     }
-    let (check, tcp) = network::tcp(&host, port, &addrs).await;
+    let (check, tcp) = network::tcp(first_host, first_port, &addrs).await;
     if !record(out, report, check) {
         return;
     }
-    let Some(tcp) = tcp else {
+    let Some(mut tcp) = tcp else {
         return;
     };
+    if let Some(proxy) = proxy {
+        drop(tcp);
+        let (check, tunnel) = network::proxy_connect(proxy, &host, port).await;
+        if !record(out, report, check) {
+            return;
+        }
+        let Some(tunnel) = tunnel else {
+            return;
+        };
+        tcp = tunnel;
+    }
     let tls = match crate::agent::client_tls(config.identity.ca_file.as_deref()) {
         Ok(tls) => tls,
         Err(error) => {
@@ -185,7 +200,13 @@ async fn network(
     ) {
         return;
     }
-    let peer = addrs.first().map(|a| a.ip());
+    if config.connection.transport == crate::config::Transport::WebSocket
+        && !record(out, report, network::websocket(config, tls.clone()).await)
+    {
+        return;
+    }
+    // Through a proxy the hub's address is not known here, so not whether it is local.
+    let peer = addrs.first().map(|a| a.ip()).filter(|_| proxy.is_none());
     // A wrong clock does not stop the last check: its CONNACK tells whether it matters yet.
     let check = network::clock(config, peer, port, hub_state_dir, tls.clone()).await;
     record(out, report, check);

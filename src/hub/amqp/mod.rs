@@ -50,10 +50,10 @@ pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
 /// `simdevice hub`'s AMQP options.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
-    /// The TLS port (`0`: any free port).
-    pub port: u16,
-    /// The plain port (`0`: any free port); `None`: no plain listener.
-    pub plain_port: Option<u16>,
+    /// The TLS port (`Chosen(0)`: any free port).
+    pub port: crate::hub::Port,
+    /// The plain port; `None`: no plain listener.
+    pub plain_port: Option<crate::hub::Port>,
     /// Where the plain port listens (module notes): loopback unless widened.
     pub plain_bind: IpAddr,
     /// Consumer groups besides `$Default`.
@@ -64,8 +64,8 @@ impl AmqpSettings {
     /// Both listeners on free loopback ports: what tests use.
     pub fn ephemeral() -> AmqpSettings {
         AmqpSettings {
-            port: 0,
-            plain_port: Some(0),
+            port: crate::hub::Port::Chosen(0),
+            plain_port: Some(crate::hub::Port::Chosen(0)),
             plain_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             consumer_groups: Vec::new(),
         }
