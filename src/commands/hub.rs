@@ -84,6 +84,11 @@ pub struct HubArgs {
     /// 127.0.0.1:9101 [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Trust this CA certificate (PEM) for X.509 devices registered as `certificateAuthority`,
+    /// for this run (repeatable). CAs added with `simdevice service certificate add` or
+    /// `create-ca` are kept in the state instead.
+    #[arg(long = "x509-ca", value_name = "FILE")]
+    pub x509_cas: Vec<std::path::PathBuf>,
 }
 
 /// Why `simdevice hub` could not run. `main` prints it with its source chain and exits 78 when
@@ -165,6 +170,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
+        x509_cas: args.x509_cas,
     })
     .await?;
     for id in &args.devices {

@@ -2,6 +2,7 @@
 //! hub, the service client or the commands.
 //!
 //! - [`pem`]: certificates out of PEM text.
+//! - [`der`]: what a certificate says (names, dates) and its thumbprints, without checking it.
 //! - [`local_hub`]: `hub.json`, the local hub's default state directory and API port.
 //! - [`exposition`]: the generic `/healthz` and `/metrics` server (Prometheus text).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
@@ -10,6 +11,7 @@
 //! - [`lock`]: the exclusive lock that gives a state directory or an outbox file one owner.
 //! - [`template`]: telemetry templates (parsed by the configuration, rendered by the agent).
 
+pub mod der;
 pub mod exposition;
 pub mod file_mode;
 pub mod local_hub;

@@ -12,7 +12,8 @@
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
 //! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
-//! (the device listener) and `api` (the service REST API).
+//! (the device listener), `api` (the service REST API) and `x509` (CA certificates and device
+//! certificate checks).
 
 pub mod accept;
 pub mod api;
@@ -32,6 +33,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod twins;
+pub mod x509;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -63,6 +65,8 @@ pub struct HubConfig {
     pub group_key: Option<String>,
     /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
     pub capture: Option<capture::CaptureSettings>,
+    /// `--x509-ca FILE`: CA certificates (PEM) trusted for this run, besides the stored ones.
+    pub x509_cas: Vec<PathBuf>,
 }
 
 impl HubConfig {
@@ -77,6 +81,7 @@ impl HubConfig {
             auto_register: false,
             group_key: None,
             capture: None,
+            x509_cas: Vec::new(),
         }
     }
 }
@@ -115,6 +120,9 @@ pub enum HubError {
     Registry(#[from] error::IotHubError),
     #[error("capture cannot start")]
     Capture(#[from] capture::CaptureError),
+    /// A CA certificate (`--x509-ca`, or one in the store) cannot be used.
+    #[error("the hub's X.509 CA certificates cannot be loaded")]
+    X509(#[from] x509::X509Error),
 }
 
 impl HubError {
@@ -131,7 +139,8 @@ impl HubError {
             | HubError::State { .. }
             | HubError::Load(_)
             | HubError::GroupKey(_)
-            | HubError::Capture(_) => true,
+            | HubError::Capture(_)
+            | HubError::X509(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -165,6 +174,8 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// The CA certificates `certificateAuthority` devices chain to.
+    pub x509: x509::Authorities,
     /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
     pub liveness: accept::Liveness,
 }
@@ -261,6 +272,7 @@ impl Hub {
             None
         };
         let jobs = jobs::Jobs::load(store.clone())?;
+        let x509 = x509::Authorities::load(store.clone(), &config.x509_cas)?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
@@ -328,6 +340,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            x509,
             liveness,
         });
 

@@ -19,12 +19,11 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 
-mod der;
 mod https_date;
 mod local;
 mod network;
 
-pub use der::{certificate_summary, CertificateSummary};
+pub use crate::common::der::{certificate_summary, CertificateSummary};
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {

@@ -13,9 +13,9 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpStream;
 
-use super::der::certificate_summary;
 use super::Check;
 use crate::agent::mqtt::{Wire, WireError};
+use crate::common::der::certificate_summary;
 use crate::common::local_hub::HubInfo;
 use crate::common::logging::error_chain;
 use crate::config::Config;

@@ -93,10 +93,19 @@ pub async fn serve(
         Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
         None => (None, None),
     };
-    let login = match auth::authenticate_device(&state, &connect.client_id, username, password) {
+    // The chain an X.509 device presented in the handshake (its signature is already checked).
+    let certificates = stream.get_ref().1.peer_certificates().unwrap_or_default();
+    let login = match auth::authenticate_connect(
+        &state,
+        &connect.client_id,
+        username,
+        password,
+        certificates,
+    ) {
         Ok(login) => login,
         Err(failure) => {
-            tracing::info!(%peer, client_id = %connect.client_id, reason = %failure, "device refused (CONNACK 5)");
+            let reason = crate::common::logging::error_chain(&failure);
+            tracing::info!(%peer, client_id = %connect.client_id, reason, "device refused (CONNACK 5)");
             HubCounters::bump(&state.counters.connections_refused);
             let mut out = BytesMut::new();
             let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
