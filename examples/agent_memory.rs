@@ -75,6 +75,7 @@ async fn main() -> Result<()> {
             key: Secret::new(key),
             gateway_host_name: Some(format!("{}:{}", info.hostname, info.mqtt_port)),
             ca_file: Some(info.ca_file.clone()),
+            x509: None,
         });
         // Idle: one reading at start, the next in an hour.
         config.telemetry.interval = Duration::from_secs(3600);
