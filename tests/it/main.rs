@@ -33,3 +33,4 @@ mod metrics;
 mod sdnotify;
 mod service_cli;
 mod service_cli_options;
+mod x509;
