@@ -1,9 +1,9 @@
 //! Crash-safe persistence of the hub's state in one SQLite file (`hub.db`).
 //!
 //! The store knows rows, not IoT Hub rules: devices are kept as JSON documents keyed by id,
-//! shared access policies as rows, a few settings (the group key) as name/value pairs, CA certificates as JSON documents
-//! keyed by name, and
-//! scheduled jobs as JSON documents with one JSON row per (job, device). It
+//! shared access policies as rows, a few settings (the group key) as name/value pairs, CA
+//! certificates as JSON documents keyed by name, and scheduled jobs as JSON documents with one
+//! JSON row per (job, device). It
 //! runs in WAL mode with `synchronous=NORMAL`: a crash of the process never loses a committed
 //! write and never corrupts the file; a power cut may lose the last commits but not the file.
 //! Calls are synchronous and short (one row each), made under a mutex.
