@@ -88,6 +88,7 @@ async fn main() -> Result<()> {
                 }
             )),
             ca_file: Some(info.ca_file.clone()),
+            x509: None,
         });
         // Idle: one reading at start, the next in an hour.
         config.telemetry.interval = Duration::from_secs(3600);

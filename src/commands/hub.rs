@@ -133,6 +133,11 @@ pub struct HubArgs {
     /// At most this many events are kept per partition (the store's memory bound).
     #[arg(long, default_value_t = crate::hub::events::DEFAULT_MAX_COUNT)]
     pub retention_count: usize,
+    /// Trust this CA certificate (PEM) for X.509 devices registered as `certificateAuthority`,
+    /// for this run (repeatable). CAs added with `simdevice service certificate add` or
+    /// `create-ca` are kept in the state instead.
+    #[arg(long = "x509-ca", value_name = "FILE")]
+    pub x509_cas: Vec<std::path::PathBuf>,
 }
 
 /// Why `simdevice hub` could not run. `main` prints it with its source chain and exits 78 when
@@ -245,6 +250,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
             max_age: std::time::Duration::from_secs(args.retention_secs),
             max_count: args.retention_count,
         },
+        x509_cas: args.x509_cas,
     })
     .await?;
     for id in &args.devices {

@@ -2,6 +2,7 @@
 //! hub, the service client or the commands.
 //!
 //! - [`pem`]: certificates out of PEM text.
+//! - [`der`]: what a certificate says (names, dates) and its thumbprints, without checking it.
 //! - [`local_hub`]: `hub.json`, the local hub's default state directory and API port.
 //! - [`exposition`]: the generic `/healthz` and `/metrics` server (Prometheus text).
 //! - [`sdnotify`]: systemd readiness, watchdog and stopping notifications.
@@ -15,6 +16,7 @@
 
 #[cfg(any(feature = "hub", feature = "archive"))]
 pub mod blob;
+pub mod der;
 pub mod exposition;
 pub mod file_mode;
 pub mod local_hub;

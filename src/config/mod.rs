@@ -34,7 +34,7 @@ mod proxy;
 mod raw;
 mod render;
 
-pub use error::{CaFileError, ConfigError, KeyFileError, KeyProblem};
+pub use error::{CaFileError, ConfigError, KeyFileError, KeyProblem, X509FileError};
 pub use proxy::{Proxy, ProxyUrlError, NO_PROXY_ENV, PROXY_ENV};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simdevice/config.toml";
@@ -90,12 +90,26 @@ pub struct Identity {
     /// The hub's host name, as used in the SAS token and the MQTT user name (may carry `:port`).
     pub host_name: String,
     pub device_id: String,
-    /// The device's symmetric key (base64), used to sign and renew SAS tokens.
+    /// The device's symmetric key (base64), used to sign and renew SAS tokens; empty for an
+    /// X.509 device (`x509` is set), which signs no token.
     pub key: Secret,
     /// Where to open the connection instead of `host_name` (`host[:port]`).
     pub gateway_host_name: Option<String>,
     /// An extra CA certificate (PEM) to trust, e.g. the local hub's `ca.pem`.
     pub ca_file: Option<PathBuf>,
+    /// `identity.certificate_file` + `identity.private_key_file`: the device authenticates
+    /// with this X.509 certificate in the TLS handshake instead of a SAS token.
+    pub x509: Option<X509Files>,
+}
+
+/// An X.509 device's certificate (PEM, leaf first, optionally its chain) and private key
+/// (PEM, readable by its owner only), as checked at load.
+#[derive(Clone, Debug)]
+pub struct X509Files {
+    pub certificate_file: PathBuf,
+    pub private_key_file: PathBuf,
+    /// The leaf certificate's notAfter (checked not past at load).
+    pub not_after: chrono::DateTime<chrono::Utc>,
 }
 
 impl Identity {

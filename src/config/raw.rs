@@ -97,6 +97,8 @@ pub(super) struct RawIdentity {
     pub(super) key_env: Option<Scalar>,
     pub(super) gateway_host_name: Option<Scalar>,
     pub(super) ca_file: Option<Scalar>,
+    pub(super) certificate_file: Option<Scalar>,
+    pub(super) private_key_file: Option<Scalar>,
 }
 
 #[derive(Default, Deserialize)]

@@ -18,7 +18,15 @@ impl Config {
         let mut identity = Table::new();
         identity.insert("host_name".into(), text(&self.identity.host_name));
         identity.insert("device_id".into(), text(&self.identity.device_id));
-        identity.insert("key".into(), text("***"));
+        match &self.identity.x509 {
+            None => {
+                identity.insert("key".into(), text("***"));
+            }
+            Some(x509) => {
+                identity.insert("certificate_file".into(), path(&x509.certificate_file));
+                identity.insert("private_key_file".into(), path(&x509.private_key_file));
+            }
+        }
         if let Some(gateway) = &self.identity.gateway_host_name {
             identity.insert("gateway_host_name".into(), text(gateway));
         }

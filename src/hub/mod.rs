@@ -12,7 +12,8 @@
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
 //! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
-//! (the device listeners: MQTT over TLS and over WebSocket) and `api` (the service REST API).
+//! (the device listeners: MQTT over TLS and over WebSocket), `api` (the service REST API) and
+//! `x509` (CA certificates and device certificate checks).
 
 pub mod accept;
 pub mod amqp;
@@ -34,6 +35,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod twins;
+pub mod x509;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -71,6 +73,8 @@ pub struct HubConfig {
     pub amqp: amqp::AmqpSettings,
     /// Partitions and retention of the event store (`events`).
     pub events: events::StoreSettings,
+    /// `--x509-ca FILE`: CA certificates (PEM) trusted for this run, besides the stored ones.
+    pub x509_cas: Vec<PathBuf>,
 }
 
 impl HubConfig {
@@ -88,6 +92,7 @@ impl HubConfig {
             capture: None,
             amqp: amqp::AmqpSettings::ephemeral(),
             events: events::StoreSettings::default(),
+            x509_cas: Vec::new(),
         }
     }
 }
@@ -128,6 +133,9 @@ pub enum HubError {
     Capture(#[from] capture::CaptureError),
     #[error("the event store cannot open")]
     Events(#[from] events::EventStoreError),
+    /// A CA certificate (`--x509-ca`, or one in the store) cannot be used.
+    #[error("the hub's X.509 CA certificates cannot be loaded")]
+    X509(#[from] x509::X509Error),
 }
 
 impl HubError {
@@ -145,7 +153,8 @@ impl HubError {
             | HubError::Load(_)
             | HubError::GroupKey(_)
             | HubError::Capture(_)
-            | HubError::Events(_) => true,
+            | HubError::Events(_)
+            | HubError::X509(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -183,6 +192,8 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// The CA certificates `certificateAuthority` devices chain to.
+    pub x509: x509::Authorities,
     /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
     pub liveness: accept::Liveness,
 }
@@ -322,6 +333,7 @@ impl Hub {
             None
         };
         let jobs = jobs::Jobs::load(store.clone())?;
+        let x509 = x509::Authorities::load(store.clone(), &config.x509_cas)?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
@@ -452,6 +464,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            x509,
             liveness,
         });
 

@@ -36,3 +36,4 @@ mod sdnotify;
 mod service_cli;
 mod service_cli_options;
 mod websocket;
+mod x509;

@@ -11,7 +11,8 @@
 //! keeps one connection per device) and reconnects by itself. Nothing here prints a key.
 //!
 //! Rooms: `local` (the configuration and where the key is kept), `network` (DNS, TCP, TLS,
-//! clock, authentication), `der` (reads the hub's certificate to show its expiry). This file
+//! clock, authentication), `certificate` (an X.509 device's certificate: expiry and key
+//! match; `common::der` reads certificates). This file
 //! holds the arguments, the report and the order the checks run in.
 
 use std::io::Write;
@@ -19,13 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::Config;
-
-mod der;
+mod certificate;
 mod https_date;
 mod local;
 mod network;
 
-pub use der::{certificate_summary, CertificateSummary};
+pub use crate::common::der::{certificate_summary, CertificateSummary};
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
@@ -138,7 +138,11 @@ pub async fn diagnose(
         }
     };
     let path = config_path.unwrap_or(Path::new(crate::config::DEFAULT_CONFIG_PATH));
-    record(out, &mut report, local::key_storage(path, &config));
+    // An X.509 device keeps no SAS key: its private key file is the certificate check's.
+    match certificate::check(&config.identity) {
+        Some(check) => record(out, &mut report, check),
+        None => record(out, &mut report, local::key_storage(path, &config)),
+    };
     network(&config, hub_state_dir, out, &mut report).await;
     finish(out, &report);
     report
@@ -185,7 +189,7 @@ async fn network(
         };
         tcp = tunnel;
     }
-    let tls = match crate::agent::client_tls(config.identity.ca_file.as_deref()) {
+    let tls = match crate::agent::client_tls_for(&config.identity) {
         Ok(tls) => tls,
         Err(error) => {
             let hint = "check identity.ca_file (a PEM certificate)";

@@ -13,10 +13,10 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpStream;
 
-use super::der::certificate_summary;
 use super::Check;
 use crate::agent::mqtt::{Wire, WireError};
 use crate::agent::transport::{self, Dial, DialError};
+use crate::common::der::certificate_summary;
 use crate::common::local_hub::HubInfo;
 use crate::common::logging::error_chain;
 use crate::config::{Config, Proxy};
@@ -308,13 +308,18 @@ pub(super) async fn clock(
     }
 }
 
-/// Connects as the device with a fresh SAS token, reports the CONNACK, disconnects.
+/// Connects as the device with a fresh SAS token (an X.509 device: with its certificate, no
+/// password), reports the CONNACK, disconnects.
 pub(super) async fn authenticate(config: &Config, tls: Arc<rustls::ClientConfig>) -> Check {
     const NAME: &str = "authentication";
     let identity = &config.identity;
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let resource = sas::device_resource(&identity.host_name, &identity.device_id, None);
-    let token = match sas::generate_token(&resource, identity.key.expose(), None, now + 300) {
+    let signed = match &identity.x509 {
+        Some(_) => Ok(String::new()),
+        None => sas::generate_token(&resource, identity.key.expose(), None, now + 300),
+    };
+    let token = match signed {
         Ok(token) => token,
         Err(error) => {
             let hint = "the key must be the device's base64 SharedAccessKey";

@@ -19,6 +19,7 @@ use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -59,6 +60,17 @@ pub async fn tls_handshake(acceptor: &TlsAcceptor, socket: TcpStream) -> Result<
         .map_err(|e| format!("TLS: {e}"))
 }
 
+/// The chain a client presented in the handshake (its signature already checked by rustls):
+/// what an X.509 device authenticates with. Empty when it sent none.
+pub fn peer_certificates(stream: &Tls) -> Vec<CertificateDer<'static>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.to_vec())
+        .unwrap_or_default()
+}
+
 /// A connection to the MQTT port: TLS, then MQTT, within [`CONNECT_DEADLINE`] to CONNECT.
 pub async fn serve_tls(
     socket: TcpStream,
@@ -80,12 +92,14 @@ pub async fn serve_tls(
             return;
         }
     };
+    let certificates = peer_certificates(&stream);
     serve(
         stream,
         Link {
             peer,
             transport: "mqtt",
             deadline,
+            certificates,
         },
         state,
         shutdown,
@@ -101,6 +115,8 @@ pub struct Link {
     pub transport: &'static str,
     /// The CONNECT must be in by then (it started at accept).
     pub deadline: Instant,
+    /// The client's certificate chain from the TLS handshake ([`peer_certificates`]).
+    pub certificates: Vec<CertificateDer<'static>>,
 }
 
 /// Serves one device over `stream` (TLS done, and the WebSocket upgrade if any): its CONNECT
@@ -115,21 +131,24 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Link {
-        peer, transport, ..
+        peer,
+        transport,
+        deadline,
+        certificates,
     } = link;
     let mut inbuf = BytesMut::with_capacity(1024);
-    let first =
-        match tokio::time::timeout_at(link.deadline, read_packet(&mut stream, &mut inbuf)).await {
-            Ok(Ok(packet)) => packet,
-            Ok(Err(reason)) => {
-                tracing::debug!(%peer, transport, reason, "connection closed before CONNECT");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, transport, "no CONNECT within the deadline; closed");
-                return;
-            }
-        };
+    let first = match tokio::time::timeout_at(deadline, read_packet(&mut stream, &mut inbuf)).await
+    {
+        Ok(Ok(packet)) => packet,
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, transport, reason, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, transport, "no CONNECT within the deadline; closed");
+            return;
+        }
+    };
     let Packet::Connect(connect) = first else {
         tracing::debug!(%peer, transport, "first packet was not CONNECT; closed");
         return;
@@ -147,10 +166,17 @@ pub async fn serve<S>(
         Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
         None => (None, None),
     };
-    let login = match auth::authenticate_device(&state, &connect.client_id, username, password) {
+    let login = match auth::authenticate_connect(
+        &state,
+        &connect.client_id,
+        username,
+        password,
+        &certificates,
+    ) {
         Ok(login) => login,
         Err(failure) => {
-            tracing::info!(%peer, client_id = %connect.client_id, reason = %failure, "device refused (CONNACK 5)");
+            let reason = crate::common::logging::error_chain(&failure);
+            tracing::info!(%peer, client_id = %connect.client_id, reason, "device refused (CONNACK 5)");
             HubCounters::bump(&state.counters.connections_refused);
             let mut out = BytesMut::new();
             let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
@@ -160,6 +186,7 @@ pub async fn serve<S>(
         }
     };
     drop(handshake_permit);
+    drop(certificates); // not kept for the life of the connection
     HubCounters::bump(&state.counters.connections_accepted);
 
     let Ok(live) = state.registry.get(&login.device_id, |d| d.live.clone()) else {

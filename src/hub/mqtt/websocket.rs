@@ -37,17 +37,19 @@ pub async fn serve(
     let deadline = Instant::now() + CONNECT_DEADLINE;
     let opened = tokio::time::timeout_at(deadline, async {
         let tls = connection::tls_handshake(&acceptor, socket).await?;
-        tokio_tungstenite::accept_hdr_async_with_config(
+        let certificates = connection::peer_certificates(&tls);
+        let ws = tokio_tungstenite::accept_hdr_async_with_config(
             tls,
             check_upgrade,
             Some(ws_stream::config(MAX_PACKET_SIZE)),
         )
         .await
-        .map_err(upgrade_refused)
+        .map_err(upgrade_refused)?;
+        Ok::<_, String>((ws, certificates))
     })
     .await;
-    let ws = match opened {
-        Ok(Ok(ws)) => ws,
+    let (ws, certificates) = match opened {
+        Ok(Ok(opened)) => opened,
         Ok(Err(reason)) => {
             tracing::debug!(%peer, transport = "websocket", reason, "connection closed before CONNECT");
             return;
@@ -61,6 +63,7 @@ pub async fn serve(
         peer,
         transport: "websocket",
         deadline,
+        certificates,
     };
     connection::serve(WsStream::new(ws), link, state, shutdown, handshake_permit).await;
 }
