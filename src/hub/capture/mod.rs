@@ -19,10 +19,13 @@
 //!
 //! The buffer is bounded: the channel ([`CHANNEL_CAPACITY`] messages), the open window, one
 //! closed window waiting and one being written (each at most the window's size, encoded). When
-//! the channel is full (the destination is slow or down and the publisher is retrying), a
-//! message is refused, not dropped: `accept` fails, the connection closes without
-//! acknowledging it, and the device sends it again when it reconnects. Refusals are counted
-//! (`simdevice_hub_capture_refused_total`) and logged.
+//! the channel runs low on room ([`HEADROOM`]), connections stop reading from their devices
+//! until the collector catches up ([`Intake::room`]): a burst faster than capture is slowed,
+//! as a broker slows its publishers. When that lasts ([`ROOM_WAIT`]: the destination is down
+//! and the publisher is retrying) and the channel fills, a message is refused, not dropped:
+//! `accept` fails, the connection closes without acknowledging it, and the device sends it
+//! again when it reconnects. Refusals are counted (`simdevice_hub_capture_refused_total`) and
+//! logged.
 
 pub mod format;
 pub mod sink;
@@ -50,6 +53,13 @@ use crate::hub::telemetry::Event;
 /// Messages the channel between the connections and the collector holds. Past this the hub
 /// refuses new telemetry until capture catches up (see the module comment).
 pub const CHANNEL_CAPACITY: usize = 65_536;
+/// Free places under which a connection stops reading from its device until the collector
+/// catches up ([`Intake::room`]): room for what a thousand connections can have in one read
+/// each, so that a burst is slowed, not refused.
+pub const HEADROOM: usize = 16_384;
+/// How long a connection waits for room before it reads on anyway (and a full channel then
+/// refuses): the destination is down, not slow.
+pub const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// The namespace in Event Hubs paths: the local hub has no Event Hubs namespace of its own.
 pub const NAMESPACE: &str = "simdevice";
 /// The local hub has one partition.
@@ -124,6 +134,12 @@ struct Item {
 pub struct Intake {
     log: Mutex<Log>,
     pub counters: Arc<CaptureCounters>,
+    /// Woken by the collector as it takes messages: connections waiting in [`Intake::room`].
+    drained: tokio::sync::Notify,
+    /// A sender kept outside the lock, only to read the channel's free room without it.
+    probe: mpsc::Sender<Item>,
+    /// [`HEADROOM`], or a quarter of a smaller channel.
+    headroom: usize,
 }
 
 impl Intake {
@@ -159,6 +175,27 @@ impl Intake {
         self.counters.pending.fetch_add(1, Ordering::Relaxed);
         permit.send(Item { segment, message });
         Ok(())
+    }
+
+    /// Whether the channel has [`HEADROOM`] free places (or has closed: `accept` then says so).
+    pub fn has_room(&self) -> bool {
+        self.probe.capacity() >= self.headroom || self.probe.is_closed()
+    }
+
+    /// Resolves once the channel has [`HEADROOM`] free places. A connection awaits it before it
+    /// reads more from its device while capture is behind, so that TCP slows the device (as a
+    /// broker under load does) instead of the hub refusing what it sends; with
+    /// [`ROOM_WAIT`] as its bound, see `mqtt/connection.rs`.
+    pub async fn room(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Starts a new log segment; returns its number. Every message of an older segment is in
@@ -251,8 +288,11 @@ impl Capture {
             );
         }
         let intake = Arc::new(Intake {
+            probe: tx.clone(),
+            headroom: HEADROOM.min(capacity / 4).max(1),
             log: Mutex::new(Log { wal, tx }),
             counters,
+            drained: tokio::sync::Notify::new(),
         });
         let finish = CancellationToken::new();
         // One closed window waits while another is written: the bound of the module notes.
@@ -333,6 +373,8 @@ impl Collector {
         drop(recovered);
         // A message of the next window, taken from the channel while closing this one.
         let mut carried: Option<Item> = None;
+        // Messages taken from the channel: every 1024th wakes the connections waiting for room.
+        let mut taken: u64 = 0;
         loop {
             if !full {
                 let deadline = window.deadline(&self.rules);
@@ -350,6 +392,10 @@ impl Collector {
                     item = self.rx.recv() => match item {
                         Some(item) => {
                             full = self.push(&mut window, &item.message);
+                            taken += 1;
+                            if taken.is_multiple_of(1024) {
+                                self.intake.drained.notify_waiters();
+                            }
                             continue;
                         }
                         None => return,
@@ -427,6 +473,7 @@ impl Collector {
                 return true;
             }
         };
+        self.intake.drained.notify_waiters();
         let ready = Ready {
             closed,
             closed_at: chrono::Utc::now(),
@@ -661,6 +708,47 @@ mod tests {
         let all: Vec<i64> = published(&out).into_iter().flat_map(|(_, s)| s).collect();
         assert_eq!(all, vec![1, 2, 3]);
         assert_eq!(counters.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn while_capture_is_behind_room_waits_until_the_collector_catches_up() {
+        let base = tempfile::tempdir().unwrap();
+        let out = base.path().join("out");
+        let state = tempfile::tempdir().unwrap();
+        let one_second = CaptureSettings {
+            window: Duration::from_secs(1),
+            ..settings(&out)
+        };
+        // A channel of 8: room means 2 free places.
+        let capture = Capture::start_with(one_second, state.path(), naming(), 8).unwrap();
+        std::fs::remove_dir(&out).unwrap();
+        std::fs::write(&out, b"").unwrap();
+        let intake = capture.intake.clone();
+        assert!(intake.has_room());
+        // The publisher retries, two closed windows wait (about 2 s), the collector waits
+        // behind them, and the channel fills.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut n = 0;
+        while intake.has_room() {
+            assert!(Instant::now() < deadline, "the channel never filled");
+            n += 1;
+            if intake.accept(&sample(n, "x").event, "g").is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let waiting = tokio::spawn({
+            let intake = intake.clone();
+            async move { intake.room().await }
+        });
+        assert!(!waiting.is_finished());
+        std::fs::remove_file(&out).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("room comes once the destination is back")
+            .unwrap();
+        assert!(intake.has_room());
+        capture.finish().await;
     }
 
     #[tokio::test]

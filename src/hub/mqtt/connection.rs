@@ -303,6 +303,16 @@ impl Connection<'_> {
                     Err(_) => return "the device stopped reading (write timed out)".into(),
                 }
             }
+            // Capture behind: read nothing more from the device until it has room (TCP then
+            // slows the device), for at most ROOM_WAIT; see `capture`'s module notes.
+            if let Some(capture) = &self.state.capture {
+                if !capture.has_room() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return "the hub is stopping".into(),
+                        _ = tokio::time::timeout(crate::hub::capture::ROOM_WAIT, capture.room()) => {}
+                    }
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return "the hub is stopping".into(),
                 _ = &mut token_timer => return "the SAS token expired".into(),
