@@ -11,6 +11,7 @@ pub const API_VERSION: &str = "2021-04-12";
 pub const MQTT_TLS_PORT: u16 = 8883;
 
 pub mod connection_string;
+pub mod dps;
 pub mod encoding;
 pub mod error_code;
 pub mod identity;
