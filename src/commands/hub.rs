@@ -27,6 +27,13 @@ pub struct HubArgs {
     /// Port for the service REST API over HTTPS (0 picks a free port).
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
+    /// Port for the local Device Provisioning Service's device endpoint, MQTT over TLS (0 picks
+    /// a free port, reported in hub.json as dps_port).
+    #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_DPS_PORT)]
+    pub dps_port: u16,
+    /// The DPS id scope [default: one made at first start and kept in the state].
+    #[arg(long)]
+    pub id_scope: Option<String>,
     /// Extra host name for the server certificate (repeatable).
     #[arg(long = "hostname")]
     pub hostnames: Vec<String>,
@@ -165,6 +172,8 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
+        dps_port: Some(args.dps_port),
+        id_scope: args.id_scope,
     })
     .await?;
     for id in &args.devices {
@@ -229,6 +238,9 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
+    if let (Some(addr), Some(scope)) = (hub.dps_addr(), &info.id_scope) {
+        let _ = writeln!(out, "  DPS MQTT/TLS:     {addr} (id scope {scope})");
+    }
     if let Some(addr) = metrics {
         let _ = writeln!(
             out,
@@ -242,6 +254,13 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     );
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
+    if let Some(dps) = &info.dps_service_connection_string {
+        let _ = writeln!(
+            out,
+            "  DPS service connection string (provisioningserviceowner):"
+        );
+        let _ = writeln!(out, "    {dps}");
+    }
     if let Some(capture) = &info.capture {
         let _ = writeln!(
             out,

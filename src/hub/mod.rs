@@ -18,6 +18,7 @@ pub mod accept;
 pub mod api;
 pub mod auth;
 pub mod capture;
+pub mod dps;
 pub mod error;
 pub mod faults;
 pub mod jobs;
@@ -63,6 +64,10 @@ pub struct HubConfig {
     pub group_key: Option<String>,
     /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
     pub capture: Option<capture::CaptureSettings>,
+    /// `--dps-port`: the local DPS's device endpoint (`dps`); `None` serves no DPS.
+    pub dps_port: Option<u16>,
+    /// `--id-scope`: the DPS id scope to use (kept in the state); `None` keeps the stored one.
+    pub id_scope: Option<String>,
 }
 
 impl HubConfig {
@@ -77,6 +82,8 @@ impl HubConfig {
             auto_register: false,
             group_key: None,
             capture: None,
+            dps_port: Some(0),
+            id_scope: None,
         }
     }
 }
@@ -165,6 +172,8 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// The local DPS: id scope, enrollments, pending registrations (`dps`).
+    pub dps: dps::Dps,
     /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
     pub liveness: accept::Liveness,
 }
@@ -184,6 +193,8 @@ pub struct Hub {
     info: HubInfo,
     mqtt_addr: SocketAddr,
     api_addr: SocketAddr,
+    /// The DPS device endpoint, when it is served.
+    dps_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
@@ -261,6 +272,7 @@ impl Hub {
             None
         };
         let jobs = jobs::Jobs::load(store.clone())?;
+        let dps = dps::Dps::load(store.clone(), config.id_scope.as_deref(), "localhost")?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
@@ -275,6 +287,18 @@ impl Hub {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,
         })?;
+        let dps_listener = match config.dps_port {
+            Some(port) => {
+                let listener = bind(config.bind, port).await?;
+                let addr = listener.local_addr().map_err(|source| HubError::Bind {
+                    addr: SocketAddr::new(config.bind, port),
+                    source,
+                })?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let dps_addr = dps_listener.as_ref().map(|(_, addr)| *addr);
 
         let owner = policies
             .get("iothubowner")
@@ -292,6 +316,16 @@ impl Hub {
             .to_string(),
             group_key: group_key.clone(),
             capture: config.capture.as_ref().map(capture_info),
+            dps_port: dps_addr.map(|a| a.port()),
+            id_scope: dps_addr.map(|_| dps.id_scope.clone()),
+            dps_service_connection_string: dps_addr.map(|_| {
+                ServiceConnectionString {
+                    host_name: format!("localhost:{}", api_addr.port()),
+                    shared_access_key_name: crate::protocol::dps::SERVICE_OWNER_POLICY.into(),
+                    shared_access_key: dps.service_key().to_string(),
+                }
+                .to_string()
+            }),
         };
 
         // After the lock: the write-ahead log is in the state directory. Started before the
@@ -313,6 +347,7 @@ impl Hub {
         let mqtt_alive = liveness.watch("MQTT accept loop");
         let api_alive = liveness.watch("API accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
+        let dps_alive = dps_addr.map(|_| liveness.watch("DPS accept loop"));
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
             policies,
@@ -328,6 +363,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            dps,
             liveness,
         });
 
@@ -348,6 +384,16 @@ impl Hub {
             tasks.clone(),
             scheduler_alive,
         ));
+        if let (Some((listener, _)), Some(alive)) = (dps_listener, dps_alive) {
+            tasks.spawn(dps::mqtt::serve(
+                listener,
+                acceptor.clone(),
+                state.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+                alive,
+            ));
+        }
         tasks.spawn(api::serve(
             api_listener,
             acceptor,
@@ -365,6 +411,7 @@ impl Hub {
             info,
             mqtt_addr,
             api_addr,
+            dps_addr,
             shutdown,
             tasks,
             capture,
@@ -386,6 +433,11 @@ impl Hub {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The DPS device endpoint, when the hub serves one.
+    pub fn dps_addr(&self) -> Option<SocketAddr> {
+        self.dps_addr
     }
 
     /// The connection string a device uses to reach this hub. `GatewayHostName` carries the

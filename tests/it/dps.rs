@@ -1,0 +1,255 @@
+//! The local DPS through real sockets: enrollments over the DPS service REST API, registration
+//! over MQTT/TLS with the agent's registration client, the device it creates connecting to the
+//! hub, and the refusals (wrong key, disabled enrollment, wrong policy, stale etag, bad body).
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use simdevice::agent::provision::{self, Assignment, ProvisionError, Registration};
+use simdevice::protocol::sas;
+
+use crate::common::{now, RawDevice, Service, TestHub};
+
+fn dps_service(hub: &TestHub) -> Service {
+    let key = hub.hub.state().dps.service_key().to_string();
+    Service::with_key(hub, "provisioningserviceowner", &key, now() + 3600)
+}
+
+fn registration(hub: &TestHub, registration_id: &str, device_key: &str) -> Registration {
+    Registration {
+        host: "localhost".into(),
+        port: hub.hub.dps_addr().expect("the test hub serves DPS").port(),
+        tls: simdevice::agent::client_tls(Some(&hub.hub.info().ca_file)).unwrap(),
+        id_scope: hub.hub.info().id_scope.clone().unwrap(),
+        registration_id: registration_id.into(),
+        device_key: device_key.into(),
+        payload: None,
+        deadline: Duration::from_secs(10),
+    }
+}
+
+fn primary_key(doc: &Value) -> String {
+    doc["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("a primary key")
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_group_enrollment_provisions_a_device_that_then_connects_with_its_twin_set() {
+    let hub = TestHub::start().await;
+    let dps = dps_service(&hub);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/fleet-a",
+            Some(json!({
+                "enrollmentGroupId": "fleet-a",
+                "attestation": {"type": "symmetricKey"},
+                "initialTwin": {"tags": {"site": "north"},
+                                "properties": {"desired": {"telemetryInterval": 7}}}
+            })),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let group_key = primary_key(&put.body);
+    let device_key = sas::derive_device_key(&group_key, "sensor-001").unwrap();
+
+    let assignment = provision::register(&registration(&hub, "sensor-001", &device_key), now())
+        .await
+        .expect("registered");
+    assert_eq!(
+        assignment,
+        Assignment {
+            assigned_hub: "localhost".into(),
+            device_id: "sensor-001".into(),
+            substatus: Some("initialAssignment".into()),
+            payload: None,
+        }
+    );
+    let twin = hub
+        .service()
+        .call(Method::GET, "/twins/sensor-001", None, &[])
+        .await;
+    assert_eq!(twin.status, 200);
+    assert_eq!(twin.body["tags"]["site"], "north");
+    assert_eq!(twin.body["properties"]["desired"]["telemetryInterval"], 7);
+    // The device key DPS gave the device is the one the hub accepts.
+    let mut device = RawDevice::connect(&hub, "sensor-001", &device_key).await;
+    device
+        .publish_acked("devices/sensor-001/messages/events/", "{}")
+        .await;
+
+    // Registering again keeps the twin and says the data was kept.
+    let again = provision::register(&registration(&hub, "sensor-001", &device_key), now())
+        .await
+        .expect("registered again");
+    assert_eq!(again.substatus.as_deref(), Some("deviceDataMigrated"));
+    let twin = hub
+        .service()
+        .call(Method::GET, "/twins/sensor-001", None, &[])
+        .await;
+    assert_eq!(twin.body["tags"]["site"], "north");
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn an_individual_enrollment_names_the_device_and_passes_the_payload_through() {
+    let hub = TestHub::start().await;
+    let dps = dps_service(&hub);
+    let key = sas::generate_key();
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollments/reg-7",
+            Some(json!({
+                "registrationId": "reg-7",
+                "deviceId": "kiosk-7",
+                "attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": key, "secondaryKey": ""}},
+            })),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(primary_key(&put.body), key);
+    let mut request = registration(&hub, "reg-7", &key);
+    request.payload = Some(json!({"model": "k1"}));
+    let assignment = provision::register(&request, now())
+        .await
+        .expect("registered");
+    assert_eq!(assignment.device_id, "kiosk-7");
+    assert_eq!(assignment.payload, Some(json!({"model": "k1"})));
+    assert_eq!(hub.device_key("kiosk-7"), key);
+
+    let listed = dps
+        .call(
+            Method::POST,
+            "/enrollments/query",
+            Some(json!({"query": "*"})),
+            &[],
+        )
+        .await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.body.as_array().map(Vec::len), Some(1));
+    assert!(listed.headers.get("x-ms-continuation").is_none());
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn refusals_say_why() {
+    let hub = TestHub::start().await;
+    let dps = dps_service(&hub);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollments/solo",
+            Some(
+                json!({"attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let key = primary_key(&put.body);
+
+    // A key no enrollment has: CONNACK 5.
+    let wrong = provision::register(&registration(&hub, "solo", &sas::generate_key()), now()).await;
+    assert!(
+        matches!(wrong, Err(ProvisionError::Unauthorized { .. })),
+        "{wrong:?}"
+    );
+    // The right key of a disabled enrollment: refused with DPS's code and message.
+    match provision::register(&registration(&hub, "solo", &key), now()).await {
+        Err(ProvisionError::Refused {
+            status,
+            code,
+            message,
+        }) => {
+            assert_eq!((status, code), (401, 401_003));
+            assert!(message.contains("disabled"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!hub.hub.state().registry.contains("solo"));
+    // A token for another id scope is refused as well.
+    let mut other_scope = registration(&hub, "solo", &key);
+    other_scope.id_scope = "0ne00000000".into();
+    assert!(matches!(
+        provision::register(&other_scope, now()).await,
+        Err(ProvisionError::Unauthorized { .. })
+    ));
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn the_service_api_checks_policy_etag_and_body() {
+    let hub = TestHub::start().await;
+    let dps = dps_service(&hub);
+    // The IoT Hub owner's token is not the DPS's.
+    let owner = hub
+        .service()
+        .call(Method::GET, "/enrollmentGroups/g", None, &[])
+        .await;
+    assert_eq!(owner.status, 401);
+    assert_eq!(owner.error_code(), Some(401_002));
+
+    let missing = dps
+        .call(Method::GET, "/enrollmentGroups/g", None, &[])
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.error_code(), Some(404_201));
+    assert!(missing.body["trackingId"].is_string() && missing.body["timestampUtc"].is_string());
+
+    let bad = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/g",
+            Some(json!({"attestation": {"type": "tpm"}})),
+            &[],
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.error_code(), Some(400_004));
+
+    let created = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/g",
+            Some(json!({"attestation": {"type": "symmetricKey"}})),
+            &[],
+        )
+        .await;
+    let etag = created.body["etag"].as_str().unwrap().to_string();
+    let updated = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/g",
+            Some(
+                json!({"attestation": {"type": "symmetricKey"}, "provisioningStatus": "disabled"}),
+            ),
+            &[("If-Match", &etag)],
+        )
+        .await;
+    assert_eq!(updated.status, 200);
+    assert_eq!(updated.body["provisioningStatus"], "disabled");
+    let stale = dps
+        .call(
+            Method::DELETE,
+            "/enrollmentGroups/g",
+            None,
+            &[("If-Match", &etag)],
+        )
+        .await;
+    assert_eq!(stale.status, 412);
+    let deleted = dps
+        .call(Method::DELETE, "/enrollmentGroups/g", None, &[])
+        .await;
+    assert_eq!(deleted.status, 204);
+    let gone = dps
+        .call(Method::GET, "/enrollmentGroups/g", None, &[])
+        .await;
+    assert_eq!(gone.status, 404);
+    hub.stop().await;
+}
