@@ -28,9 +28,10 @@ pub struct HubArgs {
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
     /// Port for the local Device Provisioning Service's device endpoint, MQTT over TLS (0 picks
-    /// a free port, reported in hub.json as dps_port).
-    #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_DPS_PORT)]
-    pub dps_port: u16,
+    /// a free port, reported in hub.json as dps_port) [default: 8884, or a free port when
+    /// --mqtt-port is 0]
+    #[arg(long)]
+    pub dps_port: Option<u16>,
     /// The DPS id scope [default: one made at first start and kept in the state].
     #[arg(long)]
     pub id_scope: Option<String>,
@@ -160,6 +161,17 @@ fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubComman
     }))
 }
 
+/// `--dps-port`, or its default: 8884, except that a hub asked for a free MQTT port (tests,
+/// scripts, a second hub beside the first) takes a free DPS port too, so that two such hubs
+/// never contend for 8884.
+fn dps_port(given: Option<u16>, mqtt_port: u16) -> u16 {
+    match (given, mqtt_port) {
+        (Some(port), _) => port,
+        (None, 0) => 0,
+        (None, _) => crate::common::local_hub::DEFAULT_DPS_PORT,
+    }
+}
+
 pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
     let capture = capture_settings(&args)?;
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
@@ -172,7 +184,7 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
-        dps_port: Some(args.dps_port),
+        dps_port: Some(dps_port(args.dps_port, args.mqtt_port)),
         id_scope: args.id_scope,
     })
     .await?;
@@ -303,5 +315,18 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dps_port;
+
+    #[test]
+    fn the_dps_port_defaults_to_8884_unless_the_mqtt_port_is_free() {
+        assert_eq!(dps_port(None, 8883), 8884);
+        assert_eq!(dps_port(None, 0), 0);
+        assert_eq!(dps_port(Some(9000), 0), 9000);
+        assert_eq!(dps_port(Some(0), 8883), 0);
     }
 }
