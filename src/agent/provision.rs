@@ -7,11 +7,22 @@
 //! and polls the operation status, waiting what each answer's `retry-after` says (2 s when
 //! it says nothing, the Python SDK's default), until the registration is assigned or refused.
 //! A refusal carries DPS's error code and message. The whole exchange has one deadline. The
-//! wire format is `protocol::dps`; this module keeps no state and touches nothing but its
-//! connection (the caller caches the assignment).
+//! wire format is `protocol::dps`.
+//!
+//! [`run_provisioned`] is the life of an agent configured with `[provisioning]`: the cached
+//! assignment (a small JSON file beside the outbox, `{outbox}.provisioning.json`: it must be
+//! read before the outbox opens, because the outbox belongs to the device id the assignment
+//! names), else a registration, retried with backoff while it fails (each failure logged
+//! with DPS's code and message); then the agent on the assigned hub, until shutdown or until
+//! the hub refuses the device (CONNACK 4/5: moved or deleted), when the cache is forgotten
+//! and the device registers again.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{
@@ -21,7 +32,11 @@ use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::backoff::Backoff;
 use super::mqtt::{Wire, WireError};
+use super::{Agent, AgentError};
+use crate::common::logging::error_chain;
+use crate::config::{Config, OutboxSettings, Provisioning};
 use crate::protocol::dps::{
     self, parse_response_topic, DpsErrorBody, OperationStatus, RegisterRequest, RegistrationStatus,
     RESPONSE_FILTER,
@@ -272,5 +287,215 @@ fn assignment(status: OperationStatus) -> Result<Assignment, ProvisionError> {
         _ => Err(ProvisionError::Protocol(
             "assigned without assignedHub and deviceId".into(),
         )),
+    }
+}
+
+/// How often a provisioned agent is checked for a refusal by its hub.
+const REFUSAL_CHECK: Duration = Duration::from_millis(250);
+
+/// Why a provisioned agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionRunError {
+    #[error("the configuration has no [provisioning] section")]
+    NotConfigured,
+    #[error("the agent cannot start")]
+    Agent(#[from] AgentError),
+    #[error("cannot write the provisioning cache {}", path.display())]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ProvisionRunError {
+    pub fn is_config(&self) -> bool {
+        match self {
+            ProvisionRunError::NotConfigured => true,
+            ProvisionRunError::Agent(error) => error.is_config(),
+            ProvisionRunError::Cache { .. } => false,
+        }
+    }
+}
+
+/// The assignment as cached: for this scope and registration only.
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    id_scope: String,
+    registration_id: String,
+    assigned_hub: String,
+    device_id: String,
+}
+
+/// Where the assignment of an agent with this configuration is cached: beside its outbox
+/// (the configured one, else the daemon's default).
+pub fn cache_path(config: &Config) -> PathBuf {
+    let outbox = config
+        .outbox
+        .path
+        .clone()
+        .unwrap_or_else(OutboxSettings::default_path);
+    let mut name = outbox.into_os_string();
+    name.push(".provisioning.json");
+    PathBuf::from(name)
+}
+
+/// The cached assignment, if there is one for this scope and registration id.
+pub fn load_cached(path: &Path, p: &Provisioning) -> Option<Assignment> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let cached: Cached = serde_json::from_str(&text)
+        .inspect_err(|error| tracing::warn!(path = %path.display(), %error, "ignoring an unreadable provisioning cache"))
+        .ok()?;
+    (cached.id_scope == p.id_scope && cached.registration_id == p.registration_id).then_some(
+        Assignment {
+            assigned_hub: cached.assigned_hub,
+            device_id: cached.device_id,
+            substatus: None,
+            payload: None,
+        },
+    )
+}
+
+/// Writes the assignment (a temporary file renamed over the old one).
+pub fn save_cached(path: &Path, p: &Provisioning, a: &Assignment) -> Result<(), ProvisionRunError> {
+    let cache_error = |source| ProvisionRunError::Cache {
+        path: path.to_path_buf(),
+        source,
+    };
+    let text = serde_json::to_string_pretty(&Cached {
+        id_scope: p.id_scope.clone(),
+        registration_id: p.registration_id.clone(),
+        assigned_hub: a.assigned_hub.clone(),
+        device_id: a.device_id.clone(),
+    })
+    .map_err(|e| cache_error(std::io::Error::other(e)))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(cache_error)?;
+    }
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, text).map_err(cache_error)?;
+    std::fs::rename(&temporary, path).map_err(cache_error)
+}
+
+/// The registration a `[provisioning]` section describes.
+pub fn registration_for(
+    p: &Provisioning,
+    tls: Arc<rustls::ClientConfig>,
+    deadline: Duration,
+) -> Registration {
+    Registration {
+        host: p.host.clone(),
+        port: p.port,
+        tls,
+        id_scope: p.id_scope.clone(),
+        registration_id: p.registration_id.clone(),
+        device_key: p.device_key.expose().to_string(),
+        payload: None,
+        deadline,
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Registers until assigned, backing off after each failure (longer after a refusal, which
+/// only a change of the enrollment can cure); `None` when shutdown comes first.
+pub async fn register_until_assigned(
+    registration: &Registration,
+    mut backoff: Backoff,
+    shutdown: &CancellationToken,
+) -> Option<Assignment> {
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            attempt = register(registration, now_unix()) => attempt,
+        };
+        match attempt {
+            Ok(assignment) => {
+                tracing::info!(registration = %registration.registration_id, hub = %assignment.assigned_hub,
+                    device = %assignment.device_id, "provisioned by DPS");
+                return Some(assignment);
+            }
+            Err(error) => {
+                let delay = if error.is_transient() {
+                    backoff.next_delay()
+                } else {
+                    backoff.refused()
+                };
+                tracing::error!(registration = %registration.registration_id, error = %error_chain(&error),
+                    retry_in_ms = delay.as_millis() as u64, "DPS registration failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs an agent configured with `[provisioning]` until `shutdown` (see the module notes).
+/// `force` registers even when an assignment is cached.
+pub async fn run_provisioned(
+    mut config: Config,
+    mut force: bool,
+    shutdown: CancellationToken,
+) -> Result<(), ProvisionRunError> {
+    let p = config
+        .provisioning
+        .clone()
+        .ok_or(ProvisionRunError::NotConfigured)?;
+    let tls = super::client_tls(p.ca_file.as_deref())?;
+    let registration = registration_for(&p, tls, config.connection.connect_timeout);
+    let cache = cache_path(&config);
+    loop {
+        let cached = if force { None } else { load_cached(&cache, &p) };
+        let assignment = match cached {
+            Some(assignment) => {
+                tracing::info!(hub = %assignment.assigned_hub, device = %assignment.device_id,
+                    "using the cached DPS assignment");
+                assignment
+            }
+            None => {
+                let backoff =
+                    Backoff::new(config.connection.backoff_min, config.connection.backoff_max);
+                let Some(assignment) =
+                    register_until_assigned(&registration, backoff, &shutdown).await
+                else {
+                    return Ok(());
+                };
+                save_cached(&cache, &p, &assignment)?;
+                assignment
+            }
+        };
+        config.identity = p.assigned_identity(&assignment.assigned_hub, &assignment.device_id);
+        let agent = Agent::new(config.clone())?;
+        let counters = agent.handle().ctx.clone();
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(agent.run(stop.clone()));
+        let refused = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break false,
+                _ = tokio::time::sleep(REFUSAL_CHECK) => {
+                    if counters.counters().reconnects.get(&["refused"]) > 0 {
+                        break true;
+                    }
+                }
+            }
+        };
+        stop.cancel();
+        if let Err(error) = task.await {
+            tracing::error!(%error, "the agent task failed");
+        }
+        if !refused {
+            return Ok(());
+        }
+        tracing::warn!(hub = %assignment.assigned_hub, device = %assignment.device_id,
+            "the assigned hub refused the device: registering with DPS again");
+        let _ = std::fs::remove_file(&cache);
+        force = true;
     }
 }

@@ -253,3 +253,164 @@ async fn the_service_api_checks_policy_etag_and_body() {
     assert_eq!(gone.status, 404);
     hub.stop().await;
 }
+
+fn telemetry_of(hub: &TestHub, device_id: &str) -> u64 {
+    hub.hub
+        .state()
+        .registry
+        .get(device_id, |d| {
+            d.live
+                .telemetry_received
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap_or(0)
+}
+
+/// An agent configured with only `[provisioning]` (a group key) for `registration_id`.
+fn provisioned_config(
+    hub: &TestHub,
+    registration_id: &str,
+    group_key: &str,
+    outbox: &std::path::Path,
+) -> simdevice::config::Config {
+    let provisioning = simdevice::config::Provisioning {
+        id_scope: hub.hub.info().id_scope.clone().unwrap(),
+        registration_id: registration_id.into(),
+        host: "localhost".into(),
+        port: hub.hub.dps_addr().unwrap().port(),
+        ca_file: Some(hub.hub.info().ca_file.clone()),
+        device_key: simdevice::config::Secret::new(
+            sas::derive_device_key(group_key, registration_id).unwrap(),
+        ),
+        // The assigned hub is `localhost`; its MQTT port is the test hub's free one.
+        gateway_host_name: Some(format!("localhost:{}", hub.hub.mqtt_addr().port())),
+    };
+    let mut config = simdevice::config::Config::for_identity(provisioning.unassigned_identity());
+    config.provisioning = Some(provisioning);
+    config.outbox.path = Some(outbox.to_path_buf());
+    config.telemetry.interval = Duration::from_millis(200);
+    config.connection.backoff_min = Duration::from_millis(100);
+    config.connection.backoff_max = Duration::from_millis(500);
+    config
+}
+
+async fn telemetry_grows(hub: &TestHub, device_id: &str) {
+    let before = telemetry_of(hub, device_id);
+    crate::common::agent::eventually(Duration::from_secs(15), || async {
+        (telemetry_of(hub, device_id) > before).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_provisions_from_a_group_key_keeps_its_assignment_and_registers_again_when_deleted(
+) {
+    let hub = TestHub::start().await;
+    let dps = dps_service(&hub);
+    let group_key = sas::generate_key();
+    let group = json!({"attestation": {"type": "symmetricKey",
+        "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}});
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/agents",
+            Some(group.clone()),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let state = tempfile::tempdir().unwrap();
+    let outbox = state.path().join("outbox.db");
+    let config = provisioned_config(&hub, "agent-1", &group_key, &outbox);
+    let cache = provision::cache_path(&config);
+
+    // First start: registers, caches the assignment, sends telemetry to the assigned hub.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(provision::run_provisioned(
+        config.clone(),
+        false,
+        stop.clone(),
+    ));
+    telemetry_grows(&hub, "agent-1").await;
+    let cached: Value = serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+    assert_eq!(cached["device_id"], "agent-1");
+    assert_eq!(cached["assigned_hub"], "localhost");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+
+    // With the enrollment gone DPS would refuse the device: a restart that still connects
+    // used the cached assignment.
+    let deleted = dps
+        .call(Method::DELETE, "/enrollmentGroups/agents", None, &[])
+        .await;
+    assert_eq!(deleted.status, 204);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(provision::run_provisioned(
+        config.clone(),
+        false,
+        stop.clone(),
+    ));
+    telemetry_grows(&hub, "agent-1").await;
+
+    // The device deleted from the hub: the hub refuses it (CONNACK 5), and the agent
+    // registers again (refused while the enrollment is gone, then assigned once it is back).
+    assert_eq!(
+        hub.service()
+            .call(
+                Method::DELETE,
+                "/devices/agent-1",
+                None,
+                &[("If-Match", "*")]
+            )
+            .await
+            .status,
+        204
+    );
+    let put = dps
+        .call(Method::PUT, "/enrollmentGroups/agents", Some(group), &[])
+        .await;
+    assert_eq!(put.status, 200);
+    crate::common::agent::eventually(Duration::from_secs(15), || async {
+        hub.hub.state().registry.contains("agent-1").then_some(())
+    })
+    .await;
+    telemetry_grows(&hub, "agent-1").await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_registration_backs_off_until_the_enrollment_exists() {
+    let hub = TestHub::start().await;
+    let group_key = sas::generate_key();
+    let state = tempfile::tempdir().unwrap();
+    let config = provisioned_config(&hub, "late-1", &group_key, &state.path().join("o.db"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(provision::run_provisioned(config, false, stop.clone()));
+    // No enrollment yet: nothing is created, and the agent keeps trying.
+    let registration = registration(
+        &hub,
+        "late-1",
+        &sas::derive_device_key(&group_key, "late-1").unwrap(),
+    );
+    assert!(matches!(
+        provision::register(&registration, now()).await,
+        Err(ProvisionError::Unauthorized { .. })
+    ));
+    assert!(!hub.hub.state().registry.contains("late-1"));
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/late",
+            Some(json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    telemetry_grows(&hub, "late-1").await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    hub.stop().await;
+}
