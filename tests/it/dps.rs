@@ -414,3 +414,67 @@ async fn a_refused_registration_backs_off_until_the_enrollment_exists() {
     run.await.unwrap().unwrap();
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn simdevice_provision_registers_caches_and_registers_again_with_force() {
+    let hub = TestHub::start().await;
+    let group_key = sas::generate_key();
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/cli",
+            Some(json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[provisioning]\nid_scope = \"{}\"\nregistration_id = \"cli-1\"\n\
+             global_endpoint = \"localhost:{}\"\nca_file = \"{}\"\ngroup_key = \"{group_key}\"\n\
+             [outbox]\npath = \"{}\"\n",
+            hub.hub.info().id_scope.clone().unwrap(),
+            hub.hub.dps_addr().unwrap().port(),
+            hub.hub.info().ca_file.display(),
+            dir.path().join("outbox.db").display(),
+        ),
+    )
+    .unwrap();
+    let provision = |force: bool| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"));
+        crate::common::isolated(&mut command)
+            .arg("provision")
+            .arg("--config")
+            .arg(&config);
+        if force {
+            command.arg("--force");
+        }
+        async move {
+            let output = command.output().await.unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8(output.stdout).unwrap()
+        }
+    };
+    let first = provision(false).await;
+    assert!(
+        first.starts_with("assigned: device cli-1 on localhost (initialAssignment)"),
+        "{first}"
+    );
+    assert!(hub.hub.state().registry.contains("cli-1"));
+    let second = provision(false).await;
+    assert!(
+        second.starts_with("cached: device cli-1 on localhost"),
+        "{second}"
+    );
+    let forced = provision(true).await;
+    assert!(forced.contains("(deviceDataMigrated)"), "{forced}");
+    hub.stop().await;
+}
