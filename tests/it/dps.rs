@@ -478,3 +478,91 @@ async fn simdevice_provision_registers_caches_and_registers_again_with_force() {
     assert!(forced.contains("(deviceDataMigrated)"), "{forced}");
     hub.stop().await;
 }
+
+mod cli {
+    use clap::Parser;
+    use serde_json::Value;
+    use simdevice::commands::service::{execute, ServiceArgs, ServiceCommandError};
+
+    use crate::common::TestHub;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(subcommand)]
+        command: Verb,
+    }
+
+    #[derive(clap::Subcommand)]
+    enum Verb {
+        Service(ServiceArgs),
+    }
+
+    /// `simdevice service --local --state-dir <hub dir> dps ARGV...`: the printed JSON.
+    async fn dps(hub: &TestHub, argv: &[&str]) -> Result<Value, ServiceCommandError> {
+        let dir = hub.dir.path().to_str().unwrap();
+        let head = ["simdevice", "service", "--local", "--state-dir", dir, "dps"];
+        let full = head.iter().chain(argv).copied();
+        let Ok(Wrapper {
+            command: Verb::Service(args),
+        }) = Wrapper::try_parse_from(full)
+        else {
+            panic!("{argv:?} does not parse");
+        };
+        let mut out = Vec::new();
+        execute(args, &mut out).await?;
+        Ok(serde_json::from_slice(&out).unwrap())
+    }
+
+    #[tokio::test]
+    async fn service_dps_creates_shows_lists_and_deletes_enrollments() {
+        let hub = TestHub::start().await;
+        let created = dps(
+            &hub,
+            &[
+                "enrollment-group",
+                "create",
+                "g1",
+                "--initial-twin",
+                r#"{"tags":{"site":"a"}}"#,
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(created["enrollmentGroupId"], "g1");
+        assert_eq!(created["initialTwin"]["tags"]["site"], "a");
+        assert!(created["attestation"]["symmetricKey"]["primaryKey"].is_string());
+        let shown = dps(&hub, &["enrollment-group", "show", "g1"])
+            .await
+            .unwrap();
+        assert_eq!(shown, created);
+        let individual = dps(
+            &hub,
+            &[
+                "enrollment",
+                "create",
+                "r1",
+                "--device-id",
+                "dev-r1",
+                "--disabled",
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(individual["deviceId"], "dev-r1");
+        assert_eq!(individual["provisioningStatus"], "disabled");
+        let listed = dps(&hub, &["enrollment", "list"]).await.unwrap();
+        assert_eq!(listed.as_array().map(Vec::len), Some(1));
+        let stale = dps(&hub, &["enrollment", "delete", "r1", "--etag", "\"99\""])
+            .await
+            .unwrap_err();
+        assert_eq!(stale.status(), Some(412));
+        let deleted = dps(&hub, &["enrollment", "delete", "r1"]).await.unwrap();
+        assert_eq!(deleted["deleted"], true);
+        let missing = dps(&hub, &["enrollment", "show", "r1"]).await.unwrap_err();
+        assert_eq!(
+            (missing.status(), missing.code()),
+            (Some(404), Some(404_201))
+        );
+        hub.stop().await;
+    }
+}
