@@ -566,3 +566,111 @@ mod cli {
         hub.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_throttled_registration_waits_its_retry_after_and_succeeds() {
+    let hub = TestHub::start().await;
+    let key = sas::generate_key();
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollments/busy",
+            Some(json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": key, "secondaryKey": key}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    hub.hub.state().dps.throttle_next(2);
+    let started = std::time::Instant::now();
+    let assignment = provision::register(&registration(&hub, "busy", &key), now())
+        .await
+        .expect("assigned after the throttling");
+    assert_eq!(assignment.device_id, "busy");
+    let throttled = hub
+        .hub
+        .state()
+        .dps
+        .throttled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(throttled, 2);
+    // Two 429s with retry-after=1 each, then the register's own retry-after=1 before the poll.
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_fleet_with_dps_provisions_its_slice_then_sends() {
+    let hub = TestHub::start().await;
+    let group_key = sas::generate_key();
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/fleet",
+            Some(json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    hub.hub.state().dps.throttle_next(1);
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"));
+    crate::common::isolated(&mut command).args([
+        "fleet",
+        "--dps",
+        &hub.hub.info().id_scope.clone().unwrap(),
+        "--dps-endpoint",
+        &format!("localhost:{}", hub.hub.dps_addr().unwrap().port()),
+        "--dps-rate",
+        "50",
+        "--group-key",
+        &group_key,
+        "--gateway",
+        &format!("localhost:{}", hub.hub.mqtt_addr().port()),
+        "--ca-file",
+        hub.hub.info().ca_file.to_str().unwrap(),
+        "--prefix",
+        "fd-",
+        "--count",
+        "3",
+        "--messages",
+        "2",
+        "--interval-secs",
+        "0.1",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the fleet ends")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["connected"], 3, "{report}");
+    for id in ["fd-1", "fd-2", "fd-3"] {
+        assert!(
+            hub.hub.state().registry.contains(id),
+            "{id} was not provisioned"
+        );
+        assert!(telemetry_of(&hub, id) >= 2, "{id} sent too little");
+    }
+    assert_eq!(
+        hub.hub
+            .state()
+            .dps
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    hub.stop().await;
+}

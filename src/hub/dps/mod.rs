@@ -23,6 +23,7 @@ pub mod enrollments;
 pub mod mqtt;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
@@ -130,6 +131,10 @@ pub struct Dps {
     pub enrollments: Enrollments,
     service_keys: (String, String),
     operations: Mutex<Operations>,
+    /// Test hook: register requests still to be answered 429 (see [`Dps::throttle_next`]).
+    throttle: AtomicU64,
+    /// Register requests answered 429, for tests and the curious.
+    pub throttled: AtomicU64,
 }
 
 fn setting_or_new(
@@ -175,7 +180,27 @@ impl Dps {
             enrollments: Enrollments::load(store)?,
             service_keys: (primary, secondary),
             operations: Mutex::default(),
+            throttle: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
         })
+    }
+
+    /// Test hook: the next `count` register requests are answered 429 (retry-after
+    /// [`RETRY_AFTER_S`]), as DPS answers registrations over its rate.
+    pub fn throttle_next(&self, count: u64) {
+        self.throttle.store(count, Ordering::Relaxed);
+    }
+
+    /// Whether this register request is to be throttled (and counts it).
+    fn take_throttle(&self) -> bool {
+        let taken = self
+            .throttle
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if taken {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
     }
 
     /// The `provisioningserviceowner` policy's primary key.
@@ -302,6 +327,12 @@ pub fn register(
     payload: Option<Value>,
 ) -> Result<OperationStatus, DpsError> {
     let dps = &state.dps;
+    if dps.take_throttle() {
+        return Err(DpsError::new(
+            error_code::THROTTLED,
+            "Too many registrations: retry after the time given.",
+        ));
+    }
     // The enrollment may have changed since the CONNECT: look at it again.
     let current = dps.enrollments.match_current(matched)?;
     if !current.enrollment.enabled {
