@@ -52,7 +52,8 @@ impl Kind {
 }
 
 /// One enrollment as kept. `extra` holds the fields of the request this DPS does not act on.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// `Debug` leaves the keys out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Enrollment {
     pub id: String,
     /// Individual enrollments only: the device id to create (default: the registration id).
@@ -65,6 +66,18 @@ pub struct Enrollment {
     pub created: String,
     pub updated: String,
     pub extra: Map<String, Value>,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("id", &self.id)
+            .field("device_id", &self.device_id)
+            .field("keys", &"***")
+            .field("enabled", &self.enabled)
+            .field("etag_counter", &self.etag_counter)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Enrollment {
@@ -248,12 +261,21 @@ fn check_if_match(if_match: Option<&str>, current: &Enrollment) -> Result<(), Dp
     }
 }
 
-/// An enrollment that accepted a registration's token.
-#[derive(Clone, Debug)]
+/// An enrollment that accepted a registration's token. `Debug` leaves the keys out.
+#[derive(Clone)]
 pub struct Matched {
     pub kind: Kind,
     pub enrollment: Enrollment,
     pub device_keys: (String, String),
+}
+
+impl std::fmt::Debug for Matched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matched")
+            .field("kind", &self.kind)
+            .field("enrollment", &self.enrollment)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Enrollments {
@@ -375,20 +397,23 @@ impl Enrollments {
     }
 
     /// The enrollment whose key signed `token` for `registration_id`: the individual
-    /// enrollment of that id first (DPS gives it precedence), then any enrollment group whose
-    /// derived key verifies. Disabled enrollments match too (the registration then says so).
+    /// enrollment of that id when there is one (DPS gives it precedence: the groups are then
+    /// not tried), else any enrollment group whose derived key verifies. Disabled enrollments
+    /// match too (the registration then says so).
     pub fn match_token(&self, registration_id: &str, token: &SasToken) -> Option<Matched> {
         let entries = self.read();
         let verifies = |(primary, secondary): &(String, String)| {
             token.verify_signature(primary).is_ok() || token.verify_signature(secondary).is_ok()
         };
         let individual = entries.get(&(Kind::Individual, registration_id.to_string()));
-        let candidates = individual.map(|e| (Kind::Individual, e)).into_iter().chain(
-            entries
-                .iter()
-                .filter(|((k, _), _)| *k == Kind::Group)
-                .map(|(_, e)| (Kind::Group, e)),
-        );
+        let groups = entries
+            .iter()
+            .filter(|((k, _), _)| *k == Kind::Group && individual.is_none())
+            .map(|(_, e)| (Kind::Group, e));
+        let candidates = individual
+            .map(|e| (Kind::Individual, e))
+            .into_iter()
+            .chain(groups);
         for (kind, enrollment) in candidates {
             if let Some(keys) = enrollment.device_keys(kind, registration_id) {
                 if verifies(&keys) {
@@ -529,6 +554,11 @@ mod tests {
         assert_eq!(matched.kind, Kind::Individual);
         assert_eq!(matched.device_keys.0, solo_key);
         assert!(e.match_token("dev-7", &token(solo_key, "dev-7")).is_none());
+        // An individual enrollment of the id shadows the groups.
+        let solo_derived = sas::derive_device_key(group_key, "solo").unwrap();
+        assert!(e
+            .match_token("solo", &token(&solo_derived, "solo"))
+            .is_none());
         assert!(e.match_token("dev-8", &token(&derived, "dev-8")).is_none());
     }
 }
