@@ -169,7 +169,7 @@ mod tests {
             "[provisioning]\nid_scope = \"0ne00000001\"\nregistration_id = \"dev-9\"\ngroup_key = \"{KEY}\"\n"
         ))
         .unwrap();
-        let p = config.provisioning.unwrap();
+        let p = config.provisioning.clone().unwrap();
         assert_eq!(
             (p.host.as_str(), p.port),
             ("global.azure-devices-provisioning.net", 8883)
@@ -180,6 +180,13 @@ mod tests {
         );
         assert_eq!(config.identity.host_name, UNASSIGNED_HOST);
         assert_eq!(config.identity.device_id, "dev-9");
+        let rendered = config.to_masked_toml();
+        assert!(!rendered.contains("[identity]"), "{rendered}");
+        assert!(
+            rendered.contains("[provisioning]") && rendered.contains("registration_id = \"dev-9\""),
+            "{rendered}"
+        );
+        assert!(!rendered.contains(KEY), "{rendered}");
     }
 
     #[test]
