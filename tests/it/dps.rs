@@ -674,3 +674,59 @@ async fn a_fleet_with_dps_provisions_its_slice_then_sends() {
     );
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn simdevice_run_with_only_provisioning_registers_sends_and_exits_0_on_sigterm() {
+    let hub = TestHub::start().await;
+    let group_key = sas::generate_key();
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/daemons",
+            Some(json!({"attestation": {"type": "symmetricKey",
+                "symmetricKey": {"primaryKey": group_key, "secondaryKey": group_key}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let outbox = dir.path().join("outbox.db");
+    std::fs::write(
+        &config,
+        format!(
+            "[provisioning]\nid_scope = \"{}\"\nregistration_id = \"daemon-1\"\n\
+             global_endpoint = \"localhost:{}\"\nca_file = \"{}\"\ngroup_key = \"{group_key}\"\n\
+             gateway_host_name = \"localhost:{}\"\n[telemetry]\ninterval_secs = 0.2\n\
+             [outbox]\npath = \"{}\"\n",
+            hub.hub.info().id_scope.clone().unwrap(),
+            hub.hub.dps_addr().unwrap().port(),
+            hub.hub.info().ca_file.display(),
+            hub.hub.mqtt_addr().port(),
+            outbox.display(),
+        ),
+    )
+    .unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"));
+    let mut child = crate::common::isolated(&mut command)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    telemetry_grows(&hub, "daemon-1").await;
+    assert!(std::fs::metadata(format!("{}.provisioning.json", outbox.display())).is_ok());
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the agent stops")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    hub.stop().await;
+}
