@@ -5,6 +5,7 @@
 //! ```text
 //! simdevice hub --state-dir DIR --auto-register &
 //! cargo run --release --example agent_memory -- DIR 1000
+//! cargo run --release --example agent_memory -- DIR 1000 websocket   # MQTT over WebSocket
 //! ```
 
 use std::sync::atomic::Ordering;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use simdevice::agent::{client_tls, Agent, AgentHandle};
 use simdevice::common::local_hub::HubInfo;
-use simdevice::config::{Config, Identity, Secret};
+use simdevice::config::{Config, Identity, Secret, Transport};
 use simdevice::protocol::sas::derive_device_key;
 use tokio_util::sync::CancellationToken;
 
@@ -60,6 +61,11 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let state_dir = std::path::PathBuf::from(args.next().context("usage: STATE_DIR [N]")?);
     let count: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(1000);
+    let transport = match args.next().as_deref() {
+        None | Some("mqtt") => Transport::Mqtt,
+        Some("websocket") => Transport::WebSocket,
+        Some(other) => bail!("{other}: the transport is mqtt or websocket"),
+    };
     let info = HubInfo::read(&state_dir)?;
     let group_key = info.group_key.clone().context("the hub has no group key")?;
     let tls = client_tls(Some(&info.ca_file))?;
@@ -73,11 +79,20 @@ async fn main() -> Result<()> {
             host_name: info.hostname.clone(),
             device_id: id,
             key: Secret::new(key),
-            gateway_host_name: Some(format!("{}:{}", info.hostname, info.mqtt_port)),
+            gateway_host_name: Some(format!(
+                "{}:{}",
+                info.hostname,
+                match transport {
+                    Transport::Mqtt => info.mqtt_port,
+                    Transport::WebSocket => info.ws_port,
+                }
+            )),
             ca_file: Some(info.ca_file.clone()),
+            x509: None,
         });
         // Idle: one reading at start, the next in an hour.
         config.telemetry.interval = Duration::from_secs(3600);
+        config.connection.transport = transport;
         let agent = Agent::with_tls(config, tls.clone())?;
         let handle = agent.handle();
         tasks.push(tokio::spawn(agent.run(stop.clone())));
@@ -96,7 +111,7 @@ async fn main() -> Result<()> {
     settle(&handles).await?;
     let all = rss_kib()?;
     let per = (all - one) as f64 / (count - 1) as f64;
-    println!("RSS(1) = {one} KiB, RSS({count}) = {all} KiB, per agent = {per:.1} KiB");
+    println!("{transport}: RSS(1) = {one} KiB, RSS({count}) = {all} KiB, per agent = {per:.1} KiB");
     if std::env::var_os("AGENT_MEMORY_EXIT").is_some() {
         // For a heap profiler: what is live now is reported as leaked, a snapshot of the idle
         // fleet.

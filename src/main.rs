@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
             #[cfg(feature = "archive")]
-            Command::Archive(args) => match commands::archive::run(args) {
+            Command::Archive(args) => match commands::archive::run(args).await {
                 Ok(summary) if summary.is_clean() => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),

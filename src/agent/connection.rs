@@ -34,6 +34,7 @@ use super::backoff::Backoff;
 use super::context::{Beat, Counters, HandlerContext};
 use super::mqtt::{packet_name, Wire, WireError};
 use super::outbox::Outbox;
+use super::transport::Dial;
 use crate::common::logging::error_chain;
 use crate::config::{ConnectionSettings, Identity};
 use crate::protocol::encoding::enc;
@@ -49,6 +50,8 @@ use crate::protocol::API_VERSION;
 pub const WINDOW: usize = 10;
 /// Time to wait for in-flight readings before a renewal or shutdown disconnects anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// The renewal timer of an X.509 device (which has no token): far enough never to matter.
+const NO_RENEWAL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Time DISCONNECT and the TLS close may take before the connection is simply dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(2);
 
@@ -215,27 +218,38 @@ impl Connection {
         ]
     }
 
-    /// Dials, shakes hands and sends CONNECT with a fresh token, within the connect timeout.
+    /// Dials, shakes hands and sends CONNECT with a fresh token (an X.509 device: its
+    /// certificate in the handshake, no password), within the connect timeout.
     async fn open(&self) -> Result<(Wire, bool), SessionEnd> {
+        let token = if self.identity.x509.is_some() {
+            String::new()
+        } else {
+            self.token()?
+        };
+        self.open_with(token).await
+    }
+
+    /// A SAS token for this device, valid for the configured lifetime.
+    fn token(&self) -> Result<String, SessionEnd> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let resource =
             sas::device_resource(&self.identity.host_name, &self.identity.device_id, None);
         let expiry = now + self.settings.sas_lifetime.as_secs().max(1);
-        let token = match sas::generate_token(&resource, self.identity.key.expose(), None, expiry) {
-            Ok(token) => token,
-            Err(error) => {
-                return Err(SessionEnd::Failed {
-                    reason: format!("cannot sign a token: {error}"),
-                    refused: true,
-                    was_connected: false,
-                })
+        sas::generate_token(&resource, self.identity.key.expose(), None, expiry).map_err(|error| {
+            SessionEnd::Failed {
+                reason: format!("cannot sign a token: {error}"),
+                refused: true,
+                was_connected: false,
             }
-        };
+        })
+    }
+
+    async fn open_with(&self, token: String) -> Result<(Wire, bool), SessionEnd> {
         let mut connect = rumqttc::mqttbytes::v4::Connect::new(self.identity.device_id.clone());
         connect.keep_alive = u16::try_from(self.settings.keep_alive.as_secs()).unwrap_or(u16::MAX);
         connect.clean_session = false;
         connect.set_login(username(&self.identity), token);
-        let (host, port) = self.identity.connect_address();
+        let dial = Dial::new(&self.identity, &self.settings, self.tls.clone());
         // Waiting for a turn is waiting on the other devices, not on the hub: before the
         // connect timeout starts, and no heartbeat promise broken.
         let _turn = match &self.connect_gate {
@@ -252,7 +266,7 @@ impl Connection {
         self.ctx.heartbeat().wait_until(Beat::Connection, deadline);
         let opened = tokio::select! {
             _ = self.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
-            opened = tokio::time::timeout_at(deadline, Wire::open(&host, port, self.tls.clone(), &connect)) => opened,
+            opened = tokio::time::timeout_at(deadline, Wire::open(&dial, &connect)) => opened,
         };
         match opened {
             Ok(Ok(open)) => Ok(open),
@@ -271,8 +285,13 @@ impl Connection {
             }
             Err(_) => Err(failed(
                 format!(
-                    "no CONNACK in time: {host}:{port} did not connect, shake hands and answer \
+                    "no CONNACK in time: {} ({}{}) did not connect, shake hands and answer \
                      CONNECT within {} s",
+                    dial.authority(),
+                    dial.transport,
+                    dial.proxy
+                        .map(|p| format!(" through {p}"))
+                        .unwrap_or_default(),
                     self.settings.connect_timeout.as_secs_f32()
                 ),
                 false,
@@ -311,9 +330,15 @@ impl Connection {
         self.notify(Incoming::Connected { session_present }).await;
 
         // Renew at the configured fraction of the lifetime, minus up to 5 % jitter so that a
-        // fleet started together does not reconnect together.
+        // fleet started together does not reconnect together. An X.509 device has no token:
+        // its timer is set a year out and re-armed, so it never renews.
         let fraction = self.settings.renew_at * rand::thread_rng().gen_range(0.95..=1.0);
-        let renew = tokio::time::sleep(self.settings.sas_lifetime.mul_f64(fraction));
+        let renew_after = if self.identity.x509.is_some() {
+            NO_RENEWAL
+        } else {
+            self.settings.sas_lifetime.mul_f64(fraction)
+        };
+        let renew = tokio::time::sleep(renew_after);
         let keep_alive = self.settings.keep_alive;
         let mut last_write = Instant::now();
         // When the PINGREQ that is still unanswered was sent.
@@ -369,8 +394,12 @@ impl Connection {
                     draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Shutdown));
                 }
                 _ = &mut renew, if draining.is_none() => {
-                    tracing::info!(device = %self.identity.device_id, "renewing the SAS token");
-                    draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Renew));
+                    if self.identity.x509.is_some() {
+                        renew.as_mut().reset(Instant::now() + NO_RENEWAL);
+                    } else {
+                        tracing::info!(device = %self.identity.device_id, "renewing the SAS token");
+                        draining = Some((Instant::now() + DRAIN_GRACE, SessionEnd::Renew));
+                    }
                 }
                 _ = sleep_until_opt(drain_deadline) => {
                     let (_, end) = draining.take().expect("deadline implies draining");

@@ -16,7 +16,8 @@
 //! `environment`, `connectivity`, `backoff` (plain data and pure rules); `state` (the SQLite
 //! file: rows of plain data); `outbox` (readings until acknowledged, over `state`);
 //! `door_cell` (the door's live value, saved through `state`); `context` (what a handler may
-//! touch); `mqtt` (the wire: TLS, MQTT packets with rumqttc's codec, buffers); `handlers`,
+//! touch); `transport` (the dial: TCP or a proxy's tunnel, TLS, the WebSocket upgrade);
+//! `mqtt` (the wire over it: MQTT packets with rumqttc's codec, buffers); `handlers`,
 //! `telemetry`, `connection`, `metrics`; `twin`; this module wires them.
 //! One outbox file has one owner: [`Agent::new`] takes its lock ([`AgentError::OutboxLocked`]).
 
@@ -35,6 +36,7 @@ pub mod provision;
 pub mod reading;
 pub mod state;
 pub mod telemetry;
+pub mod transport;
 pub mod twin;
 
 use std::path::{Path, PathBuf};
@@ -86,6 +88,17 @@ pub enum AgentError {
     },
     #[error("TLS set-up failed")]
     Tls(#[source] rustls::Error),
+    /// The X.509 certificate or key file cannot be read now (they were checked at load).
+    #[error("cannot read {}", path.display())]
+    X509Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key file holds no private key, or rustls refuses the pair (the key does not match
+    /// the certificate, an unsupported key type).
+    #[error(transparent)]
+    X509Pair(Box<X509PairError>),
     #[error(transparent)]
     Handlers(#[from] handlers::builtin::BuildError),
     /// Another process (or agent) holds the outbox file's lock: two agents must not share
@@ -103,14 +116,85 @@ impl AgentError {
             | AgentError::CaFilePem { .. }
             | AgentError::CaFileCertificate { .. }
             | AgentError::Handlers(_)
-            | AgentError::OutboxLocked(_) => true,
+            | AgentError::OutboxLocked(_)
+            | AgentError::X509Read { .. }
+            | AgentError::X509Pair(_) => true,
             AgentError::Tls(_) => false,
         }
     }
 }
 
+/// An X.509 device's certificate and key that rustls refuses together.
+#[derive(Debug, thiserror::Error)]
+#[error("the X.509 certificate {} and key {} cannot be used together", certificate.display(), key.display())]
+pub struct X509PairError {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    #[source]
+    pub source: rustls::Error,
+}
+
+/// Days before its certificate expires from which an X.509 device warns at start.
+pub const CERTIFICATE_WARNING_DAYS: i64 = 30;
+
+/// The TLS client configuration of `identity`: [`client_tls`], with the device's certificate
+/// and key as its client certificate when it is an X.509 device. Warns when that certificate
+/// expires within [`CERTIFICATE_WARNING_DAYS`] (an expired one was refused at load).
+pub fn client_tls_for(
+    identity: &crate::config::Identity,
+) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    let Some(x509) = &identity.x509 else {
+        return client_tls(identity.ca_file.as_deref());
+    };
+    let left = x509.not_after - chrono::Utc::now();
+    if left < chrono::Duration::days(CERTIFICATE_WARNING_DAYS) {
+        tracing::warn!(device = %identity.device_id, certificate = %x509.certificate_file.display(),
+            not_after = %x509.not_after.to_rfc3339(), days_left = left.num_days(),
+            "the device certificate expires soon; renew it");
+    }
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| AgentError::X509Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let pair_error = |source| {
+        AgentError::X509Pair(Box::new(X509PairError {
+            certificate: x509.certificate_file.clone(),
+            key: x509.private_key_file.clone(),
+            source,
+        }))
+    };
+    let cert_pem = read(&x509.certificate_file)?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| AgentError::X509Read {
+            path: x509.certificate_file.clone(),
+            source,
+        })?;
+    let key_pem = read(&x509.private_key_file)?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|source| AgentError::X509Read {
+            path: x509.private_key_file.clone(),
+            source,
+        })?
+        .ok_or_else(|| pair_error(rustls::Error::General("no private key in the file".into())))?;
+    let config = tls_builder(identity.ca_file.as_deref())?
+        .with_client_auth_cert(chain, key)
+        .map_err(pair_error)?;
+    Ok(Arc::new(config))
+}
+
 /// The TLS client configuration: the public roots plus the configured CA (a local hub's).
 pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, AgentError> {
+    Ok(Arc::new(tls_builder(ca_file)?.with_no_client_auth()))
+}
+
+/// The builder of both: trusted roots set, client authentication still to choose.
+fn tls_builder(
+    ca_file: Option<&Path>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, AgentError>
+{
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -141,9 +225,8 @@ pub fn client_tls(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, A
     ))
     .with_safe_default_protocol_versions()
     .map_err(AgentError::Tls)?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
+    .with_root_certificates(roots);
+    Ok(config)
 }
 
 /// Why the configured outbox file is not used (the agent then keeps readings in memory).
@@ -250,7 +333,7 @@ pub struct Agent {
 impl Agent {
     /// Checks what can fail before connecting: the CA file, the handlers, the outbox's lock.
     pub fn new(config: Config) -> Result<Agent, AgentError> {
-        let tls = client_tls(config.identity.ca_file.as_deref())?;
+        let tls = client_tls_for(&config.identity)?;
         Self::with_tls(config, tls)
     }
 

@@ -1,10 +1,12 @@
-//! The agent's MQTT 3.1.1 wire: one TLS connection to the hub and the packets on it, encoded
+//! The agent's MQTT 3.1.1 wire: one connection to the hub and the packets on it, encoded
 //! and decoded with rumqttc's codec (`rumqttc::mqttbytes::v4`), as the hub's side does.
 //!
-//! [`Wire::open`] dials (TCP_NODELAY), shakes hands (TLS, with the host as SNI), sends CONNECT
-//! and reads the CONNACK; [`Wire::next_packet`] reads one packet; [`Wire::send`] encodes one
-//! into the outgoing buffer and [`Wire::flush`] writes it. It keeps no MQTT state (packet ids,
-//! subscriptions, keep-alive): `connection` does. It touches nothing but its socket.
+//! [`Wire::open`] has `transport` dial (TCP or a proxy's tunnel, TLS with the host as SNI, and
+//! for WebSocket the upgrade), sends CONNECT and reads the CONNACK; [`Wire::next_packet`]
+//! reads one packet; [`Wire::send`] encodes one into the outgoing buffer and [`Wire::flush`]
+//! writes it. The bytes are the same over TLS and over WebSocket: it does not know which. It
+//! keeps no MQTT state (packet ids, subscriptions, keep-alive): `connection` does. It touches
+//! nothing but its stream.
 //!
 //! Memory, since a fleet holds thousands of these: nothing is sized in advance, and an idle
 //! connection holds only the [`READ_CHUNK`] bytes its pending read waits with. The read buffer
@@ -19,16 +21,13 @@
 //! send buffer holds a record only until it is written. Nothing here keeps those larger.
 
 use std::io;
-use std::sync::Arc;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::Error as CodecError;
-use rustls::pki_types::{InvalidDnsNameError, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+
+use super::transport::{Dial, DialError, Stream};
 
 /// Largest packet either way: a 256 KB message plus room for topic and headers.
 pub const MAX_PACKET: usize = 256 * 1024 + 8 * 1024;
@@ -41,25 +40,9 @@ const BUFFER_KEEP: usize = 4 * 1024;
 /// Why the wire failed. Never carries the token.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("cannot connect to {host}:{port}")]
-    Connect {
-        host: String,
-        port: u16,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{host} is not a valid TLS server name")]
-    ServerName {
-        host: String,
-        #[source]
-        source: InvalidDnsNameError,
-    },
-    #[error("TLS handshake with {host} failed")]
-    Handshake {
-        host: String,
-        #[source]
-        source: io::Error,
-    },
+    /// A step before MQTT: TCP, the proxy, TLS, the WebSocket upgrade.
+    #[error(transparent)]
+    Dial(#[from] DialError),
     #[error("CONNACK refused the connection ({0:?})")]
     Refused(ConnectReturnCode),
     #[error("the hub answered CONNECT with {0} instead of CONNACK")]
@@ -78,43 +61,19 @@ pub enum WireError {
     Encode(#[source] CodecError),
 }
 
-/// One open MQTT connection over TLS.
+/// One open MQTT connection (over TLS, or WebSocket over TLS).
 pub struct Wire {
-    stream: TlsStream<TcpStream>,
+    stream: Stream,
     inbuf: BytesMut,
     out: BytesMut,
 }
 
 impl Wire {
-    /// Dials `host:port`, shakes hands with `host` as the server name, sends `connect` and
-    /// waits for the CONNACK: the connection, and whether the hub kept a session. A CONNACK
-    /// that refuses is [`WireError::Refused`]. No deadline of its own: the caller bounds it.
-    pub async fn open(
-        host: &str,
-        port: u16,
-        tls: Arc<rustls::ClientConfig>,
-        connect: &Connect,
-    ) -> Result<(Wire, bool), WireError> {
-        let server_name =
-            ServerName::try_from(host.to_string()).map_err(|source| WireError::ServerName {
-                host: host.to_string(),
-                source,
-            })?;
-        let tcp = TcpStream::connect((host, port))
-            .await
-            .and_then(|tcp| tcp.set_nodelay(true).map(|()| tcp))
-            .map_err(|source| WireError::Connect {
-                host: host.to_string(),
-                port,
-                source,
-            })?;
-        let stream = TlsConnector::from(tls)
-            .connect(server_name, tcp)
-            .await
-            .map_err(|source| WireError::Handshake {
-                host: host.to_string(),
-                source,
-            })?;
+    /// Dials as `dial` says, sends `connect` and waits for the CONNACK: the connection, and
+    /// whether the hub kept a session. A CONNACK that refuses is [`WireError::Refused`]. No
+    /// deadline of its own: the caller bounds it.
+    pub async fn open(dial: &Dial<'_>, connect: &Connect) -> Result<(Wire, bool), WireError> {
+        let stream = dial.open().await?;
         let mut wire = Wire {
             stream,
             inbuf: BytesMut::new(),
@@ -175,7 +134,8 @@ impl Wire {
         Ok(())
     }
 
-    /// Sends DISCONNECT and closes the TLS session (close_notify, then FIN).
+    /// Sends DISCONNECT and closes the stream (a WebSocket close frame; TLS close_notify, then
+    /// FIN).
     pub async fn disconnect(&mut self) -> Result<(), WireError> {
         self.send(&Packet::Disconnect)?;
         self.flush().await?;

@@ -143,7 +143,15 @@ async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, Provisi
     connect.keep_alive = 60;
     connect.clean_session = true;
     connect.set_login(dps::username(&r.id_scope, &r.registration_id), token);
-    let (mut wire, _) = match Wire::open(&r.host, r.port, r.tls.clone(), &connect).await {
+    // DPS over MQTT/TLS only: no WebSocket transport or proxy for it yet.
+    let dial = crate::agent::transport::Dial {
+        host: r.host.clone(),
+        port: r.port,
+        transport: crate::config::Transport::Mqtt,
+        proxy: None,
+        tls: r.tls.clone(),
+    };
+    let (mut wire, _) = match Wire::open(&dial, &connect).await {
         Ok(open) => open,
         Err(WireError::Refused(
             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,

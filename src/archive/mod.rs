@@ -1,22 +1,24 @@
-//! The archive reader behind `simdevice archive to-csv`: a directory of telemetry capture
-//! files (Event Hubs Capture or IoT Hub routing to storage, Avro, codec null or deflate) into
-//! one CSV file per device.
+//! The archive reader behind `simdevice archive to-csv`: telemetry capture files (Event Hubs
+//! Capture or IoT Hub routing to storage, Avro, codec null or deflate), in a directory or a Blob
+//! Storage container, into one CSV file per device.
 //!
-//! Every `*.avro` file under SOURCE, in time order; empty files (Capture writes them for empty
-//! windows) skipped; each record's Body parsed as a JSON object and grouped by its `id` field
-//! (or by the device id of the system properties); each group appended to `OUT/<key>.csv`
-//! (rooms: [`read`] the Avro side, [`csv`] the CSV side). A bad file or record is reported
-//! (file, record index, reason) and skipped, and the run goes on; [`Summary`] counts them.
-//! With `delete`, a source file is removed once its rows are on disk.
+//! Every archive file under SOURCE (`*.avro`, and routing's extensionless names), in time
+//! order; empty files (Capture writes them for empty windows) skipped; each record's Body
+//! parsed as a JSON object and grouped by its `id` field (or by the device id of the system
+//! properties); each group appended to `OUT/<key>.csv` (rooms: [`source`] where the files are,
+//! [`read`] the Avro side, [`csv`] the CSV side). A bad file or record is reported (file,
+//! record index, reason) and skipped, and the run goes on; [`Summary`] counts them. With
+//! `delete`, a source file is removed once its rows are on disk.
 //!
-//! Uses `protocol` and `common` at most (today `common`'s error chain); never the hub, whose capture writes
-//! these files: the two meet only in the documented file formats.
+//! Uses `protocol` and `common` at most (the error chain, `common::blob`); never the hub, whose
+//! capture writes these files: the two meet only in the documented file formats.
 
 pub mod csv;
 pub mod read;
+pub mod source;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::{Map, Value};
 use tracing::warn;
@@ -24,7 +26,8 @@ use tracing::warn;
 use crate::common::logging::error_chain;
 
 use self::csv::{column_order, CsvError, CsvFile};
-use self::read::ArchiveFile;
+use self::read::{ArchiveFile, OpenError};
+use self::source::Source;
 
 /// How readings are grouped into files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +40,7 @@ pub enum GroupBy {
 
 #[derive(Debug, Clone)]
 pub struct ToCsv {
-    /// A local directory, or (refused for now) a Blob Storage container.
+    /// A local directory, or a Blob Storage container (`common::blob`).
     pub source: String,
     pub out: PathBuf,
     pub delete: bool,
@@ -66,11 +69,9 @@ impl Summary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error(
-        "{url}: Blob Storage is not built yet: give a local directory (for example one \
-         synchronised with `azcopy sync`)"
-    )]
-    BlobStorageNotBuilt { url: String },
+    /// A container named in a way that cannot be used (no connection string, no SAS...).
+    #[error("source")]
+    Container(#[source] crate::common::blob::BlobError),
     #[error("source {}", path.display())]
     Source {
         path: PathBuf,
@@ -85,6 +86,12 @@ pub enum ArchiveError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot list the container {container}")]
+    List {
+        container: String,
+        #[source]
+        source: object_store::Error,
+    },
     #[error("cannot create the output directory {}", path.display())]
     OutDir {
         path: PathBuf,
@@ -93,11 +100,11 @@ pub enum ArchiveError {
     },
     #[error("cannot write the CSV file")]
     Csv(#[source] CsvError),
-    #[error("cannot delete {} (its rows are written)", path.display())]
+    #[error("cannot delete {name} (its rows are written)")]
     Delete {
-        path: PathBuf,
+        name: String,
         #[source]
-        source: std::io::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -106,7 +113,7 @@ impl ArchiveError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            ArchiveError::BlobStorageNotBuilt { .. }
+            ArchiveError::Container(_)
                 | ArchiveError::Source { .. }
                 | ArchiveError::NotADirectory { .. }
         )
@@ -114,115 +121,43 @@ impl ArchiveError {
 }
 
 /// Converts the archive at `options.source` into CSV files under `options.out`.
-pub fn to_csv(options: &ToCsv) -> Result<Summary, ArchiveError> {
-    let source = local_source(&options.source)?;
-    let files = avro_files(&source)?;
+pub async fn to_csv(options: &ToCsv) -> Result<Summary, ArchiveError> {
+    let source = Source::parse(&options.source)?;
+    let files = source.list().await?;
     std::fs::create_dir_all(&options.out).map_err(|source| ArchiveError::OutDir {
         path: options.out.clone(),
         source,
     })?;
     let mut summary = Summary::default();
-    for path in files {
-        let len = std::fs::metadata(&path)
-            .map_err(|source| ArchiveError::Walk {
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        let read_to_end = if len == 0 {
+    for entry in files {
+        let read_to_end = if entry.size == 0 {
             summary.empty_files += 1;
             true
         } else {
-            convert_file(&path, options, &mut summary)?
+            let file = source.open(&entry).await;
+            convert_file(&entry.name, file, options, &mut summary)?
         };
         // A file that could not be read to its end is kept, whatever `delete` says: what
         // could not be read is still in it.
         if options.delete && read_to_end {
-            std::fs::remove_file(&path).map_err(|source| ArchiveError::Delete {
-                path: path.clone(),
-                source,
-            })?;
+            source.delete(&entry).await?;
             summary.files_deleted += 1;
         }
     }
     Ok(summary)
 }
 
-/// The local directory `source` names; a Blob Storage container is refused for now.
-fn local_source(source: &str) -> Result<PathBuf, ArchiveError> {
-    let lower = source.to_ascii_lowercase();
-    if ["azure://", "https://", "http://"]
-        .iter()
-        .any(|scheme| lower.starts_with(scheme))
-    {
-        // The URL may carry a SAS: only its part before `?` is named.
-        let url = source.split('?').next().unwrap_or(source).to_owned();
-        return Err(ArchiveError::BlobStorageNotBuilt { url });
-    }
-    let path = PathBuf::from(source);
-    let metadata = std::fs::metadata(&path).map_err(|error| ArchiveError::Source {
-        path: path.clone(),
-        source: error,
-    })?;
-    if !metadata.is_dir() {
-        return Err(ArchiveError::NotADirectory { path });
-    }
-    Ok(path)
-}
-
-/// Every `*.avro` file under `root`, in time order ([`time_key`]).
-fn avro_files(root: &Path) -> Result<Vec<PathBuf>, ArchiveError> {
-    let mut found = Vec::new();
-    let mut dirs = vec![root.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        let walk = |source| ArchiveError::Walk {
-            path: dir.clone(),
-            source,
-        };
-        for entry in std::fs::read_dir(&dir).map_err(walk)? {
-            let entry = entry.map_err(walk)?;
-            let kind = entry.file_type().map_err(walk)?;
-            let path = entry.path();
-            if kind.is_dir() {
-                dirs.push(path);
-            } else if kind.is_file() && path.extension().is_some_and(|e| e == "avro") {
-                let relative = path.strip_prefix(root).unwrap_or(&path).to_owned();
-                found.push((time_key(&relative), path));
-            }
-        }
-    }
-    found.sort();
-    Ok(found.into_iter().map(|(_, path)| path).collect())
-}
-
-/// The sort key of a file: its time, then its path. Both layouts end in zero-padded time
-/// tokens (`{YYYY}/{MM}/{DD}/{HH}/{mm}[/{ss}].avro`) after a partition id, so the time is the
-/// trailing run of all-digit path components from the first four-digit one (the year). Plain
-/// path order would read partition 0 whole before partition 1; files without such a run sort
-/// by path alone, after none and before none in particular (an empty time).
-fn time_key(relative: &Path) -> (Vec<String>, PathBuf) {
-    let parts: Vec<String> = relative
-        .iter()
-        .map(|part| {
-            let part = part.to_string_lossy();
-            part.strip_suffix(".avro").unwrap_or(&part).to_owned()
-        })
-        .collect();
-    let digits = |p: &String| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-    let run_start = parts.iter().rposition(|p| !digits(p)).map_or(0, |i| i + 1);
-    let time = match parts[run_start..].iter().position(|p| p.len() == 4) {
-        Some(year) => parts[run_start + year..].to_vec(),
-        None => Vec::new(),
-    };
-    (time, relative.to_owned())
-}
-
 /// Reads one file and appends its rows; returns whether it was read to its end.
-fn convert_file(path: &Path, options: &ToCsv, summary: &mut Summary) -> Result<bool, ArchiveError> {
-    let file = match ArchiveFile::open(path) {
+fn convert_file(
+    name: &str,
+    file: Result<ArchiveFile, OpenError>,
+    options: &ToCsv,
+    summary: &mut Summary,
+) -> Result<bool, ArchiveError> {
+    let file = match file {
         Ok(file) => file,
         Err(error) => {
-            warn!(file = %path.display(), reason = %error_chain(&error), "file skipped");
+            warn!(file = %name, reason = %error_chain(&error), "file skipped");
             summary.bad_files += 1;
             return Ok(false);
         }
@@ -233,7 +168,7 @@ fn convert_file(path: &Path, options: &ToCsv, summary: &mut Summary) -> Result<b
     let mut groups: BTreeMap<String, Vec<Map<String, Value>>> = BTreeMap::new();
     for (index, record) in file.enumerate() {
         let skip = |reason: &dyn std::fmt::Display| {
-            warn!(file = %path.display(), record = index, reason = %reason, "record skipped");
+            warn!(file = %name, record = index, reason = %reason, "record skipped");
         };
         let record = match record {
             Ok(record) => record,
@@ -270,8 +205,8 @@ fn convert_file(path: &Path, options: &ToCsv, summary: &mut Summary) -> Result<b
         }
     }
     for (key, readings) in groups {
-        let name = file_name(&key).expect("checked when grouped");
-        let csv_path = options.out.join(name);
+        let csv_name = file_name(&key).expect("checked when grouped");
+        let csv_path = options.out.join(csv_name);
         let columns = column_order(readings.iter().flat_map(|r| r.keys().map(String::as_str)));
         let mut csv = CsvFile::open(&csv_path, &columns).map_err(ArchiveError::Csv)?;
         for reading in &readings {
@@ -279,7 +214,7 @@ fn convert_file(path: &Path, options: &ToCsv, summary: &mut Summary) -> Result<b
             summary.rows_written += 1;
             if !dropped.is_empty() {
                 warn!(
-                    file = %path.display(),
+                    file = %name,
                     csv = %csv_path.display(),
                     columns = %dropped.join(","),
                     "values dropped: the CSV file's header has no such column"
@@ -367,27 +302,6 @@ mod tests {
     }
 
     #[test]
-    fn time_key_orders_partitions_by_time() {
-        let mut paths = vec![
-            "ns/hub/1/2024/01/01/00/05/00.avro",
-            "ns/hub/0/2024/01/01/00/10/00.avro",
-            "ns/hub/0/2024/01/01/00/00/00.avro",
-            "hub/3/2024/01/01/00/07.avro",
-        ];
-        paths.sort_by_key(|p| time_key(Path::new(p)));
-        assert_eq!(
-            paths,
-            [
-                "ns/hub/0/2024/01/01/00/00/00.avro",
-                "ns/hub/1/2024/01/01/00/05/00.avro",
-                "hub/3/2024/01/01/00/07.avro",
-                "ns/hub/0/2024/01/01/00/10/00.avro",
-            ]
-        );
-        assert_eq!(time_key(Path::new("x/y.avro")).0, Vec::<String>::new());
-    }
-
-    #[test]
     fn readings_and_keys() {
         assert_eq!(reading(None), Err(Skip::NullBody));
         assert!(matches!(reading(Some(b"not json")), Err(Skip::NotJson(_))));
@@ -401,16 +315,16 @@ mod tests {
     }
 
     #[test]
-    fn blob_storage_sources_are_refused_as_config() {
+    fn bad_sources_are_config_errors_that_keep_the_sas_out() {
         for source in [
-            "azure://capture",
-            "https://acct.blob.core.windows.net/c?sv=secret",
+            "azure://Bad_Container",
+            "https://acct.blob.core.windows.net/c",
+            "http://acct.blob.core.windows.net/c?sv=secret",
+            "/nonexistent/archive",
         ] {
-            let error = local_source(source).expect_err("refused");
-            assert!(error.is_config());
-            assert!(!error.to_string().contains("secret"), "{error}");
+            let error = Source::parse(source).err().expect("refused");
+            assert!(error.is_config(), "{source}");
+            assert!(!error_chain(&error).contains("secret"), "{error}");
         }
-        let missing = local_source("/nonexistent/archive").expect_err("missing");
-        assert!(missing.is_config());
     }
 }

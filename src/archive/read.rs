@@ -9,12 +9,11 @@
 //!   device id is `connectionDeviceId`. Its `Body` is read as plain `bytes` or as the union
 //!   `["null","bytes"]`, whichever the file declares.
 //!
-//! Both codecs (`null`, `deflate`) are apache-avro's. Nothing here knows about JSON, CSV or
-//! directories: it yields each record's device id and body bytes, or why it could not.
+//! Both codecs (`null`, `deflate`) are apache-avro's. Nothing here knows about JSON, CSV,
+//! directories or containers: it reads bytes (`source` finds them) and yields each record's
+//! device id and body bytes, or why it could not.
 
-use std::fs::File;
-use std::io::BufReader;
-use std::path::Path;
+use std::io::Read;
 
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
@@ -55,6 +54,8 @@ impl Format {
 pub enum OpenError {
     #[error("cannot open the file")]
     Io(#[source] std::io::Error),
+    #[error("cannot fetch the blob")]
+    Blob(#[source] object_store::Error),
     /// Wrong magic, a broken header, an unknown codec.
     #[error("not an Avro object container file")]
     NotAvro(#[source] Box<apache_avro::Error>),
@@ -96,7 +97,7 @@ pub struct Record {
 /// An open archive file, an iterator of its records in file order.
 pub struct ArchiveFile {
     format: Format,
-    reader: Reader<'static, BufReader<File>>,
+    reader: Reader<'static, Box<dyn Read + Send>>,
 }
 
 impl std::fmt::Debug for ArchiveFile {
@@ -108,11 +109,15 @@ impl std::fmt::Debug for ArchiveFile {
 }
 
 impl ArchiveFile {
-    /// Opens `path` and reads its header (magic, schema, codec, sync marker).
-    pub fn open(path: &Path) -> Result<ArchiveFile, OpenError> {
-        let file = File::open(path).map_err(OpenError::Io)?;
-        let reader = Reader::new(BufReader::new(file))
-            .map_err(|source| OpenError::NotAvro(Box::new(source)))?;
+    /// Opens the file at `path` (see [`ArchiveFile::from_reader`]).
+    pub fn open(path: &std::path::Path) -> Result<ArchiveFile, OpenError> {
+        let file = std::fs::File::open(path).map_err(OpenError::Io)?;
+        ArchiveFile::from_reader(Box::new(std::io::BufReader::new(file)))
+    }
+
+    /// Reads the header (magic, schema, codec, sync marker) of the file `bytes` reads.
+    pub fn from_reader(bytes: Box<dyn Read + Send>) -> Result<ArchiveFile, OpenError> {
+        let reader = Reader::new(bytes).map_err(|source| OpenError::NotAvro(Box::new(source)))?;
         let format = Format::from_schema(reader.writer_schema()).ok_or_else(|| {
             OpenError::UnknownSchema {
                 name: schema_name(reader.writer_schema()),

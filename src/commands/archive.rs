@@ -16,8 +16,12 @@ pub struct ArchiveArgs {
 pub enum ArchiveCommand {
     /// Append every reading of an archive to OUT/<id>.csv, one file per device.
     #[command(after_help = "\
-Every *.avro file under SOURCE (Event Hubs Capture or IoT Hub routing to storage, codec null or
-deflate) is read in time order; empty files are skipped. Each record's Body is parsed as a JSON
+Every archive file under SOURCE (Event Hubs Capture's *.avro, or IoT Hub routing to storage's
+names without an extension; codec null or deflate) is read in time order; empty files are
+skipped. SOURCE is a directory, or a Blob Storage container: `azure://CONTAINER[/PREFIX]` with
+the account's connection string in AZURE_STORAGE_CONNECTION_STRING (`UseDevelopmentStorage=true`
+for Azurite), or `https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?SAS` (a SAS with read
+and list permissions, and delete for --delete). Each record's Body is parsed as a JSON
 object and appended to OUT/<key>.csv, the key being its `id` field (or, with --by device, the
 device id of its system properties). Characters of the key other than letters, digits, `_` and
 `-` are written %XX in the file name (so `a/b` is `a%2Fb.csv`).
@@ -31,15 +35,15 @@ reported with its file, record index and reason, and skipped; the run goes on. W
 file is removed once its rows are on disk; a file that could not be read to its end is kept.
 
 Exit status: 0 when everything was converted; 1 when something was skipped or dropped (see the
-warnings), or writing failed; 78 when SOURCE is missing, not a directory, or a Blob Storage
-container (not built yet).")]
+warnings), or writing failed; 78 when SOURCE is missing, not a directory, or a container named
+in a way that cannot be used (no connection string, no SAS, a bad container name).")]
     ToCsv(ToCsvArgs),
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ToCsvArgs {
-    /// The archive: a local directory (Blob Storage containers, `azure://CONTAINER` or an
-    /// `https://` URL with a SAS, are not built yet).
+    /// The archive: a directory; `azure://CONTAINER[/PREFIX]` (the account from
+    /// AZURE_STORAGE_CONNECTION_STRING); or `https://ACCOUNT.blob.core.windows.net/CONTAINER?SAS`.
     pub source: String,
     /// Where the CSV files go (created when missing).
     #[arg(long, value_name = "DIR")]
@@ -59,7 +63,7 @@ pub enum By {
 }
 
 /// Runs the verb; the summary is on stderr, and `main` maps [`Summary::is_clean`] to 0 or 1.
-pub fn run(args: ArchiveArgs) -> Result<Summary, ArchiveError> {
+pub async fn run(args: ArchiveArgs) -> Result<Summary, ArchiveError> {
     match args.command {
         ArchiveCommand::ToCsv(args) => {
             let options = ToCsv {
@@ -71,7 +75,7 @@ pub fn run(args: ArchiveArgs) -> Result<Summary, ArchiveError> {
                     By::Device => GroupBy::Device,
                 },
             };
-            let summary = archive::to_csv(&options)?;
+            let summary = archive::to_csv(&options).await?;
             eprintln!("{}", summary_line(&summary, options.delete));
             Ok(summary)
         }

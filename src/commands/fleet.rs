@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::common::exposition::MetricsError;
 use crate::common::local_hub::{default_state_dir, HubInfo, HubInfoError};
 use crate::common::template::{Template, TemplateError};
+use crate::config::{ConfigError, Proxy, ProxyUrlError, Transport};
 use crate::fleet::devices::{self, DevicesError, FleetDevice};
 use crate::fleet::metrics::FleetMetrics;
 use crate::fleet::progress::Progress;
@@ -131,6 +132,18 @@ pub struct FleetRunArgs {
     /// Serve the fleet's /metrics and /healthz on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// How the devices reach the hub: `mqtt` (MQTT over TLS, port 8883) or `websocket` (MQTT
+    /// over WebSocket, port 443 unless the gateway names one; with --local, the hub's ws_port).
+    #[arg(long, default_value = "mqtt", value_parser = parse_transport)]
+    pub transport: Transport,
+    /// An HTTP proxy to tunnel every connection through with CONNECT, http://[user:password@]host:port
+    /// [default: $HTTPS_PROXY (or $https_proxy) unless $NO_PROXY lists the hub's host]
+    #[arg(long)]
+    pub proxy: Option<String>,
+}
+
+fn parse_transport(text: &str) -> Result<Transport, String> {
+    Transport::parse(text).ok_or_else(|| format!("{text:?} is not mqtt or websocket"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +168,11 @@ pub enum FleetCommandError {
     },
     #[error("--messages must be at least 1")]
     ZeroMessages,
+    #[error("--proxy is not a usable proxy URL")]
+    Proxy(#[source] ProxyUrlError),
+    /// HTTPS_PROXY (or https_proxy) holds no usable proxy URL.
+    #[error(transparent)]
+    ProxyEnv(ConfigError),
     #[error(transparent)]
     Template(#[from] TemplateError),
     #[error(transparent)]
@@ -298,6 +316,21 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         Some(id_scope) => provision_slice(&args, id_scope, devices, ca_file.as_deref()).await?,
         None => devices,
     };
+    let proxy = match &args.proxy {
+        Some(url) => Some(Proxy::parse(url).map_err(FleetCommandError::Proxy)?),
+        // The environment's, as `simdevice run` takes it; NO_PROXY checked against the
+        // first device's host (a fleet's devices share one hub).
+        None => match devices.first() {
+            Some(device) => {
+                let env: Vec<(String, String)> = std::env::vars_os()
+                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                    .collect();
+                let (host, _) = device.identity(None).dial_address(args.transport);
+                Proxy::from_env(&env, &host).map_err(FleetCommandError::ProxyEnv)?
+            }
+            None => None,
+        },
+    };
     let template = args
         .template
         .as_deref()
@@ -314,6 +347,8 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         connect_rate: (args.connect_rate > 0.0).then_some(args.connect_rate),
         seed,
         template,
+        transport: args.transport,
+        proxy,
     })?;
     tracing::info!(
         shard = %format!("{}/{}", shard.index(), shard.count()),
@@ -415,7 +450,11 @@ fn select_devices(
         let Some(group_key) = info.group_key.clone() else {
             return Err(FleetCommandError::NoGroupKey { state_dir });
         };
-        let gateway = format!("{}:{}", info.hostname, info.mqtt_port);
+        let port = match args.transport {
+            Transport::WebSocket if info.ws_port != 0 => info.ws_port,
+            _ => info.mqtt_port,
+        };
+        let gateway = format!("{}:{}", info.hostname, port);
         (
             info.hostname,
             Some(gateway),

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use crate::common::local_hub::default_state_dir;
 
+use crate::common::blob::{self, Location};
 use crate::common::exposition::MetricsError;
 use crate::common::sdnotify::Daemon;
-use crate::hub::capture::CaptureSettings;
+use crate::hub::capture::{CaptureSettings, Destination, Encoding, Format};
 use crate::hub::error::IotHubError;
 use crate::hub::registry::DeviceSpec;
 use crate::hub::{Hub, HubConfig, HubError};
@@ -28,13 +29,17 @@ pub struct HubArgs {
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
     /// Port for the local Device Provisioning Service's device endpoint, MQTT over TLS (0 picks
-    /// a free port, reported in hub.json as dps_port) [default: 8884, or a free port when
-    /// --mqtt-port is 0]
-    #[arg(long)]
+    /// a free port; reported in hub.json as dps_port) [default: 8884, or a free port when 8884
+    /// cannot be had]
+    #[arg(long, env = "SIMDEVICE_HUB_DPS_PORT")]
     pub dps_port: Option<u16>,
     /// The DPS id scope [default: one made at first start and kept in the state].
     #[arg(long)]
     pub id_scope: Option<String>,
+    /// Port for device MQTT over WebSocket (TLS, path /$iothub/websocket; 0 picks a free port)
+    /// [default: 443; when 443 cannot be bound, a free port, with a warning]
+    #[arg(long, env = "SIMDEVICE_HUB_WS_PORT")]
+    pub ws_port: Option<u16>,
     /// Extra host name for the server certificate (repeatable).
     #[arg(long = "hostname")]
     pub hostnames: Vec<String>,
@@ -54,10 +59,13 @@ pub struct HubArgs {
     /// Register this device at start-up if it does not exist yet (repeatable).
     #[arg(long = "device")]
     pub devices: Vec<String>,
-    /// Archive every accepted telemetry message into Avro files in this directory, as Azure's
-    /// Event Hubs Capture (or IoT Hub routing to storage) writes them [default: off]. Blob
-    /// Storage destinations (azure://CONTAINER, https://) are not built yet.
-    #[arg(long, value_name = "DIR", env = "SIMDEVICE_HUB_CAPTURE")]
+    /// Archive every accepted telemetry message into Avro files, as Azure's Event Hubs Capture
+    /// (or IoT Hub routing to storage) writes them [default: off]. DEST is a directory;
+    /// `azure://CONTAINER[/PREFIX]` with the storage account's connection string in
+    /// AZURE_STORAGE_CONNECTION_STRING (`UseDevelopmentStorage=true` for Azurite); or
+    /// `https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX]?SAS` (a SAS that may create
+    /// blobs; `http://` only for a loopback emulator).
+    #[arg(long, value_name = "DEST", env = "SIMDEVICE_HUB_CAPTURE")]
     pub capture: Option<String>,
     /// With --capture: the file format, `eventhubs` (Event Hubs Capture's EventData) or
     /// `iothub` (IoT Hub routing's Message).
@@ -76,6 +84,15 @@ pub struct HubArgs {
         env = "SIMDEVICE_HUB_CAPTURE_CODEC"
     )]
     pub capture_codec: crate::hub::capture::Codec,
+    /// With --capture-format iothub: routing's encoding, `avro` or `json` (one JSON object a
+    /// line; --capture-codec does not apply). Event Hubs Capture writes Avro only.
+    #[arg(
+        long,
+        default_value = "avro",
+        requires = "capture",
+        env = "SIMDEVICE_HUB_CAPTURE_ENCODING"
+    )]
+    pub capture_encoding: crate::hub::capture::Encoding,
     /// With --capture: a window closes after this many seconds (Azure allows 60..900; shorter
     /// is for tests), or at --capture-window-bytes, whichever comes first.
     #[arg(long, default_value_t = crate::hub::capture::DEFAULT_WINDOW_SECS, requires = "capture",
@@ -92,6 +109,43 @@ pub struct HubArgs {
     /// 127.0.0.1:9101 [default: off]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Port of the Event Hubs-compatible endpoint, AMQP over TLS [default: 5671, or a free port
+    /// when 5671 cannot be had] (0 picks a free port).
+    #[arg(long, value_name = "PORT", env = "SIMDEVICE_HUB_AMQP_PORT")]
+    pub amqp_port: Option<u16>,
+    /// Port of plain AMQP for clients in emulator mode (`UseDevelopmentEmulator=true`)
+    /// [default: 5672, or a free port when 5672 cannot be had] (0 picks a free port). Keys and
+    /// tokens cross it in clear, so it listens on loopback.
+    #[arg(
+        long,
+        value_name = "PORT",
+        conflicts_with = "no_amqp_plain",
+        env = "SIMDEVICE_HUB_AMQP_PLAIN_PORT"
+    )]
+    pub amqp_plain_port: Option<u16>,
+    /// Address of the plain AMQP port, to widen it past loopback deliberately.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub amqp_plain_bind: IpAddr,
+    /// No plain AMQP port at all.
+    #[arg(long)]
+    pub no_amqp_plain: bool,
+    /// A consumer group of the event hub besides $Default (repeatable).
+    #[arg(long = "consumer-group", value_name = "NAME")]
+    pub consumer_groups: Vec<String>,
+    /// Partitions of the event hub; fixed once the state has events.
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+    /// Events are kept this many seconds (default one day).
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_RETENTION.as_secs())]
+    pub retention_secs: u64,
+    /// At most this many events are kept per partition (the store's memory bound).
+    #[arg(long, default_value_t = crate::hub::events::DEFAULT_MAX_COUNT)]
+    pub retention_count: usize,
+    /// Trust this CA certificate (PEM) for X.509 devices registered as `certificateAuthority`,
+    /// for this run (repeatable). CAs added with `simdevice service certificate add` or
+    /// `create-ca` are kept in the state instead.
+    #[arg(long = "x509-ca", value_name = "FILE")]
+    pub x509_cas: Vec<std::path::PathBuf>,
 }
 
 /// Why `simdevice hub` could not run. `main` prints it with its source chain and exits 78 when
@@ -111,6 +165,9 @@ pub enum HubCommandError {
     /// `--capture` names a destination this build cannot write to.
     #[error("--capture {dest}: {reason}")]
     CaptureDest { dest: String, reason: &'static str },
+    /// `--capture` names a container that cannot be used as given.
+    #[error("--capture")]
+    CaptureContainer(#[source] blob::BlobError),
 }
 
 impl HubCommandError {
@@ -120,7 +177,9 @@ impl HubCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             HubCommandError::Hub(error) => error.is_config(),
-            HubCommandError::Device { .. } | HubCommandError::CaptureDest { .. } => true,
+            HubCommandError::Device { .. }
+            | HubCommandError::CaptureDest { .. }
+            | HubCommandError::CaptureContainer(_) => true,
             HubCommandError::Metrics(MetricsError::Bind { source, .. }) => matches!(
                 source.kind(),
                 std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::PermissionDenied
@@ -129,47 +188,49 @@ impl HubCommandError {
     }
 }
 
-/// `--capture` and its options as the hub's settings; Blob Storage destinations are refused.
+/// `--capture` and its options as the hub's settings: a directory, or a Blob Storage container
+/// (`azure://` with `AZURE_STORAGE_CONNECTION_STRING`, or an `https://` URL with a SAS).
 fn capture_settings(args: &HubArgs) -> Result<Option<CaptureSettings>, HubCommandError> {
     let Some(dest) = &args.capture else {
         return Ok(None);
     };
     let refuse = |reason| HubCommandError::CaptureDest {
-        dest: dest.clone(),
+        dest: blob::redacted(dest),
         reason,
     };
-    if dest.starts_with("azure://") || dest.starts_with("https://") {
-        return Err(refuse(
-            "capture to Azure Blob Storage is not built yet; give a directory",
-        ));
-    }
-    if dest.contains("://") {
-        return Err(refuse(
-            "not a directory, and not a destination this hub knows",
-        ));
-    }
     if dest.is_empty() {
         return Err(refuse("an empty path"));
     }
+    if dest.contains("://") && !blob::is_container(dest) {
+        return Err(refuse(
+            "not a directory, and not a destination this hub knows (azure://, https://)",
+        ));
+    }
+    let env = std::env::var(blob::CONNECTION_STRING_ENV).ok();
+    let destination = match blob::parse(dest, env.as_deref()) {
+        Ok(Location::Directory(dir)) => Destination::Directory(dir),
+        Ok(Location::Container(container)) => Destination::Container(container),
+        Err(error) => return Err(HubCommandError::CaptureContainer(error)),
+    };
+    if args.capture_encoding == Encoding::Json && args.capture_format != Format::IotHub {
+        return Err(refuse(
+            "--capture-encoding json is IoT Hub routing's; Event Hubs Capture (eventhubs) writes Avro only: add --capture-format iothub",
+        ));
+    }
     Ok(Some(CaptureSettings {
-        dir: PathBuf::from(dest),
+        destination,
         format: args.capture_format,
         codec: args.capture_codec,
+        encoding: args.capture_encoding,
         window: std::time::Duration::from_secs(args.capture_window_secs),
         window_bytes: args.capture_window_bytes,
         skip_empty: args.capture_skip_empty,
     }))
 }
 
-/// `--dps-port`, or its default: 8884, except that a hub asked for a free MQTT port (tests,
-/// scripts, a second hub beside the first) takes a free DPS port too, so that two such hubs
-/// never contend for 8884.
-fn dps_port(given: Option<u16>, mqtt_port: u16) -> u16 {
-    match (given, mqtt_port) {
-        (Some(port), _) => port,
-        (None, 0) => 0,
-        (None, _) => crate::common::local_hub::DEFAULT_DPS_PORT,
-    }
+/// A port flag: the operator's choice, or the listener's default (`hub::Port`).
+fn port(given: Option<u16>, default: u16) -> crate::hub::Port {
+    given.map_or(crate::hub::Port::Default(default), crate::hub::Port::Chosen)
 }
 
 pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
@@ -180,12 +241,29 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         bind: args.bind,
         mqtt_port: args.mqtt_port,
         api_port: args.api_port,
+        ws_port: port(args.ws_port, crate::protocol::WEBSOCKET_PORT),
         hostnames: args.hostnames,
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
-        dps_port: Some(dps_port(args.dps_port, args.mqtt_port)),
+        dps_port: Some(port(
+            args.dps_port,
+            crate::common::local_hub::DEFAULT_DPS_PORT,
+        )),
         id_scope: args.id_scope,
+        amqp: crate::hub::amqp::AmqpSettings {
+            port: port(args.amqp_port, crate::hub::amqp::AMQPS_PORT),
+            plain_port: (!args.no_amqp_plain)
+                .then(|| port(args.amqp_plain_port, crate::hub::amqp::AMQP_PLAIN_PORT)),
+            plain_bind: args.amqp_plain_bind,
+            consumer_groups: args.consumer_groups,
+        },
+        events: crate::hub::events::StoreSettings {
+            partitions: args.partitions,
+            max_age: std::time::Duration::from_secs(args.retention_secs),
+            max_count: args.retention_count,
+        },
+        x509_cas: args.x509_cas,
     })
     .await?;
     for id in &args.devices {
@@ -248,6 +326,12 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "simdevice hub is running");
     let _ = writeln!(out, "  host name:        {}", info.hostname);
     let _ = writeln!(out, "  device MQTT/TLS:  {}", hub.mqtt_addr());
+    let _ = writeln!(
+        out,
+        "  device MQTT/WS:   wss://{}{}",
+        hub.ws_addr(),
+        crate::common::ws_stream::PATH
+    );
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
     if let (Some(addr), Some(scope)) = (hub.dps_addr(), &info.id_scope) {
@@ -273,11 +357,27 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
         );
         let _ = writeln!(out, "    {dps}");
     }
-    if let Some(capture) = &info.capture {
+    let _ = writeln!(out, "  Event Hubs AMQP/TLS: {}", hub.amqp_addr());
+    if let Some(cs) = &info.eventhub_connection_string {
+        let _ = writeln!(out, "  Event Hubs-compatible connection string (service):");
+        let _ = writeln!(out, "    {cs}");
+    }
+    if let Some(cs) = &info.eventhub_emulator_connection_string {
         let _ = writeln!(
             out,
-            "  capture:          {} ({}, {}, {} s or {} bytes)",
-            capture.dest, capture.format, capture.codec, capture.window_secs, capture.window_bytes
+            "  Event Hubs emulator-mode connection string (plain AMQP):"
+        );
+        let _ = writeln!(out, "    {cs}");
+    }
+    if let Some(capture) = &info.capture {
+        let encoding = match capture.encoding.as_str() {
+            "json" => "json".to_string(),
+            _ => format!("avro {}", capture.codec),
+        };
+        let _ = writeln!(
+            out,
+            "  capture:          {} ({}, {encoding}, {} s or {} bytes)",
+            capture.dest, capture.format, capture.window_secs, capture.window_bytes
         );
     }
     if info.group_key.is_some() {
@@ -320,13 +420,13 @@ pub async fn wait_for_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::dps_port;
+    use super::port;
+    use crate::hub::Port;
 
     #[test]
-    fn the_dps_port_defaults_to_8884_unless_the_mqtt_port_is_free() {
-        assert_eq!(dps_port(None, 8883), 8884);
-        assert_eq!(dps_port(None, 0), 0);
-        assert_eq!(dps_port(Some(9000), 0), 9000);
-        assert_eq!(dps_port(Some(0), 8883), 0);
+    fn a_port_flag_is_a_choice_and_its_absence_the_default() {
+        assert_eq!(port(None, 8884), Port::Default(8884));
+        assert_eq!(port(Some(9000), 8884), Port::Chosen(9000));
+        assert_eq!(port(Some(0), 8884), Port::Chosen(0));
     }
 }

@@ -71,6 +71,7 @@ pub async fn start(args: &LocalArgs) -> Result<(Config, Hub), LocalError> {
         key: Secret::new(key),
         gateway_host_name: Some(format!("localhost:{}", info.mqtt_port)),
         ca_file: Some(info.ca_file.clone()),
+        x509: None,
     };
     let id = &args.device_id;
     println!("simdevice: running device {id} against a local IoT Hub");

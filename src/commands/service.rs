@@ -72,6 +72,11 @@ pub enum ServiceCommand {
     Dps(DpsCommand),
     /// Run an IoT Hub query (all pages), e.g. "SELECT * FROM devices WHERE status = 'enabled'".
     Query { sql: String },
+    /// X.509 certificates of the local hub (a simdevice extension; Azure manages CA
+    /// certificates through its management API): the CAs `certificateAuthority` devices chain
+    /// to, and device certificates for tests and demos.
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     /// The telemetry the local hub received recently (a simdevice extension; not on Azure).
     Events {
         /// Only this device's events.
@@ -82,6 +87,43 @@ pub enum ServiceCommand {
         /// At most this many events [hub default: 1000]
         #[arg(long)]
         limit: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// Trust a CA certificate (PEM) for devices registered as `certificateAuthority`; kept in
+    /// the hub's state. The hub does not get its key, so it cannot issue with it.
+    Add { name: String, file: PathBuf },
+    /// Have the hub create a CA (ECDSA P-256, CN = NAME) and keep its private key in its state
+    /// (hub.db, private to the hub's user), so that `issue --ca NAME` can sign with it.
+    CreateCa { name: String },
+    /// List the CA certificates the hub trusts.
+    List,
+    /// Show one CA certificate.
+    Show { name: String },
+    /// Stop trusting a CA certificate (one given with `hub --x509-ca` cannot be removed).
+    Delete { name: String },
+    /// Have the hub issue a device certificate, CN = DEVICE, with a new key: signed by the CA
+    /// NAME (one made with `create-ca`: the CA's key never leaves the hub) or self-signed. Writes
+    /// DIR/DEVICE.pem and DIR/DEVICE.key (mode 0600) and prints both thumbprints (for a
+    /// `selfSigned` device). The key travels once, in the answer over HTTPS.
+    #[command(group(clap::ArgGroup::new("signer").required(true).args(["ca", "self_signed"])))]
+    Issue {
+        device: String,
+        /// Sign with this CA of the hub.
+        #[arg(long, value_name = "NAME")]
+        ca: Option<String>,
+        /// Self-signed (for a `selfSigned` device).
+        #[arg(long)]
+        self_signed: bool,
+        /// Where to write DEVICE.pem and DEVICE.key.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Days of validity from today; negative gives a certificate that has already expired
+        /// (to test refusals).
+        #[arg(long, default_value_t = 365, allow_negative_numbers = true)]
+        days: i64,
     },
 }
 
@@ -262,6 +304,23 @@ pub enum ServiceCommandError {
     /// The answer cannot be written to stdout (a closed pipe, a full disk).
     #[error("cannot write the answer to stdout")]
     Output(#[source] std::io::Error),
+    /// `certificate add`: the file cannot be read.
+    #[error("cannot read the certificate file {path}")]
+    CertificateFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `certificate issue`: a file cannot be written.
+    #[error("cannot write {path}")]
+    WriteFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `certificate issue`: the hub's answer lacks a field.
+    #[error("the hub's answer to the certificate request lacks {0:?}")]
+    IssueAnswer(&'static str),
 }
 
 impl ServiceCommandError {
@@ -280,8 +339,11 @@ impl ServiceCommandError {
             | ServiceCommandError::RangeIncomplete
             | ServiceCommandError::RangeTooLarge { .. }
             | ServiceCommandError::BadPrefix { .. }
-            | ServiceCommandError::GroupKey(_) => true,
-            ServiceCommandError::Output(_) => false,
+            | ServiceCommandError::GroupKey(_)
+            | ServiceCommandError::CertificateFile { .. } => true,
+            ServiceCommandError::Output(_)
+            | ServiceCommandError::WriteFile { .. }
+            | ServiceCommandError::IssueAnswer(_) => false,
         }
     }
 
@@ -330,6 +392,7 @@ pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), Serv
                 .await?
         }
         ServiceCommand::Query { sql } => Value::Array(client.query(&sql).await?),
+        ServiceCommand::Certificate(command) => certificate(&client, command).await?,
         ServiceCommand::Events {
             device,
             after,
@@ -422,6 +485,78 @@ async fn device(
         DeviceCommand::Enable { id } => Ok(client.set_device_status(&id, true).await?),
         DeviceCommand::Disable { id } => Ok(client.set_device_status(&id, false).await?),
     }
+}
+
+async fn certificate(
+    client: &ServiceClient,
+    command: CertificateCommand,
+) -> Result<Value, ServiceCommandError> {
+    match command {
+        CertificateCommand::Add { name, file } => {
+            let pem = std::fs::read_to_string(&file).map_err(|source| {
+                ServiceCommandError::CertificateFile {
+                    path: file.clone(),
+                    source,
+                }
+            })?;
+            Ok(client.add_certificate(&name, &pem).await?)
+        }
+        CertificateCommand::CreateCa { name } => Ok(client.generate_certificate(&name).await?),
+        CertificateCommand::List => Ok(client.list_certificates().await?),
+        CertificateCommand::Show { name } => Ok(client.get_certificate(&name).await?),
+        CertificateCommand::Delete { name } => {
+            client.delete_certificate(&name).await?;
+            Ok(json!({ "name": name, "deleted": true }))
+        }
+        CertificateCommand::Issue {
+            device,
+            ca,
+            self_signed: _,
+            out,
+            days,
+        } => {
+            let answer = client
+                .issue_certificate(&device, ca.as_deref(), days)
+                .await?;
+            let field = |name: &'static str| {
+                answer[name]
+                    .as_str()
+                    .ok_or(ServiceCommandError::IssueAnswer(name))
+            };
+            let cert_path = out.join(format!("{device}.pem"));
+            let key_path = out.join(format!("{device}.key"));
+            let write_error = |path: &Path| {
+                let path = path.to_owned();
+                move |source| ServiceCommandError::WriteFile { path, source }
+            };
+            std::fs::create_dir_all(&out).map_err(write_error(&out))?;
+            write_private(&key_path, field("privateKey")?).map_err(write_error(&key_path))?;
+            std::fs::write(&cert_path, field("certificate")?).map_err(write_error(&cert_path))?;
+            Ok(json!({
+                "deviceId": device,
+                "certificateFile": cert_path,
+                "keyFile": key_path,
+                "thumbprintSha1": answer["thumbprintSha1"],
+                "thumbprintSha256": answer["thumbprintSha256"],
+                "notAfter": answer["notAfter"],
+                "ca": ca,
+            }))
+        }
+    }
+}
+
+/// Writes a private key readable by its owner only (0600, also when the file existed).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Registers `prefix` + `first ..` (`count` devices) with keys derived from `group_key`, through

@@ -21,6 +21,9 @@ pub struct HubInfo {
     pub hostname: String,
     pub mqtt_port: u16,
     pub api_port: u16,
+    /// MQTT over WebSocket (path `/$iothub/websocket`); 0 in files of older versions.
+    #[serde(default)]
+    pub ws_port: u16,
     pub ca_file: PathBuf,
     pub service_connection_string: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -38,20 +41,40 @@ pub struct HubInfo {
     /// the hub's service HTTPS port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dps_service_connection_string: Option<String>,
+    /// The Event Hubs-compatible endpoint's AMQP-over-TLS port. Absent in older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_port: Option<u16>,
+    /// Its plain AMQP port, for clients in emulator mode (loopback unless widened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amqp_plain_port: Option<u16>,
+    /// `Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`, as the
+    /// portal shows it (policy `service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eventhub_connection_string: Option<String>,
+    /// The same for the plain port, with `UseDevelopmentEmulator=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eventhub_emulator_connection_string: Option<String>,
 }
 
 /// `hub.json`'s `capture` object.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CaptureInfo {
-    /// The capture directory, absolute.
+    /// The capture directory, absolute, or the container (never its SAS).
     pub dest: String,
     /// `eventhubs` or `iothub`.
     pub format: String,
     /// `deflate` or `null`.
     pub codec: String,
+    /// `avro` or (routing only) `json`; absent in older files.
+    #[serde(default = "avro")]
+    pub encoding: String,
     pub window_secs: u64,
     pub window_bytes: u64,
     pub skip_empty: bool,
+}
+
+fn avro() -> String {
+    "avro".into()
 }
 
 #[derive(Debug, thiserror::Error)]

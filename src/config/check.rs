@@ -18,8 +18,8 @@ use super::raw::{
     Scalar,
 };
 use super::{
-    CommandMethodConfig, Config, ConnectionSettings, ConnectivitySettings, MetricsSettings,
-    OutboxSettings, TelemetrySettings,
+    CommandMethodConfig, Config, ConnectionSettings, ConnectivitySettings, Identity,
+    MetricsSettings, OutboxSettings, Proxy, TelemetrySettings, Transport,
 };
 use crate::common::template::Template;
 use crate::protocol::method::validate_method_name;
@@ -52,7 +52,7 @@ impl<'a> Check<'a> {
             let provisioning = self.provisioning(raw.provisioning, Some(&identity.device_id))?;
             (identity, provisioning)
         };
-        let connection = self.connection(raw.connection)?;
+        let connection = self.connection(raw.connection, &identity)?;
         let telemetry = self.telemetry(raw.telemetry)?;
         let connectivity = self.connectivity(raw.connectivity)?;
         let methods = raw
@@ -166,8 +166,32 @@ impl<'a> Check<'a> {
         }
     }
 
-    fn connection(&self, raw: RawConnection) -> Result<ConnectionSettings, ConfigError> {
+    fn connection(
+        &self,
+        raw: RawConnection,
+        identity: &Identity,
+    ) -> Result<ConnectionSettings, ConfigError> {
         let d = ConnectionSettings::default();
+        let transport = match self.string("connection.transport", raw.transport)? {
+            None => d.transport,
+            Some(text) => Transport::parse(&text).ok_or_else(|| {
+                self.invalid(
+                    "connection.transport",
+                    format!("{text:?} is not a transport: \"mqtt\" or \"websocket\""),
+                )
+            })?,
+        };
+        // Set in the configuration: used as given (NO_PROXY is for the environment's proxy).
+        let proxy = match self.string("connection.proxy", raw.proxy)? {
+            Some(url) => Some(
+                Proxy::parse(&url)
+                    .map_err(|error| self.invalid("connection.proxy", error.to_string()))?,
+            ),
+            None => {
+                let (host, _) = identity.dial_address(transport);
+                Proxy::from_env(self.env, &host)?
+            }
+        };
         let backoff_min = self.seconds_in(
             "connection.backoff_min_secs",
             raw.backoff_min_secs,
@@ -217,6 +241,8 @@ impl<'a> Check<'a> {
                 d.connect_timeout,
                 (0.1, 300.0),
             )?,
+            transport,
+            proxy,
         })
     }
 

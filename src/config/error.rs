@@ -60,6 +60,8 @@ pub enum ConfigError {
     KeyFile(KeyFileError),
     #[error(transparent)]
     CaFile(CaFileError),
+    #[error(transparent)]
+    X509File(X509FileError),
     /// `telemetry.template` names a file that cannot be read or is not a valid template; the
     /// source names the file, the line and the column.
     #[error("{}", describe_invalid("telemetry.template", file.as_deref(), env_var.as_deref(), "the template is refused"))]
@@ -121,6 +123,41 @@ pub enum CaFileError {
     },
     #[error("identity.ca_file {}: contains no PEM certificate", path.display())]
     NoCertificate { path: PathBuf },
+}
+
+/// Why `identity.certificate_file` or `identity.private_key_file` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum X509FileError {
+    #[error("{key} {}: cannot read it", path.display())]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key} {}: is not a regular file", path.display())]
+    NotAFile { key: &'static str, path: PathBuf },
+    #[error("{key} {}: is not valid PEM", path.display())]
+    NotPem {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("identity.certificate_file {}: contains no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("identity.certificate_file {}: the certificate cannot be read (not X.509 DER)", path.display())]
+    Unreadable { path: PathBuf },
+    #[error("identity.certificate_file {}: the certificate expired at {not_after}", path.display())]
+    Expired { path: PathBuf, not_after: String },
+    #[error("identity.private_key_file {}: contains no PEM private key", path.display())]
+    NoKey { path: PathBuf },
+    #[error(
+        "identity.private_key_file {}: is accessible by group or others (mode {mode}); run: chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    NotPrivate { path: PathBuf, mode: FileMode },
 }
 
 /// Why a device key (base64) was refused, wherever it came from. The decoder's own error is

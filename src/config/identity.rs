@@ -1,5 +1,7 @@
 //! The `[identity]` section: a connection string, or a host name, a device id and exactly one
-//! of a key, a key file or a key environment variable; a gateway and a CA file. Host names are
+//! of a key, a key file or a key environment variable; or, for an X.509 device, a certificate
+//! file and a private key file (with a connection string that says `x509=true`, or with a host
+//! name and a device id); a gateway and a CA file. Host names are
 //! checked here (`host[:port]`, IPv6 in brackets), device ids by the rule of
 //! [`crate::protocol::identity`], which the hub's registry applies too.
 //!
@@ -10,7 +12,7 @@ use std::str::FromStr;
 
 use super::check::{check_base64, Check};
 use super::error::ConfigError;
-use super::files::{check_ca_file, read_key_file};
+use super::files::{check_ca_file, check_x509_files, read_key_file};
 use super::raw::RawIdentity;
 use super::{Identity, Secret};
 use crate::protocol::connection_string::DeviceConnectionString;
@@ -23,6 +25,8 @@ const KEY: &str = "identity.key";
 const KEY_FILE: &str = "identity.key_file";
 const KEY_ENV: &str = "identity.key_env";
 const GATEWAY: &str = "identity.gateway_host_name";
+const CERTIFICATE_FILE: &str = "identity.certificate_file";
+const PRIVATE_KEY_FILE: &str = "identity.private_key_file";
 
 impl Check<'_> {
     pub(super) fn identity(&self, raw: RawIdentity) -> Result<Identity, ConfigError> {
@@ -34,6 +38,9 @@ impl Check<'_> {
         let key_env = self.string(KEY_ENV, raw.key_env)?;
         let gateway = self.string(GATEWAY, raw.gateway_host_name)?;
         let ca_file = self.string("identity.ca_file", raw.ca_file)?;
+        let certificate_file = self.string(CERTIFICATE_FILE, raw.certificate_file)?;
+        let private_key_file = self.string(PRIVATE_KEY_FILE, raw.private_key_file)?;
+        let x509 = certificate_file.is_some() || private_key_file.is_some();
 
         let separate = set_keys(&[
             (host_name.is_some(), HOST_NAME),
@@ -42,6 +49,20 @@ impl Check<'_> {
             (key_file.is_some(), KEY_FILE),
             (key_env.is_some(), KEY_ENV),
         ]);
+        if x509 {
+            let keys = set_keys(&[
+                (key.is_some(), KEY),
+                (key_file.is_some(), KEY_FILE),
+                (key_env.is_some(), KEY_ENV),
+            ]);
+            if let Some(first) = keys.first() {
+                return Err(self.invalid(
+                    first,
+                    "give a device key or an X.509 certificate (identity.certificate_file, \
+                     identity.private_key_file), not both",
+                ));
+            }
+        }
 
         let (host_name, device_id, key, gateway) = if let Some(text) = connection_string {
             if !separate.is_empty() {
@@ -54,7 +75,7 @@ impl Check<'_> {
                     ),
                 ));
             }
-            self.connection_string(&text, gateway)?
+            self.connection_string(&text, gateway, x509)?
         } else {
             if separate.is_empty() {
                 return Err(ConfigError::MissingIdentity {
@@ -76,8 +97,35 @@ impl Check<'_> {
             if let Some(gateway) = &gateway {
                 self.address(GATEWAY, "", gateway)?;
             }
-            let key = self.device_key(key, key_file, key_env)?;
+            let key = if x509 {
+                String::new()
+            } else {
+                self.device_key(key, key_file, key_env)?
+            };
             (host_name, device_id, key, gateway)
+        };
+        let x509 = match (certificate_file, private_key_file) {
+            (None, None) => None,
+            (Some(certificate), Some(private_key)) => Some(
+                check_x509_files(
+                    PathBuf::from(certificate),
+                    PathBuf::from(private_key),
+                    chrono::Utc::now(),
+                )
+                .map_err(ConfigError::X509File)?,
+            ),
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    PRIVATE_KEY_FILE,
+                    "is missing: identity.certificate_file needs the certificate's private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    CERTIFICATE_FILE,
+                    "is missing: identity.private_key_file needs the certificate it belongs to",
+                ))
+            }
         };
 
         let ca_file = match ca_file {
@@ -90,6 +138,7 @@ impl Check<'_> {
             key: Secret::new(key),
             gateway_host_name: gateway,
             ca_file,
+            x509,
         })
     }
 
@@ -99,6 +148,7 @@ impl Check<'_> {
         &self,
         text: &str,
         gateway: Option<String>,
+        certificate_given: bool,
     ) -> Result<(String, String, String, Option<String>), ConfigError> {
         const KEY: &str = CONNECTION_STRING;
         let parsed = DeviceConnectionString::from_str(text)
@@ -110,18 +160,28 @@ impl Check<'_> {
                  the agent signs its own tokens, so give the device's SharedAccessKey",
             ));
         }
-        if parsed.x509 {
+        if parsed.x509 && !certificate_given {
             return Err(self.invalid(
                 KEY,
-                "uses x509=true; X.509 device authentication is not supported, \
-                 give the device's SharedAccessKey",
+                "uses x509=true: give the device's certificate and key as \
+                 identity.certificate_file and identity.private_key_file",
+            ));
+        }
+        if certificate_given && !parsed.x509 {
+            return Err(self.invalid(
+                KEY,
+                "has a SharedAccessKey while identity.certificate_file / \
+                 identity.private_key_file are set: an X.509 device's connection string \
+                 says x509=true",
             ));
         }
         if parsed.module_id.is_some() {
             return Err(self.invalid(KEY, "names a ModuleId; module identities are not supported"));
         }
-        let Some(device_key) = parsed.shared_access_key else {
-            return Err(self.invalid(KEY, "has no SharedAccessKey"));
+        let device_key = match parsed.shared_access_key {
+            Some(key) => key,
+            None if parsed.x509 => String::new(),
+            None => return Err(self.invalid(KEY, "has no SharedAccessKey")),
         };
         let gateway = match (parsed.gateway_host_name, gateway) {
             (Some(_), Some(_)) => {

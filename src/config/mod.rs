@@ -31,10 +31,12 @@ mod files;
 mod identity;
 mod layers;
 mod provisioning;
+mod proxy;
 mod raw;
 mod render;
 
-pub use error::{CaFileError, ConfigError, KeyFileError, KeyProblem};
+pub use error::{CaFileError, ConfigError, KeyFileError, KeyProblem, X509FileError};
+pub use proxy::{Proxy, ProxyUrlError, NO_PROXY_ENV, PROXY_ENV};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/simdevice/config.toml";
 /// The prefix of the environment variables that override the file: `SIMDEVICE__TELEMETRY__SEED`.
@@ -111,6 +113,7 @@ impl Provisioning {
             key: self.device_key.clone(),
             gateway_host_name: None,
             ca_file: self.ca_file.clone(),
+            x509: None,
         }
     }
 
@@ -122,6 +125,7 @@ impl Provisioning {
             key: self.device_key.clone(),
             gateway_host_name: self.gateway_host_name.clone(),
             ca_file: self.ca_file.clone(),
+            x509: None,
         }
     }
 }
@@ -132,12 +136,26 @@ pub struct Identity {
     /// The hub's host name, as used in the SAS token and the MQTT user name (may carry `:port`).
     pub host_name: String,
     pub device_id: String,
-    /// The device's symmetric key (base64), used to sign and renew SAS tokens.
+    /// The device's symmetric key (base64), used to sign and renew SAS tokens; empty for an
+    /// X.509 device (`x509` is set), which signs no token.
     pub key: Secret,
     /// Where to open the connection instead of `host_name` (`host[:port]`).
     pub gateway_host_name: Option<String>,
     /// An extra CA certificate (PEM) to trust, e.g. the local hub's `ca.pem`.
     pub ca_file: Option<PathBuf>,
+    /// `identity.certificate_file` + `identity.private_key_file`: the device authenticates
+    /// with this X.509 certificate in the TLS handshake instead of a SAS token.
+    pub x509: Option<X509Files>,
+}
+
+/// An X.509 device's certificate (PEM, leaf first, optionally its chain) and private key
+/// (PEM, readable by its owner only), as checked at load.
+#[derive(Clone, Debug)]
+pub struct X509Files {
+    pub certificate_file: PathBuf,
+    pub private_key_file: PathBuf,
+    /// The leaf certificate's notAfter (checked not past at load).
+    pub not_after: chrono::DateTime<chrono::Utc>,
 }
 
 impl Identity {
@@ -145,14 +163,77 @@ impl Identity {
     /// gives the port (default 8883), and an IPv6 literal comes in brackets (`[::1]:8883`),
     /// which are removed from the host returned.
     pub fn connect_address(&self) -> (String, u16) {
+        self.dial_address(Transport::Mqtt)
+    }
+
+    /// [`Identity::connect_address`] for `transport`: without a `:port`, its standard port
+    /// (8883 for MQTT, 443 for WebSocket).
+    pub fn dial_address(&self, transport: Transport) -> (String, u16) {
         let target = self.gateway_host_name.as_deref().unwrap_or(&self.host_name);
         match identity::split_host_port(target) {
-            Ok((host, port)) => (
-                host.to_string(),
-                port.unwrap_or(crate::protocol::MQTT_TLS_PORT),
-            ),
+            Ok((host, port)) => (host.to_string(), port.unwrap_or(transport.default_port())),
             // Checked at load; an Identity built by hand with a bad name fails when dialled.
-            Err(_) => (target.to_string(), crate::protocol::MQTT_TLS_PORT),
+            Err(_) => (target.to_string(), transport.default_port()),
+        }
+    }
+}
+
+/// How the agent's MQTT reaches the hub (`[connection] transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// MQTT over TLS, port 8883.
+    #[default]
+    Mqtt,
+    /// MQTT over WebSocket over TLS, port 443 (path `/$iothub/websocket`).
+    WebSocket,
+}
+
+impl Transport {
+    /// The configuration's word for it: `mqtt`, `websocket`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::WebSocket => "websocket",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Transport> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "mqtt" => Some(Transport::Mqtt),
+            "websocket" | "websockets" | "ws" => Some(Transport::WebSocket),
+            _ => None,
+        }
+    }
+
+    /// The port dialled when the host name gives none.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Transport::Mqtt => crate::protocol::MQTT_TLS_PORT,
+            Transport::WebSocket => crate::protocol::WEBSOCKET_PORT,
+        }
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Proxy {
+    /// The proxy for a connection to `host` when the configuration names none: `HTTPS_PROXY`
+    /// (or `https_proxy`) in `env`, unless `NO_PROXY` (or `no_proxy`) lists the host or `*`.
+    /// The error names the variable (its value is never quoted: it may hold a password).
+    pub fn from_env(env: &[(String, String)], host: &str) -> Result<Option<Proxy>, ConfigError> {
+        match proxy::from_env(env, host) {
+            None => Ok(None),
+            Some((_, Ok(proxy))) => Ok(Some(proxy)),
+            Some((name, Err(error))) => Err(ConfigError::Invalid {
+                key: "connection.proxy".into(),
+                file: None,
+                env_var: Some(name.into()),
+                message: error.to_string(),
+            }),
         }
     }
 }
@@ -168,8 +249,13 @@ pub struct ConnectionSettings {
     pub renew_at: f64,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// Deadline for TCP + TLS + CONNACK.
+    /// Deadline for TCP (and the proxy's CONNECT) + TLS (+ the WebSocket upgrade) + CONNACK.
     pub connect_timeout: Duration,
+    /// MQTT over TLS, or over WebSocket (`transport`).
+    pub transport: Transport,
+    /// The HTTP proxy to tunnel through with CONNECT (`proxy`, else `HTTPS_PROXY`); `None`:
+    /// dial the hub directly.
+    pub proxy: Option<Proxy>,
 }
 
 impl Default for ConnectionSettings {
@@ -181,6 +267,8 @@ impl Default for ConnectionSettings {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
+            transport: Transport::Mqtt,
+            proxy: None,
         }
     }
 }
@@ -354,5 +442,82 @@ impl Config {
             outbox: OutboxSettings::default(),
             provisioning: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDENTITY: &str = "[identity]\nhost_name = \"hub.example\"\ndevice_id = \"d1\"\n\
+                            key = \"a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2U=\"\n";
+
+    fn load(extra: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let text = format!("{IDENTITY}{extra}");
+        Config::from_sources(Some((Path::new("/etc/simdevice/config.toml"), &text)), &env)
+    }
+
+    #[test]
+    fn the_transport_picks_the_default_port_and_a_gateway_port_wins() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.connection.transport, Transport::Mqtt);
+        assert_eq!(config.identity.connect_address().1, 8883);
+        let config = load("[connection]\ntransport = \"websocket\"\n", &[]).unwrap();
+        assert_eq!(config.connection.transport, Transport::WebSocket);
+        assert_eq!(
+            config.identity.dial_address(Transport::WebSocket),
+            ("hub.example".to_string(), 443)
+        );
+        let mut identity = config.identity.clone();
+        identity.gateway_host_name = Some("localhost:9443".into());
+        assert_eq!(
+            identity.dial_address(Transport::WebSocket),
+            ("localhost".to_string(), 9443)
+        );
+        let error = load("[connection]\ntransport = \"amqp\"\n", &[]).unwrap_err();
+        assert!(
+            error.to_string().contains("connection.transport"),
+            "{error}"
+        );
+        let from_env = load("", &[("SIMDEVICE__CONNECTION__TRANSPORT", "websocket")]).unwrap();
+        assert_eq!(from_env.connection.transport, Transport::WebSocket);
+    }
+
+    #[test]
+    fn the_proxy_comes_from_the_file_or_https_proxy_minus_no_proxy() {
+        let file = "[connection]\nproxy = \"http://u:pw@proxy:3128\"\n";
+        let config = load(file, &[("HTTPS_PROXY", "http://other:1")]).unwrap();
+        let proxy = config.connection.proxy.as_ref().unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("proxy", 3128));
+        // Shown masked by `config check`.
+        let rendered = config.to_masked_toml();
+        assert!(rendered.contains("http://***@proxy:3128"), "{rendered}");
+        assert!(!rendered.contains("pw"), "{rendered}");
+
+        let config = load("", &[("https_proxy", "http://envproxy:8080")]).unwrap();
+        assert_eq!(config.connection.proxy.unwrap().host, "envproxy");
+        let config = load(
+            "",
+            &[
+                ("HTTPS_PROXY", "http://envproxy:8080"),
+                ("NO_PROXY", "hub.example"),
+            ],
+        )
+        .unwrap();
+        assert!(config.connection.proxy.is_none());
+        assert!(load("", &[]).unwrap().connection.proxy.is_none());
+
+        let error = load("[connection]\nproxy = \"socks5://u:pw@p:1\"\n", &[]).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("connection.proxy") && !text.contains("pw"),
+            "{text}"
+        );
+        let error = load("", &[("HTTPS_PROXY", "proxy:3128")]).unwrap_err();
+        assert!(error.to_string().contains("HTTPS_PROXY"), "{error}");
     }
 }

@@ -99,6 +99,8 @@ pub(super) struct RawIdentity {
     pub(super) key_env: Option<Scalar>,
     pub(super) gateway_host_name: Option<Scalar>,
     pub(super) ca_file: Option<Scalar>,
+    pub(super) certificate_file: Option<Scalar>,
+    pub(super) private_key_file: Option<Scalar>,
 }
 
 impl RawIdentity {
@@ -142,6 +144,8 @@ pub(super) struct RawConnection {
     pub(super) backoff_min_secs: Option<Scalar>,
     pub(super) backoff_max_secs: Option<Scalar>,
     pub(super) connect_timeout_secs: Option<Scalar>,
+    pub(super) transport: Option<Scalar>,
+    pub(super) proxy: Option<Scalar>,
 }
 
 #[derive(Default, Deserialize)]

@@ -18,7 +18,15 @@ impl Config {
         let mut identity = Table::new();
         identity.insert("host_name".into(), text(&self.identity.host_name));
         identity.insert("device_id".into(), text(&self.identity.device_id));
-        identity.insert("key".into(), text("***"));
+        match &self.identity.x509 {
+            None => {
+                identity.insert("key".into(), text("***"));
+            }
+            Some(x509) => {
+                identity.insert("certificate_file".into(), path(&x509.certificate_file));
+                identity.insert("private_key_file".into(), path(&x509.private_key_file));
+            }
+        }
         if let Some(gateway) = &self.identity.gateway_host_name {
             identity.insert("gateway_host_name".into(), text(gateway));
         }
@@ -34,6 +42,14 @@ impl Config {
         connection.insert("backoff_min_secs".into(), seconds(c.backoff_min));
         connection.insert("backoff_max_secs".into(), seconds(c.backoff_max));
         connection.insert("connect_timeout_secs".into(), seconds(c.connect_timeout));
+        connection.insert(
+            "transport".into(),
+            Value::String(c.transport.as_str().into()),
+        );
+        if let Some(proxy) = &c.proxy {
+            // Credentials masked, as the key is.
+            connection.insert("proxy".into(), Value::String(proxy.to_string()));
+        }
 
         let t = &self.telemetry;
         let mut telemetry = Table::new();

@@ -26,6 +26,7 @@ impl FleetDevice {
             key: self.key.clone(),
             gateway_host_name: self.gateway_host_name.clone(),
             ca_file: ca_file.map(Path::to_path_buf),
+            x509: None,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct FleetSettings {
     pub seed: u64,
     /// The telemetry template every device renders, if any.
     pub template: Option<Arc<crate::common::template::Template>>,
+    /// `--transport` and `--proxy`: how every device dials (`[connection]` of `simdevice run`).
+    pub transport: crate::config::Transport,
+    pub proxy: Option<crate::config::Proxy>,
 }
 
 /// Why a fleet cannot start.
@@ -263,6 +266,8 @@ fn device_config(settings: &FleetSettings, device: &FleetDevice) -> Config {
     config.connectivity.operator = OPERATORS[rng.gen_range(0..OPERATORS.len())].to_string();
     config.connectivity.technology = TECHNOLOGIES[rng.gen_range(0..TECHNOLOGIES.len())].to_string();
     config.outbox.path = None;
+    config.connection.transport = settings.transport;
+    config.connection.proxy = settings.proxy.clone();
     config
 }
 

@@ -44,13 +44,28 @@ pub struct AcceptLoop {
 impl AcceptLoop {
     /// Accepts until shutdown (or the kill hook), spawning `serve(socket, peer, permit)` per
     /// connection. Dropping the listener on return closes the port.
-    pub async fn run<S, F>(self, listener: TcpListener, mut serve: S)
+    pub async fn run<S, F>(self, listener: TcpListener, serve: S)
     where
         S: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> F,
         F: Future<Output = ()> + Send + 'static,
     {
-        let name = self.name;
         let pending = Arc::new(Semaphore::new(self.max_pending));
+        self.run_with_pool(listener, pending, serve).await;
+    }
+
+    /// [`AcceptLoop::run`] with a pool of permits given by the caller, for listeners that
+    /// share one (MQTT over TLS and over WebSocket: one budget of unauthenticated devices).
+    /// `max_pending` is then only what the log says the cap is.
+    pub async fn run_with_pool<S, F>(
+        self,
+        listener: TcpListener,
+        pending: Arc<Semaphore>,
+        mut serve: S,
+    ) where
+        S: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> F,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let name = self.name;
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,

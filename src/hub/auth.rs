@@ -1,5 +1,6 @@
-//! Who may do what: the hub's host names, its shared access policies and their rights, and the
-//! checks of SAS tokens presented by devices (MQTT CONNECT) and services (REST `Authorization`).
+//! Who may do what: the hub's host names, its shared access policies and their rights, the
+//! checks of SAS tokens presented by devices (MQTT CONNECT) and services (REST `Authorization`),
+//! and of the X.509 certificates devices present in the TLS handshake (`x509.rs` holds the CAs).
 //!
 //! Failures are reported as an [`AuthFailure`] that names the problem for the hub's log; the
 //! peer only ever learns "not authorized" (CONNACK 5, HTTP 401), as with the real IoT Hub.
@@ -7,9 +8,13 @@
 
 use serde::Serialize;
 
-use super::registry::{DeviceSpec, DeviceStatus};
+use rustls::pki_types::CertificateDer;
+
+use super::registry::{DeviceAuth, DeviceSpec, DeviceStatus};
 use super::store::{PolicyRow, Store, StoreError};
+use super::x509::ChainError;
 use super::HubState;
+use crate::common::der::{certificate_summary, thumbprint_sha1, thumbprint_sha256};
 use crate::protocol::sas::{self, SasToken};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -122,7 +127,7 @@ impl HostNames {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthFailure {
     #[error("malformed credentials: {0}")]
     Malformed(String),
@@ -150,6 +155,30 @@ pub enum AuthFailure {
     UnknownDevice(String),
     #[error("device {0:?} is disabled")]
     Disabled(String),
+    #[error("device {0:?} authenticates with an X.509 certificate and sent none")]
+    NoCertificate(String),
+    #[error("device {0:?} authenticates with an X.509 certificate; a SAS token is not accepted")]
+    TokenForX509Device(String),
+    #[error("the certificate's thumbprints (SHA-1 {sha1}, SHA-256 {sha256}) are not those registered for device {device:?}")]
+    UnknownThumbprint {
+        device: String,
+        sha1: String,
+        sha256: String,
+    },
+    #[error("the certificate is not valid now (valid from {not_before} to {not_after})")]
+    OutsideValidity {
+        not_before: String,
+        not_after: String,
+    },
+    #[error("the certificate cannot be read")]
+    UnreadableCertificate,
+    #[error("the certificate's common name {common_name:?} is not the device id {device:?}")]
+    WrongCommonName {
+        device: String,
+        common_name: Option<String>,
+    },
+    #[error("the certificate does not chain to a CA certificate of this hub")]
+    Chain(#[source] ChainError),
 }
 
 /// The hub's notion of now: the system clock plus the fault hooks' offset (`faults.rs`).
@@ -214,14 +243,51 @@ pub struct DeviceLogin {
     pub token_expiry: u64,
 }
 
-/// Checks an MQTT CONNECT: client id, user name and SAS password. With `--auto-register`, a
-/// device whose key derives from the group key is registered on its first connect.
-pub fn authenticate_device(
+/// An X.509 device has no token to expire; its connection ends like a SAS device's in every
+/// other way. This horizon (ten years) stands in for the expiry the connection task waits on.
+const NO_TOKEN_HORIZON_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Checks an MQTT CONNECT as [`authenticate_device`] does, with the certificate chain the
+/// client presented in the TLS handshake (leaf first; empty when it sent none). A device
+/// registered as `selfSigned` or `certificateAuthority` is judged by its certificate (and
+/// must send no SAS token); any other by its SAS token, whatever certificate it sent.
+pub fn authenticate_connect(
     state: &HubState,
     client_id: &str,
     username: Option<&str>,
     password: Option<&str>,
+    peer_certificates: &[CertificateDer<'_>],
 ) -> Result<DeviceLogin, AuthFailure> {
+    let registered = username
+        .and_then(|u| u.split('/').nth(1))
+        .and_then(|device| {
+            state
+                .registry
+                .get(device, |d| d.authentication.clone())
+                .ok()
+        });
+    match registered {
+        Some(auth @ (DeviceAuth::SelfSigned { .. } | DeviceAuth::CertificateAuthority)) => {
+            authenticate_x509(
+                state,
+                client_id,
+                username,
+                password,
+                peer_certificates,
+                &auth,
+            )
+        }
+        _ => authenticate_device(state, client_id, username, password),
+    }
+}
+
+/// The user name's device id, checked against the client id, and its host against this
+/// hub's names.
+fn device_of_username<'u>(
+    state: &HubState,
+    client_id: &str,
+    username: Option<&'u str>,
+) -> Result<&'u str, AuthFailure> {
     let username = username.ok_or_else(|| AuthFailure::Malformed("no user name".into()))?;
     // `{host}/{deviceId}/?api-version=...`; the query part is the SDK's business.
     let mut parts = username.splitn(3, '/');
@@ -243,8 +309,84 @@ pub fn authenticate_device(
     if !state.host_names.accepts(host) {
         return Err(AuthFailure::WrongHost(host.to_string()));
     }
-    let password =
-        password.ok_or_else(|| AuthFailure::Malformed("no password (SAS token)".into()))?;
+    Ok(device_id)
+}
+
+fn authenticate_x509(
+    state: &HubState,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+    chain: &[CertificateDer<'_>],
+    auth: &DeviceAuth,
+) -> Result<DeviceLogin, AuthFailure> {
+    let device_id = device_of_username(state, client_id, username)?;
+    if password.is_some_and(|p| !p.is_empty()) {
+        return Err(AuthFailure::TokenForX509Device(device_id.to_string()));
+    }
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(AuthFailure::NoCertificate(device_id.to_string()));
+    };
+    let now = now_unix(state);
+    match auth {
+        DeviceAuth::SelfSigned { .. } => {
+            let (sha1, sha256) = (thumbprint_sha1(leaf), thumbprint_sha256(leaf));
+            if !auth.has_thumbprint(&sha1) && !auth.has_thumbprint(&sha256) {
+                return Err(AuthFailure::UnknownThumbprint {
+                    device: device_id.to_string(),
+                    sha1,
+                    sha256,
+                });
+            }
+            // No chain to check, but the dates still count, as for any certificate.
+            let summary = certificate_summary(leaf).ok_or(AuthFailure::UnreadableCertificate)?;
+            let now = i64::try_from(now).unwrap_or(i64::MAX);
+            if now < summary.not_before.timestamp() || now > summary.not_after.timestamp() {
+                return Err(AuthFailure::OutsideValidity {
+                    not_before: summary.not_before.to_rfc3339(),
+                    not_after: summary.not_after.to_rfc3339(),
+                });
+            }
+        }
+        _ => {
+            state
+                .x509
+                .verify_chain(leaf, intermediates, now)
+                .map_err(AuthFailure::Chain)?;
+            let common_name = certificate_summary(leaf).and_then(|s| s.common_name);
+            if common_name.as_deref() != Some(device_id) {
+                return Err(AuthFailure::WrongCommonName {
+                    device: device_id.to_string(),
+                    common_name,
+                });
+            }
+        }
+    }
+    let status = state
+        .registry
+        .get(device_id, |d| d.status)
+        .map_err(|_| AuthFailure::UnknownDevice(device_id.to_string()))?;
+    if status == DeviceStatus::Disabled {
+        return Err(AuthFailure::Disabled(device_id.to_string()));
+    }
+    Ok(DeviceLogin {
+        device_id: device_id.to_string(),
+        token_expiry: now + NO_TOKEN_HORIZON_SECS,
+    })
+}
+
+/// Checks an MQTT CONNECT: client id, user name and SAS password. With `--auto-register`, a
+/// device whose key derives from the group key is registered on its first connect.
+pub fn authenticate_device(
+    state: &HubState,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<DeviceLogin, AuthFailure> {
+    let device_id = device_of_username(state, client_id, username)?;
+    let password = password
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| AuthFailure::Malformed("no password (SAS token)".into()))?;
     let token = SasToken::parse(password).map_err(|e| AuthFailure::Malformed(e.to_string()))?;
     let (token_host, token_device) = token
         .resource
@@ -283,10 +425,18 @@ fn verify_device_key(
     device_id: &str,
 ) -> Result<(), AuthFailure> {
     let keys = state.registry.get(device_id, |d| {
-        (d.primary_key.clone(), d.secondary_key.clone())
+        (
+            d.primary_key.clone(),
+            d.secondary_key.clone(),
+            d.authentication.clone(),
+        )
     });
     match (keys, &state.group_key) {
-        (Ok((primary, secondary)), _) => verify_with_any(token, [&primary, &secondary]),
+        // An X.509 device has no keys: no token may pass for it.
+        (Ok((_, _, auth)), _) if auth != DeviceAuth::Sas => {
+            Err(AuthFailure::TokenForX509Device(device_id.to_string()))
+        }
+        (Ok((primary, secondary, _)), _) => verify_with_any(token, [&primary, &secondary]),
         (Err(_), Some(group_key)) => {
             let derived = sas::derive_device_key(group_key, device_id)
                 .map_err(|e| AuthFailure::Malformed(e.to_string()))?;
@@ -300,6 +450,7 @@ fn verify_device_key(
                 status_reason: None,
                 primary_key: Some(derived.clone()),
                 secondary_key: Some(derived),
+                authentication: DeviceAuth::Sas,
             };
             // A concurrent first connect of the same id may have registered it already.
             match state.registry.create(spec) {

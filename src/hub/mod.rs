@@ -5,21 +5,24 @@
 //! one, or `run --local` on the same state, gets [`HubError::Locked`] naming the holder's pid),
 //! makes the state private (`private`: the directory 0700, the files with keys 0600, wider
 //! modes left by older versions tightened with a warning), loads or creates the CA, policies
-//! and registry, binds both listeners and returns a handle; [`Hub::health`] says whether its
+//! and registry, binds its listeners (MQTT, MQTT over WebSocket, HTTPS) and returns a handle; [`Hub::health`] says whether its
 //! accept loops and job scheduler still run; [`Hub::shutdown`] stops the listeners and every
 //! connection, then releases the lock. The pieces: `tls` (certificates), `store` (SQLite),
 //! `auth` (policies and SAS checks), `registry` (devices), `twins` (where twin changes are
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
 //! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
-//! (the device listener) and `api` (the service REST API).
+//! (the device listeners: MQTT over TLS and over WebSocket), `api` (the service REST API) and
+//! `x509` (CA certificates and device certificate checks).
 
 pub mod accept;
+pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod capture;
 pub mod dps;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod jobs;
 pub mod methods;
@@ -33,6 +36,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod twins;
+pub mod x509;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -56,6 +60,8 @@ pub struct HubConfig {
     pub bind: IpAddr,
     pub mqtt_port: u16,
     pub api_port: u16,
+    /// MQTT over WebSocket (TLS); `Chosen(0)` picks a free port.
+    pub ws_port: Port,
     /// Names besides `localhost` and the loopback addresses to put in the server certificate.
     pub hostnames: Vec<String>,
     pub auto_register: bool,
@@ -65,9 +71,15 @@ pub struct HubConfig {
     /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
     pub capture: Option<capture::CaptureSettings>,
     /// `--dps-port`: the local DPS's device endpoint (`dps`); `None` serves no DPS.
-    pub dps_port: Option<u16>,
+    pub dps_port: Option<Port>,
     /// `--id-scope`: the DPS id scope to use (kept in the state); `None` keeps the stored one.
     pub id_scope: Option<String>,
+    /// The Event Hubs-compatible endpoint's listeners and consumer groups (`amqp`).
+    pub amqp: amqp::AmqpSettings,
+    /// Partitions and retention of the event store (`events`).
+    pub events: events::StoreSettings,
+    /// `--x509-ca FILE`: CA certificates (PEM) trusted for this run, besides the stored ones.
+    pub x509_cas: Vec<PathBuf>,
 }
 
 impl HubConfig {
@@ -78,12 +90,16 @@ impl HubConfig {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             mqtt_port: 0,
             api_port: 0,
+            ws_port: Port::Chosen(0),
             hostnames: Vec::new(),
             auto_register: false,
             group_key: None,
             capture: None,
-            dps_port: Some(0),
+            dps_port: Some(Port::Chosen(0)),
             id_scope: None,
+            amqp: amqp::AmqpSettings::ephemeral(),
+            events: events::StoreSettings::default(),
+            x509_cas: Vec::new(),
         }
     }
 }
@@ -122,6 +138,11 @@ pub enum HubError {
     Registry(#[from] error::IotHubError),
     #[error("capture cannot start")]
     Capture(#[from] capture::CaptureError),
+    #[error("the event store cannot open")]
+    Events(#[from] events::EventStoreError),
+    /// A CA certificate (`--x509-ca`, or one in the store) cannot be used.
+    #[error("the hub's X.509 CA certificates cannot be loaded")]
+    X509(#[from] x509::X509Error),
 }
 
 impl HubError {
@@ -138,7 +159,9 @@ impl HubError {
             | HubError::State { .. }
             | HubError::Load(_)
             | HubError::GroupKey(_)
-            | HubError::Capture(_) => true,
+            | HubError::Capture(_)
+            | HubError::Events(_)
+            | HubError::X509(_) => true,
             HubError::Tls(error) => matches!(
                 error,
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
@@ -166,6 +189,10 @@ pub struct HubState {
     pub telemetry: telemetry::Telemetry,
     /// With `--capture`: where accepted telemetry goes before it is acknowledged.
     pub capture: Option<Arc<capture::Intake>>,
+    /// The retained event store: accepted telemetry by partition (`events`).
+    pub events: events::EventStore,
+    /// The Event Hubs-compatible endpoint's shared state (`amqp`).
+    pub eventhub: amqp::Endpoint,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
     pub group_key: Option<String>,
     /// Fault hooks (refuse connects, throttle reported patches, clock offset); all off.
@@ -174,12 +201,14 @@ pub struct HubState {
     pub counters: metrics::HubCounters,
     /// The local DPS: id scope, enrollments, pending registrations (`dps`).
     pub dps: dps::Dps,
+    /// The CA certificates `certificateAuthority` devices chain to.
+    pub x509: x509::Authorities,
     /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
     pub liveness: accept::Liveness,
 }
 
 impl HubState {
-    /// `Ok` while both accept loops and the job scheduler run; else which ones do not. A hub
+    /// `Ok` while the accept loops and the job scheduler run; else which ones do not. A hub
     /// whose loop died still answers the connections it has, but takes no new ones: it is
     /// unhealthy, and says so on `/healthz` and to the systemd watchdog.
     pub fn health(&self) -> Result<(), String> {
@@ -195,6 +224,9 @@ pub struct Hub {
     api_addr: SocketAddr,
     /// The DPS device endpoint, when it is served.
     dps_addr: Option<SocketAddr>,
+    amqp_addr: SocketAddr,
+    amqp_plain_addr: Option<SocketAddr>,
+    ws_addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
@@ -235,6 +267,46 @@ async fn bind(ip: IpAddr, port: u16) -> Result<TcpListener, HubError> {
     listen().map_err(|source| HubError::Bind { addr, source })
 }
 
+/// A listener's port: one the operator chose, or a default. The MQTT and API ports are the
+/// hub's address and always chosen (their defaults fail like any port). The others have
+/// defaults that clients of the real service dial (443 for WebSocket, 5671 and 5672 for AMQP):
+/// when such a default cannot be had (in use, or under 1024 without the privilege), the hub
+/// warns and listens on a free port instead, which the banner and `hub.json` report, so that a
+/// second hub, or one run unprivileged, still starts. A chosen port that cannot be bound fails
+/// the start. `Chosen(0)` is any free port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    Chosen(u16),
+    Default(u16),
+}
+
+impl Port {
+    pub fn number(self) -> u16 {
+        match self {
+            Port::Chosen(n) | Port::Default(n) => n,
+        }
+    }
+}
+
+/// Binds `port` on `ip`, falling back to a free port for a default one (see [`Port`]).
+async fn bind_port(ip: IpAddr, port: Port, what: &str) -> Result<TcpListener, HubError> {
+    use std::io::ErrorKind;
+    match bind(ip, port.number()).await {
+        Err(HubError::Bind { addr, source })
+            if matches!(port, Port::Default(_))
+                && matches!(
+                    source.kind(),
+                    ErrorKind::PermissionDenied | ErrorKind::AddrInUse
+                ) =>
+        {
+            tracing::warn!(%addr, error = %source, listener = what,
+                "cannot listen on the default port; listening on a free port instead (hub.json and the banner say which; its flag chooses one)");
+            bind(ip, 0).await
+        }
+        other => other,
+    }
+}
+
 impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, HubError> {
         let dir = &config.state_dir;
@@ -273,10 +345,33 @@ impl Hub {
         };
         let jobs = jobs::Jobs::load(store.clone())?;
         let dps = dps::Dps::load(store.clone(), config.id_scope.as_deref(), "localhost")?;
+        let x509 = x509::Authorities::load(store.clone(), &config.x509_cas)?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
         let api_listener = bind(config.bind, config.api_port).await?;
+        let amqp_listener = bind_port(config.bind, config.amqp.port, "AMQPS").await?;
+        let amqp_plain_listener = match config.amqp.plain_port {
+            Some(port) => Some(bind_port(config.amqp.plain_bind, port, "AMQP").await?),
+            None => None,
+        };
+        let local_addr = |listener: &TcpListener, ip, port| {
+            listener.local_addr().map_err(|source| HubError::Bind {
+                addr: SocketAddr::new(ip, port),
+                source,
+            })
+        };
+        let amqp_addr = local_addr(&amqp_listener, config.bind, config.amqp.port.number())?;
+        let amqp_plain_addr = match &amqp_plain_listener {
+            Some(listener) => Some(local_addr(
+                listener,
+                config.amqp.plain_bind,
+                config.amqp.plain_port.map_or(0, Port::number),
+            )?),
+            None => None,
+        };
+        let events = events::EventStore::open(dir, config.events.clone(), events::Clock::System)?;
+        let ws_listener = bind_port(config.bind, config.ws_port, "WebSocket").await?;
         let mqtt_addr = mqtt_listener
             .local_addr()
             .map_err(|source| HubError::Bind {
@@ -289,9 +384,9 @@ impl Hub {
         })?;
         let dps_listener = match config.dps_port {
             Some(port) => {
-                let listener = bind(config.bind, port).await?;
+                let listener = bind_port(config.bind, port, "DPS").await?;
                 let addr = listener.local_addr().map_err(|source| HubError::Bind {
-                    addr: SocketAddr::new(config.bind, port),
+                    addr: SocketAddr::new(config.bind, port.number()),
                     source,
                 })?;
                 Some((listener, addr))
@@ -299,6 +394,10 @@ impl Hub {
             None => None,
         };
         let dps_addr = dps_listener.as_ref().map(|(_, addr)| *addr);
+        let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
+            addr: SocketAddr::new(config.bind, config.ws_port.number()),
+            source,
+        })?;
 
         let owner = policies
             .get("iothubowner")
@@ -307,6 +406,7 @@ impl Hub {
             hostname: "localhost".into(),
             mqtt_port: mqtt_addr.port(),
             api_port: api_addr.port(),
+            ws_port: ws_addr.port(),
             ca_file: std::path::absolute(&identity.ca_file).unwrap_or(identity.ca_file.clone()),
             service_connection_string: ServiceConnectionString {
                 host_name: format!("localhost:{}", api_addr.port()),
@@ -326,7 +426,36 @@ impl Hub {
                 }
                 .to_string()
             }),
+            amqp_port: Some(amqp_addr.port()),
+            amqp_plain_port: amqp_plain_addr.map(|a| a.port()),
+            eventhub_connection_string: None,
+            eventhub_emulator_connection_string: None,
         };
+        // The event hub's name is the hub's: the first label of its host name.
+        let hub_name = info
+            .hostname
+            .split('.')
+            .next()
+            .unwrap_or("localhost")
+            .to_string();
+        let mut info = info;
+        if let Some(service) = policies.get("service") {
+            info.eventhub_connection_string = Some(amqp::connection_string(
+                &info.hostname,
+                &service.name,
+                &service.primary_key,
+                &hub_name,
+            ));
+            info.eventhub_emulator_connection_string = amqp_plain_addr.map(|addr| {
+                amqp::emulator_connection_string(
+                    &info.hostname,
+                    addr.port(),
+                    &service.name,
+                    &service.primary_key,
+                    &hub_name,
+                )
+            });
+        }
 
         // After the lock: the write-ahead log is in the state directory. Started before the
         // listeners, so recovered messages are in the first window before any new one.
@@ -346,8 +475,13 @@ impl Hub {
         let mut liveness = accept::Liveness::default();
         let mqtt_alive = liveness.watch("MQTT accept loop");
         let api_alive = liveness.watch("API accept loop");
+        let ws_alive = liveness.watch("WebSocket accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
         let dps_alive = dps_addr.map(|_| liveness.watch("DPS accept loop"));
+        let amqp_alive = liveness.watch("AMQPS accept loop");
+        let amqp_plain_alive = amqp_plain_listener
+            .as_ref()
+            .map(|_| liveness.watch("AMQP accept loop"));
         let state = Arc::new(HubState {
             host_names: auth::HostNames::new(&config.hostnames, api_addr.port()),
             policies,
@@ -360,23 +494,37 @@ impl Hub {
                 capture.as_ref().map_or(1, |c| c.next_sequence),
             ),
             capture: capture.as_ref().map(|c| c.intake.clone()),
+            events,
+            eventhub: amqp::Endpoint::new(hub_name, &config.amqp.consumer_groups),
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
             dps,
+            x509,
             liveness,
         });
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config.clone());
+        let devices_pool = mqtt::listener::unauthenticated_pool();
         tasks.spawn(mqtt::listener::serve(
             mqtt_listener,
             acceptor.clone(),
             state.clone(),
+            devices_pool.clone(),
             shutdown.clone(),
             tasks.clone(),
             mqtt_alive,
+        ));
+        tasks.spawn(mqtt::listener::serve_websocket(
+            ws_listener,
+            acceptor.clone(),
+            state.clone(),
+            devices_pool,
+            shutdown.clone(),
+            tasks.clone(),
+            ws_alive,
         ));
         tasks.spawn(jobs::run_scheduler(
             state.clone(),
@@ -394,6 +542,25 @@ impl Hub {
                 alive,
             ));
         }
+        tasks.spawn(amqp::serve(
+            amqp_listener,
+            Some(acceptor.clone()),
+            state.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            amqp_alive,
+        ));
+        if let (Some(listener), Some(alive)) = (amqp_plain_listener, amqp_plain_alive) {
+            tasks.spawn(amqp::serve(
+                listener,
+                None,
+                state.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+                alive,
+            ));
+        }
+        tasks.spawn(expire_events(state.clone(), shutdown.clone()));
         tasks.spawn(api::serve(
             api_listener,
             acceptor,
@@ -412,6 +579,9 @@ impl Hub {
             mqtt_addr,
             api_addr,
             dps_addr,
+            amqp_addr,
+            amqp_plain_addr,
+            ws_addr,
             shutdown,
             tasks,
             capture,
@@ -440,6 +610,21 @@ impl Hub {
         self.dps_addr
     }
 
+    /// The Event Hubs-compatible endpoint over TLS.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
+    }
+
+    /// The plain AMQP listener, when there is one.
+    pub fn amqp_plain_addr(&self) -> Option<SocketAddr> {
+        self.amqp_plain_addr
+    }
+
+    /// Where MQTT over WebSocket is served (path `/$iothub/websocket`, subprotocol `mqtt`).
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
     /// The connection string a device uses to reach this hub. `GatewayHostName` carries the
     /// MQTT port when it is not the standard 8883 (the agent honours it; SDKs that dial 8883
     /// need the standard port).
@@ -465,7 +650,7 @@ impl Hub {
         )
     }
 
-    /// `Ok` while the hub serves: not stopping, and both accept loops and the job scheduler
+    /// `Ok` while the hub serves: not stopping, and the accept loops and the job scheduler
     /// running. Else why not, in one line (no secrets): what `/healthz` and the systemd
     /// watchdog go by.
     pub fn health(&self) -> Result<(), String> {
@@ -492,15 +677,26 @@ impl Hub {
     }
 }
 
+/// Drops expired events every [`events::EXPIRY_INTERVAL`] (appends drop them too; this is
+/// for a quiet hub), until shutdown.
+async fn expire_events(state: Arc<HubState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(events::EXPIRY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => state.events.expire(),
+        }
+    }
+}
+
 /// `hub.json`'s `capture`: what the hub archives, and where.
 fn capture_info(settings: &capture::CaptureSettings) -> crate::common::local_hub::CaptureInfo {
     crate::common::local_hub::CaptureInfo {
-        dest: std::path::absolute(&settings.dir)
-            .unwrap_or(settings.dir.clone())
-            .display()
-            .to_string(),
+        dest: settings.destination.describe(),
         format: settings.format.as_str().into(),
         codec: settings.codec.as_str().into(),
+        encoding: settings.encoding.as_str().into(),
         window_secs: settings.window.as_secs(),
         window_bytes: settings.window_bytes,
         skip_empty: settings.skip_empty,

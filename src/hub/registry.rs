@@ -86,6 +86,61 @@ impl StoredPropertySet {
     }
 }
 
+/// How a device authenticates (`authentication.type` of the service API).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum DeviceAuth {
+    /// SAS tokens signed with the device's keys.
+    #[default]
+    Sas,
+    /// An X.509 certificate whose SHA-1 or SHA-256 thumbprint (hex, stored as given) is one
+    /// of these.
+    #[serde(rename_all = "camelCase")]
+    SelfSigned {
+        primary_thumbprint: String,
+        secondary_thumbprint: Option<String>,
+    },
+    /// An X.509 certificate that chains to a CA the hub trusts, with the device id as its CN.
+    CertificateAuthority,
+}
+
+impl DeviceAuth {
+    /// The name the service API uses.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            DeviceAuth::Sas => "sas",
+            DeviceAuth::SelfSigned { .. } => "selfSigned",
+            DeviceAuth::CertificateAuthority => "certificateAuthority",
+        }
+    }
+
+    fn thumbprints_json(&self) -> Value {
+        match self {
+            DeviceAuth::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => json!({
+                "primaryThumbprint": primary_thumbprint,
+                "secondaryThumbprint": secondary_thumbprint,
+            }),
+            _ => json!({"primaryThumbprint": null, "secondaryThumbprint": null}),
+        }
+    }
+
+    /// Whether `thumbprint` (hex, any case) is one of a selfSigned device's.
+    pub fn has_thumbprint(&self, thumbprint: &str) -> bool {
+        match self {
+            DeviceAuth::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => std::iter::once(primary_thumbprint)
+                .chain(secondary_thumbprint)
+                .any(|t| t.eq_ignore_ascii_case(thumbprint)),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Device {
     pub id: String,
@@ -95,8 +150,12 @@ pub struct Device {
     pub status: DeviceStatus,
     pub status_reason: Option<String>,
     pub status_updated: String,
+    /// The symmetric keys of a SAS device; empty for an X.509 device.
     pub primary_key: String,
     pub secondary_key: String,
+    /// Absent in documents stored before X.509 devices existed: those are SAS devices.
+    #[serde(default)]
+    pub authentication: DeviceAuth,
     pub twin: Twin,
     #[serde(skip)]
     pub live: Arc<LiveStats>,
@@ -113,6 +172,7 @@ impl Device {
             status_updated: now_iso(),
             primary_key,
             secondary_key,
+            authentication: DeviceAuth::Sas,
             twin: Twin {
                 tags: Map::new(),
                 desired: StoredPropertySet::fresh(),
@@ -168,15 +228,23 @@ impl Device {
             "lastActivityTime": self.last_activity(),
             "cloudToDeviceMessageCount": self.live.cloud_to_device_sent.load(Ordering::Relaxed),
             "authentication": {
-                "type": "sas",
-                "symmetricKey": {
-                    "primaryKey": self.primary_key,
-                    "secondaryKey": self.secondary_key,
-                },
-                "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+                "type": self.authentication.type_name(),
+                "symmetricKey": self.symmetric_key_json(),
+                "x509Thumbprint": self.authentication.thumbprints_json(),
             },
             "capabilities": {"iotEdge": false},
         })
+    }
+
+    /// Keys for a SAS device; nulls for an X.509 device, as IoT Hub answers.
+    fn symmetric_key_json(&self) -> Value {
+        match self.authentication {
+            DeviceAuth::Sas => json!({
+                "primaryKey": self.primary_key,
+                "secondaryKey": self.secondary_key,
+            }),
+            _ => json!({"primaryKey": null, "secondaryKey": null}),
+        }
     }
 
     /// The Twin JSON of the service API (and of queries).
@@ -190,8 +258,8 @@ impl Device {
             "connectionState": self.connection_state(),
             "lastActivityTime": self.last_activity(),
             "cloudToDeviceMessageCount": self.live.cloud_to_device_sent.load(Ordering::Relaxed),
-            "authenticationType": "sas",
-            "x509Thumbprint": {"primaryThumbprint": null, "secondaryThumbprint": null},
+            "authenticationType": self.authentication.type_name(),
+            "x509Thumbprint": self.authentication.thumbprints_json(),
             "version": self.twin.version,
             "tags": self.twin.tags,
             "properties": {
@@ -213,13 +281,15 @@ pub fn check_device_id(id: &str) -> Result<(), IotHubError> {
         .map_err(|error| IotHubError::argument(format!("device id {error}")))
 }
 
-/// What a create or update request asks for; `None` keys mean "generate".
+/// What a create or update request asks for; `None` keys mean "generate" (SAS devices; an
+/// X.509 device has no keys).
 pub struct DeviceSpec {
     pub id: String,
     pub status: DeviceStatus,
     pub status_reason: Option<String>,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
+    pub authentication: DeviceAuth,
 }
 
 impl DeviceSpec {
@@ -232,6 +302,7 @@ impl DeviceSpec {
             status_reason: None,
             primary_key: None,
             secondary_key: None,
+            authentication: DeviceAuth::Sas,
         }
     }
 }
@@ -313,8 +384,8 @@ impl Registry {
     /// Creates a device; 409 DeviceAlreadyExists when the id is taken.
     pub fn create(&self, spec: DeviceSpec) -> Result<Value, IotHubError> {
         check_device_id(&spec.id)?;
-        let primary = checked_key(spec.primary_key, "primaryKey")?;
-        let secondary = checked_key(spec.secondary_key, "secondaryKey")?;
+        let (primary, secondary) =
+            checked_keys(&spec.authentication, spec.primary_key, spec.secondary_key)?;
         let mut devices = self.write();
         if devices.contains_key(&spec.id) {
             return Err(IotHubError::new(
@@ -324,6 +395,7 @@ impl Registry {
         }
         let mut device = Device::new(&spec.id, primary, secondary, spec.status);
         device.status_reason = spec.status_reason;
+        device.authentication = spec.authentication;
         self.persist(&device)?;
         let json = device.to_device_json();
         devices.insert(spec.id, device);
@@ -343,8 +415,9 @@ impl Registry {
                 device.status_updated = now_iso();
             }
             device.status_reason = spec.status_reason;
-            device.primary_key = checked_key(spec.primary_key, "primaryKey")?;
-            device.secondary_key = checked_key(spec.secondary_key, "secondaryKey")?;
+            (device.primary_key, device.secondary_key) =
+                checked_keys(&spec.authentication, spec.primary_key, spec.secondary_key)?;
+            device.authentication = spec.authentication;
             device.etag_counter += 1;
             Ok(device.to_device_json())
         })
@@ -405,6 +478,22 @@ impl Registry {
             disabled: devices.len() - enabled,
             connected,
         }
+    }
+}
+
+/// The keys of a device: checked or generated for a SAS device, none for an X.509 device
+/// (so no SAS token can ever match one).
+fn checked_keys(
+    authentication: &DeviceAuth,
+    primary: Option<String>,
+    secondary: Option<String>,
+) -> Result<(String, String), IotHubError> {
+    match authentication {
+        DeviceAuth::Sas => Ok((
+            checked_key(primary, "primaryKey")?,
+            checked_key(secondary, "secondaryKey")?,
+        )),
+        _ => Ok((String::new(), String::new())),
     }
 }
 

@@ -1,8 +1,9 @@
 //! Crash-safe persistence of the hub's state in one SQLite file (`hub.db`).
 //!
 //! The store knows rows, not IoT Hub rules: devices are kept as JSON documents keyed by id,
-//! shared access policies as rows, a few settings (the group key) as name/value pairs, and
-//! scheduled jobs as JSON documents with one JSON row per (job, device). It
+//! shared access policies as rows, a few settings (the group key) as name/value pairs, CA
+//! certificates as JSON documents keyed by name, and scheduled jobs as JSON documents with one
+//! JSON row per (job, device). It
 //! runs in WAL mode with `synchronous=NORMAL`: a crash of the process never loses a committed
 //! write and never corrupts the file; a power cut may lose the last commits but not the file.
 //! Calls are synchronous and short (one row each), made under a mutex.
@@ -57,7 +58,8 @@ impl Store {
              CREATE TABLE IF NOT EXISTS job_devices (job_id TEXT NOT NULL, device_id TEXT NOT NULL,
                  doc TEXT NOT NULL, PRIMARY KEY (job_id, device_id));
              CREATE TABLE IF NOT EXISTS dps_enrollments (kind TEXT NOT NULL, id TEXT NOT NULL,
-                 doc TEXT NOT NULL, PRIMARY KEY (kind, id));",
+                 doc TEXT NOT NULL, PRIMARY KEY (kind, id));
+             CREATE TABLE IF NOT EXISTS certificates (name TEXT PRIMARY KEY, doc TEXT NOT NULL);",
         )
         .map_err(open_err)?;
         Ok(Store {
@@ -92,6 +94,29 @@ impl Store {
     pub fn delete_device(&self, id: &str) -> Result<(), StoreError> {
         self.conn()
             .execute("DELETE FROM devices WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// The CA certificates (`x509.rs`), as JSON documents keyed by name.
+    pub fn load_certificates(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, doc FROM certificates ORDER BY name")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_certificate(&self, name: &str, doc: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO certificates (name, doc) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+            params![name, doc],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_certificate(&self, name: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM certificates WHERE name = ?1", params![name])?;
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The hub's TLS identity: a local certificate authority kept in the state directory and a
-//! server certificate signed by it on every start.
+//! server certificate signed by it on every start. Clients are asked for a certificate, not
+//! required to send one (X.509 devices, `x509.rs`).
 //!
 //! Clients trust `ca.pem`; the CA key never leaves the state directory (mode 0600, written
 //! through `hub::private`). The server
@@ -79,11 +80,14 @@ pub fn load_or_create(state_dir: &Path, extra_names: &[String]) -> Result<TlsIde
     let server_cert = server_params(extra_names)?.signed_by(&server_key, &ca_cert, &ca_key)?;
     let chain = vec![server_cert.der().clone(), ca_cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
-    let mut server_config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(server_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+    let provider = server_provider();
+    // Every client is asked for a certificate and none is required: X.509 devices send one,
+    // SAS devices and service clients none (`x509::AskForClientCertificate`).
+    let client_auth = super::x509::AskForClientCertificate::new(&provider);
+    let mut server_config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(client_auth)
+        .with_single_cert(chain, key)?;
     server_config.ignore_client_order = true;
     Ok(TlsIdentity {
         server_config: Arc::new(server_config),

@@ -9,6 +9,8 @@
 pub const API_VERSION: &str = "2021-04-12";
 /// The port of MQTT over TLS, which every device SDK dials.
 pub const MQTT_TLS_PORT: u16 = 8883;
+/// The port of MQTT over WebSocket (TLS), for networks that let only HTTPS out.
+pub const WEBSOCKET_PORT: u16 = 443;
 
 pub mod connection_string;
 pub mod dps;

@@ -538,6 +538,88 @@ impl ServiceClient {
             .await
     }
 
+    /// `PUT /devices/{id}` of an X.509 device: `selfSigned` with `primary` (and optionally
+    /// `secondary`) thumbprints, SHA-1 or SHA-256 hex; `certificateAuthority` when `primary` is
+    /// `None`. The body is the one azure-iot-hub's `create_device_with_x509` and
+    /// `create_device_with_certificate_authority` send.
+    pub async fn create_x509_device(
+        &self,
+        id: &str,
+        enabled: bool,
+        primary: Option<&str>,
+        secondary: Option<&str>,
+    ) -> Result<Value, ServiceError> {
+        check_id(id)?;
+        let authentication = match primary {
+            Some(primary) => json!({
+                "type": "selfSigned",
+                "x509Thumbprint": {"primaryThumbprint": primary, "secondaryThumbprint": secondary},
+            }),
+            None => json!({"type": "certificateAuthority"}),
+        };
+        let body = json!({
+            "deviceId": id,
+            "status": if enabled { "enabled" } else { "disabled" },
+            "authentication": authentication,
+            "capabilities": {"iotEdge": false},
+        });
+        self.call(Method::PUT, &device_path(id), Some(&body), &[])
+            .await
+    }
+
+    /// `GET /simdevice/certificates`: the CA certificates the local hub trusts for X.509
+    /// devices (a simdevice extension: Azure manages them through its management API).
+    pub async fn list_certificates(&self) -> Result<Value, ServiceError> {
+        self.call(Method::GET, "/simdevice/certificates", None, &[])
+            .await
+    }
+
+    /// `GET /simdevice/certificates/{name}`.
+    pub async fn get_certificate(&self, name: &str) -> Result<Value, ServiceError> {
+        self.call(Method::GET, &certificate_path(name), None, &[])
+            .await
+    }
+
+    /// `PUT /simdevice/certificates/{name}`: trust the CA certificate `pem`.
+    pub async fn add_certificate(&self, name: &str, pem: &str) -> Result<Value, ServiceError> {
+        let body = json!({ "certificate": pem });
+        self.call(Method::PUT, &certificate_path(name), Some(&body), &[])
+            .await
+    }
+
+    /// `POST /simdevice/certificates/{name}/generate`: the hub creates a CA and keeps its key.
+    pub async fn generate_certificate(&self, name: &str) -> Result<Value, ServiceError> {
+        let path = format!("{}/generate", certificate_path(name));
+        self.call(Method::POST, &path, None, &[]).await
+    }
+
+    /// `DELETE /simdevice/certificates/{name}`.
+    pub async fn delete_certificate(&self, name: &str) -> Result<(), ServiceError> {
+        self.call(Method::DELETE, &certificate_path(name), None, &[])
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /simdevice/device-certificates`: a device certificate (CN = `device`) and its
+    /// private key, signed by the hub's CA `ca` or self-signed, valid for `days` (negative:
+    /// already expired). The answer carries the key: it is the caller's to keep private.
+    pub async fn issue_certificate(
+        &self,
+        device: &str,
+        ca: Option<&str>,
+        days: i64,
+    ) -> Result<Value, ServiceError> {
+        check_id(device)?;
+        let body = json!({ "deviceId": device, "ca": ca, "days": days });
+        self.call(
+            Method::POST,
+            "/simdevice/device-certificates",
+            Some(&body),
+            &[],
+        )
+        .await
+    }
+
     /// `GET /devices/{id}`.
     pub async fn get_device(&self, id: &str) -> Result<Value, ServiceError> {
         check_id(id)?;
@@ -814,6 +896,10 @@ impl ServiceClient {
             .await?
             .0)
     }
+}
+
+fn certificate_path(name: &str) -> String {
+    format!("/simdevice/certificates/{}", enc(name))
 }
 
 fn device_path(id: &str) -> String {

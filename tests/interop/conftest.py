@@ -2,7 +2,7 @@
 
 The hub is started once per test session as a subprocess (the CLI contract):
 
-    simdevice hub --state-dir DIR --mqtt-port 0 --api-port 0
+    simdevice hub --state-dir DIR --mqtt-port 0 --api-port 0 --ws-port 0
 
 It writes DIR/hub.json once it listens:
     {"hostname": "localhost", "mqtt_port": N, "api_port": M, "ca_file": "/abs/ca.pem",
@@ -173,6 +173,7 @@ class Hub:
         self.hostname = info["hostname"]
         self.mqtt_port = int(info["mqtt_port"])
         self.api_port = int(info["api_port"])
+        self.ws_port = int(info.get("ws_port", 0))
         self.ca_file = info["ca_file"]
         self.service_connection_string = info["service_connection_string"]
 
@@ -247,7 +248,10 @@ def hub(tmp_path_factory):
     env = dict(os.environ)
     env.setdefault("RUST_LOG", "info")
     process = subprocess.Popen(
-        [str(binary), "hub", "--state-dir", str(state_dir), "--mqtt-port", "0", "--api-port", "0"],
+        [str(binary), "hub", "--state-dir", str(state_dir), "--mqtt-port", "0", "--api-port", "0",
+         "--ws-port", "0",
+         # The Event Hubs-compatible endpoint (test_eventhub.py): free ports, as the others.
+         "--amqp-port", "0", "--amqp-plain-port", "0"],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

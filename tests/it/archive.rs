@@ -34,6 +34,7 @@ fn simdevice(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_simdevice"))
         .args(args)
         .env("RUST_LOG", "info")
+        .env_remove("AZURE_STORAGE_CONNECTION_STRING")
         .output()
         .expect("simdevice runs")
 }
@@ -440,7 +441,7 @@ fn a_column_the_existing_header_lacks_is_dropped_and_reported() {
 }
 
 #[test]
-fn a_missing_source_or_a_blob_container_is_a_configuration_error() {
+fn a_missing_source_or_an_unusable_container_is_a_configuration_error() {
     let out = tempfile::tempdir().unwrap();
     let out = out.path().to_str().unwrap();
     let missing = simdevice(&["archive", "to-csv", "/nonexistent/archive", "--out", out]);
@@ -451,14 +452,25 @@ fn a_missing_source_or_a_blob_container_is_a_configuration_error() {
         stderr(&missing)
     );
 
-    for source in [
-        "azure://capture",
-        "https://acct.blob.core.windows.net/capture?sv=2022&sig=SECRETSIG",
+    for (source, reason) in [
+        (
+            "azure://capture",
+            "AZURE_STORAGE_CONNECTION_STRING is not set",
+        ),
+        (
+            "https://acct.blob.core.windows.net/capture",
+            "carries no SAS",
+        ),
+        (
+            "http://acct.blob.core.windows.net/capture?sv=2022&sig=SECRETSIG",
+            "only for a loopback emulator",
+        ),
+        ("azure://Not_A_Container", "is not a container name"),
     ] {
         let output = simdevice(&["archive", "to-csv", source, "--out", out]);
         let err = stderr(&output);
         assert_eq!(output.status.code(), Some(78), "{err}");
-        assert!(err.contains("Blob Storage is not built yet"), "{err}");
+        assert!(err.contains(reason), "{source}: {err}");
         assert!(!err.contains("SECRETSIG"), "the SAS is printed: {err}");
     }
 }

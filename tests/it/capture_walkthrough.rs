@@ -1,7 +1,8 @@
 //! Scenario 1, the Event Hubs Capture walkthrough, end to end through the binary: a hub that
-//! captures to a directory (short windows) -> the walkthrough's sender (`simdevice fleet
-//! --count 10 --messages 20 --interval-secs 0`) -> `simdevice archive to-csv` -> ten CSV files
-//! of twenty rows each, whose values are the readings the hub received.
+//! captures (short windows) -> the walkthrough's sender (`simdevice fleet --count 10
+//! --messages 20 --interval-secs 0`) -> `simdevice archive to-csv` -> ten CSV files of twenty
+//! rows each, whose values are the readings the hub received. Once to a directory, once to a
+//! Blob Storage container in Azurite (with `--delete`, as the walkthrough's reader does).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::agent::eventually;
+use crate::common::azurite::Azurite;
 use crate::common::isolated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_simdevice");
@@ -44,10 +46,31 @@ fn rows(path: &std::path::Path) -> Vec<BTreeMap<String, String>> {
 #[tokio::test]
 async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("hub");
     let capture = dir.path().join("capture");
-    let out = dir.path().join("csv");
+    walkthrough(dir.path(), capture.to_str().unwrap(), &[], false).await;
+}
+
+#[tokio::test]
+async fn the_capture_walkthrough_runs_end_to_end_in_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let azurite = Azurite::start(&dir.path().join("azurite"));
+    azurite.container_sas_url("capture"); // makes the container
+    let env = [(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        azurite.connection_string(),
+    )];
+    walkthrough(dir.path(), "azure://capture/walkthrough", &env, true).await;
+    // --delete: each blob went once its rows were written.
+    assert_eq!(azurite.blobs("capture"), Vec::<String>::new());
+}
+
+/// The walkthrough with capture to `dest` (also the reader's source), `env` given to the hub
+/// and the reader.
+async fn walkthrough(dir: &std::path::Path, dest: &str, env: &[(&str, String)], delete: bool) {
+    let state = dir.join("hub");
+    let out = dir.join("csv");
     let mut hub = command()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .args([
             "hub",
             "--auto-register",
@@ -58,8 +81,7 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
         ])
         .arg("--state-dir")
         .arg(&state)
-        .arg("--capture")
-        .arg(&capture)
+        .args(["--capture", dest])
         .args(["--capture-window-secs", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -126,14 +148,16 @@ async fn the_capture_walkthrough_runs_end_to_end_on_a_directory() {
         .unwrap();
     assert!(status.success(), "hub exit {status}");
 
-    let archive = command()
-        .args(["archive", "to-csv"])
-        .arg(&capture)
+    let mut archive = command();
+    archive
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(["archive", "to-csv", dest])
         .arg("--out")
-        .arg(&out)
-        .output()
-        .await
-        .unwrap();
+        .arg(&out);
+    if delete {
+        archive.arg("--delete");
+    }
+    let archive = archive.output().await.unwrap();
     assert!(
         archive.status.success(),
         "{}",

@@ -57,6 +57,7 @@ fn identity(host_name: &str, gateway: Option<&str>) -> Identity {
         key: Secret::new(KEY.to_string()),
         gateway_host_name: gateway.map(str::to_string),
         ca_file: None,
+        x509: None,
     }
 }
 

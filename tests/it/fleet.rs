@@ -33,6 +33,8 @@ fn settings_for(hub: &TestHub, count: u64) -> FleetSettings {
         connect_rate: Some(500.0),
         seed: 7,
         template: None,
+        transport: Default::default(),
+        proxy: None,
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use simdevice::common::local_hub::HubInfo;
-use simdevice::hub::capture::{CaptureSettings, Codec, Format};
+use simdevice::hub::capture::{CaptureSettings, Codec, Destination, Encoding, Format};
 
 use crate::common::{connect_packet, device_token, tls_connector_for, RawDevice, TestHub};
 
@@ -19,16 +19,17 @@ const TELEMETRY: &str = "devices/d1/messages/events/$.ct=application%2Fjson&$.ce
 
 fn settings(dir: &Path, format: Format, codec: Codec, window_secs: u64) -> CaptureSettings {
     CaptureSettings {
-        dir: dir.to_owned(),
+        destination: Destination::Directory(dir.to_owned()),
         format,
         codec,
+        encoding: Encoding::Avro,
         window: Duration::from_secs(window_secs),
         window_bytes: 314_572_800,
         skip_empty: true,
     }
 }
 
-/// Every regular file under `root` except temporaries, sorted.
+/// Every regular file under `root` except hidden ones (the temporaries), sorted.
 fn files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_owned()];
@@ -38,6 +39,9 @@ fn files(root: &Path) -> Vec<PathBuf> {
         };
         for entry in entries {
             let path = entry.unwrap().path();
+            if path.file_name().unwrap().to_string_lossy().starts_with('.') {
+                continue; // the hub's temporaries
+            }
             if path.is_dir() {
                 stack.push(path);
             } else {
@@ -428,6 +432,64 @@ async fn after_sigkill_mid_window_every_acknowledged_reading_is_in_exactly_one_f
 }
 
 #[tokio::test]
+async fn routing_json_encoding_writes_one_json_object_a_line() {
+    let out = tempfile::tempdir().unwrap();
+    let settings = CaptureSettings {
+        encoding: Encoding::Json,
+        ..settings(out.path(), Format::IotHub, Codec::Deflate, 1)
+    };
+    let hub = TestHub::start_with(|c| c.capture = Some(settings)).await;
+    assert_eq!(
+        HubInfo::read(hub.dir.path())
+            .unwrap()
+            .capture
+            .unwrap()
+            .encoding,
+        "json"
+    );
+    let sent = send_readings(&hub, 3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines: Vec<serde_json::Value> = loop {
+        let lines: Vec<serde_json::Value> = files(out.path())
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if lines.len() >= 3 {
+            break lines;
+        }
+        assert!(Instant::now() < deadline, "{} of 3 lines", lines.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let files = files(out.path());
+    assert!(
+        files[0]
+            .strip_prefix(out.path())
+            .unwrap()
+            .starts_with("localhost/0"),
+        "{files:?}"
+    );
+    for (line, reading) in lines.iter().zip(&sent) {
+        // application/json in utf-8: the body is the JSON itself.
+        let body: serde_json::Value = serde_json::from_str(reading).unwrap();
+        assert_eq!(line["Body"], body, "{line}");
+        assert_eq!(line["SystemProperties"]["connectionDeviceId"], "d1");
+        assert_eq!(line["SystemProperties"]["contentType"], "application/json");
+        assert_eq!(line["Properties"]["alert"], "high");
+        assert!(
+            line["EnqueuedTimeUtc"].as_str().unwrap().ends_with('Z'),
+            "{line}"
+        );
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
 async fn sigterm_writes_the_open_window_before_the_hub_exits() {
     let root = tempfile::tempdir().unwrap();
     let (state, out) = (root.path().join("state"), root.path().join("capture"));
@@ -447,36 +509,52 @@ async fn sigterm_writes_the_open_window_before_the_hub_exits() {
 }
 
 #[test]
-fn blob_storage_destinations_are_refused_at_start_with_exit_78() {
-    for dest in [
-        "azure://telemetry",
-        "https://account.blob.core.windows.net/c?sv=x",
+fn unusable_containers_are_refused_at_start_with_exit_78() {
+    for (dest, reason) in [
+        (
+            "azure://telemetry",
+            "AZURE_STORAGE_CONNECTION_STRING is not set",
+        ),
+        (
+            "https://account.blob.core.windows.net/c1x",
+            "carries no SAS",
+        ),
+        (
+            "http://account.blob.core.windows.net/c1x?sv=x&sig=SECRETSIG",
+            "only for a loopback emulator",
+        ),
+        ("ftp://host/x", "not a destination this hub knows"),
     ] {
-        let state = tempfile::tempdir().unwrap();
-        let output = Command::new(env!("CARGO_BIN_EXE_simdevice"))
-            .args([
-                "hub",
-                "--mqtt-port",
-                "0",
-                "--api-port",
-                "0",
-                "--capture",
-                dest,
-            ])
-            .arg("--state-dir")
-            .arg(state.path())
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(78), "{dest}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("not built yet"), "{dest}: {stderr}");
-        assert!(
-            !state.path().join("hub.json").exists(),
-            "refused before the hub starts"
-        );
+        refused_at_start(&["--capture", dest], reason);
     }
+    refused_at_start(
+        &["--capture", "/tmp/x", "--capture-encoding", "json"],
+        "add --capture-format iothub",
+    );
+}
+
+/// `simdevice hub ARGS` exits 78 before it starts, saying `reason`, never the SAS.
+fn refused_at_start(args: &[&str], reason: &str) {
+    let dest = args.join(" ");
+    let state = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_simdevice"))
+        .args(["hub", "--mqtt-port", "0", "--api-port", "0"])
+        .args(args)
+        .arg("--state-dir")
+        .arg(state.path())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("AZURE_STORAGE_CONNECTION_STRING")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78), "{dest}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(reason), "{dest}: {stderr}");
+    assert!(!stderr.contains("SECRETSIG"), "{dest}: {stderr}");
+    assert!(
+        !state.path().join("hub.json").exists(),
+        "refused before the hub starts"
+    );
 }
 
 /// The value of an unlabelled sample in a Prometheus text exposition.

@@ -187,6 +187,7 @@ async fn agent_and_hub_figures_move_with_what_happens() {
         key: Secret::new(key.clone()),
         gateway_host_name: Some(format!("localhost:{}", hub.hub.mqtt_addr().port())),
         ca_file: Some(hub.hub.info().ca_file.clone()),
+        x509: None,
     });
     config.telemetry.interval = Duration::from_millis(200);
     config.connection.backoff_min = Duration::from_millis(100);

@@ -1,7 +1,8 @@
 //! `simdevice doctor`: walks the path from the configuration to an authenticated MQTT
 //! connection and says where it breaks: the configuration, where the key is kept, DNS, TCP to
-//! the MQTT port, the TLS handshake and certificate chain, the clock against the hub's, and SAS
-//! authentication (a connect and disconnect). Each check prints `[ok]`, `[warn]` or `[FAIL]`
+//! the MQTT port (to the proxy, and then its CONNECT tunnel, when one is set), the TLS
+//! handshake and certificate chain, the WebSocket upgrade (with `transport = "websocket"`),
+//! the clock against the hub's, and SAS authentication (a connect and disconnect). Each check prints `[ok]`, `[warn]` or `[FAIL]`
 //! with a one-line hint; the exit code is 1 when any check failed.
 //!
 //! The network checks run in order and stop at the first failure (a host that does not
@@ -10,7 +11,8 @@
 //! keeps one connection per device) and reconnects by itself. Nothing here prints a key.
 //!
 //! Rooms: `local` (the configuration and where the key is kept), `network` (DNS, TCP, TLS,
-//! clock, authentication), `der` (reads the hub's certificate to show its expiry). This file
+//! clock, authentication), `certificate` (an X.509 device's certificate: expiry and key
+//! match; `common::der` reads certificates). This file
 //! holds the arguments, the report and the order the checks run in.
 
 use std::io::Write;
@@ -18,13 +20,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::Config;
-
-mod der;
+mod certificate;
 mod https_date;
 mod local;
 mod network;
 
-pub use der::{certificate_summary, CertificateSummary};
+pub use crate::common::der::{certificate_summary, CertificateSummary};
 
 #[derive(Debug, clap::Args)]
 pub struct DoctorArgs {
@@ -137,7 +138,11 @@ pub async fn diagnose(
         }
     };
     let path = config_path.unwrap_or(Path::new(crate::config::DEFAULT_CONFIG_PATH));
-    record(out, &mut report, local::key_storage(path, &config));
+    // An X.509 device keeps no SAS key: its private key file is the certificate check's.
+    match certificate::check(&config.identity) {
+        Some(check) => record(out, &mut report, check),
+        None => record(out, &mut report, local::key_storage(path, &config)),
+    };
     network(&config, hub_state_dir, out, &mut report).await;
     finish(out, &report);
     report
@@ -158,19 +163,33 @@ async fn network(
     out: &mut dyn Write,
     report: &mut Report,
 ) {
-    let (host, port) = config.identity.connect_address();
-    let (check, addrs) = network::dns(&host, port).await;
+    let (host, port) = config.identity.dial_address(config.connection.transport);
+    // Through a proxy, DNS and TCP are the proxy's; the proxy reaches the hub.
+    let proxy = config.connection.proxy.as_ref();
+    let (first_host, first_port) = proxy.map_or((host.as_str(), port), |p| (&p.host, p.port));
+    let (check, addrs) = network::dns(first_host, first_port).await;
     if !record(out, report, check) {
         return;
     }
-    let (check, tcp) = network::tcp(&host, port, &addrs).await;
+    let (check, tcp) = network::tcp(first_host, first_port, &addrs).await;
     if !record(out, report, check) {
         return;
     }
-    let Some(tcp) = tcp else {
+    let Some(mut tcp) = tcp else {
         return;
     };
-    let tls = match crate::agent::client_tls(config.identity.ca_file.as_deref()) {
+    if let Some(proxy) = proxy {
+        drop(tcp);
+        let (check, tunnel) = network::proxy_connect(proxy, &host, port).await;
+        if !record(out, report, check) {
+            return;
+        }
+        let Some(tunnel) = tunnel else {
+            return;
+        };
+        tcp = tunnel;
+    }
+    let tls = match crate::agent::client_tls_for(&config.identity) {
         Ok(tls) => tls,
         Err(error) => {
             let hint = "check identity.ca_file (a PEM certificate)";
@@ -185,7 +204,13 @@ async fn network(
     ) {
         return;
     }
-    let peer = addrs.first().map(|a| a.ip());
+    if config.connection.transport == crate::config::Transport::WebSocket
+        && !record(out, report, network::websocket(config, tls.clone()).await)
+    {
+        return;
+    }
+    // Through a proxy the hub's address is not known here, so not whether it is local.
+    let peer = addrs.first().map(|a| a.ip()).filter(|_| proxy.is_none());
     // A wrong clock does not stop the last check: its CONNACK tells whether it matters yet.
     let check = network::clock(config, peer, port, hub_state_dir, tls.clone()).await;
     record(out, report, check);

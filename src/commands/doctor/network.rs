@@ -13,12 +13,13 @@ use std::time::Duration;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use tokio::net::TcpStream;
 
-use super::der::certificate_summary;
 use super::Check;
 use crate::agent::mqtt::{Wire, WireError};
+use crate::agent::transport::{self, Dial, DialError};
+use crate::common::der::certificate_summary;
 use crate::common::local_hub::HubInfo;
 use crate::common::logging::error_chain;
-use crate::config::Config;
+use crate::config::{Config, Proxy};
 use crate::protocol::sas;
 
 /// Longest wait for any one network step.
@@ -76,6 +77,80 @@ pub(super) async fn tcp(host: &str, port: u16, addrs: &[SocketAddr]) -> (Check, 
          the firewall or proxy?"
     );
     (Check::fail(NAME, detail, hint), None)
+}
+
+/// The proxy's CONNECT tunnel to the hub: the tunnel, when the proxy answered 200.
+pub(super) async fn proxy_connect(
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+) -> (Check, Option<TcpStream>) {
+    const NAME: &str = "proxy CONNECT";
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    match tokio::time::timeout(STEP_TIMEOUT, transport::tunnel(proxy, host, port)).await {
+        Ok(Ok(tunnel)) => {
+            let detail = format!("{proxy} opened a tunnel to {target} (HTTP 200)");
+            (Check::ok(NAME, detail), Some(tunnel))
+        }
+        Ok(Err(error)) => {
+            let hint = match &error {
+                DialError::ProxyStatus { status: 407, .. } => {
+                    "the proxy wants credentials: connection.proxy = \"http://user:password@host:port\""
+                }
+                DialError::ProxyStatus { .. } => {
+                    "the proxy does not let this host and port through: ask its administrator to \
+                     allow CONNECT to it"
+                }
+                _ => "check connection.proxy (or HTTPS_PROXY): is it an HTTP proxy, and running?",
+            };
+            (Check::fail(NAME, error_chain(&error), hint), None)
+        }
+        Err(_) => {
+            let hint = "the proxy did not answer CONNECT: check that it is an HTTP proxy";
+            let detail = format!("no answer to CONNECT {target} from {proxy}");
+            (Check::fail(NAME, detail, hint), None)
+        }
+    }
+}
+
+/// A fresh dial as the agent makes it, up to the WebSocket upgrade, which must be accepted
+/// with the `mqtt` subprotocol; the failing step is named.
+pub(super) async fn websocket(config: &Config, tls: Arc<rustls::ClientConfig>) -> Check {
+    const NAME: &str = "WebSocket";
+    let dial = Dial::new(&config.identity, &config.connection, tls);
+    let url = dial.websocket_url();
+    match tokio::time::timeout(STEP_TIMEOUT, dial.open()).await {
+        Ok(Ok(_stream)) => Check::ok(
+            NAME,
+            format!("{url} accepted the upgrade with the subprotocol mqtt"),
+        ),
+        Ok(Err(error)) => {
+            let hint = match &error {
+                DialError::UpgradeRefused { status: 404, .. } => {
+                    "the server has no MQTT endpoint at /$iothub/websocket: is the port the \
+                     hub's WebSocket port (443; a local hub's ws_port in hub.json)?"
+                }
+                DialError::UpgradeRefused { .. } | DialError::Upgrade { .. } => {
+                    "the port does not serve IoT Hub's MQTT over WebSocket; check the port in \
+                     identity.gateway_host_name (host:port)"
+                }
+                _ => "the earlier checks passed a moment ago: try again",
+            };
+            Check::fail(NAME, error_chain(&error), hint)
+        }
+        Err(_) => Check::fail(
+            NAME,
+            format!(
+                "no WebSocket upgrade from {url} within {} s",
+                STEP_TIMEOUT.as_secs()
+            ),
+            "something on the port speaks TLS but not HTTP: check the port",
+        ),
+    }
 }
 
 pub(super) async fn tls_check(
@@ -175,7 +250,7 @@ pub(super) async fn clock(
     let api_port = if local_hub {
         hub_state_dir
             .and_then(|dir| HubInfo::read(dir).ok())
-            .filter(|info| info.mqtt_port == mqtt_port)
+            .filter(|info| info.mqtt_port == mqtt_port || info.ws_port == mqtt_port)
             .map(|info| info.api_port)
     } else {
         None
@@ -233,25 +308,30 @@ pub(super) async fn clock(
     }
 }
 
-/// Connects as the device with a fresh SAS token, reports the CONNACK, disconnects.
+/// Connects as the device with a fresh SAS token (an X.509 device: with its certificate, no
+/// password), reports the CONNACK, disconnects.
 pub(super) async fn authenticate(config: &Config, tls: Arc<rustls::ClientConfig>) -> Check {
     const NAME: &str = "authentication";
     let identity = &config.identity;
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let resource = sas::device_resource(&identity.host_name, &identity.device_id, None);
-    let token = match sas::generate_token(&resource, identity.key.expose(), None, now + 300) {
+    let signed = match &identity.x509 {
+        Some(_) => Ok(String::new()),
+        None => sas::generate_token(&resource, identity.key.expose(), None, now + 300),
+    };
+    let token = match signed {
         Ok(token) => token,
         Err(error) => {
             let hint = "the key must be the device's base64 SharedAccessKey";
             return Check::fail(NAME, format!("cannot sign a SAS token: {error}"), hint);
         }
     };
-    let (host, port) = identity.connect_address();
     let mut connect = Connect::new(identity.device_id.clone());
     connect.keep_alive = 30;
     connect.clean_session = true;
     connect.set_login(crate::agent::connection::username(identity), token);
-    let outcome = tokio::time::timeout(STEP_TIMEOUT, Wire::open(&host, port, tls, &connect)).await;
+    let dial = Dial::new(identity, &config.connection, tls);
+    let outcome = tokio::time::timeout(STEP_TIMEOUT, Wire::open(&dial, &connect)).await;
     match outcome {
         Ok(Ok((mut wire, _))) => {
             let _ = tokio::time::timeout(Duration::from_secs(2), wire.disconnect()).await;

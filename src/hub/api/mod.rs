@@ -3,7 +3,8 @@
 //! `serve` accepts TLS connections and runs each through hyper with the axum router built in
 //! `router`. Handlers live by resource: `devices` (registry and statistics), `twins` (twins
 //! and direct methods), `query` (`POST /devices/query`), `jobs` (`/jobs/v2`), `events` (the
-//! simdevice extension that reads recent telemetry). Every handler names the permission it
+//! simdevice extension that reads recent telemetry), `certificates` (the simdevice extension
+//! for X.509 CA and device certificates). Every handler names the permission it
 //! needs in its signature (`authorized::Authorized<P>`, an extractor that checks the
 //! api-version and the caller's SAS token before the handler runs).
 //!
@@ -12,6 +13,7 @@
 //! never retried by the SDKs.
 
 mod authorized;
+mod certificates;
 mod devices;
 mod dps;
 mod error;
@@ -91,6 +93,18 @@ pub fn router(state: Arc<HubState>) -> Router {
             "/simdevice/devices/{id}/messages/devicebound",
             post(events::send_cloud_to_device),
         )
+        .route("/simdevice/certificates", get(certificates::list))
+        .route(
+            "/simdevice/certificates/{name}",
+            get(certificates::get_one)
+                .put(certificates::add)
+                .delete(certificates::delete),
+        )
+        .route(
+            "/simdevice/certificates/{name}/generate",
+            post(certificates::generate),
+        )
+        .route("/simdevice/device-certificates", post(certificates::issue))
         .fallback(|| async {
             ApiError::bad_request("no such operation in the IoT Hub service API")
         })

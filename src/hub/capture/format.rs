@@ -3,6 +3,7 @@
 //! `deflate` or `null`. Pure: events in, bytes out; no files, no clock, no tasks.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use apache_avro::types::Value;
 use apache_avro::{Schema, Writer};
@@ -51,6 +52,39 @@ pub enum Format {
 pub enum Codec {
     Deflate,
     Null,
+}
+
+/// How a routing file's records are written: Avro (the default, and the only form Event Hubs
+/// Capture has), or routing's JSON encoding (one JSON object a line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Avro,
+    Json,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Avro => "avro",
+            Encoding::Json => "json",
+        }
+    }
+}
+
+impl FromStr for Encoding {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "avro" => Ok(Encoding::Avro),
+            "json" => Ok(Encoding::Json),
+            _ => Err(ParseError {
+                what: "capture encoding",
+                given: s.into(),
+                expected: "avro or json",
+            }),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,23 +170,82 @@ pub fn schema(format: Format) -> Schema {
     Schema::parse_str(text).expect("the built-in schemas parse")
 }
 
-/// One whole file: the header (schema, codec) and every message, in order. No messages gives
-/// the header alone (an "empty archive").
-pub fn encode(format: Format, codec: Codec, messages: &[Captured]) -> Result<Vec<u8>, EncodeError> {
-    let schema = schema(format);
-    let codec = match codec {
-        Codec::Deflate => apache_avro::Codec::Deflate(Default::default()),
-        Codec::Null => apache_avro::Codec::Null,
-    };
-    let mut writer = Writer::with_codec(&schema, Vec::new(), codec).map_err(EncodeError)?;
-    for message in messages {
-        let record = match format {
-            Format::EventHubs => event_data(message),
-            Format::IotHub => routing_message(message),
+/// The schemas, parsed once: a [`FileWriter`] borrows its schema for as long as it lives.
+static EVENTHUBS: LazyLock<Schema> = LazyLock::new(|| schema(Format::EventHubs));
+static IOTHUB: LazyLock<Schema> = LazyLock::new(|| schema(Format::IotHub));
+
+/// A file being written, a record at a time. In Avro, apache-avro keeps the records of the
+/// current block (about 16 KB) and compresses each full block as it goes, so an open window
+/// holds its file's bytes, not its messages, and closing it costs one last block. In routing's
+/// JSON encoding, each record is one line.
+pub enum FileWriter {
+    Avro {
+        format: Format,
+        writer: Box<Writer<'static, Vec<u8>>>,
+    },
+    JsonLines(Vec<u8>),
+}
+
+impl FileWriter {
+    /// The JSON encoding exists for routing only (`iothub`); for `eventhubs` it is Avro.
+    pub fn new(
+        format: Format,
+        codec: Codec,
+        encoding: Encoding,
+    ) -> Result<FileWriter, EncodeError> {
+        if encoding == Encoding::Json && format == Format::IotHub {
+            return Ok(FileWriter::JsonLines(Vec::new()));
+        }
+        let schema: &'static Schema = match format {
+            Format::EventHubs => &EVENTHUBS,
+            Format::IotHub => &IOTHUB,
         };
-        writer.append_value(record).map_err(EncodeError)?;
+        let codec = match codec {
+            Codec::Deflate => apache_avro::Codec::Deflate(Default::default()),
+            Codec::Null => apache_avro::Codec::Null,
+        };
+        let writer = Writer::with_codec(schema, Vec::new(), codec).map_err(EncodeError)?;
+        Ok(FileWriter::Avro {
+            format,
+            writer: Box::new(writer),
+        })
     }
-    writer.into_inner().map_err(EncodeError)
+
+    pub fn append(&mut self, message: &Captured) -> Result<(), EncodeError> {
+        match self {
+            FileWriter::Avro { format, writer } => {
+                let record = match format {
+                    Format::EventHubs => event_data(message),
+                    Format::IotHub => routing_message(message),
+                };
+                writer.append_value(record).map_err(EncodeError)?;
+            }
+            FileWriter::JsonLines(lines) => {
+                // A map of strings and JSON values cannot fail to serialise.
+                let _ = serde_json::to_writer(&mut *lines, &routing_json(message));
+                lines.push(b'\n');
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole file: in Avro, the header (schema, codec) and every record, the header alone
+    /// when there is none (an "empty archive"); in JSON, the lines (nothing when empty).
+    pub fn finish(self) -> Result<Vec<u8>, EncodeError> {
+        match self {
+            FileWriter::Avro { writer, .. } => writer.into_inner().map_err(EncodeError),
+            FileWriter::JsonLines(lines) => Ok(lines),
+        }
+    }
+}
+
+/// One whole file of `messages`, in order.
+pub fn encode(format: Format, codec: Codec, messages: &[Captured]) -> Result<Vec<u8>, EncodeError> {
+    let mut file = FileWriter::new(format, codec, Encoding::Avro)?;
+    for message in messages {
+        file.append(message)?;
+    }
+    file.finish()
 }
 
 /// Capture's own text form of the enqueue time: `M/d/yyyy h:mm:ss tt`, e.g. `12/2/2021 2:58:24 PM`.
@@ -257,34 +350,93 @@ fn routing_name(short: &str) -> Option<&'static str> {
     })
 }
 
-fn routing_message(message: &Captured) -> Value {
+/// Name and value pairs of a string map.
+type Pairs = Vec<(String, String)>;
+
+/// Routing's enqueue time, application properties and system properties of a message.
+fn routing_parts(message: &Captured) -> (String, Pairs, Pairs) {
     let event = &message.event;
     let enqueued = routing_time(event.enqueued_time);
-    let text = |v: &str| Value::String(v.to_string());
-    let mut system = std::collections::HashMap::new();
-    system.insert("connectionDeviceId".to_string(), text(&event.device_id));
-    system.insert("connectionAuthMethod".to_string(), text(AUTH_METHOD));
-    system.insert(
-        "connectionDeviceGenerationId".to_string(),
-        text(&message.generation_id),
-    );
-    system.insert("enqueuedTime".to_string(), text(&enqueued));
+    let mut system = vec![
+        (
+            "connectionDeviceId".to_string(),
+            event.device_id.to_string(),
+        ),
+        ("connectionAuthMethod".to_string(), AUTH_METHOD.to_string()),
+        (
+            "connectionDeviceGenerationId".to_string(),
+            message.generation_id.clone(),
+        ),
+        ("enqueuedTime".to_string(), enqueued.clone()),
+    ];
     for (key, value) in event.properties.system_properties() {
         if let Some(name) = routing_name(key) {
-            system.insert(name.to_string(), text(value.unwrap_or_default()));
+            system.push((name.to_string(), value.unwrap_or_default().to_string()));
         }
     }
     let properties = event
         .properties
         .application_properties()
-        .map(|(k, v)| (k.to_string(), text(v.unwrap_or_default())))
+        .map(|(k, v)| (k.to_string(), v.unwrap_or_default().to_string()))
         .collect();
+    (enqueued, properties, system)
+}
+
+fn routing_message(message: &Captured) -> Value {
+    let (enqueued, properties, system) = routing_parts(message);
+    let map = |pairs: Pairs| {
+        Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
+        )
+    };
     Value::Record(vec![
         ("EnqueuedTimeUtc".into(), Value::String(enqueued)),
-        ("Properties".into(), Value::Map(properties)),
-        ("SystemProperties".into(), Value::Map(system)),
+        ("Properties".into(), map(properties)),
+        ("SystemProperties".into(), map(system)),
         ("Body".into(), body(message)),
     ])
+}
+
+/// One line of routing's JSON encoding: the Avro record's fields, with Body the message's
+/// JSON itself when it says it is JSON in UTF-8 (`contentType` application/json,
+/// `contentEncoding` utf-8, as routing requires to read a body) and parses, else its bytes
+/// in base64.
+fn routing_json(message: &Captured) -> serde_json::Value {
+    use base64::Engine;
+    let (enqueued, properties, system) = routing_parts(message);
+    let get = |name: &str| {
+        system
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let says_json = get("contentType").is_some_and(|t| t.starts_with("application/json"))
+        && get("contentEncoding").is_some_and(|e| e == "utf-8");
+    let body = says_json
+        .then(|| serde_json::from_slice::<serde_json::Value>(&message.event.body).ok())
+        .flatten()
+        .unwrap_or_else(|| {
+            serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(&message.event.body),
+            )
+        });
+    let object = |pairs: Pairs| {
+        serde_json::Value::Object(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
+        )
+    };
+    serde_json::json!({
+        "EnqueuedTimeUtc": enqueued,
+        "Properties": object(properties),
+        "SystemProperties": object(system),
+        "Body": body,
+    })
 }
 
 #[cfg(test)]
@@ -334,6 +486,32 @@ pub(crate) mod tests {
             Value::Union(_, inner) => inner,
             other => other,
         }
+    }
+
+    #[test]
+    fn routing_json_lines_carry_json_bodies_as_json_and_others_in_base64() {
+        let mut file = FileWriter::new(Format::IotHub, Codec::Deflate, Encoding::Json).unwrap();
+        file.append(&sample(1, r#"{"t":21.5}"#)).unwrap();
+        let mut binary = sample(2, "not json");
+        binary.event.properties = PropertyBag::new();
+        file.append(&binary).unwrap();
+        let text = String::from_utf8(file.finish().unwrap()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["Body"], serde_json::json!({"t": 21.5}));
+        assert_eq!(lines[0]["Properties"]["alert"], "high");
+        assert_eq!(lines[0]["SystemProperties"]["connectionDeviceId"], "dev-1");
+        assert_eq!(lines[0]["SystemProperties"]["messageId"], "m1");
+        assert_eq!(
+            lines[0]["EnqueuedTimeUtc"],
+            lines[0]["SystemProperties"]["enqueuedTime"]
+        );
+        assert_eq!(lines[1]["Body"], "bm90IGpzb24=");
+        let empty = FileWriter::new(Format::IotHub, Codec::Null, Encoding::Json).unwrap();
+        assert!(empty.finish().unwrap().is_empty());
     }
 
     #[test]

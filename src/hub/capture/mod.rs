@@ -1,49 +1,54 @@
 //! Capture: every device-to-cloud message the hub accepts, archived into Avro files in Azure's
-//! layouts (Event Hubs Capture, or IoT Hub routing to storage), one file per closed window.
-//! The rooms, lowest first: `format` (schemas, encoding), `window` (when a window closes),
-//! `wal` (the write-ahead log that makes acknowledged messages survive a kill), `sink` (the
-//! directory writer). This file is the intake the MQTT connections call and the one task that
-//! owns the window. It touches the capture directory and `capture/` in the state directory,
-//! nothing else of the hub.
+//! layouts (Event Hubs Capture, or IoT Hub routing to storage), one file per closed window, in a
+//! directory or a Blob Storage container. The rooms, lowest first: `format` (schemas, the file
+//! writer), `window` (when a window closes), `wal` (the write-ahead log that makes acknowledged
+//! messages survive a kill), `sink` (the destinations and their atomic writes). This file is the
+//! intake the MQTT connections call and the two tasks behind it. It touches the destination and
+//! `capture/` in the state directory, nothing else of the hub.
 //!
 //! How a message flows: a connection calls [`Intake::accept`] before it acknowledges the
 //! message. The intake takes a place in the bounded channel, appends the message to the
 //! write-ahead log and sends it, all under one lock, so the log's order is the channel's. The
-//! task puts messages in the open window; when the window closes (time or size, whichever
-//! first) it rotates the log, takes the messages that the old log segments hold, writes the
-//! file (temporary name, fsync, rename), then deletes those segments. At start the segments
-//! left by a killed hub are read back into the first window: each acknowledged message lands
-//! in exactly one published file.
+//! collector task encodes each message into the open window's file as it arrives; when the
+//! window closes (time or size, whichever first) it rotates the log, takes the messages that
+//! the old log segments hold, finishes the file and hands it to the publisher task, then opens
+//! the next window at once. The publisher writes the file (retrying with backoff while the
+//! destination fails), then deletes the log segments it covered. Files are published in the
+//! order their windows closed. At start the segments left by a killed hub are read back into
+//! the first window: each acknowledged message lands in exactly one published file.
 //!
-//! When the channel is full (the disk is slow, or the capture directory cannot be written and
-//! the task is retrying), a message is refused, not dropped: `accept` fails, the connection
-//! closes without acknowledging it, and the device sends it again when it reconnects. Refusals
-//! are counted (`simdevice_hub_capture_refused_total`) and logged.
+//! The buffer is bounded: the channel ([`CHANNEL_CAPACITY`] messages), the open window, one
+//! closed window waiting and one being written (each at most the window's size, encoded). When
+//! the channel is full (the destination is slow or down and the publisher is retrying), a
+//! message is refused, not dropped: `accept` fails, the connection closes without
+//! acknowledging it, and the device sends it again when it reconnects. Refusals are counted
+//! (`simdevice_hub_capture_refused_total`) and logged.
 
 pub mod format;
 pub mod sink;
 pub mod wal;
 pub mod window;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use format::Captured;
-pub use format::{Codec, Format};
-pub use sink::Naming;
-use window::{Window, WindowRules};
+pub use format::{Codec, Encoding, Format};
+pub use sink::{Destination, Naming};
+use window::{Closed, Window, WindowRules};
 
 use crate::hub::telemetry::Event;
 
-/// Messages the channel between the connections and the capture task holds. Past this the
-/// hub refuses new telemetry until the task catches up (see the module comment).
+/// Messages the channel between the connections and the collector holds. Past this the hub
+/// refuses new telemetry until capture catches up (see the module comment).
 pub const CHANNEL_CAPACITY: usize = 65_536;
 /// The namespace in Event Hubs paths: the local hub has no Event Hubs namespace of its own.
 pub const NAMESPACE: &str = "simdevice";
@@ -58,11 +63,13 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What `--capture` and its options say.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct CaptureSettings {
-    pub dir: PathBuf,
+    pub destination: Destination,
     pub format: Format,
     pub codec: Codec,
+    /// Avro, or (with `iothub`) routing's JSON encoding.
+    pub encoding: Encoding,
     pub window: Duration,
     pub window_bytes: u64,
     pub skip_empty: bool,
@@ -70,12 +77,14 @@ pub struct CaptureSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    #[error("cannot use the capture directory {path}")]
+    #[error("cannot use the capture directory {dest}")]
     Dir {
-        path: PathBuf,
+        dest: String,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start capture: its file format cannot be set up")]
+    Encode(#[from] format::EncodeError),
     #[error(transparent)]
     Wal(#[from] wal::WalError),
 }
@@ -85,7 +94,7 @@ pub enum CaptureError {
 pub enum Refused {
     #[error("capture is behind: its buffer is full")]
     Full,
-    #[error("the capture task has stopped")]
+    #[error("capture has stopped")]
     Stopped,
     #[error("cannot append to the capture write-ahead log")]
     Wal(#[source] std::io::Error),
@@ -173,7 +182,7 @@ impl Intake {
     }
 }
 
-/// The running capture: the intake for the connections and the task's handle.
+/// The running capture: the intake for the connections and the tasks' handles.
 pub struct Capture {
     pub intake: Arc<Intake>,
     pub settings: CaptureSettings,
@@ -181,12 +190,13 @@ pub struct Capture {
     /// recovered.
     pub next_sequence: u64,
     finish: CancellationToken,
-    task: Mutex<Option<JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Capture {
-    /// Opens the capture directory and the log in `state_dir/capture`, reads back what a killed
-    /// hub left in the log, and starts the task.
+    /// Prepares the destination (a directory is made and swept of temporaries), opens the log
+    /// in `state_dir/capture`, reads back what a killed hub left in the log, and starts the
+    /// collector and the publisher.
     pub fn start(
         settings: CaptureSettings,
         state_dir: &Path,
@@ -201,10 +211,26 @@ impl Capture {
         naming: Naming,
         capacity: usize,
     ) -> Result<Capture, CaptureError> {
-        std::fs::create_dir_all(&settings.dir).map_err(|source| CaptureError::Dir {
-            path: settings.dir.clone(),
-            source,
-        })?;
+        settings
+            .destination
+            .prepare()
+            .map_err(|source| CaptureError::Dir {
+                dest: settings.destination.describe(),
+                source,
+            })?;
+        let rules = WindowRules {
+            max_age: settings.window,
+            max_bytes: settings.window_bytes,
+            skip_empty: settings.skip_empty,
+        };
+        // The first window is opened here so that a format that cannot be set up fails the
+        // start, not the task.
+        let first = Window::open(
+            Instant::now(),
+            settings.format,
+            settings.codec,
+            settings.encoding,
+        )?;
         let (wal, recovered) = wal::Wal::open(&state_dir.join("capture"))?;
         let highest_recovered = recovered
             .iter()
@@ -229,59 +255,82 @@ impl Capture {
             counters,
         });
         let finish = CancellationToken::new();
-        let task = Task {
-            rules: WindowRules {
-                max_age: settings.window,
-                max_bytes: settings.window_bytes,
-                skip_empty: settings.skip_empty,
-            },
-            settings: settings.clone(),
-            naming,
+        // One closed window waits while another is written: the bound of the module notes.
+        let (ready_tx, ready_rx) = mpsc::channel(1);
+        let collector = Collector {
+            rules,
+            format: settings.format,
+            codec: settings.codec,
+            encoding: settings.encoding,
             intake: intake.clone(),
             rx,
+            ready: ready_tx,
             finish: finish.clone(),
         };
-        let handle = tokio::spawn(task.run(recovered));
+        let publisher = Publisher {
+            destination: settings.destination.clone(),
+            format: settings.format,
+            naming,
+            intake: intake.clone(),
+            ready: ready_rx,
+            finish: finish.clone(),
+        };
+        let tasks = vec![
+            tokio::spawn(collector.run(first, recovered)),
+            tokio::spawn(publisher.run()),
+        ];
         Ok(Capture {
             intake,
             settings,
             next_sequence,
             finish,
-            task: Mutex::new(Some(handle)),
+            tasks: Mutex::new(tasks),
         })
     }
 
-    /// Closes the open window, writes it and ends the task. Call when no connection can accept
-    /// messages any more. If the file cannot be written now, its messages stay in the log for
-    /// the next start.
+    /// Closes the open window, publishes every closed one and ends the tasks. Call when no
+    /// connection can accept messages any more. A file that cannot be written now stays in the
+    /// log (with every later one) for the next start.
     pub async fn finish(&self) {
         self.finish.cancel();
-        let handle = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
-            let _ = handle.await;
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
         }
     }
 }
 
-struct Task {
+/// A closed window on its way to the publisher.
+struct Ready {
+    closed: Closed,
+    /// When it closed: its file's name comes from this.
+    closed_at: chrono::DateTime<chrono::Utc>,
+    /// Once it is published, the log segments below this hold nothing unpublished. `None`
+    /// when the rotation failed: its segments stay until a later window's rotation.
+    segment: Option<u64>,
+}
+
+/// Owns the open window: encodes messages into it, closes it, hands it on.
+struct Collector {
     rules: WindowRules,
-    settings: CaptureSettings,
-    naming: Naming,
+    format: Format,
+    codec: Codec,
+    encoding: Encoding,
     intake: Arc<Intake>,
     rx: mpsc::Receiver<Item>,
-    /// Cancelled by [`Capture::finish`]: write the open window, then end.
+    ready: mpsc::Sender<Ready>,
+    /// Cancelled by [`Capture::finish`]: close the open window, hand it on, then end.
     finish: CancellationToken,
 }
 
-impl Task {
-    async fn run(mut self, recovered: Vec<Captured>) {
-        let finish = self.finish.clone();
-        let mut window = Window::open(Instant::now());
+impl Collector {
+    async fn run(mut self, mut window: Window, recovered: Vec<Captured>) {
         // Recovered messages are in segments older than any new one.
         let mut full = false;
-        for message in recovered {
-            full |= window.push(message, &self.rules);
+        for message in &recovered {
+            full |= self.push(&mut window, message);
         }
+        drop(recovered);
         // A message of the next window, taken from the channel while closing this one.
         let mut carried: Option<Item> = None;
         loop {
@@ -289,44 +338,66 @@ impl Task {
                 let deadline = window.deadline(&self.rules);
                 tokio::select! {
                     biased;
-                    _ = finish.cancelled() => {
-                        // No connection sends any more: take everything, close, write.
+                    _ = self.finish.cancelled() => {
+                        // No connection sends any more: take everything, close, hand on.
                         while let Ok(item) = self.rx.try_recv() {
-                            window.push(item.message, &self.rules);
+                            self.push(&mut window, &item.message);
                         }
-                        self.close(&mut window, &mut carried).await;
+                        let _ = self.close(window, &mut carried).await;
                         return;
                     }
                     _ = tokio::time::sleep_until(deadline) => {}
                     item = self.rx.recv() => match item {
                         Some(item) => {
-                            full = window.push(item.message, &self.rules);
+                            full = self.push(&mut window, &item.message);
                             continue;
                         }
                         None => return,
                     },
                 }
             }
-            if !self.close(&mut window, &mut carried).await {
-                // Stopped while the file could not be written: its messages, and every later
-                // one, stay in the log for the next start (removing any segment now could
-                // drop the unwritten window's messages).
+            if !self.close(window, &mut carried).await {
                 return;
             }
-            window = Window::open(Instant::now());
+            window = match Window::open(Instant::now(), self.format, self.codec, self.encoding) {
+                Ok(window) => window,
+                Err(error) => {
+                    // Not seen in practice (the first window opened with the same settings);
+                    // ending the task makes `accept` refuse rather than lose messages.
+                    tracing::error!(%error, "capture stops: a window cannot be opened");
+                    return;
+                }
+            };
             full = false;
             if let Some(item) = carried.take() {
-                full = window.push(item.message, &self.rules);
+                full = self.push(&mut window, &item.message);
+            }
+        }
+    }
+
+    /// Encodes `message` into `window`; true when the window is full. A message that cannot
+    /// be encoded (not seen: the schemas take every event the hub accepts) is logged, counted
+    /// and left out of the file.
+    fn push(&self, window: &mut Window, message: &Captured) -> bool {
+        match window.push(message, &self.rules) {
+            Ok(full) => full,
+            Err(error) => {
+                let counters = &self.intake.counters;
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                counters.pending.fetch_sub(1, Ordering::Relaxed);
+                tracing::error!(%error, sequence = message.event.sequence_number,
+                    device = %message.event.device_id, "capture: a message cannot be encoded and is left out of its file");
+                false
             }
         }
     }
 
     /// Closes `window`: rotates the log, moves the rest of the old segments' messages from the
-    /// channel into it, writes the file (retrying with backoff), then drops the old segments.
-    /// The first message of the new segment, if one was taken, is left in `carried`. False
-    /// when the hub stopped before the file could be written: the log keeps its messages.
-    async fn close(&mut self, window: &mut Window, carried: &mut Option<Item>) -> bool {
-        let new_segment = match self.intake.rotate() {
+    /// channel into it, finishes its file and hands it to the publisher (waiting while another
+    /// closed window waits there). The first message of the new segment, if one was taken, is
+    /// left in `carried`. False when the publisher has stopped.
+    async fn close(&mut self, mut window: Window, carried: &mut Option<Item>) -> bool {
+        let segment = match self.intake.rotate() {
             Ok(segment) => Some(segment),
             Err(error) => {
                 // The window is still written; its segments stay until a later rotation, so
@@ -336,82 +407,119 @@ impl Task {
                 None
             }
         };
-        if let Some(segment) = new_segment {
+        if let Some(segment) = segment {
             while let Ok(item) = self.rx.try_recv() {
                 if item.segment >= segment {
                     *carried = Some(item);
                     break;
                 }
-                window.push(item.message, &self.rules);
+                self.push(&mut window, &item.message);
             }
         }
-        if window.writes_file(&self.rules) {
-            let bytes = match format::encode(
-                self.settings.format,
-                self.settings.codec,
-                window.messages(),
-            ) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %error, messages = window.len(), "capture window dropped: it cannot be encoded");
+        let messages = window.len();
+        let closed = match window.close(&self.rules) {
+            Ok(closed) => closed,
+            Err(error) => {
+                // As for `push`: the file cannot be finished; its messages stay in the log
+                // (the segments are not handed on), so the next start tries them again.
+                self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, messages, "capture window not finished; its messages stay in the write-ahead log");
+                return true;
+            }
+        };
+        let ready = Ready {
+            closed,
+            closed_at: chrono::Utc::now(),
+            segment,
+        };
+        self.ready.send(ready).await.is_ok()
+    }
+}
+
+/// Writes closed windows' files in order, then drops the log segments they covered.
+struct Publisher {
+    destination: Destination,
+    format: Format,
+    naming: Naming,
+    intake: Arc<Intake>,
+    ready: mpsc::Receiver<Ready>,
+    finish: CancellationToken,
+}
+
+impl Publisher {
+    async fn run(mut self) {
+        while let Some(ready) = self.ready.recv().await {
+            let Ready {
+                closed,
+                closed_at,
+                segment,
+            } = ready;
+            if let Some(file) = closed.file {
+                let relative = sink::relative_path(self.format, &self.naming, closed_at);
+                if !self
+                    .publish(&relative, Bytes::from(file), closed.messages)
+                    .await
+                {
+                    // Stopped while the destination failed: this window's messages, and every
+                    // later one's, stay in the log for the next start (removing any segment now
+                    // could drop them).
+                    return;
+                }
+            }
+            self.intake
+                .counters
+                .pending
+                .fetch_sub(closed.messages, Ordering::Relaxed);
+            self.intake.published(closed.highest_sequence, segment);
+        }
+    }
+
+    /// Writes one file, retrying with backoff; false when the hub stopped before it could.
+    async fn publish(&self, relative: &str, file: Bytes, messages: u64) -> bool {
+        let counters = &self.intake.counters;
+        let mut delay = RETRY_FIRST;
+        loop {
+            match sink::publish(&self.destination, relative, file.clone()).await {
+                Ok(place) => {
+                    counters.files.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(file = %place, messages, "capture file written");
                     return true;
                 }
-            };
-            let relative =
-                sink::relative_path(self.settings.format, &self.naming, chrono::Utc::now());
-            let mut delay = RETRY_FIRST;
-            loop {
-                match sink::publish(&self.settings.dir, &relative, &bytes) {
-                    Ok(path) => {
-                        self.intake.counters.files.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(path = %path.display(), messages = window.len(), "capture file written");
-                        break;
+                Err(error) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %crate::common::logging::error_chain(&error), retry_in = ?delay, "capture file not written");
+                    let stopped = self.finish.is_cancelled()
+                        || tokio::select! {
+                            _ = self.finish.cancelled() => true,
+                            _ = tokio::time::sleep(delay) => false,
+                        };
+                    if stopped {
+                        tracing::warn!(
+                            messages,
+                            "capture window left in the write-ahead log for the next start"
+                        );
+                        return false;
                     }
-                    Err(error) => {
-                        self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %error, cause = %error.source, retry_in = ?delay, "capture file not written");
-                        let stopped = self.finish.is_cancelled()
-                            || tokio::select! {
-                                _ = self.finish.cancelled() => true,
-                                _ = tokio::time::sleep(delay) => false,
-                            };
-                        if stopped {
-                            tracing::warn!(
-                                messages = window.len(),
-                                "capture window left in the write-ahead log for the next start"
-                            );
-                            return false;
-                        }
-                        delay = (delay * 2).min(RETRY_MAX);
-                    }
+                    delay = (delay * 2).min(RETRY_MAX);
                 }
             }
         }
-        self.intake
-            .counters
-            .pending
-            .fetch_sub(window.len() as u64, Ordering::Relaxed);
-        let highest = window
-            .messages()
-            .iter()
-            .map(|m| m.event.sequence_number)
-            .max();
-        self.intake.published(highest, new_segment);
-        true
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::format::tests::sample;
     use super::*;
 
     fn settings(dir: &Path) -> CaptureSettings {
         CaptureSettings {
-            dir: dir.to_owned(),
+            destination: Destination::Directory(dir.to_owned()),
             format: Format::EventHubs,
             codec: Codec::Null,
+            encoding: Encoding::Avro,
             window: Duration::from_secs(60),
             window_bytes: DEFAULT_WINDOW_BYTES,
             skip_empty: true,
@@ -476,10 +584,14 @@ mod tests {
             capture.intake.accept(&sample(n, "x").event, "g").unwrap();
         }
         assert_eq!(capture.intake.counters.pending.load(Ordering::Relaxed), 3);
-        until("a file", || !published(out.path()).is_empty()).await;
+        // Counted once the file is durable, a moment after it appears.
+        let counters = capture.intake.counters.clone();
+        until("a published file", || {
+            counters.files.load(Ordering::Relaxed) == 1
+                && counters.pending.load(Ordering::Relaxed) == 0
+        })
+        .await;
         assert_eq!(published(out.path())[0].1, vec![1, 2, 3]);
-        assert_eq!(capture.intake.counters.pending.load(Ordering::Relaxed), 0);
-        assert_eq!(capture.intake.counters.files.load(Ordering::Relaxed), 1);
         capture.finish().await;
         let (_, left) = wal::Wal::open(&state.path().join("capture")).unwrap();
         assert!(left.is_empty(), "published messages are not replayed");

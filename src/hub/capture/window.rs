@@ -1,11 +1,12 @@
 //! The capture window: messages gathered until the window closes on time or on size, whichever
-//! comes first ("first wins", as on Azure). Pure: the caller passes the clock in.
+//! comes first ("first wins", as on Azure), encoded into its file as they come. Pure: the
+//! caller passes the clock in.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::format::Captured;
+use super::format::{Captured, Codec, EncodeError, Encoding, FileWriter, Format};
 
 /// When a window closes, and whether an empty one is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,27 +16,47 @@ pub struct WindowRules {
     pub skip_empty: bool,
 }
 
-#[derive(Debug)]
+/// The open window: its file being written ([`FileWriter`]), and what closing it needs.
 pub struct Window {
     opened: Instant,
-    messages: Vec<Captured>,
+    file: FileWriter,
+    messages: u64,
     bytes: u64,
+    highest_sequence: Option<u64>,
+}
+
+/// A closed window, ready to publish.
+pub struct Closed {
+    /// The whole file; `None` when the window was empty and empty archives are skipped.
+    pub file: Option<Vec<u8>>,
+    pub messages: u64,
+    pub highest_sequence: Option<u64>,
 }
 
 impl Window {
-    pub fn open(now: Instant) -> Window {
-        Window {
+    pub fn open(
+        now: Instant,
+        format: Format,
+        codec: Codec,
+        encoding: Encoding,
+    ) -> Result<Window, EncodeError> {
+        Ok(Window {
             opened: now,
-            messages: Vec::new(),
+            file: FileWriter::new(format, codec, encoding)?,
+            messages: 0,
             bytes: 0,
-        }
+            highest_sequence: None,
+        })
     }
 
     /// Adds a message; true when the window is now at its size limit and must close.
-    pub fn push(&mut self, message: Captured, rules: &WindowRules) -> bool {
+    pub fn push(&mut self, message: &Captured, rules: &WindowRules) -> Result<bool, EncodeError> {
+        self.file.append(message)?;
+        self.messages += 1;
         self.bytes += message.size() as u64;
-        self.messages.push(message);
-        self.bytes >= rules.max_bytes
+        let sequence = message.event.sequence_number;
+        self.highest_sequence = Some(self.highest_sequence.map_or(sequence, |h| h.max(sequence)));
+        Ok(self.bytes >= rules.max_bytes)
     }
 
     /// When the window closes on time.
@@ -43,22 +64,27 @@ impl Window {
         self.opened + rules.max_age
     }
 
-    pub fn len(&self) -> usize {
-        self.messages.len()
+    pub fn len(&self) -> u64 {
+        self.messages
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
+        self.messages == 0
     }
 
-    /// Whether closing this window writes a file: always when it has messages; an empty one
-    /// only when empty archives are not skipped.
-    pub fn writes_file(&self, rules: &WindowRules) -> bool {
-        !self.messages.is_empty() || !rules.skip_empty
-    }
-
-    pub fn messages(&self) -> &[Captured] {
-        &self.messages
+    /// Closes the window: its file, unless it is empty and empty archives are skipped (an
+    /// empty JSON file has no bytes at all, so it is never written).
+    pub fn close(self, rules: &WindowRules) -> Result<Closed, EncodeError> {
+        let file = if self.messages > 0 || !rules.skip_empty {
+            Some(self.file.finish()?).filter(|bytes| !bytes.is_empty())
+        } else {
+            None
+        };
+        Ok(Closed {
+            file,
+            messages: self.messages,
+            highest_sequence: self.highest_sequence,
+        })
     }
 }
 
@@ -73,39 +99,59 @@ mod tests {
         skip_empty: false,
     };
 
+    fn open() -> Window {
+        Window::open(
+            Instant::now(),
+            Format::EventHubs,
+            Codec::Null,
+            Encoding::Avro,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_window_closes_on_size_when_that_comes_first() {
-        let mut window = Window::open(Instant::now());
-        let small = sample(1, "x");
-        let size = small.size() as u64;
+        let mut window = open();
+        let size = sample(1, "x").size() as u64;
         let mut full = false;
         let mut n = 0;
         while !full {
             n += 1;
-            full = window.push(sample(n, "x"), &RULES);
+            full = window.push(&sample(n, "x"), &RULES).unwrap();
         }
         assert_eq!(n, RULES.max_bytes.div_ceil(size));
-        assert_eq!(window.len(), n as usize);
+        assert_eq!(window.len(), n);
+        let closed = window.close(&RULES).unwrap();
+        assert_eq!(closed.messages, n);
+        assert_eq!(closed.highest_sequence, Some(n));
+        let records = apache_avro::Reader::new(&closed.file.unwrap()[..])
+            .unwrap()
+            .count();
+        assert_eq!(records as u64, n);
     }
 
     #[test]
     fn a_window_closes_on_time_from_when_it_opened() {
         let now = Instant::now();
-        let window = Window::open(now);
+        let window = Window::open(now, Format::IotHub, Codec::Deflate, Encoding::Avro).unwrap();
         assert_eq!(window.deadline(&RULES), now + Duration::from_secs(300));
     }
 
     #[test]
     fn empty_windows_are_written_unless_skipped() {
-        let window = Window::open(Instant::now());
-        assert!(window.writes_file(&RULES));
+        let written = open().close(&RULES).unwrap();
+        assert_eq!(written.messages, 0);
+        assert!(
+            written.file.is_some_and(|f| !f.is_empty()),
+            "a header-only file"
+        );
         let skip = WindowRules {
             skip_empty: true,
             ..RULES
         };
-        assert!(!window.writes_file(&skip));
-        let mut full = Window::open(Instant::now());
-        full.push(sample(1, "x"), &skip);
-        assert!(full.writes_file(&skip));
+        assert!(open().close(&skip).unwrap().file.is_none());
+        let mut one = open();
+        one.push(&sample(1, "x"), &skip).unwrap();
+        assert!(one.close(&skip).unwrap().file.is_some());
     }
 }

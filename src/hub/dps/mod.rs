@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::error::LoadError;
-use super::registry::{now_iso, DeviceSpec, DeviceStatus};
+use super::registry::{now_iso, DeviceAuth, DeviceSpec, DeviceStatus};
 use super::store::{Store, StoreError};
 use super::HubState;
 use crate::protocol::dps::{
@@ -368,6 +368,7 @@ pub fn register(
                     status_reason: status.1,
                     primary_key: Some(primary),
                     secondary_key: Some(secondary),
+                    authentication: DeviceAuth::Sas,
                 },
                 None,
             )
@@ -382,6 +383,7 @@ pub fn register(
                 status_reason: None,
                 primary_key: Some(primary),
                 secondary_key: Some(secondary),
+                authentication: DeviceAuth::Sas,
             })
             .map_err(|e| DpsError::new(error_code::BAD_REQUEST, e.message))?;
         if let Some(initial) = &current.enrollment.initial_twin {

@@ -1,6 +1,8 @@
-//! One device connection, from TLS handshake to close.
+//! One device connection, from the first MQTT byte to close, over any byte stream: TLS alone
+//! (the MQTT port, [`serve_tls`]) or a WebSocket inside TLS (`websocket`). Both come through
+//! [`tls_handshake`] first, then [`serve`]: one code path for both transports.
 //!
-//! The task owns the socket: it decodes packets from the device and acts on them, and it
+//! The task owns the stream: it decodes packets from the device and acts on them, and it
 //! writes what the rest of the hub sends through the session's channel. As IoT Hub does, it
 //! answers most protocol violations by closing the connection (QoS 2 publish, undocumented or
 //! foreign topics, oversize or malformed packets, a second CONNECT). It also closes when the
@@ -17,7 +19,8 @@ use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck,
     SubscribeReasonCode, UnsubAck,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -34,7 +37,7 @@ use crate::protocol::topic::{
     parse_device_publish, parse_subscription, twin_response_topic, DevicePublish, SubscriptionKind,
 };
 
-/// Time a new connection has for its TLS handshake and CONNECT.
+/// Time a new connection has for its TLS handshake (and WebSocket upgrade) and CONNECT.
 pub const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 /// Time a write to a device may take before the device counts as gone.
 const WRITE_DEADLINE: Duration = Duration::from_secs(30);
@@ -45,9 +48,31 @@ pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
 /// The hub's keep-alive cap: 1.5 x 1177 s.
 const MAX_IDLE: Duration = Duration::from_secs(1767);
 
-type Stream = TlsStream<TcpStream>;
+/// A device connection after the TLS handshake, before anything else.
+pub type Tls = TlsStream<TcpStream>;
 
-pub async fn serve(
+/// THE TLS STEP of every device connection, whatever comes after it (MQTT, or a WebSocket
+/// upgrade). What the handshake tells of the client is read from the stream it returns.
+pub async fn tls_handshake(acceptor: &TlsAcceptor, socket: TcpStream) -> Result<Tls, String> {
+    acceptor
+        .accept(socket)
+        .await
+        .map_err(|e| format!("TLS: {e}"))
+}
+
+/// The chain a client presented in the handshake (its signature already checked by rustls):
+/// what an X.509 device authenticates with. Empty when it sent none.
+pub fn peer_certificates(stream: &Tls) -> Vec<CertificateDer<'static>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.to_vec())
+        .unwrap_or_default()
+}
+
+/// A connection to the MQTT port: TLS, then MQTT, within [`CONNECT_DEADLINE`] to CONNECT.
+pub async fn serve_tls(
     socket: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
@@ -55,18 +80,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     handshake_permit: OwnedSemaphorePermit,
 ) {
-    let mut inbuf = BytesMut::with_capacity(1024);
-    let opened = tokio::time::timeout(CONNECT_DEADLINE, async {
-        let mut stream = acceptor
-            .accept(socket)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let packet = read_packet(&mut stream, &mut inbuf).await?;
-        Ok::<_, String>((stream, packet))
-    })
-    .await;
-    let (mut stream, first) = match opened {
-        Ok(Ok(pair)) => pair,
+    let deadline = Instant::now() + CONNECT_DEADLINE;
+    let stream = match tokio::time::timeout_at(deadline, tls_handshake(&acceptor, socket)).await {
+        Ok(Ok(stream)) => stream,
         Ok(Err(reason)) => {
             tracing::debug!(%peer, reason, "connection closed before CONNECT");
             return;
@@ -76,8 +92,65 @@ pub async fn serve(
             return;
         }
     };
+    let certificates = peer_certificates(&stream);
+    serve(
+        stream,
+        Link {
+            peer,
+            transport: "mqtt",
+            deadline,
+            certificates,
+        },
+        state,
+        shutdown,
+        handshake_permit,
+    )
+    .await;
+}
+
+/// Where a connection comes from and how, for [`serve`].
+pub struct Link {
+    pub peer: SocketAddr,
+    /// `mqtt` or `websocket`, for the log.
+    pub transport: &'static str,
+    /// The CONNECT must be in by then (it started at accept).
+    pub deadline: Instant,
+    /// The client's certificate chain from the TLS handshake ([`peer_certificates`]).
+    pub certificates: Vec<CertificateDer<'static>>,
+}
+
+/// Serves one device over `stream` (TLS done, and the WebSocket upgrade if any): its CONNECT
+/// by `link.deadline`, authentication, then the session until it closes.
+pub async fn serve<S>(
+    mut stream: S,
+    link: Link,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    handshake_permit: OwnedSemaphorePermit,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let Link {
+        peer,
+        transport,
+        deadline,
+        certificates,
+    } = link;
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let first = match tokio::time::timeout_at(deadline, read_packet(&mut stream, &mut inbuf)).await
+    {
+        Ok(Ok(packet)) => packet,
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, transport, reason, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, transport, "no CONNECT within the deadline; closed");
+            return;
+        }
+    };
     let Packet::Connect(connect) = first else {
-        tracing::debug!(%peer, "first packet was not CONNECT; closed");
+        tracing::debug!(%peer, transport, "first packet was not CONNECT; closed");
         return;
     };
     if state.faults.refuse_connect() {
@@ -93,10 +166,17 @@ pub async fn serve(
         Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
         None => (None, None),
     };
-    let login = match auth::authenticate_device(&state, &connect.client_id, username, password) {
+    let login = match auth::authenticate_connect(
+        &state,
+        &connect.client_id,
+        username,
+        password,
+        &certificates,
+    ) {
         Ok(login) => login,
         Err(failure) => {
-            tracing::info!(%peer, client_id = %connect.client_id, reason = %failure, "device refused (CONNACK 5)");
+            let reason = crate::common::logging::error_chain(&failure);
+            tracing::info!(%peer, client_id = %connect.client_id, reason, "device refused (CONNACK 5)");
             HubCounters::bump(&state.counters.connections_refused);
             let mut out = BytesMut::new();
             let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
@@ -106,6 +186,7 @@ pub async fn serve(
         }
     };
     drop(handshake_permit);
+    drop(certificates); // not kept for the life of the connection
     HubCounters::bump(&state.counters.connections_accepted);
 
     let Ok(live) = state.registry.get(&login.device_id, |d| d.live.clone()) else {
@@ -120,7 +201,7 @@ pub async fn serve(
         0 => MAX_IDLE,
         secs => (Duration::from_secs(u64::from(secs)) * 3 / 2).min(MAX_IDLE),
     };
-    tracing::info!(device = %login.device_id, %peer, session_present = attached.session_present,
+    tracing::info!(device = %login.device_id, %peer, transport, session_present = attached.session_present,
         keep_alive_s = connect.keep_alive, "device connected");
 
     let connection_id = attached.connection_id;
@@ -149,7 +230,10 @@ pub async fn serve(
 }
 
 /// Reads until one whole packet is buffered.
-async fn read_packet(stream: &mut Stream, inbuf: &mut BytesMut) -> Result<Packet, String> {
+async fn read_packet<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    inbuf: &mut BytesMut,
+) -> Result<Packet, String> {
     loop {
         match Packet::read(inbuf, MAX_PACKET_SIZE) {
             Ok(packet) => return Ok(packet),
@@ -178,9 +262,9 @@ struct Connection<'a> {
 type CloseReason = String;
 
 impl Connection<'_> {
-    async fn run(
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut Stream,
+        stream: &mut S,
         inbuf: &mut BytesMut,
         mut attached: Attached,
         login: &DeviceLogin,
@@ -341,6 +425,20 @@ impl Connection<'_> {
                         .accept(&event, generation)
                         .map_err(|e| format!("telemetry not accepted: {e}"))?;
                 }
+                // The event store, read by the Event Hubs-compatible endpoint.
+                let (registry, id) = (&self.state.registry, &self.device_id);
+                let generation = self.generation_id.get_or_insert_with(|| {
+                    registry
+                        .get(id, |d| d.generation_id.clone())
+                        .unwrap_or_default()
+                });
+                self.state.events.append(
+                    event.device_id.clone(),
+                    Arc::from(generation.as_str()),
+                    event.properties.clone(),
+                    event.body.clone(),
+                    event.enqueued_time,
+                );
                 self.state.telemetry.keep(event);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);

@@ -21,6 +21,7 @@ pub fn agent_config_with_ca(id: &str, key: &str, ca_file: PathBuf, mqtt: SocketA
         key: Secret::new(key.to_string()),
         gateway_host_name: Some(format!("localhost:{}", mqtt.port())),
         ca_file: Some(ca_file),
+        x509: None,
     });
     config.telemetry.interval = Duration::from_millis(200);
     config.telemetry.seed = Some(42);

@@ -1,7 +1,8 @@
 //! Test support: an in-process hub on 127.0.0.1 with free ports, a raw MQTT-over-TLS device
 //! that speaks packet by packet (to test refusals exactly), and a service REST client. Beside
-//! it: `agent` (agents run in-process), `proxy` (a fault-injecting TCP proxy), `fake_hub` (a
-//! scripted hub that misbehaves) and `raw_mqtt` (bytes the codec would refuse to write).
+//! it: `agent` (agents run in-process), `azurite` (the storage emulator), `proxy` (a
+//! fault-injecting TCP proxy), `fake_hub` (a scripted hub that misbehaves) and `raw_mqtt`
+//! (bytes the codec would refuse to write).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -553,6 +554,7 @@ impl Drop for Relay {
 }
 
 pub mod agent;
+pub mod azurite;
 pub mod fake_hub;
 pub mod proxy;
 pub mod raw_mqtt;

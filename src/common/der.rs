@@ -1,6 +1,9 @@
-//! Just enough of a DER reader to describe the hub's certificate: subject, issuer and notAfter.
-//! rustls has verified the certificate already; this only reads it to show it and to warn
-//! before it expires. Anything it does not understand gives `None`, never a failed check.
+//! Just enough of a DER reader to describe a certificate: subject (and its common name),
+//! issuer, notBefore and notAfter, and its SHA-1 and SHA-256 thumbprints. Doctor shows the
+//! hub's certificate with it and warns before a certificate expires; the agent checks its own
+//! X.509 certificate's dates at start; the hub reads a device certificate's common name.
+//! Signatures are never checked here (rustls and webpki do that). Anything it does not
+//! understand gives `None`, never a failed check.
 //!
 //! Pure: bytes in, a summary out.
 
@@ -8,7 +11,10 @@
 #[derive(Debug, PartialEq)]
 pub struct CertificateSummary {
     pub subject: String,
+    /// The subject's first common name (CN), if it has one.
+    pub common_name: Option<String>,
     pub issuer: String,
+    pub not_before: chrono::DateTime<chrono::Utc>,
     pub not_after: chrono::DateTime<chrono::Utc>,
 }
 
@@ -34,13 +40,46 @@ pub fn certificate_summary(der: &[u8]) -> Option<CertificateSummary> {
     let (_, issuer) = next()?;
     let (_, validity) = next()?;
     let (_, subject) = next()?;
-    let (_, _, after_not_before) = der_read(validity)?;
+    let (before_tag, not_before, after_not_before) = der_read(validity)?;
     let (time_tag, not_after, _) = der_read(after_not_before)?;
     Some(CertificateSummary {
         subject: der_name(subject)?,
+        common_name: der_common_name(subject),
         issuer: der_name(issuer)?,
+        not_before: der_time(before_tag, not_before)?,
         not_after: der_time(time_tag, not_after)?,
     })
+}
+
+/// The SHA-1 thumbprint of a certificate (DER) as IoT Hub shows it: 40 upper-case hex digits.
+pub fn thumbprint_sha1(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der);
+    hex_upper(digest.as_ref())
+}
+
+/// The SHA-256 thumbprint of a certificate (DER): 64 upper-case hex digits.
+pub fn thumbprint_sha256(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex_upper(&sha2::Sha256::digest(der))
+}
+
+fn hex_upper(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// The value of the first CN attribute of a Name.
+fn der_common_name(mut name: &[u8]) -> Option<String> {
+    while !name.is_empty() {
+        let (_, set, rest) = der_read(name)?;
+        name = rest;
+        let (_, attribute, _) = der_read(set)?;
+        let (_, oid, value) = der_read(attribute)?;
+        if oid == [0x55, 0x04, 0x03] {
+            let (_, text, _) = der_read(value)?;
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+    }
+    None
 }
 
 /// One DER element: (tag, content, what follows).
@@ -128,6 +167,8 @@ mod tests {
         let cert = params.clone().self_signed(&key).unwrap();
         let summary = certificate_summary(cert.der()).unwrap();
         assert_eq!(summary.subject, "CN=doctor test, O=simdevice");
+        assert_eq!(summary.common_name.as_deref(), Some("doctor test"));
+        assert!(summary.not_before < summary.not_after);
         assert_eq!(summary.issuer, summary.subject);
         assert_eq!(
             summary.not_after.format("%Y-%m-%d").to_string(),
@@ -141,5 +182,18 @@ mod tests {
             "2051-01-02"
         );
         assert_eq!(certificate_summary(&cert.der()[..40]), None);
+    }
+
+    #[test]
+    fn thumbprints_are_upper_case_hex_of_the_der() {
+        // Known digests of the bytes "abc".
+        assert_eq!(
+            thumbprint_sha1(b"abc"),
+            "A9993E364706816ABA3E25717850C26C9CD0D89D"
+        );
+        assert_eq!(
+            thumbprint_sha256(b"abc"),
+            "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
+        );
     }
 }

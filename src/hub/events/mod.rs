@@ -1,0 +1,730 @@
+//! The retained event store: the one record of the telemetry the hub accepted, partitioned as
+//! an event hub is, read by the Event Hubs-compatible endpoint (`hub::amqp`).
+//!
+//! A device's messages always go to the same partition: FNV-1a (32 bits) of the device id's
+//! UTF-8 bytes, modulo the partition count (IoT Hub does not document its hash; what matters
+//! is that it is stable, also across restarts). Each partition numbers its events from 0
+//! (`sequence_number`) and gives each an offset, its byte position in the partition's log
+//! (`segment`), as Event Hubs does; both only grow. Retention: an event is dropped when it is
+//! older than `max_age` or when the partition holds more than `max_count` (oldest first); a
+//! segment file is deleted once all its events are dropped. Retained events are kept in
+//! memory too (the count bound is the memory bound), so reads never touch the disk.
+//!
+//! Appending is one `write` under the partition's lock; when the disk fails, the partition
+//! goes on in memory alone (logged once, counted): the store is a record for readers, not the
+//! device's acknowledgement (capture, with its write-ahead log, is that). Readers wait on a
+//! `watch` of the partition's next sequence number: no polling.
+//!
+//! This module knows files and memory only: no sockets, no AMQP, no other part of the hub.
+
+pub mod segment;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::watch;
+
+use crate::protocol::property_bag::PropertyBag;
+use segment::Record;
+
+/// Partitions of a new hub (`--partitions`), as an IoT Hub's default.
+pub const DEFAULT_PARTITIONS: u32 = 4;
+/// How long events are kept (`--retention-secs`): one day, IoT Hub's default.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Events kept per partition at most (`--retention-count`): the store's memory bound.
+pub const DEFAULT_MAX_COUNT: usize = 100_000;
+/// A segment file is closed and a new one begun past this size.
+const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// The store's directory inside the hub's state directory.
+pub const DIR: &str = "events";
+
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub partitions: u32,
+    pub max_age: Duration,
+    pub max_count: usize,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            partitions: DEFAULT_PARTITIONS,
+            max_age: DEFAULT_RETENTION,
+            max_count: DEFAULT_MAX_COUNT,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    #[error("the event store {path} is unusable")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state has another partition count than asked for: events would move partitions.
+    #[error("the event store has {found} partitions, not {asked} (--partitions cannot change on an existing state)")]
+    PartitionCount { found: u32, asked: u32 },
+    #[error("--partitions must be 1 to 32")]
+    BadPartitions,
+}
+
+/// One retained event, as readers get it.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub offset: u64,
+    pub record: Record,
+}
+
+impl StoredEvent {
+    pub fn sequence_number(&self) -> i64 {
+        self.record.sequence_number
+    }
+
+    pub fn enqueued_time(&self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.record.enqueued_ms)
+            .single()
+            .unwrap_or_default()
+    }
+}
+
+/// What a partition holds now, for `$management` (`com.microsoft:partition`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The first retained sequence number (the next one when empty).
+    pub begin_sequence_number: i64,
+    /// The last sequence number given (-1 before the first event).
+    pub last_sequence_number: i64,
+    pub last_offset: String,
+    pub last_enqueued_ms: i64,
+    pub is_empty: bool,
+}
+
+/// Where a reader starts, from the filter a receiver sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartAt {
+    /// The oldest retained event (offset `-1`).
+    Beginning,
+    /// Only events appended from now on (`@latest`).
+    Latest,
+    Offset {
+        offset: u64,
+        inclusive: bool,
+    },
+    Sequence {
+        sequence: i64,
+        inclusive: bool,
+    },
+    /// Milliseconds since the Unix epoch.
+    EnqueuedTime {
+        ms: i64,
+        inclusive: bool,
+    },
+}
+
+struct Segment {
+    base_offset: u64,
+    last_sequence: i64,
+}
+
+struct Log {
+    events: VecDeque<Arc<StoredEvent>>,
+    next_sequence: i64,
+    next_offset: u64,
+    last_offset: Option<u64>,
+    last_enqueued_ms: i64,
+    /// Closed segments, oldest first (the open one is `writer`).
+    closed: VecDeque<Segment>,
+    writer: Option<segment::Writer>,
+    /// Last sequence number in the open segment (-1 when empty).
+    writer_last_sequence: i64,
+}
+
+pub struct Partition {
+    id: u32,
+    dir: PathBuf,
+    log: Mutex<Log>,
+    next: watch::Sender<i64>,
+}
+
+/// The hub's notion of now for retention: the system clock, or (tests) tokio's clock from a
+/// fixed start, so that paused time drives expiry.
+#[derive(Clone, Copy, Debug)]
+pub enum Clock {
+    System,
+    Tokio {
+        start_ms: i64,
+        start: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> i64 {
+        match self {
+            Clock::System => Utc::now().timestamp_millis(),
+            Clock::Tokio { start_ms, start } => start_ms + start.elapsed().as_millis() as i64,
+        }
+    }
+}
+
+pub struct EventStore {
+    settings: StoreSettings,
+    partitions: Vec<Partition>,
+    clock: Clock,
+    created_ms: i64,
+    disk_failures: AtomicU64,
+}
+
+/// The partition of a device: FNV-1a of its id modulo the partition count (module notes).
+pub fn partition_of(device_id: &str, partitions: u32) -> u32 {
+    segment::fnv1a(device_id.as_bytes()) % partitions.max(1)
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EventStoreError + '_ {
+    move |source| EventStoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl EventStore {
+    /// Opens the store in `state_dir/events` (creating it), reading back every retained event.
+    pub fn open(
+        state_dir: &Path,
+        settings: StoreSettings,
+        clock: Clock,
+    ) -> Result<EventStore, EventStoreError> {
+        if settings.partitions == 0 || settings.partitions > 32 {
+            return Err(EventStoreError::BadPartitions);
+        }
+        let root = state_dir.join(DIR);
+        std::fs::create_dir_all(&root).map_err(io_error(&root))?;
+        let found = std::fs::read_dir(&root)
+            .map_err(io_error(&root))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .count() as u32;
+        if found != 0 && found != settings.partitions {
+            return Err(EventStoreError::PartitionCount {
+                found,
+                asked: settings.partitions,
+            });
+        }
+        let created_path = root.join("created");
+        let created_ms = match std::fs::read_to_string(&created_path) {
+            Ok(text) => text.trim().parse().unwrap_or_else(|_| clock.now_ms()),
+            Err(_) => {
+                let now = clock.now_ms();
+                std::fs::write(&created_path, now.to_string()).map_err(io_error(&created_path))?;
+                now
+            }
+        };
+        let partitions = (0..settings.partitions)
+            .map(|id| Partition::open(&root, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = EventStore {
+            settings,
+            partitions,
+            clock,
+            created_ms,
+            disk_failures: AtomicU64::new(0),
+        };
+        store.expire();
+        Ok(store)
+    }
+
+    pub fn partition_count(&self) -> u32 {
+        self.partitions.len() as u32
+    }
+
+    pub fn partition(&self, id: u32) -> Option<&Partition> {
+        self.partitions.get(id as usize)
+    }
+
+    /// When the store was first made (milliseconds since the epoch): the event hub's
+    /// `created_at`.
+    pub fn created_ms(&self) -> i64 {
+        self.created_ms
+    }
+
+    /// Appends an accepted message to its device's partition. Returns (partition, sequence).
+    pub fn append(
+        &self,
+        device_id: Arc<str>,
+        generation_id: Arc<str>,
+        properties: PropertyBag,
+        body: Bytes,
+        enqueued_time: DateTime<Utc>,
+    ) -> (u32, i64) {
+        let id = partition_of(&device_id, self.partition_count());
+        let partition = &self.partitions[id as usize];
+        let now = self.clock.now_ms();
+        let sequence = partition.append(
+            Record {
+                sequence_number: 0,
+                enqueued_ms: enqueued_time.timestamp_millis(),
+                device_id,
+                generation_id,
+                properties,
+                body,
+            },
+            &self.disk_failures,
+        );
+        partition.retain(self.cutoff(now), self.settings.max_count);
+        (id, sequence)
+    }
+
+    fn cutoff(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.settings.max_age.as_millis() as i64)
+    }
+
+    /// Drops what retention no longer keeps, in every partition (the hub calls it every
+    /// [`EXPIRY_INTERVAL`]; appends also drop what they push out).
+    pub fn expire(&self) {
+        let cutoff = self.cutoff(self.clock.now_ms());
+        for partition in &self.partitions {
+            partition.retain(cutoff, self.settings.max_count);
+        }
+    }
+
+    /// Appends whose disk write failed (their partition then runs in memory alone).
+    pub fn disk_failures(&self) -> u64 {
+        self.disk_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// How often the hub drops expired events when nothing is appended.
+pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Partition {
+    fn open(root: &Path, id: u32) -> Result<Partition, EventStoreError> {
+        let dir = root.join(id.to_string());
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let mut log = Log {
+            events: VecDeque::new(),
+            next_sequence: 0,
+            next_offset: 0,
+            last_offset: None,
+            last_enqueued_ms: 0,
+            closed: VecDeque::new(),
+            writer: None,
+            writer_last_sequence: -1,
+        };
+        let segments = segment::list(&dir).map_err(io_error(&dir))?;
+        let count = segments.len();
+        for (index, (base, path)) in segments.into_iter().enumerate() {
+            let (records, len) = segment::read(&path, base).map_err(io_error(&path))?;
+            let mut last_sequence = -1;
+            for (offset, record) in records {
+                last_sequence = record.sequence_number;
+                log.next_sequence = record.sequence_number + 1;
+                log.last_offset = Some(offset);
+                log.last_enqueued_ms = record.enqueued_ms;
+                log.events
+                    .push_back(Arc::new(StoredEvent { offset, record }));
+            }
+            log.next_offset = base + len;
+            if index + 1 == count {
+                log.writer = Some(segment::Writer::open(&dir, base, len).map_err(io_error(&path))?);
+                log.writer_last_sequence = last_sequence;
+            } else {
+                log.closed.push_back(Segment {
+                    base_offset: base,
+                    last_sequence,
+                });
+            }
+        }
+        if log.writer.is_none() {
+            let path = dir.join(segment::file_name(0));
+            log.writer = Some(segment::Writer::open(&dir, 0, 0).map_err(io_error(&path))?);
+        }
+        let (next, _) = watch::channel(log.next_sequence);
+        Ok(Partition {
+            id,
+            dir,
+            log: Mutex::new(log),
+            next,
+        })
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn append(&self, mut record: Record, failures: &AtomicU64) -> i64 {
+        let mut log = self.lock();
+        let sequence = log.next_sequence;
+        record.sequence_number = sequence;
+        let payload = record.encode();
+        let offset = log.next_offset;
+        if log.writer.as_ref().is_some_and(|w| {
+            w.len > 0 && w.len + segment::record_len(payload.len()) > SEGMENT_BYTES
+        }) {
+            self.roll(&mut log, offset);
+        }
+        if let Some(writer) = log.writer.as_mut() {
+            if let Err(error) = writer.append(&payload) {
+                tracing::warn!(partition = self.id, %error, "event store write failed; this partition goes on in memory alone");
+                failures.fetch_add(1, Ordering::Relaxed);
+                log.writer = None;
+            }
+        }
+        log.next_sequence = sequence + 1;
+        log.next_offset = offset + segment::record_len(payload.len());
+        log.last_offset = Some(offset);
+        log.last_enqueued_ms = record.enqueued_ms;
+        log.writer_last_sequence = sequence;
+        log.events
+            .push_back(Arc::new(StoredEvent { offset, record }));
+        drop(log);
+        self.next.send_replace(sequence + 1);
+        sequence
+    }
+
+    /// Closes the open segment and begins one at `offset`.
+    fn roll(&self, log: &mut Log, offset: u64) {
+        if let Some(writer) = log.writer.take() {
+            log.closed.push_back(Segment {
+                base_offset: writer.base_offset,
+                last_sequence: log.writer_last_sequence,
+            });
+        }
+        match segment::Writer::open(&self.dir, offset, 0) {
+            Ok(writer) => log.writer = Some(writer),
+            Err(error) => {
+                tracing::warn!(partition = self.id, %error, "cannot begin an event segment; this partition goes on in memory alone")
+            }
+        }
+    }
+
+    /// Drops events enqueued before `cutoff_ms` and all but the newest `max_count`; deletes
+    /// the closed segments left with no retained event.
+    fn retain(&self, cutoff_ms: i64, max_count: usize) {
+        let mut log = self.lock();
+        while let Some(front) = log.events.front() {
+            if log.events.len() > max_count || front.record.enqueued_ms < cutoff_ms {
+                log.events.pop_front();
+            } else {
+                break;
+            }
+        }
+        let first_kept = log
+            .events
+            .front()
+            .map_or(log.next_sequence, |e| e.sequence_number());
+        while log
+            .closed
+            .front()
+            .is_some_and(|s| s.last_sequence < first_kept)
+        {
+            let Some(old) = log.closed.pop_front() else {
+                break;
+            };
+            let path = self.dir.join(segment::file_name(old.base_offset));
+            if let Err(error) = std::fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), %error, "cannot delete an expired event segment");
+            }
+        }
+    }
+
+    /// A receiver of the partition's next sequence number, to wait for new events.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.next.subscribe()
+    }
+
+    /// The sequence number a reader starting at `start` reads first (possibly one not yet
+    /// given: it then waits for it).
+    pub fn resolve(&self, start: &StartAt) -> i64 {
+        let log = self.lock();
+        let first = log
+            .events
+            .front()
+            .map_or(log.next_sequence, |e| e.sequence_number());
+        let after = |pred: &dyn Fn(&StoredEvent) -> bool| {
+            let index = log.events.partition_point(|e| !pred(e));
+            log.events
+                .get(index)
+                .map_or(log.next_sequence, |e| e.sequence_number())
+        };
+        let sequence = match *start {
+            StartAt::Beginning => first,
+            StartAt::Latest => log.next_sequence,
+            StartAt::Sequence {
+                sequence,
+                inclusive,
+            } => {
+                if inclusive {
+                    sequence
+                } else {
+                    sequence.saturating_add(1)
+                }
+            }
+            StartAt::Offset { offset, inclusive } => after(&|e| {
+                if inclusive {
+                    e.offset >= offset
+                } else {
+                    e.offset > offset
+                }
+            }),
+            StartAt::EnqueuedTime { ms, inclusive } => after(&|e| {
+                if inclusive {
+                    e.record.enqueued_ms >= ms
+                } else {
+                    e.record.enqueued_ms > ms
+                }
+            }),
+        };
+        sequence.clamp(first, log.next_sequence.max(first))
+    }
+
+    /// Up to `max` retained events from sequence number `from` on (from the oldest retained
+    /// one when `from` has expired).
+    pub fn read(&self, from: i64, max: usize) -> Vec<Arc<StoredEvent>> {
+        let log = self.lock();
+        let Some(first) = log.events.front().map(|e| e.sequence_number()) else {
+            return Vec::new();
+        };
+        let skip = (from.max(first) - first) as usize;
+        log.events.iter().skip(skip).take(max).cloned().collect()
+    }
+
+    pub fn info(&self) -> PartitionInfo {
+        let log = self.lock();
+        PartitionInfo {
+            begin_sequence_number: log
+                .events
+                .front()
+                .map_or(log.next_sequence, |e| e.sequence_number()),
+            last_sequence_number: log.next_sequence - 1,
+            last_offset: log
+                .last_offset
+                .map_or_else(|| "-1".to_string(), |o| o.to_string()),
+            last_enqueued_ms: log.last_enqueued_ms,
+            is_empty: log.events.is_empty(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(store: &EventStore, device: &str, n: u32) -> (u32, i64) {
+        let now = Utc
+            .timestamp_millis_opt(store.clock.now_ms())
+            .single()
+            .unwrap();
+        store.append(
+            Arc::from(device),
+            Arc::from("gen"),
+            PropertyBag::new(),
+            Bytes::from(format!("{{\"n\":{n}}}")),
+            now,
+        )
+    }
+
+    fn settings(max_age: Duration, max_count: usize) -> StoreSettings {
+        StoreSettings {
+            partitions: 4,
+            max_age,
+            max_count,
+        }
+    }
+
+    #[test]
+    fn a_device_keeps_its_partition_and_each_partition_numbers_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+        let (p, s0) = append(&store, "dev-1", 0);
+        let (q, s1) = append(&store, "dev-1", 1);
+        assert_eq!((p, s0, q, s1), (p, 0, p, 1));
+        assert_eq!(p, partition_of("dev-1", 4));
+        let other = (0..50)
+            .map(|i| format!("d{i}"))
+            .find(|d| partition_of(d, 4) != p)
+            .unwrap();
+        assert_eq!(
+            append(&store, &other, 0).1,
+            0,
+            "another partition starts at 0"
+        );
+        let events = store.partition(p).unwrap().read(0, 10);
+        assert_eq!(events.len(), 2);
+        assert!(events[0].offset < events[1].offset);
+        let info = store.partition(p).unwrap().info();
+        assert_eq!(info.last_sequence_number, 1);
+        assert_eq!(info.last_offset, events[1].offset.to_string());
+        assert!(!info.is_empty);
+    }
+
+    #[test]
+    fn events_survive_a_reopen_and_numbering_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, offsets) = {
+            let store =
+                EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+            append(&store, "dev-1", 0);
+            let (p, _) = append(&store, "dev-1", 1);
+            let offsets: Vec<u64> = store
+                .partition(p)
+                .unwrap()
+                .read(0, 10)
+                .iter()
+                .map(|e| e.offset)
+                .collect();
+            (p, offsets)
+        };
+        let store = EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+        let events = store.partition(p).unwrap().read(0, 10);
+        assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), offsets);
+        assert_eq!(&events[1].record.body[..], b"{\"n\":1}");
+        assert_eq!(append(&store, "dev-1", 2), (p, 2));
+        assert!(store.partition(p).unwrap().read(2, 1)[0].offset > offsets[1]);
+        let other = StoreSettings {
+            partitions: 8,
+            ..StoreSettings::default()
+        };
+        assert!(matches!(
+            EventStore::open(dir.path(), other, Clock::System),
+            Err(EventStoreError::PartitionCount { found: 4, asked: 8 })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retention_drops_by_age_and_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Clock::Tokio {
+            start_ms: 1_700_000_000_000,
+            start: tokio::time::Instant::now(),
+        };
+        let store =
+            EventStore::open(dir.path(), settings(Duration::from_secs(60), 3), clock).unwrap();
+        let (p, _) = append(&store, "dev-1", 0);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        append(&store, "dev-1", 1);
+        let partition = store.partition(p).unwrap();
+        tokio::time::advance(Duration::from_secs(31)).await;
+        store.expire();
+        let kept: Vec<i64> = partition
+            .read(0, 10)
+            .iter()
+            .map(|e| e.sequence_number())
+            .collect();
+        assert_eq!(kept, vec![1], "the first is over 60 s old");
+        for n in 2..6 {
+            append(&store, "dev-1", n);
+        }
+        let kept: Vec<i64> = partition
+            .read(0, 10)
+            .iter()
+            .map(|e| e.sequence_number())
+            .collect();
+        assert_eq!(kept, vec![3, 4, 5], "at most three");
+        assert_eq!(partition.info().begin_sequence_number, 3);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        store.expire();
+        let info = partition.info();
+        assert!(info.is_empty);
+        assert_eq!(
+            (info.begin_sequence_number, info.last_sequence_number),
+            (6, 5)
+        );
+    }
+
+    #[test]
+    fn start_positions_resolve_as_event_hubs_filters_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+        let (p, _) = append(&store, "dev-1", 0);
+        append(&store, "dev-1", 1);
+        append(&store, "dev-1", 2);
+        let partition = store.partition(p).unwrap();
+        let events = partition.read(0, 10);
+        let (o1, t1) = (events[1].offset, events[1].record.enqueued_ms);
+        assert_eq!(partition.resolve(&StartAt::Beginning), 0);
+        assert_eq!(partition.resolve(&StartAt::Latest), 3);
+        assert_eq!(
+            partition.resolve(&StartAt::Offset {
+                offset: o1,
+                inclusive: false
+            }),
+            2
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::Offset {
+                offset: o1,
+                inclusive: true
+            }),
+            1
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::Sequence {
+                sequence: 1,
+                inclusive: false
+            }),
+            2
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::Sequence {
+                sequence: 1,
+                inclusive: true
+            }),
+            1
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::Sequence {
+                sequence: 99,
+                inclusive: true
+            }),
+            3
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::EnqueuedTime {
+                ms: t1 - 1_000_000,
+                inclusive: false
+            }),
+            0
+        );
+        assert_eq!(
+            partition.resolve(&StartAt::EnqueuedTime {
+                ms: i64::MAX,
+                inclusive: false
+            }),
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_wakes_on_an_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap(),
+        );
+        let p = partition_of("dev-1", 4);
+        let mut next = store.partition(p).unwrap().subscribe();
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move { append(&store, "dev-1", 0) })
+        };
+        tokio::time::timeout(Duration::from_secs(5), next.wait_for(|n| *n >= 1))
+            .await
+            .expect("woken within the deadline")
+            .unwrap();
+        assert_eq!(writer.await.unwrap(), (p, 0));
+    }
+}

@@ -1,0 +1,378 @@
+//! The Event Hubs-compatible endpoint through real sockets: a fe2o3-amqp client on the hub's
+//! plain AMQP port (and one TLS handshake), SASL PLAIN as a policy, partition receivers with
+//! selector filters and epochs, refusals, and garbage on the wire.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::definitions::Fields;
+use fe2o3_amqp::types::messaging::{Body, Source};
+use fe2o3_amqp::types::primitives::{OrderedMap, Symbol, Value};
+use fe2o3_amqp::{Connection, Receiver, Session};
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
+use simdevice::hub::events::partition_of;
+use simdevice::protocol::property_bag::PropertyBag;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::TestHub;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn key_of(hub: &TestHub, policy: &str) -> String {
+    hub.hub
+        .state()
+        .policies
+        .get(policy)
+        .unwrap()
+        .primary_key
+        .clone()
+}
+
+async fn connect(hub: &TestHub, policy: &str, key: &str) -> Result<ConnectionHandle<()>, String> {
+    let addr = hub.hub.amqp_plain_addr().expect("a plain listener");
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    Connection::builder()
+        .container_id("it-client")
+        .hostname("localhost")
+        .sasl_profile(SaslProfile::Plain {
+            username: policy.into(),
+            password: key.into(),
+        })
+        .open_with_stream(stream)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn append(hub: &TestHub, device: &str, n: u32) {
+    let mut properties = PropertyBag::new();
+    properties.insert("$.mid", format!("m{n}"));
+    properties.insert("unit", "celsius");
+    hub.hub.state().events.append(
+        Arc::from(device),
+        Arc::from("gen-1"),
+        properties,
+        Bytes::from(format!("{{\"n\":{n}}}")),
+        chrono::Utc::now(),
+    );
+}
+
+fn address(partition: u32) -> String {
+    format!("localhost/ConsumerGroups/$Default/Partitions/{partition}")
+}
+
+fn selector(expression: &str) -> Value {
+    Value::Described(Box::new(Described {
+        descriptor: Descriptor::Name(Symbol::from("apache.org:selector-filter:string")),
+        value: Value::String(expression.into()),
+    }))
+}
+
+async fn receiver(
+    session: &mut fe2o3_amqp::session::SessionHandle<()>,
+    name: &str,
+    partition: u32,
+    filter: Option<&str>,
+    epoch: Option<i64>,
+) -> Receiver {
+    let mut source = Source::builder().address(address(partition));
+    if let Some(expression) = filter {
+        source = source.add_to_filter_using_legacy_format(
+            "apache.org:selector-filter:string",
+            selector(expression),
+        );
+    }
+    let mut builder = Receiver::builder().name(name).source(source.build());
+    if let Some(epoch) = epoch {
+        let mut properties: Fields = OrderedMap::new();
+        properties.insert(Symbol::from("com.microsoft:epoch"), Value::Long(epoch));
+        builder = builder.properties(properties);
+    }
+    builder
+        .attach(session)
+        .await
+        .expect("the attach is answered")
+}
+
+async fn next_body(
+    receiver: &mut Receiver,
+) -> (String, fe2o3_amqp::types::messaging::Message<Body<Value>>) {
+    let delivery = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
+        .await
+        .expect("an event within the deadline")
+        .expect("an event, not an error");
+    receiver.accept(&delivery).await.unwrap();
+    let message = delivery.into_message();
+    let body = match &message.body {
+        Body::Data(batch) => String::from_utf8(batch.iter().next().unwrap().0.to_vec()).unwrap(),
+        other => panic!("a data body, not {other:?}"),
+    };
+    (body, message)
+}
+
+/// The receiver was detached by the hub (with an error) within the deadline.
+async fn detached(receiver: &mut Receiver) -> String {
+    let result = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
+        .await
+        .expect("the hub detaches within the deadline");
+    match result {
+        Ok(_) => panic!("an event instead of a detach"),
+        Err(error) => format!("{error:?}"),
+    }
+}
+
+fn annotation<'a>(
+    message: &'a fe2o3_amqp::types::messaging::Message<Body<Value>>,
+    key: &str,
+) -> &'a Value {
+    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+    message
+        .message_annotations
+        .as_ref()
+        .unwrap()
+        .0
+        .get(&OwnedKey::Symbol(Symbol::from(key)))
+        .unwrap_or_else(|| panic!("annotation {key}"))
+}
+
+#[tokio::test]
+async fn a_service_receives_retained_and_new_events_with_their_annotations() {
+    let hub = TestHub::start().await;
+    let device = "amqp-dev-1";
+    let partition = partition_of(device, 4);
+    append(&hub, device, 0);
+    append(&hub, device, 1);
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut from_start = receiver(
+        &mut session,
+        "r1",
+        partition,
+        Some("amqp.annotation.x-opt-offset > '-1'"),
+        None,
+    )
+    .await;
+    let (body, message) = next_body(&mut from_start).await;
+    assert_eq!(body, "{\"n\":0}");
+    assert_eq!(
+        annotation(&message, "iothub-connection-device-id"),
+        &Value::String(device.into())
+    );
+    assert_eq!(
+        annotation(&message, "x-opt-sequence-number"),
+        &Value::Long(0)
+    );
+    assert_eq!(
+        annotation(&message, "iothub-message-source"),
+        &Value::String("Telemetry".into())
+    );
+    let Value::String(first_offset) = annotation(&message, "x-opt-offset").clone() else {
+        panic!("the offset is a string")
+    };
+    assert_eq!(
+        message
+            .application_properties
+            .as_ref()
+            .unwrap()
+            .0
+            .get("unit"),
+        Some(&fe2o3_amqp::types::primitives::SimpleValue::String(
+            "celsius".into()
+        ))
+    );
+    assert_eq!(
+        message.properties.as_ref().unwrap().message_id,
+        Some(fe2o3_amqp::types::messaging::MessageId::String("m0".into()))
+    );
+    assert_eq!(next_body(&mut from_start).await.0, "{\"n\":1}");
+    // Caught up: a new event wakes the receiver.
+    append(&hub, device, 2);
+    assert_eq!(next_body(&mut from_start).await.0, "{\"n\":2}");
+
+    // From an offset (exclusive) and from a sequence number (inclusive).
+    let mut after_first = receiver(
+        &mut session,
+        "r2",
+        partition,
+        Some(&format!("amqp.annotation.x-opt-offset > '{first_offset}'")),
+        None,
+    )
+    .await;
+    assert_eq!(next_body(&mut after_first).await.0, "{\"n\":1}");
+    let mut from_two = receiver(
+        &mut session,
+        "r3",
+        partition,
+        Some("amqp.annotation.x-opt-sequence-number >= '2'"),
+        None,
+    )
+    .await;
+    assert_eq!(next_body(&mut from_two).await.0, "{\"n\":2}");
+    let mut latest = receiver(
+        &mut session,
+        "r4",
+        partition,
+        Some("amqp.annotation.x-opt-offset > '@latest'"),
+        None,
+    )
+    .await;
+    append(&hub, device, 3);
+    assert_eq!(
+        next_body(&mut latest).await.0,
+        "{\"n\":3}",
+        "only what came after the attach"
+    );
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_wrong_key_missing_right_unknown_entity() {
+    let hub = TestHub::start().await;
+    assert!(
+        connect(&hub, "service", "d3Jvbmcta2V5LXdyb25nLWtleQ==")
+            .await
+            .is_err(),
+        "a wrong key fails SASL"
+    );
+    assert!(connect(&hub, "nosuchpolicy", "eA==").await.is_err());
+
+    // registryRead may log in but not receive.
+    let mut connection = connect(&hub, "registryRead", &key_of(&hub, "registryRead"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut refused = receiver(&mut session, "r", 0, None, None).await;
+    assert!(
+        detached(&mut refused).await.contains("Unauthorized"),
+        "needs ServiceConnect"
+    );
+    let _ = connection.close().await;
+
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let no_group = Receiver::builder()
+        .name("g")
+        .source(
+            Source::builder()
+                .address("localhost/ConsumerGroups/nope/Partitions/0")
+                .build(),
+        )
+        .attach(&mut session)
+        .await;
+    let mut no_group = no_group.expect("accepted, then detached with the reason");
+    assert!(detached(&mut no_group).await.contains("consumer group"));
+    let mut no_partition = receiver(&mut session, "p", 9, None, None).await;
+    assert!(detached(&mut no_partition).await.contains("partition"));
+    let mut bad_filter = receiver(
+        &mut session,
+        "f",
+        0,
+        Some("amqp.annotation.x-opt-offset = '1'"),
+        None,
+    )
+    .await;
+    assert!(detached(&mut bad_filter).await.contains("selector"));
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_higher_epoch_takes_the_partition_and_a_lower_one_is_refused() {
+    let hub = TestHub::start().await;
+    let key = key_of(&hub, "service");
+    let mut connection = connect(&hub, "service", &key).await.unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut two = receiver(&mut session, "e2", 1, None, Some(2)).await;
+    let mut one = receiver(&mut session, "e1", 1, None, Some(1)).await;
+    assert!(detached(&mut one).await.contains("higher epoch"));
+    let mut plain = receiver(&mut session, "e0", 1, None, None).await;
+    assert!(detached(&mut plain).await.contains("without an epoch"));
+    let mut three = receiver(&mut session, "e3", 1, None, Some(3)).await;
+    assert!(
+        detached(&mut two).await.contains("higher epoch of '3'"),
+        "kicked by epoch 3"
+    );
+    let device = (0..100)
+        .map(|i| format!("ep-{i}"))
+        .find(|d| partition_of(d, 4) == 1)
+        .unwrap();
+    append(&hub, &device, 7);
+    assert_eq!(
+        next_body(&mut three).await.0,
+        "{\"n\":7}",
+        "the new holder reads"
+    );
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_and_silence_are_closed_and_the_listener_goes_on() {
+    let hub = TestHub::start().await;
+    let addr = hub.hub.amqp_plain_addr().unwrap();
+    let mut junk = TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02\xff")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match junk.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the hub closes a connection that does not speak AMQP"
+    );
+
+    // A TLS client that speaks plain AMQP to the TLS port fails its handshake, not the hub.
+    let mut wrong = TcpStream::connect(hub.hub.amqp_addr()).await.unwrap();
+    wrong.write_all(b"AMQP\x03\x01\x00\x00").await.unwrap();
+    let closed = tokio::time::timeout(DEADLINE, wrong.read(&mut buf)).await;
+    assert!(closed.is_ok());
+
+    let connection = connect(&hub, "service", &key_of(&hub, "service")).await;
+    assert!(
+        connection.is_ok(),
+        "the listener still serves: {:?}",
+        connection.err()
+    );
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_tls_port_speaks_amqp_with_the_hubs_certificate() {
+    let hub = TestHub::start().await;
+    let tcp = TcpStream::connect(hub.hub.amqp_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = hub
+        .tls_connector()
+        .connect(name, tcp)
+        .await
+        .expect("the hub's CA verifies it");
+    let connection = Connection::builder()
+        .container_id("it-tls")
+        .hostname("localhost")
+        .sasl_profile(SaslProfile::Plain {
+            username: "service".into(),
+            password: key_of(&hub, "service"),
+        })
+        .open_with_stream(tls)
+        .await;
+    let mut connection = connection.expect("AMQP over TLS opens");
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
