@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the device agent (the daemon): telemetry, twin, direct methods.
     Run(crate::commands::run::RunArgs),
+    /// Register the device with the Device Provisioning Service ([provisioning]) and cache
+    /// where it is assigned.
+    Provision(crate::commands::provision::ProvisionArgs),
     /// Check the agent's configuration.
     Config(crate::commands::config::ConfigArgs),
     /// Run a local emulator of Azure IoT Hub (device MQTT on 8883, service REST API on 8443).

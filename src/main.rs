@@ -65,6 +65,10 @@ fn main() -> ExitCode {
                 Ok(_) => ExitCode::FAILURE,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
+            Command::Provision(args) => match commands::provision::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, config_or_failure(error.is_config())),
+            },
             Command::Config(args) => match commands::config::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),

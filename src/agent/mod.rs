@@ -32,6 +32,7 @@ pub mod handlers;
 pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
+pub mod provision;
 pub mod reading;
 pub mod state;
 pub mod telemetry;

@@ -55,7 +55,7 @@ pub enum FleetCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group = clap::ArgGroup::new("hub").required(true).args(["local", "host", "devices"]))]
+#[command(group = clap::ArgGroup::new("hub").required(true).args(["local", "host", "devices", "dps"]))]
 pub struct FleetRunArgs {
     /// Run against the local hub (`simdevice hub --auto-register`): its hub.json gives the
     /// address, the CA and the group key.
@@ -71,9 +71,21 @@ pub struct FleetRunArgs {
     /// the DPS group-enrollment derivation.
     #[arg(long, env = "SIMDEVICE_GROUP_KEY", hide_env_values = true)]
     pub group_key: Option<String>,
-    /// Where to connect instead of --host (`host:port`), keeping --host in the tokens.
-    #[arg(long, requires = "host")]
+    /// Where to connect instead of --host (or the hub DPS assigns), keeping that name in the
+    /// tokens (`host:port`).
+    #[arg(long)]
     pub gateway: Option<String>,
+    /// Provision every device of the slice through the Device Provisioning Service of this id
+    /// scope before it connects (registration id = device id, key derived from --group-key,
+    /// the enrollment group's key).
+    #[arg(long, value_name = "ID_SCOPE", requires = "group_key", conflicts_with_all = ["local", "host", "devices"])]
+    pub dps: Option<String>,
+    /// With --dps: the DPS device endpoint (`host[:port]`, port 8883 by default).
+    #[arg(long, requires = "dps", default_value = crate::protocol::dps::GLOBAL_ENDPOINT)]
+    pub dps_endpoint: String,
+    /// With --dps: registrations started per second (0: as fast as IN_FLIGHT allows).
+    #[arg(long, requires = "dps", default_value_t = 10.0)]
+    pub dps_rate: f64,
     /// A CA certificate (PEM) to trust besides the public roots.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
@@ -165,6 +177,13 @@ pub enum FleetCommandError {
     Template(#[from] TemplateError),
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    #[error("--dps-endpoint {0:?} is not host[:port]")]
+    DpsEndpoint(String),
+    #[error("cannot set up TLS for DPS")]
+    DpsTls(#[source] crate::agent::AgentError),
+    /// A device of the slice could not be provisioned (its reason is the source).
+    #[error(transparent)]
+    Provision(#[from] crate::fleet::provision::FleetProvisionError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error(transparent)]
@@ -196,6 +215,7 @@ impl FleetCommandError {
     pub fn is_config(&self) -> bool {
         match self {
             FleetCommandError::Fleet(error) => error.is_config(),
+            FleetCommandError::Provision(_) => false,
             FleetCommandError::Metrics(_)
             | FleetCommandError::WriteReport { .. }
             | FleetCommandError::NothingConnected { .. } => false,
@@ -292,6 +312,10 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
             })?;
     }
     let (devices, ca_file, range) = select_devices(&args, shard)?;
+    let devices = match &args.dps {
+        Some(id_scope) => provision_slice(&args, id_scope, devices, ca_file.as_deref()).await?,
+        None => devices,
+    };
     let proxy = match &args.proxy {
         Some(url) => Some(Proxy::parse(url).map_err(FleetCommandError::Proxy)?),
         // The environment's, as `simdevice run` takes it; NO_PROXY checked against the
@@ -448,6 +472,52 @@ fn select_devices(
     let devices = devices::from_group_key(ids, &host, gateway.as_deref(), &group_key)?;
     let span = span(&devices);
     Ok((devices, ca_file, span))
+}
+
+/// `--dps`: the slice registered with DPS, as assigned (stopped by SIGTERM or SIGINT).
+async fn provision_slice(
+    args: &FleetRunArgs,
+    id_scope: &str,
+    devices: Vec<FleetDevice>,
+    ca_file: Option<&Path>,
+) -> Result<Vec<FleetDevice>, FleetCommandError> {
+    if !(args.dps_rate.is_finite() && args.dps_rate >= 0.0) {
+        return Err(FleetCommandError::BadNumber {
+            flag: "dps-rate",
+            what: "registrations per second, 0 (unlimited) or more",
+            value: args.dps_rate,
+        });
+    }
+    let (host, port) = match args.dps_endpoint.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => (
+            host.to_string(),
+            port.parse::<u16>()
+                .map_err(|_| FleetCommandError::DpsEndpoint(args.dps_endpoint.clone()))?,
+        ),
+        None if !args.dps_endpoint.is_empty() => {
+            (args.dps_endpoint.clone(), crate::protocol::MQTT_TLS_PORT)
+        }
+        _ => return Err(FleetCommandError::DpsEndpoint(args.dps_endpoint.clone())),
+    };
+    let settings = crate::fleet::provision::DpsSettings {
+        host,
+        port,
+        id_scope: id_scope.to_string(),
+        tls: crate::agent::client_tls(ca_file).map_err(FleetCommandError::DpsTls)?,
+        rate: args.dps_rate,
+        gateway_host_name: args.gateway.clone(),
+        deadline: Duration::from_secs(30),
+    };
+    tracing::info!(
+        devices = devices.len(),
+        rate = args.dps_rate,
+        "provisioning the slice through DPS"
+    );
+    let stop = CancellationToken::new();
+    let signals = tokio::spawn(wait_for_signal(stop.clone()));
+    let provisioned = crate::fleet::provision::provision_all(devices, &settings, &stop).await;
+    signals.abort();
+    Ok(provisioned?)
 }
 
 /// Cancels `stop` on SIGTERM or SIGINT.

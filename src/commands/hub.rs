@@ -28,6 +28,14 @@ pub struct HubArgs {
     /// Port for the service REST API over HTTPS (0 picks a free port).
     #[arg(long, default_value_t = crate::common::local_hub::DEFAULT_API_PORT)]
     pub api_port: u16,
+    /// Port for the local Device Provisioning Service's device endpoint, MQTT over TLS (0 picks
+    /// a free port; reported in hub.json as dps_port) [default: 8884, or a free port when 8884
+    /// cannot be had]
+    #[arg(long, env = "SIMDEVICE_HUB_DPS_PORT")]
+    pub dps_port: Option<u16>,
+    /// The DPS id scope [default: one made at first start and kept in the state].
+    #[arg(long)]
+    pub id_scope: Option<String>,
     /// Port for device MQTT over WebSocket (TLS, path /$iothub/websocket; 0 picks a free port)
     /// [default: 443; when 443 cannot be bound, a free port, with a warning]
     #[arg(long, env = "SIMDEVICE_HUB_WS_PORT")]
@@ -238,6 +246,11 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
         auto_register: args.auto_register,
         group_key: args.group_key,
         capture,
+        dps_port: Some(port(
+            args.dps_port,
+            crate::common::local_hub::DEFAULT_DPS_PORT,
+        )),
+        id_scope: args.id_scope,
         amqp: crate::hub::amqp::AmqpSettings {
             port: port(args.amqp_port, crate::hub::amqp::AMQPS_PORT),
             plain_port: (!args.no_amqp_plain)
@@ -321,6 +334,9 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     );
     let _ = writeln!(out, "  service HTTPS:    {}", hub.api_addr());
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
+    if let (Some(addr), Some(scope)) = (hub.dps_addr(), &info.id_scope) {
+        let _ = writeln!(out, "  DPS MQTT/TLS:     {addr} (id scope {scope})");
+    }
     if let Some(addr) = metrics {
         let _ = writeln!(
             out,
@@ -334,6 +350,13 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     );
     let _ = writeln!(out, "  service connection string (iothubowner):");
     let _ = writeln!(out, "    {}", info.service_connection_string);
+    if let Some(dps) = &info.dps_service_connection_string {
+        let _ = writeln!(
+            out,
+            "  DPS service connection string (provisioningserviceowner):"
+        );
+        let _ = writeln!(out, "    {dps}");
+    }
     let _ = writeln!(out, "  Event Hubs AMQP/TLS: {}", hub.amqp_addr());
     if let Some(cs) = &info.eventhub_connection_string {
         let _ = writeln!(out, "  Event Hubs-compatible connection string (service):");
@@ -392,5 +415,18 @@ pub async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port;
+    use crate::hub::Port;
+
+    #[test]
+    fn a_port_flag_is_a_choice_and_its_absence_the_default() {
+        assert_eq!(port(None, 8884), Port::Default(8884));
+        assert_eq!(port(Some(9000), 8884), Port::Chosen(9000));
+        assert_eq!(port(Some(0), 8884), Port::Chosen(0));
     }
 }

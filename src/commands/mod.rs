@@ -12,6 +12,7 @@ pub mod generate;
 pub mod hub;
 #[cfg(feature = "hub")]
 pub mod local;
+pub mod provision;
 pub mod run;
 #[cfg(feature = "service")]
 pub mod service;

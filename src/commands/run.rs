@@ -43,6 +43,9 @@ pub enum RunError {
     Local(#[from] super::local::LocalError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// `[provisioning]`: the provisioned agent could not run.
+    #[error("the provisioned agent cannot run")]
+    Provision(#[from] crate::agent::provision::ProvisionRunError),
 }
 
 impl RunError {
@@ -57,6 +60,7 @@ impl RunError {
             #[cfg(feature = "hub")]
             RunError::Local(error) => error.is_config(),
             RunError::Metrics(_) => false,
+            RunError::Provision(error) => error.is_config(),
         }
     }
 }
@@ -74,6 +78,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // The daemon keeps its outbox on disk: the configured file, else the default one.
     if config.outbox.path.is_none() {
         config.outbox.path = Some(OutboxSettings::default_path());
+    }
+    if config.provisioning.is_some() {
+        return run_provisioned(config).await;
     }
     let metrics = config
         .metrics
@@ -114,6 +121,57 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         hub.shutdown().await;
     }
     Ok(())
+}
+
+/// `[provisioning]`: the agent on the hub DPS assigns (`agent::provision::run_provisioned`),
+/// until SIGTERM or SIGINT. Not yet here: `/metrics` and SIGHUP reloads (the agent is made
+/// again after each registration, so they would need to follow it).
+async fn run_provisioned(config: Config) -> Result<(), RunError> {
+    if config.metrics.listen.is_some() {
+        tracing::warn!("[metrics] listen is not served yet for a provisioned agent");
+    }
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(crate::agent::provision::run_provisioned(
+        config,
+        false,
+        shutdown.clone(),
+    ));
+    let systemd = Daemon::from_env();
+    systemd.ready("running a provisioned device", || true, &shutdown);
+    tokio::pin!(task);
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the agent");
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.cancel();
+        return finish(task.await);
+    };
+    loop {
+        tokio::select! {
+            ended = &mut task => return finish(ended),
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => tracing::info!("SIGHUP: reloads are not supported with [provisioning]"),
+        }
+    }
+    tracing::info!("stopping: finishing in-flight work");
+    systemd.stopping();
+    shutdown.cancel();
+    finish(task.await)
+}
+
+fn finish(
+    ended: Result<Result<(), crate::agent::provision::ProvisionRunError>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
+    match ended {
+        Ok(result) => Ok(result?),
+        Err(error) => {
+            tracing::error!(%error, "the provisioned agent task failed");
+            Ok(())
+        }
+    }
 }
 
 /// Starts `/healthz` and `/metrics` when `[metrics] listen` asks for them (until `stop`).

@@ -66,6 +66,10 @@ pub enum ServiceCommand {
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=300))]
         connect_timeout: Option<u64>,
     },
+    /// Enrollments of a Device Provisioning Service (the local hub's with --local, which reads
+    /// dps_service_connection_string from hub.json; else --connection-string is the DPS's).
+    #[command(subcommand)]
+    Dps(DpsCommand),
     /// Run an IoT Hub query (all pages), e.g. "SELECT * FROM devices WHERE status = 'enabled'".
     Query { sql: String },
     /// X.509 certificates of the local hub (a simdevice extension; Azure manages CA
@@ -172,6 +176,50 @@ pub enum DeviceCommand {
     Enable { id: String },
     /// Refuse a device's connections (a connected device is disconnected).
     Disable { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DpsCommand {
+    /// Enrollment groups (symmetric key: each device's key derives from the group's).
+    #[command(subcommand)]
+    EnrollmentGroup(EnrollmentCommand),
+    /// Individual enrollments (symmetric key), by registration id.
+    #[command(subcommand)]
+    Enrollment(EnrollmentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrollmentCommand {
+    /// Create (or replace) one; DPS generates the keys unless --key is given.
+    Create {
+        id: String,
+        /// The primary key (base64; also the secondary) [default: generated]
+        #[arg(long, hide_env_values = true)]
+        key: Option<String>,
+        /// The initial twin of devices it creates, as JSON: {"tags":{..},"properties":{"desired":{..}}}
+        #[arg(long)]
+        initial_twin: Option<String>,
+        /// Individual enrollments: the device id to create [default: the registration id]
+        #[arg(long)]
+        device_id: Option<String>,
+        /// Create it disabled (registrations are refused).
+        #[arg(long)]
+        disabled: bool,
+        /// Only if its etag is still this one (a replace) [default: any]
+        #[arg(long)]
+        etag: Option<String>,
+    },
+    /// Show one (with its keys).
+    Show { id: String },
+    /// List them all.
+    List,
+    /// Remove one.
+    Delete {
+        id: String,
+        /// Only if its etag is still this one [default: any]
+        #[arg(long)]
+        etag: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -325,6 +373,7 @@ pub async fn run(args: ServiceArgs) -> Result<(), ServiceCommandError> {
 pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), ServiceCommandError> {
     let client = connect(&args)?;
     let answer = match args.command {
+        ServiceCommand::Dps(command) => dps(&client, command).await?,
         ServiceCommand::Device(command) => device(&client, command).await?,
         ServiceCommand::Twin(command) => twin(&client, command).await?,
         ServiceCommand::Invoke {
@@ -355,6 +404,52 @@ pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), Serv
         }
     };
     write_json(out, &answer)
+}
+
+async fn dps(client: &ServiceClient, command: DpsCommand) -> Result<Value, ServiceCommandError> {
+    let (collection, id_field, command) = match command {
+        DpsCommand::EnrollmentGroup(c) => ("enrollmentGroups", "enrollmentGroupId", c),
+        DpsCommand::Enrollment(c) => ("enrollments", "registrationId", c),
+    };
+    match command {
+        EnrollmentCommand::Create {
+            id,
+            key,
+            initial_twin,
+            device_id,
+            disabled,
+            etag,
+        } => {
+            let mut body = json!({
+                id_field: id,
+                "attestation": {"type": "symmetricKey", "symmetricKey": {
+                    "primaryKey": key.clone().unwrap_or_default(),
+                    "secondaryKey": key.unwrap_or_default()}},
+                "provisioningStatus": if disabled { "disabled" } else { "enabled" },
+            });
+            if let Some(text) = initial_twin {
+                let twin = parse_json("--initial-twin", &text)?;
+                if !twin.is_object() {
+                    return Err(ServiceCommandError::NotObject {
+                        what: "--initial-twin",
+                    });
+                }
+                body["initialTwin"] = twin;
+            }
+            if let Some(device_id) = device_id {
+                body["deviceId"] = json!(device_id);
+            }
+            Ok(client
+                .dps_put(collection, &id, &body, etag.as_deref())
+                .await?)
+        }
+        EnrollmentCommand::Show { id } => Ok(client.dps_get(collection, &id).await?),
+        EnrollmentCommand::List => Ok(client.dps_list(collection).await?),
+        EnrollmentCommand::Delete { id, etag } => {
+            client.dps_delete(collection, &id, etag.as_deref()).await?;
+            Ok(json!({ id_field: id, "deleted": true }))
+        }
+    }
 }
 
 async fn device(
@@ -573,7 +668,11 @@ fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceCommandError> {
             Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
         };
         ca_pem.push_str(&read_ca(&info.ca_file)?);
-        info.service_connection_string
+        // `service dps ...` talks to the local DPS, with its own policy.
+        match (&args.command, info.dps_service_connection_string) {
+            (ServiceCommand::Dps(_), Some(dps)) => dps,
+            _ => info.service_connection_string,
+        }
     } else {
         args.connection_string
             .clone()

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// [`crate::protocol::MQTT_TLS_PORT`].
 pub const DEFAULT_API_PORT: u16 = 8443;
 
+/// The default port of the local DPS's device endpoint. Azure's DPS listens on 8883 of its
+/// own host; locally 8883 is the hub's, so the DPS takes the next port.
+pub const DEFAULT_DPS_PORT: u16 = 8884;
+
 /// What `hub.json` says.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HubInfo {
@@ -27,6 +31,16 @@ pub struct HubInfo {
     /// With `simdevice hub --capture`: what is archived, and where. Absent in older files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureInfo>,
+    /// The local DPS's device endpoint (MQTT over TLS), when the hub serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps_port: Option<u16>,
+    /// The local DPS's id scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_scope: Option<String>,
+    /// The DPS service API's connection string (policy `provisioningserviceowner`; host:
+    /// the hub's service HTTPS port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps_service_connection_string: Option<String>,
     /// The Event Hubs-compatible endpoint's AMQP-over-TLS port. Absent in older files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amqp_port: Option<u16>,

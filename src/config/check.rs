@@ -41,7 +41,17 @@ impl<'a> Check<'a> {
     }
 
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let identity = self.identity(raw.identity)?;
+        // `[provisioning]` may stand in for `[identity]` (`provisioning`).
+        let (identity, provisioning) = if raw.identity.is_empty() {
+            match self.provisioning(raw.provisioning, None)? {
+                Some(p) => (p.unassigned_identity(), Some(p)),
+                None => (self.identity(raw.identity)?, None),
+            }
+        } else {
+            let identity = self.identity(raw.identity)?;
+            let provisioning = self.provisioning(raw.provisioning, Some(&identity.device_id))?;
+            (identity, provisioning)
+        };
         let connection = self.connection(raw.connection, &identity)?;
         let telemetry = self.telemetry(raw.telemetry)?;
         let connectivity = self.connectivity(raw.connectivity)?;
@@ -61,6 +71,7 @@ impl<'a> Check<'a> {
             methods,
             metrics,
             outbox,
+            provisioning,
         })
     }
 

@@ -30,6 +30,7 @@ mod error;
 mod files;
 mod identity;
 mod layers;
+mod provisioning;
 mod proxy;
 mod raw;
 mod render;
@@ -82,6 +83,51 @@ pub struct Config {
     pub methods: Vec<CommandMethodConfig>,
     pub metrics: MetricsSettings,
     pub outbox: OutboxSettings,
+    /// `[provisioning]`: register with DPS and connect where it assigns the device.
+    pub provisioning: Option<Provisioning>,
+}
+
+pub use provisioning::UNASSIGNED_HOST;
+
+/// The checked `[provisioning]` section (see `provisioning`).
+#[derive(Clone, Debug)]
+pub struct Provisioning {
+    pub id_scope: String,
+    pub registration_id: String,
+    /// The DPS device endpoint (`global_endpoint`): host and port (8883 by default).
+    pub host: String,
+    pub port: u16,
+    pub ca_file: Option<PathBuf>,
+    /// The device key: the individual enrollment's, or derived from the group key.
+    pub device_key: Secret,
+    /// Where to dial the assigned hub instead of its host name (`host[:port]`).
+    pub gateway_host_name: Option<String>,
+}
+
+impl Provisioning {
+    /// The identity of a device not assigned yet: the registration id, the key, no hub.
+    pub fn unassigned_identity(&self) -> Identity {
+        Identity {
+            host_name: UNASSIGNED_HOST.into(),
+            device_id: self.registration_id.clone(),
+            key: self.device_key.clone(),
+            gateway_host_name: None,
+            ca_file: self.ca_file.clone(),
+            x509: None,
+        }
+    }
+
+    /// The identity DPS assigned: its hub and device id, the registration's key.
+    pub fn assigned_identity(&self, assigned_hub: &str, device_id: &str) -> Identity {
+        Identity {
+            host_name: assigned_hub.into(),
+            device_id: device_id.into(),
+            key: self.device_key.clone(),
+            gateway_host_name: self.gateway_host_name.clone(),
+            ca_file: self.ca_file.clone(),
+            x509: None,
+        }
+    }
 }
 
 /// Who the device is and where its hub is.
@@ -394,6 +440,7 @@ impl Config {
             methods: Vec::new(),
             metrics: MetricsSettings::default(),
             outbox: OutboxSettings::default(),
+            provisioning: None,
         }
     }
 }

@@ -84,6 +84,8 @@ pub(super) struct RawConfig {
     pub(super) metrics: RawMetrics,
     #[serde(default)]
     pub(super) outbox: RawOutbox,
+    #[serde(default)]
+    pub(super) provisioning: RawProvisioning,
 }
 
 #[derive(Default, Deserialize)]
@@ -99,6 +101,38 @@ pub(super) struct RawIdentity {
     pub(super) ca_file: Option<Scalar>,
     pub(super) certificate_file: Option<Scalar>,
     pub(super) private_key_file: Option<Scalar>,
+}
+
+impl RawIdentity {
+    /// No key of `[identity]` is set.
+    pub(super) fn is_empty(&self) -> bool {
+        [
+            &self.connection_string,
+            &self.host_name,
+            &self.device_id,
+            &self.key,
+            &self.key_file,
+            &self.key_env,
+            &self.gateway_host_name,
+            &self.ca_file,
+        ]
+        .iter()
+        .all(|v| v.is_none())
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProvisioning {
+    pub(super) id_scope: Option<Scalar>,
+    pub(super) registration_id: Option<Scalar>,
+    pub(super) global_endpoint: Option<Scalar>,
+    pub(super) ca_file: Option<Scalar>,
+    pub(super) key: Option<Scalar>,
+    pub(super) key_file: Option<Scalar>,
+    pub(super) key_env: Option<Scalar>,
+    pub(super) group_key: Option<Scalar>,
+    pub(super) gateway_host_name: Option<Scalar>,
 }
 
 #[derive(Default, Deserialize)]

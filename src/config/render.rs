@@ -101,7 +101,30 @@ impl Config {
         outbox.insert("max_age_secs".into(), seconds(o.max_age));
 
         let mut root = Table::new();
-        root.insert("identity".into(), Value::Table(identity));
+        // An identity DPS has not assigned yet is the `[provisioning]` section's, not the file's.
+        let unassigned =
+            self.provisioning.is_some() && self.identity.host_name == super::UNASSIGNED_HOST;
+        if !unassigned {
+            root.insert("identity".into(), Value::Table(identity));
+        }
+        if let Some(p) = &self.provisioning {
+            let mut provisioning = Table::new();
+            provisioning.insert("id_scope".into(), text(&p.id_scope));
+            provisioning.insert("registration_id".into(), text(&p.registration_id));
+            provisioning.insert(
+                "global_endpoint".into(),
+                text(&format!("{}:{}", p.host, p.port)),
+            );
+            // The device key, whether given or derived from a group key.
+            provisioning.insert("key".into(), text("***"));
+            if let Some(ca_file) = &p.ca_file {
+                provisioning.insert("ca_file".into(), path(ca_file));
+            }
+            if let Some(gateway) = &p.gateway_host_name {
+                provisioning.insert("gateway_host_name".into(), text(gateway));
+            }
+            root.insert("provisioning".into(), Value::Table(provisioning));
+        }
         root.insert("connection".into(), Value::Table(connection));
         root.insert("telemetry".into(), Value::Table(telemetry));
         root.insert("connectivity".into(), Value::Table(connectivity));

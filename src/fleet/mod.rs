@@ -3,12 +3,13 @@
 //!
 //! Rooms, lowest first: `shard` (which slice of the id range is ours), `report` (the JSON a
 //! shard writes and `merge-reports` merges, with its mergeable latency histogram), `devices`
-//! (identities from a range and a group key, or from a file), `run` (the agents, the ramp, the
-//! end), `progress` (the live line), `metrics` (`/metrics` and `/healthz`).
+//! (identities from a range and a group key, or from a file), `provision` (`--dps`: the slice registered
+//! with DPS first), `run` (the agents, the ramp, the end), `progress` (the live line), `metrics` (`/metrics` and `/healthz`).
 
 pub mod devices;
 pub mod metrics;
 pub mod progress;
+pub mod provision;
 pub mod report;
 pub mod run;
 pub mod shard;

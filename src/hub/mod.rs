@@ -20,6 +20,7 @@ pub mod amqp;
 pub mod api;
 pub mod auth;
 pub mod capture;
+pub mod dps;
 pub mod error;
 pub mod events;
 pub mod faults;
@@ -69,6 +70,10 @@ pub struct HubConfig {
     pub group_key: Option<String>,
     /// `--capture`: archive accepted telemetry into Avro files (`capture`); `None` is off.
     pub capture: Option<capture::CaptureSettings>,
+    /// `--dps-port`: the local DPS's device endpoint (`dps`); `None` serves no DPS.
+    pub dps_port: Option<Port>,
+    /// `--id-scope`: the DPS id scope to use (kept in the state); `None` keeps the stored one.
+    pub id_scope: Option<String>,
     /// The Event Hubs-compatible endpoint's listeners and consumer groups (`amqp`).
     pub amqp: amqp::AmqpSettings,
     /// Partitions and retention of the event store (`events`).
@@ -90,6 +95,8 @@ impl HubConfig {
             auto_register: false,
             group_key: None,
             capture: None,
+            dps_port: Some(Port::Chosen(0)),
+            id_scope: None,
             amqp: amqp::AmqpSettings::ephemeral(),
             events: events::StoreSettings::default(),
             x509_cas: Vec::new(),
@@ -192,6 +199,8 @@ pub struct HubState {
     pub faults: faults::Faults,
     /// Counters only the metrics endpoint reads (`metrics`).
     pub counters: metrics::HubCounters,
+    /// The local DPS: id scope, enrollments, pending registrations (`dps`).
+    pub dps: dps::Dps,
     /// The CA certificates `certificateAuthority` devices chain to.
     pub x509: x509::Authorities,
     /// Whether the accept loops and the job scheduler still run (see [`HubState::health`]).
@@ -213,6 +222,8 @@ pub struct Hub {
     info: HubInfo,
     mqtt_addr: SocketAddr,
     api_addr: SocketAddr,
+    /// The DPS device endpoint, when it is served.
+    dps_addr: Option<SocketAddr>,
     amqp_addr: SocketAddr,
     amqp_plain_addr: Option<SocketAddr>,
     ws_addr: SocketAddr,
@@ -333,6 +344,7 @@ impl Hub {
             None
         };
         let jobs = jobs::Jobs::load(store.clone())?;
+        let dps = dps::Dps::load(store.clone(), config.id_scope.as_deref(), "localhost")?;
         let x509 = x509::Authorities::load(store.clone(), &config.x509_cas)?;
         let registry = registry::Registry::load(store)?;
 
@@ -370,6 +382,18 @@ impl Hub {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,
         })?;
+        let dps_listener = match config.dps_port {
+            Some(port) => {
+                let listener = bind_port(config.bind, port, "DPS").await?;
+                let addr = listener.local_addr().map_err(|source| HubError::Bind {
+                    addr: SocketAddr::new(config.bind, port.number()),
+                    source,
+                })?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let dps_addr = dps_listener.as_ref().map(|(_, addr)| *addr);
         let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
             addr: SocketAddr::new(config.bind, config.ws_port.number()),
             source,
@@ -392,6 +416,16 @@ impl Hub {
             .to_string(),
             group_key: group_key.clone(),
             capture: config.capture.as_ref().map(capture_info),
+            dps_port: dps_addr.map(|a| a.port()),
+            id_scope: dps_addr.map(|_| dps.id_scope.clone()),
+            dps_service_connection_string: dps_addr.map(|_| {
+                ServiceConnectionString {
+                    host_name: format!("localhost:{}", api_addr.port()),
+                    shared_access_key_name: crate::protocol::dps::SERVICE_OWNER_POLICY.into(),
+                    shared_access_key: dps.service_key().to_string(),
+                }
+                .to_string()
+            }),
             amqp_port: Some(amqp_addr.port()),
             amqp_plain_port: amqp_plain_addr.map(|a| a.port()),
             eventhub_connection_string: None,
@@ -443,6 +477,7 @@ impl Hub {
         let api_alive = liveness.watch("API accept loop");
         let ws_alive = liveness.watch("WebSocket accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
+        let dps_alive = dps_addr.map(|_| liveness.watch("DPS accept loop"));
         let amqp_alive = liveness.watch("AMQPS accept loop");
         let amqp_plain_alive = amqp_plain_listener
             .as_ref()
@@ -464,6 +499,7 @@ impl Hub {
             group_key,
             faults: faults::Faults::default(),
             counters: Default::default(),
+            dps,
             x509,
             liveness,
         });
@@ -496,6 +532,16 @@ impl Hub {
             tasks.clone(),
             scheduler_alive,
         ));
+        if let (Some((listener, _)), Some(alive)) = (dps_listener, dps_alive) {
+            tasks.spawn(dps::mqtt::serve(
+                listener,
+                acceptor.clone(),
+                state.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+                alive,
+            ));
+        }
         tasks.spawn(amqp::serve(
             amqp_listener,
             Some(acceptor.clone()),
@@ -532,6 +578,7 @@ impl Hub {
             info,
             mqtt_addr,
             api_addr,
+            dps_addr,
             amqp_addr,
             amqp_plain_addr,
             ws_addr,
@@ -556,6 +603,11 @@ impl Hub {
 
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The DPS device endpoint, when the hub serves one.
+    pub fn dps_addr(&self) -> Option<SocketAddr> {
+        self.dps_addr
     }
 
     /// The Event Hubs-compatible endpoint over TLS.

@@ -57,6 +57,8 @@ impl Store {
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS job_devices (job_id TEXT NOT NULL, device_id TEXT NOT NULL,
                  doc TEXT NOT NULL, PRIMARY KEY (job_id, device_id));
+             CREATE TABLE IF NOT EXISTS dps_enrollments (kind TEXT NOT NULL, id TEXT NOT NULL,
+                 doc TEXT NOT NULL, PRIMARY KEY (kind, id));
              CREATE TABLE IF NOT EXISTS certificates (name TEXT PRIMARY KEY, doc TEXT NOT NULL);",
         )
         .map_err(open_err)?;
@@ -221,6 +223,34 @@ impl Store {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+}
+
+/// DPS enrollments (`hub::dps`): JSON documents keyed by kind (`individual`, `group`) and id.
+impl Store {
+    pub fn load_dps_enrollments(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT kind, id, doc FROM dps_enrollments ORDER BY kind, id")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_dps_enrollment(&self, kind: &str, id: &str, doc: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO dps_enrollments (kind, id, doc) VALUES (?1, ?2, ?3)
+             ON CONFLICT(kind, id) DO UPDATE SET doc = excluded.doc",
+            params![kind, id, doc],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_dps_enrollment(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM dps_enrollments WHERE kind = ?1 AND id = ?2",
+            params![kind, id],
+        )?;
         Ok(())
     }
 }

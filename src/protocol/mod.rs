@@ -13,6 +13,7 @@ pub const MQTT_TLS_PORT: u16 = 8883;
 pub const WEBSOCKET_PORT: u16 = 443;
 
 pub mod connection_string;
+pub mod dps;
 pub mod encoding;
 pub mod error_code;
 pub mod identity;

@@ -834,6 +834,70 @@ impl ServiceClient {
     }
 }
 
+/// The Device Provisioning Service's enrollments (api-version 2021-10-01), for a client made
+/// with a DPS service connection string (`provisioningserviceowner`): `collection` is
+/// `enrollmentGroups` or `enrollments`.
+impl ServiceClient {
+    fn dps_url(&self, path: &str) -> String {
+        format!(
+            "{}{path}?api-version={}",
+            self.base_url,
+            crate::protocol::dps::SERVICE_API_VERSION
+        )
+    }
+
+    /// `PUT /{collection}/{id}`: creates or replaces an enrollment; `etag` guards a replace.
+    pub async fn dps_put(
+        &self,
+        collection: &str,
+        id: &str,
+        body: &Value,
+        etag: Option<&str>,
+    ) -> Result<Value, ServiceError> {
+        check_id(id)?;
+        let url = self.dps_url(&format!("/{collection}/{}", enc(id)));
+        let headers: Vec<(&'static str, String)> = etag
+            .map(|e| (IF_MATCH.as_str(), if_match_value(Some(e))))
+            .into_iter()
+            .collect();
+        Ok(self
+            .send(Method::PUT, url, Some(body), &headers, None)
+            .await?
+            .0)
+    }
+
+    /// `GET /{collection}/{id}`.
+    pub async fn dps_get(&self, collection: &str, id: &str) -> Result<Value, ServiceError> {
+        check_id(id)?;
+        let url = self.dps_url(&format!("/{collection}/{}", enc(id)));
+        Ok(self.send(Method::GET, url, None, &[], None).await?.0)
+    }
+
+    /// `DELETE /{collection}/{id}`, with `If-Match` of `etag` or `"*"`.
+    pub async fn dps_delete(
+        &self,
+        collection: &str,
+        id: &str,
+        etag: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        check_id(id)?;
+        let url = self.dps_url(&format!("/{collection}/{}", enc(id)));
+        let headers = [(IF_MATCH.as_str(), if_match_value(etag))];
+        self.send(Method::DELETE, url, None, &headers, None).await?;
+        Ok(())
+    }
+
+    /// `POST /{collection}/query` with the query `*`: every enrollment.
+    pub async fn dps_list(&self, collection: &str) -> Result<Value, ServiceError> {
+        let url = self.dps_url(&format!("/{collection}/query"));
+        let body = serde_json::json!({"query": "*"});
+        Ok(self
+            .send(Method::POST, url, Some(&body), &[], None)
+            .await?
+            .0)
+    }
+}
+
 fn certificate_path(name: &str) -> String {
     format!("/simdevice/certificates/{}", enc(name))
 }

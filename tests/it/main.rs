@@ -21,6 +21,7 @@ mod capture_walkthrough;
 mod cli_generate;
 mod config;
 mod doctor;
+mod dps;
 mod faults;
 mod fleet;
 mod fleet_engine;

@@ -15,6 +15,7 @@
 mod authorized;
 mod certificates;
 mod devices;
+mod dps;
 mod error;
 mod events;
 mod faults;
@@ -71,6 +72,21 @@ pub fn router(state: Arc<HubState>) -> Router {
         .route("/jobs/v2/query", get(jobs::query))
         .route("/jobs/v2/{id}", get(jobs::get_one).put(jobs::create))
         .route("/jobs/v2/{id}/cancel", post(jobs::cancel))
+        // The DPS service API (`dps`): enrollments of the local DPS.
+        .route(
+            "/enrollmentGroups/{id}",
+            get(dps::get_group)
+                .put(dps::put_group)
+                .delete(dps::delete_group),
+        )
+        .route("/enrollmentGroups/query", post(dps::query_groups))
+        .route(
+            "/enrollments/{id}",
+            get(dps::get_individual)
+                .put(dps::put_individual)
+                .delete(dps::delete_individual),
+        )
+        .route("/enrollments/query", post(dps::query_individuals))
         .route("/simdevice/events", get(events::list))
         .route("/simdevice/faults", get(faults::get).post(faults::set))
         .route(

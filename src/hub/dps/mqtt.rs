@@ -1,0 +1,326 @@
+//! The DPS device endpoint: MQTT 3.1.1 over TLS on its own port, through the hub's shared
+//! accept loop (`hub::accept`) and TLS acceptor.
+//!
+//! One task per connection: TLS, CONNECT (the registration's SAS token checked against the
+//! enrollments: CONNACK 5 for anything wrong, as for the hub), then SUBSCRIBE to
+//! `$dps/registrations/res/#`, register and operation-status requests, each answered at QoS 0
+//! on the response topic. A connection holds a permit of [`MAX_UNAUTHENTICATED`] until its
+//! CONNACK, as the hub's MQTT listener does. Anything else a device publishes, a QoS 2
+//! publish or a malformed packet closes the connection. No WebSocket transport yet.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::{
+    ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{DpsError, Matched};
+use crate::hub::accept::{AcceptLoop, Alive};
+use crate::hub::HubState;
+use crate::protocol::dps::{
+    error_code, parse_request_topic, response_topic, DpsRequest, RegisterRequest, RESPONSE_FILTER,
+};
+
+/// Connections allowed to be between accept and CONNACK at the same time.
+pub const MAX_UNAUTHENTICATED: usize = 1024;
+/// Time a new connection has for its TLS handshake and CONNECT.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+/// Time a write may take before the device counts as gone.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest packet accepted: a register request carries a small JSON payload.
+const MAX_PACKET_SIZE: usize = 64 * 1024;
+/// The keep-alive cap, as the hub's.
+const MAX_IDLE: Duration = Duration::from_secs(1767);
+
+type Stream = TlsStream<TcpStream>;
+
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    alive: Alive,
+) {
+    let accept = AcceptLoop {
+        name: "DPS",
+        max_pending: MAX_UNAUTHENTICATED,
+        shutdown: shutdown.clone(),
+        tasks,
+        alive,
+        // No fault hook for this listener: a token nobody cancels.
+        kill: CancellationToken::new(),
+    };
+    accept
+        .run(listener, move |socket, peer, permit| {
+            serve_connection(
+                socket,
+                peer,
+                acceptor.clone(),
+                state.clone(),
+                shutdown.clone(),
+                permit,
+            )
+        })
+        .await;
+}
+
+async fn read_packet(stream: &mut Stream, inbuf: &mut BytesMut) -> Result<Packet, String> {
+    loop {
+        match Packet::read(inbuf, MAX_PACKET_SIZE) {
+            Ok(packet) => return Ok(packet),
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(format!("malformed packet: {e}")),
+        }
+        match stream.read_buf(inbuf).await {
+            Ok(0) => return Err("closed by the peer".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+}
+
+async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    handshake_permit: OwnedSemaphorePermit,
+) {
+    let mut inbuf = BytesMut::with_capacity(1024);
+    let opened = tokio::time::timeout(CONNECT_DEADLINE, async {
+        let mut stream = acceptor
+            .accept(socket)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let packet = read_packet(&mut stream, &mut inbuf).await?;
+        Ok::<_, String>((stream, packet))
+    })
+    .await;
+    let (mut stream, connect) = match opened {
+        Ok(Ok((stream, Packet::Connect(connect)))) => (stream, connect),
+        Ok(Ok(_)) => {
+            tracing::debug!(%peer, "DPS: first packet was not CONNECT; closed");
+            return;
+        }
+        Ok(Err(reason)) => {
+            tracing::debug!(%peer, reason, "DPS: connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "DPS: no CONNECT within the deadline; closed");
+            return;
+        }
+    };
+    let (username, password) = match &connect.login {
+        Some(login) => (Some(login.username.as_str()), Some(login.password.as_str())),
+        None => (None, None),
+    };
+    let now = state.faults.now_unix();
+    let (registration_id, matched) =
+        match state
+            .dps
+            .authenticate(now, &connect.client_id, username, password)
+        {
+            Ok(pair) => pair,
+            Err(failure) => {
+                tracing::info!(%peer, client_id = %connect.client_id, reason = %failure,
+                "DPS registration refused (CONNACK 5)");
+                let mut out = BytesMut::new();
+                let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
+                let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
+                let _ = stream.shutdown().await;
+                return;
+            }
+        };
+    drop(handshake_permit);
+    let keep_alive = match connect.keep_alive {
+        0 => MAX_IDLE,
+        secs => (Duration::from_secs(u64::from(secs)) * 3 / 2).min(MAX_IDLE),
+    };
+    tracing::debug!(registration = %registration_id, %peer, "DPS client connected");
+    let mut session = Session {
+        state: &state,
+        registration_id,
+        matched,
+        out: BytesMut::with_capacity(512),
+    };
+    let _ = ConnAck::new(ConnectReturnCode::Success, false).write(&mut session.out);
+    let reason = session
+        .run(&mut stream, &mut inbuf, keep_alive, &shutdown)
+        .await;
+    tracing::debug!(registration = %session.registration_id, %peer, reason, "DPS connection closed");
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
+struct Session<'a> {
+    state: &'a HubState,
+    registration_id: String,
+    matched: Matched,
+    out: BytesMut,
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        stream: &mut Stream,
+        inbuf: &mut BytesMut,
+        keep_alive: Duration,
+        shutdown: &CancellationToken,
+    ) -> String {
+        loop {
+            // Packets that came with (or behind) the last read, then whatever they produced.
+            loop {
+                match Packet::read(inbuf, MAX_PACKET_SIZE) {
+                    Ok(packet) => {
+                        if let Err(reason) = self.handle(packet) {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                stream.write_all(&self.out),
+                            )
+                            .await;
+                            return reason;
+                        }
+                    }
+                    Err(rumqttc::Error::InsufficientBytes(_)) => break,
+                    Err(e) => return format!("malformed packet: {e}"),
+                }
+            }
+            if !self.out.is_empty() {
+                let write = async {
+                    stream.write_all(&self.out).await?;
+                    stream.flush().await
+                };
+                match tokio::time::timeout(WRITE_DEADLINE, write).await {
+                    Ok(Ok(())) => self.out.clear(),
+                    Ok(Err(e)) => return format!("write failed: {e}"),
+                    Err(_) => return "the device stopped reading (write timed out)".into(),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return "the hub is stopping".into(),
+                read = tokio::time::timeout(keep_alive, stream.read_buf(inbuf)) => match read {
+                    Err(_) => return "keep-alive timed out".into(),
+                    Ok(Ok(0)) => return "closed by the device".into(),
+                    Ok(Err(e)) => return format!("read failed: {e}"),
+                    Ok(Ok(_)) => {}
+                },
+            }
+        }
+    }
+
+    fn handle(&mut self, packet: Packet) -> Result<(), String> {
+        match packet {
+            Packet::Subscribe(subscribe) => {
+                let mut codes = Vec::with_capacity(subscribe.filters.len());
+                for filter in &subscribe.filters {
+                    if filter.path != RESPONSE_FILTER {
+                        return Err(format!("subscription to {:?} refused", filter.path));
+                    }
+                    let granted = match filter.qos {
+                        QoS::AtMostOnce => QoS::AtMostOnce,
+                        _ => QoS::AtLeastOnce,
+                    };
+                    codes.push(SubscribeReasonCode::Success(granted));
+                }
+                let _ = SubAck::new(subscribe.pkid, codes).write(&mut self.out);
+                Ok(())
+            }
+            Packet::Publish(publish) => self.on_publish(publish),
+            Packet::PingReq => {
+                let _ = PingResp.write(&mut self.out);
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                let _ = rumqttc::UnsubAck::new(unsubscribe.pkid).write(&mut self.out);
+                Ok(())
+            }
+            Packet::PubAck(_) => Ok(()),
+            Packet::Disconnect => Err("the device disconnected".into()),
+            Packet::Connect(_) => Err("a second CONNECT on one connection".into()),
+            _ => Err("unexpected packet".into()),
+        }
+    }
+
+    fn on_publish(&mut self, publish: Publish) -> Result<(), String> {
+        match publish.qos {
+            QoS::ExactlyOnce => return Err("QoS 2 is not supported".into()),
+            QoS::AtLeastOnce => {
+                let _ = PubAck::new(publish.pkid).write(&mut self.out);
+            }
+            QoS::AtMostOnce => {}
+        }
+        let request =
+            parse_request_topic(&publish.topic).map_err(|e| format!("publish refused: {e}"))?;
+        let (rid, answer) = match request {
+            DpsRequest::Register { rid } => (rid, self.register(&publish.payload)),
+            DpsRequest::Status { rid, operation_id } => (
+                rid,
+                self.state
+                    .dps
+                    .operation(&self.registration_id, &operation_id)
+                    .map(|status| (200, status)),
+            ),
+        };
+        let (status, retry_after, body) = match answer {
+            Ok((status, operation)) => {
+                let retry = (status == 202).then_some(super::RETRY_AFTER_S);
+                let body = serde_json::to_vec(&operation)
+                    .map_err(|e| format!("cannot encode an answer: {e}"))?;
+                (status, retry, body)
+            }
+            Err(error) => {
+                tracing::info!(registration = %self.registration_id, code = error.code,
+                    message = %error.message, "DPS request refused");
+                let retry = (error.status() == 429).then_some(super::RETRY_AFTER_S);
+                (error.status(), retry, error.body().to_string().into_bytes())
+            }
+        };
+        let answer = Publish::new(
+            response_topic(status, &rid, retry_after),
+            QoS::AtMostOnce,
+            Bytes::from(body),
+        );
+        let _ = answer.write(&mut self.out);
+        Ok(())
+    }
+
+    fn register(
+        &self,
+        payload: &[u8],
+    ) -> Result<(u16, crate::protocol::dps::OperationStatus), DpsError> {
+        let request: RegisterRequest = serde_json::from_slice(payload).map_err(|e| {
+            DpsError::new(
+                error_code::BAD_REQUEST,
+                format!("the register body is not {{\"registrationId\":...}}: {e}"),
+            )
+        })?;
+        if request.registration_id != self.registration_id {
+            return Err(DpsError::new(
+                error_code::BAD_REQUEST,
+                format!(
+                    "registrationId {:?} is not the connection's {:?}",
+                    request.registration_id, self.registration_id
+                ),
+            ));
+        }
+        super::register(
+            self.state,
+            &self.registration_id,
+            &self.matched,
+            request.payload,
+        )
+        .map(|status| (202, status))
+    }
+}
