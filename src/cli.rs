@@ -31,7 +31,7 @@ pub enum Command {
     Config(crate::commands::config::ConfigArgs),
     /// Run a local emulator of Azure IoT Hub (device MQTT on 8883, service REST API on 8443).
     #[cfg(feature = "hub")]
-    Hub(crate::commands::hub::HubArgs),
+    Hub(Box<crate::commands::hub::HubArgs>),
     /// Talk to the service API of an IoT Hub, real or local.
     #[cfg(feature = "service")]
     Service(crate::commands::service::ServiceArgs),

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },
             #[cfg(feature = "hub")]
-            Command::Hub(args) => match commands::hub::run(args).await {
+            Command::Hub(args) => match commands::hub::run(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error, config_or_failure(error.is_config())),
             },

@@ -87,8 +87,9 @@ pub enum ProvisionError {
     #[error("cannot reach DPS at {endpoint}")]
     Wire {
         endpoint: String,
+        /// Boxed: the wire's error is large, and every `Result` of this module carries it.
         #[source]
-        source: WireError,
+        source: Box<WireError>,
     },
     /// DPS answered with an error (status and body) or a failed registration state.
     #[error("DPS refused the registration: {message} (error {code}, status {status})")]
@@ -130,7 +131,7 @@ async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, Provisi
     let endpoint = format!("{}:{}", r.host, r.port);
     let wire_error = |source| ProvisionError::Wire {
         endpoint: endpoint.clone(),
-        source,
+        source: Box::new(source),
     };
     let token = sas::generate_token(
         &dps::sas_resource(&r.id_scope, &r.registration_id),

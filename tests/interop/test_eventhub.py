@@ -154,15 +154,21 @@ def test_resume_from_an_offset_and_from_an_enqueued_time(hub, make_device, devic
     # From a checkpointed offset (exclusive, as the checkpoint store does): the third on.
     resumed = receive(tls_client(hub), partition, lambda evs: len(evs) >= 2, starting_position=checkpoint.offset)
     assert [json.loads(e.body_as_str())["n"] for e in resumed[:2]] == [2, 3]
-    # From an enqueued time, inclusive: the second on.
+    # From an enqueued time, inclusive: the second on. Enqueued times are milliseconds, so an
+    # earlier event of the same millisecond comes too (as from Event Hubs); none before it.
+    last = mine[3].sequence_number
     resumed = receive(
         tls_client(hub),
         partition,
-        lambda evs: len(evs) >= 3,
+        lambda evs: any(e.sequence_number >= last for e in evs),
         starting_position=checkpoint.enqueued_time,
         inclusive=True,
     )
-    assert [e.sequence_number for e in resumed[:3]] == [e.sequence_number for e in mine[1:4]]
+    assert all(e.enqueued_time >= checkpoint.enqueued_time for e in resumed)
+    sequences = [e.sequence_number for e in resumed]
+    start = sequences.index(checkpoint.sequence_number)
+    assert all(e.enqueued_time == checkpoint.enqueued_time for e in resumed[:start])
+    assert sequences[start:start + 3] == [e.sequence_number for e in mine[1:4]]
 
 
 def test_hub_and_partition_properties_match(hub, make_device, device_client_factory):

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{DpsError, Matched};
 use crate::hub::accept::{AcceptLoop, Alive};
+use crate::hub::mqtt::connection::read_packet;
 use crate::hub::HubState;
 use crate::protocol::dps::{
     error_code, parse_request_topic, response_topic, DpsRequest, RegisterRequest, RESPONSE_FILTER,
@@ -75,21 +76,6 @@ pub async fn serve(
         .await;
 }
 
-async fn read_packet(stream: &mut Stream, inbuf: &mut BytesMut) -> Result<Packet, String> {
-    loop {
-        match Packet::read(inbuf, MAX_PACKET_SIZE) {
-            Ok(packet) => return Ok(packet),
-            Err(rumqttc::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(format!("malformed packet: {e}")),
-        }
-        match stream.read_buf(inbuf).await {
-            Ok(0) => return Err("closed by the peer".into()),
-            Ok(_) => {}
-            Err(e) => return Err(format!("read failed: {e}")),
-        }
-    }
-}
-
 async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
@@ -104,7 +90,7 @@ async fn serve_connection(
             .accept(socket)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-        let packet = read_packet(&mut stream, &mut inbuf).await?;
+        let packet = read_packet(&mut stream, &mut inbuf, MAX_PACKET_SIZE).await?;
         Ok::<_, String>((stream, packet))
     })
     .await;

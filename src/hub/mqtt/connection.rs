@@ -137,7 +137,11 @@ pub async fn serve<S>(
         certificates,
     } = link;
     let mut inbuf = BytesMut::with_capacity(1024);
-    let first = match tokio::time::timeout_at(deadline, read_packet(&mut stream, &mut inbuf)).await
+    let first = match tokio::time::timeout_at(
+        deadline,
+        read_packet(&mut stream, &mut inbuf, MAX_PACKET_SIZE),
+    )
+    .await
     {
         Ok(Ok(packet)) => packet,
         Ok(Err(reason)) => {
@@ -229,13 +233,15 @@ pub async fn serve<S>(
     tracing::info!(device = %login.device_id, %peer, reason, "device disconnected");
 }
 
-/// Reads until one whole packet is buffered.
-async fn read_packet<S: AsyncRead + Unpin>(
+/// Reads until one whole packet of at most `max_size` bytes is buffered (the device listeners
+/// and the DPS endpoint).
+pub async fn read_packet<S: AsyncRead + Unpin>(
     stream: &mut S,
     inbuf: &mut BytesMut,
+    max_size: usize,
 ) -> Result<Packet, String> {
     loop {
-        match Packet::read(inbuf, MAX_PACKET_SIZE) {
+        match Packet::read(inbuf, max_size) {
             Ok(packet) => return Ok(packet),
             Err(rumqttc::Error::InsufficientBytes(_)) => {}
             Err(e) => return Err(format!("malformed packet: {e}")),
