@@ -51,6 +51,20 @@ fn main() {
         wal.append(m).expect("append");
     }
     println!("wal append:                  {:7.0} ns/message", per(start));
+    // The part of it that is the write call alone: the same number of writes of that size.
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(dir.path().join("writes")).expect("a file");
+        let line = vec![b'x'; 400];
+        let start = Instant::now();
+        for _ in 0..count {
+            file.write_all(&line).expect("write");
+        }
+        println!(
+            "  of which one write(2) of 400 B: {:5.0} ns/message",
+            per(start)
+        );
+    }
 
     for (label, format, codec, encoding) in [
         (

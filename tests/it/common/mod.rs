@@ -20,14 +20,22 @@ use tokio_rustls::client::TlsStream;
 pub const WAIT: Duration = Duration::from_secs(5);
 
 /// A child `simdevice` (or a program that starts one) freed of the caller's environment that
-/// would change what it does (a shard index, group keys, a hub state directory), and killed if
-/// the test drops it.
+/// would change what it does (a shard index, group keys, a hub state directory, a proxy, a
+/// capture destination), and killed if the test drops it.
 pub fn isolated(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
     command
         .env_remove("JOB_COMPLETION_INDEX")
         .env_remove("SIMDEVICE_GROUP_KEY")
         .env_remove("SIMDEVICE_HUB_GROUP_KEY")
         .env_remove("SIMDEVICE_HUB_STATE_DIR")
+        // What the binary also takes from the environment, set on some machines (a CI
+        // runner's proxy, a storage account): a test gives these itself when it means to.
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .env_remove("AZURE_STORAGE_CONNECTION_STRING")
+        .env_remove("SIMDEVICE_HUB_CAPTURE")
         .kill_on_drop(true)
 }
 
