@@ -178,8 +178,6 @@ fn container_url(text: &str) -> Result<Container, BlobError> {
     };
     let parsed = url::Url::parse(text).map_err(|e| bad(&format!("not a URL ({e})")))?;
     let host = parsed.host_str().ok_or_else(|| bad("no host"))?.to_owned();
-    let host_is_ip_or_local = host.eq_ignore_ascii_case("localhost")
-        || host.trim_matches(['[', ']']).parse::<IpAddr>().is_ok();
     if parsed.scheme() == "http" && !is_loopback(&host) {
         return Err(bad(
             "http:// is accepted only for a loopback emulator; use https://",
@@ -196,7 +194,7 @@ fn container_url(text: &str) -> Result<Container, BlobError> {
         .map(|s| s.filter(|p| !p.is_empty()).collect())
         .unwrap_or_default();
     // Path-style (emulators): the account is the first segment; otherwise the host's first label.
-    let (account, origin) = if host_is_ip_or_local {
+    let (account, origin) = if is_path_style(&host) {
         if segments.is_empty() {
             return Err(bad("no account in the path (`/ACCOUNT/CONTAINER`)"));
         }
@@ -233,12 +231,18 @@ fn container_url(text: &str) -> Result<Container, BlobError> {
     })
 }
 
+/// `localhost` or an IP address: an emulator's host, whose URLs name the account in their path.
+fn is_path_style(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost") || ip_of(host).is_some()
+}
+
 fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    host.eq_ignore_ascii_case("localhost") || ip_of(host).is_some_and(|ip| ip.is_loopback())
+}
+
+/// The address a URL's host names, when it is one (IPv6 in brackets too).
+fn ip_of(host: &str) -> Option<IpAddr> {
+    host.trim_matches(['[', ']']).parse().ok()
 }
 
 /// Azure's container naming rules: 3 to 63 characters, lowercase letters, digits and single
@@ -336,7 +340,7 @@ impl StorageAccount {
 fn account_of_endpoint(endpoint: &str) -> Option<String> {
     let parsed = url::Url::parse(endpoint).ok()?;
     let host = parsed.host_str()?;
-    if host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok() {
+    if is_path_style(host) {
         parsed
             .path_segments()?
             .find(|s| !s.is_empty())

@@ -4,7 +4,7 @@
 //! coming back. Read back with `simdevice archive to-csv` from the same container.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use simdevice::common::blob::{self, Location};
 use simdevice::hub::capture::{CaptureSettings, Codec, Destination, Encoding, Format};
@@ -15,14 +15,6 @@ use crate::common::{isolated, RawDevice, TestHub};
 
 const BIN: &str = env!("CARGO_BIN_EXE_simdevice");
 const TELEMETRY: &str = "devices/d1/messages/events/$.ct=application%2Fjson&$.ce=utf-8";
-
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !done() {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn container(dest: &str, connection_string: &str) -> Destination {
     match blob::parse(dest, Some(connection_string)).unwrap() {
@@ -171,8 +163,8 @@ async fn storage_down_is_retried_with_the_messages_kept_and_published_when_it_is
             .publish_acked(TELEMETRY, format!(r#"{{"id":"d1","n":{n}}}"#))
             .await;
     }
-    until("the first file", || {
-        load(&counters.files) >= 1 && load(&counters.pending) == 0
+    eventually(Duration::from_secs(30), || async {
+        (load(&counters.files) >= 1 && load(&counters.pending) == 0).then_some(())
     })
     .await;
 
@@ -183,13 +175,16 @@ async fn storage_down_is_retried_with_the_messages_kept_and_published_when_it_is
             .publish_acked(TELEMETRY, format!(r#"{{"id":"d1","n":{n}}}"#))
             .await;
     }
-    until("retried failures", || load(&counters.errors) >= 2).await;
+    eventually(Duration::from_secs(30), || async {
+        (load(&counters.errors) >= 2).then_some(())
+    })
+    .await;
     assert_eq!(load(&counters.pending), 3, "kept, not dropped");
     assert_eq!(load(&counters.refused), 0);
 
     azurite.restart();
-    until("published after the restart", || {
-        load(&counters.pending) == 0
+    eventually(Duration::from_secs(30), || async {
+        (load(&counters.pending) == 0).then_some(())
     })
     .await;
     hub.stop().await;

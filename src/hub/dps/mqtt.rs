@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{DpsError, Matched};
 use crate::hub::accept::{AcceptLoop, Alive};
-use crate::hub::mqtt::connection::read_packet;
+use crate::hub::mqtt::connection::{read_packet, write_out};
 use crate::hub::HubState;
 use crate::protocol::dps::{
     error_code, parse_request_topic, response_topic, DpsRequest, RegisterRequest, RESPONSE_FILTER,
@@ -183,16 +183,8 @@ impl Session<'_> {
                     Err(e) => return format!("malformed packet: {e}"),
                 }
             }
-            if !self.out.is_empty() {
-                let write = async {
-                    stream.write_all(&self.out).await?;
-                    stream.flush().await
-                };
-                match tokio::time::timeout(WRITE_DEADLINE, write).await {
-                    Ok(Ok(())) => self.out.clear(),
-                    Ok(Err(e)) => return format!("write failed: {e}"),
-                    Err(_) => return "the device stopped reading (write timed out)".into(),
-                }
+            if let Err(reason) = write_out(stream, &mut self.out).await {
+                return reason;
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return "the hub is stopping".into(),

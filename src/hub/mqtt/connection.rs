@@ -233,6 +233,29 @@ pub async fn serve<S>(
     tracing::info!(device = %login.device_id, %peer, reason, "device disconnected");
 }
 
+/// Writes and flushes what `out` holds, within [`WRITE_DEADLINE`], then empties it; the reason
+/// to close otherwise (the device listeners and the DPS endpoint).
+pub async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+) -> Result<(), String> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(WRITE_DEADLINE, write).await {
+        Ok(Ok(())) => {
+            out.clear();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("write failed: {e}")),
+        Err(_) => Err("the device stopped reading (write timed out)".into()),
+    }
+}
+
 /// Reads until one whole packet of at most `max_size` bytes is buffered (the device listeners
 /// and the DPS endpoint).
 pub async fn read_packet<S: AsyncRead + Unpin>(
@@ -298,16 +321,8 @@ impl Connection<'_> {
         tokio::pin!(token_timer, idle_timer);
         let mut idle_reset_at = Instant::now();
         loop {
-            if !self.out.is_empty() {
-                let write = async {
-                    stream.write_all(&self.out).await?;
-                    stream.flush().await
-                };
-                match tokio::time::timeout(WRITE_DEADLINE, write).await {
-                    Ok(Ok(())) => self.out.clear(),
-                    Ok(Err(e)) => return format!("write failed: {e}"),
-                    Err(_) => return "the device stopped reading (write timed out)".into(),
-                }
+            if let Err(reason) = write_out(stream, &mut self.out).await {
+                return reason;
             }
             // Capture behind: read nothing more from the device until it has room (TCP then
             // slows the device), for at most ROOM_WAIT; see `capture`'s module notes.
