@@ -1,7 +1,8 @@
-//! What capture costs per message, one thread, release build: the write-ahead log's append
-//! (what a connection does before its PUBACK) and the window's encoding (what the collector
-//! does), for the codecs and encodings the hub offers. The figures are per message of the
-//! benchmark's shape (150-byte JSON body, content type and encoding set, one property).
+//! What capture costs per message, one thread, release build: the event store's durable
+//! append (what a connection does before its PUBACK, with or without capture: capture keeps no
+//! record of its own) and the window's encoding (what capture's collector does), for the codecs
+//! and encodings the hub offers. The figures are per message of the benchmark's shape
+//! (150-byte JSON body, content type and encoding set, one property).
 //!
 //!     cargo run --release --example capture_cost [MESSAGES]
 use std::sync::Arc;
@@ -9,30 +10,42 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use simdevice::hub::capture::format::{Captured, FileWriter};
-use simdevice::hub::capture::wal::Wal;
 use simdevice::hub::capture::{Codec, Encoding, Format};
-use simdevice::hub::telemetry::Event;
+use simdevice::hub::events::segment::Record;
+use simdevice::hub::events::{Clock, EventStore, StoreSettings, StoredEvent};
 use simdevice::protocol::property_bag::PropertyBag;
 
-fn message(seq: u64) -> Captured {
+fn properties() -> PropertyBag {
     let mut properties = PropertyBag::new();
     properties.insert("$.ct", "application/json");
     properties.insert("$.ce", "utf-8");
     properties.insert("alert", "high");
-    let body = format!(
+    properties
+}
+
+fn device(seq: u64) -> Arc<str> {
+    Arc::from(format!("bench-{:06}", seq % 1000).as_str())
+}
+
+fn body(seq: u64) -> Bytes {
+    Bytes::from(format!(
         r#"{{"id":"bench-{:06}","seq":{seq},"temperature":21.5,"humidity":40.25,"uv":3,"pad":"{}"}}"#,
         seq % 1000,
         "x".repeat(60)
-    );
-    Captured {
-        event: Event {
-            sequence_number: seq,
-            device_id: Arc::from(format!("bench-{:06}", seq % 1000).as_str()),
-            enqueued_time: chrono::Utc::now(),
-            properties,
-            body: Bytes::from(body),
+    ))
+}
+
+fn message(seq: u64) -> Captured {
+    StoredEvent {
+        offset: seq * 400,
+        record: Record {
+            sequence_number: seq as i64,
+            enqueued_ms: chrono::Utc::now().timestamp_millis(),
+            device_id: device(seq),
+            generation_id: Arc::from("638000000000000000"),
+            properties: properties(),
+            body: body(seq),
         },
-        generation_id: "638000000000000000".into(),
     }
 }
 
@@ -45,26 +58,21 @@ fn main() {
     let per = |start: Instant| start.elapsed().as_secs_f64() * 1e9 / count as f64;
 
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (mut wal, _) = Wal::open(dir.path()).expect("the log opens");
+    let settings = StoreSettings {
+        durable: true,
+        ..StoreSettings::default()
+    };
+    let store = EventStore::open(dir.path(), settings, Clock::System).expect("the store opens");
+    let generation: Arc<str> = Arc::from("638000000000000000");
+    let inputs: Vec<(Arc<str>, PropertyBag, Bytes)> =
+        (1..=count).map(|n| (device(n), properties(), body(n))).collect();
     let start = Instant::now();
-    for m in &messages {
-        wal.append(m).expect("append");
+    for (device, properties, body) in inputs {
+        store
+            .append(device, generation.clone(), properties, body, chrono::Utc::now())
+            .expect("append");
     }
-    println!("wal append:                  {:7.0} ns/message", per(start));
-    // The part of it that is the write call alone: the same number of writes of that size.
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(dir.path().join("writes")).expect("a file");
-        let line = vec![b'x'; 400];
-        let start = Instant::now();
-        for _ in 0..count {
-            file.write_all(&line).expect("write");
-        }
-        println!(
-            "  of which one write(2) of 400 B: {:5.0} ns/message",
-            per(start)
-        );
-    }
+    println!("event store append (durable): {:7.0} ns/message", per(start));
 
     for (label, format, codec, encoding) in [
         (

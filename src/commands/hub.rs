@@ -262,6 +262,8 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
             partitions: args.partitions,
             max_age: std::time::Duration::from_secs(args.retention_secs),
             max_count: args.retention_count,
+            // The hub makes it durable when capture is on.
+            durable: false,
         },
         x509_cas: args.x509_cas,
     })

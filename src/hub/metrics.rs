@@ -137,22 +137,22 @@ impl MetricsSource for HubMetrics {
             out.single(
                 "simdevice_hub_capture_errors_total",
                 Counter,
-                "Capture failures: a file not written (retried), a write-ahead log append or \
-                 rotation that failed.",
+                "Capture failures: a file not written (retried), the event store not read \
+                 (retried), a capture cursor not recorded.",
                 load(&c.errors),
             );
             out.single(
                 "simdevice_hub_capture_refused_total",
                 Counter,
                 "Telemetry messages refused (not acknowledged) because the capture buffer was \
-                 full or its write-ahead log could not be written.",
+                 full.",
                 load(&c.refused),
             );
             out.single(
                 "simdevice_hub_capture_pending_events",
                 Gauge,
                 "Accepted messages not yet in a published capture file.",
-                load(&c.pending),
+                capture.pending() as f64,
             );
         }
     }

@@ -190,7 +190,7 @@ pub struct HubState {
     /// With `--capture`: where accepted telemetry goes before it is acknowledged.
     pub capture: Option<Arc<capture::Intake>>,
     /// The retained event store: accepted telemetry by partition (`events`).
-    pub events: events::EventStore,
+    pub events: Arc<events::EventStore>,
     /// The Event Hubs-compatible endpoint's shared state (`amqp`).
     pub eventhub: amqp::Endpoint,
     /// Set with `--auto-register`: devices whose key derives from it register themselves.
@@ -370,7 +370,17 @@ impl Hub {
             )?),
             None => None,
         };
-        let events = events::EventStore::open(dir, config.events.clone(), events::Clock::System)?;
+        // With capture the store is durable: it is what makes acknowledged messages survive a
+        // kill until capture has published them.
+        let store_settings = events::StoreSettings {
+            durable: config.capture.is_some(),
+            ..config.events.clone()
+        };
+        let events = Arc::new(events::EventStore::open(
+            dir,
+            store_settings,
+            events::Clock::System,
+        )?);
         let ws_listener = bind_port(config.bind, config.ws_port, "WebSocket").await?;
         let mqtt_addr = mqtt_listener
             .local_addr()
@@ -457,16 +467,16 @@ impl Hub {
             });
         }
 
-        // After the lock: the write-ahead log is in the state directory. Started before the
-        // listeners, so recovered messages are in the first window before any new one.
+        // Started before the listeners, so that what a killed hub left unpublished in the
+        // store goes into the first windows.
         let capture = match &config.capture {
             Some(settings) => Some(capture::Capture::start(
                 settings.clone(),
-                dir,
+                events.clone(),
                 capture::Naming {
                     namespace: capture::NAMESPACE.into(),
                     hub: info.hostname.clone(),
-                    partition: capture::PARTITION.into(),
+                    partition: String::new(),
                 },
             )?),
             None => None,
@@ -489,10 +499,7 @@ impl Hub {
             sessions: sessions::Sessions::default(),
             methods: methods::MethodCalls::default(),
             jobs,
-            telemetry: telemetry::Telemetry::starting_at(
-                RECENT_EVENTS,
-                capture.as_ref().map_or(1, |c| c.next_sequence),
-            ),
+            telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
             capture: capture.as_ref().map(|c| c.intake.clone()),
             events,
             eventhub: amqp::Endpoint::new(hub_name, &config.amqp.consumer_groups),

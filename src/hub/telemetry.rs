@@ -92,11 +92,7 @@ pub struct Telemetry {
 
 impl Telemetry {
     pub fn new(capacity: usize) -> Self {
-        Self::starting_at(capacity, 1)
-    }
-
-    /// Numbering from `first`: with capture, after every message already in its files.
-    pub fn starting_at(capacity: usize, first: u64) -> Self {
+        let first = 1;
         Telemetry {
             capacity,
             recent: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),

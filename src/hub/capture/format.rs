@@ -5,10 +5,9 @@
 use std::str::FromStr;
 use std::sync::LazyLock;
 
-use apache_avro::types::Value;
 use apache_avro::{Schema, Writer};
 
-use crate::hub::telemetry::Event;
+use crate::hub::events::StoredEvent;
 
 /// Event Hubs Capture's schema (Microsoft's "Explore captured Avro files", avro-tools getschema).
 pub const EVENTHUBS_SCHEMA: &str = r#"{
@@ -147,19 +146,13 @@ impl FromStr for Codec {
 #[error("cannot encode a capture file")]
 pub struct EncodeError(#[source] pub apache_avro::Error);
 
-/// One accepted message as capture keeps it: the hub's event and the device's generation id
-/// (which routing's `connectionDeviceGenerationId` carries).
-#[derive(Clone, Debug)]
-pub struct Captured {
-    pub event: Event,
-    pub generation_id: String,
-}
+/// One accepted message as capture writes it: the event as the store keeps it (sequence
+/// number and offset in its partition, enqueue time, device, generation id, properties, body).
+pub type Captured = StoredEvent;
 
-impl Captured {
-    /// What the message weighs towards the window's size limit: body and properties.
-    pub fn size(&self) -> usize {
-        self.event.body.len() + self.event.properties.size_for_limit()
-    }
+/// What a message weighs towards the window's size limit: body and properties.
+pub fn size(message: &Captured) -> usize {
+    message.record.body.len() + message.record.properties.size_for_limit()
 }
 
 pub fn schema(format: Format) -> Schema {
@@ -182,8 +175,28 @@ pub enum FileWriter {
     Avro {
         format: Format,
         writer: Box<Writer<'static, Vec<u8>>>,
+        /// The last enqueue second's text forms: messages of one second share them.
+        times: TimeText,
     },
     JsonLines(Vec<u8>),
+}
+
+/// The enqueue time's text, formatted once per second (a window holds thousands a second).
+#[derive(Default)]
+pub struct TimeText {
+    second: Option<i64>,
+    capture: String,
+}
+
+impl TimeText {
+    fn capture_time(&mut self, ms: i64) -> &str {
+        let second = ms.div_euclid(1000);
+        if self.second != Some(second) {
+            self.capture = capture_time(time_of(ms));
+            self.second = Some(second);
+        }
+        &self.capture
+    }
 }
 
 impl FileWriter {
@@ -201,8 +214,8 @@ impl FileWriter {
             Format::IotHub => &IOTHUB,
         };
         let codec = match codec {
-            // The fastest level: every accepted message is compressed on the hub's hot path,
-            // and a deflate reader reads every level alike.
+            // The fastest level: every accepted message is compressed, and a deflate reader
+            // reads every level alike.
             Codec::Deflate => apache_avro::Codec::Deflate(apache_avro::DeflateSettings::new(
                 miniz_oxide::deflate::CompressionLevel::BestSpeed,
             )),
@@ -212,21 +225,27 @@ impl FileWriter {
         Ok(FileWriter::Avro {
             format,
             writer: Box::new(writer),
+            times: TimeText::default(),
         })
     }
 
     pub fn append(&mut self, message: &Captured) -> Result<(), EncodeError> {
         match self {
-            FileWriter::Avro { format, writer } => {
-                let record = match format {
-                    Format::EventHubs => event_data(message),
-                    Format::IotHub => routing_message(message),
-                };
-                // Built by this module to the schema (the tests read every field back), so
-                // apache-avro's validation of each record would only cost time.
-                writer
-                    .unvalidated_append_value_ref(&record)
-                    .map_err(EncodeError)?;
+            FileWriter::Avro {
+                format,
+                writer,
+                times,
+            } => {
+                // Serialised straight from the stored event against the schema (apache-avro's
+                // serde path): no tree of values is built for each record.
+                match format {
+                    Format::EventHubs => writer.append_ser(EventDataRecord {
+                        message,
+                        enqueued: times.capture_time(message.record.enqueued_ms),
+                    }),
+                    Format::IotHub => writer.append_ser(RoutingRecord::of(message)),
+                }
+                .map_err(EncodeError)?;
             }
             FileWriter::JsonLines(lines) => {
                 // A map of strings and JSON values cannot fail to serialise.
@@ -256,6 +275,10 @@ pub fn encode(format: Format, codec: Codec, messages: &[Captured]) -> Result<Vec
     file.finish()
 }
 
+fn time_of(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
 /// Capture's own text form of the enqueue time: `M/d/yyyy h:mm:ss tt`, e.g. `12/2/2021 2:58:24 PM`.
 pub fn capture_time(time: chrono::DateTime<chrono::Utc>) -> String {
     time.format("%-m/%-d/%Y %-I:%M:%S %p").to_string()
@@ -271,18 +294,6 @@ pub fn routing_time(time: chrono::DateTime<chrono::Utc>) -> String {
     )
 }
 
-fn long(v: i64) -> Value {
-    Value::Union(0, Box::new(Value::Long(v)))
-}
-
-fn string(v: impl Into<String>) -> Value {
-    Value::Union(2, Box::new(Value::String(v.into())))
-}
-
-fn body(message: &Captured) -> Value {
-    Value::Union(1, Box::new(Value::Bytes(message.event.body.to_vec())))
-}
-
 /// The Event Hubs names of the device's `$.` system properties.
 fn eventhubs_name(short: &str) -> Option<&'static str> {
     Some(match short {
@@ -296,54 +307,113 @@ fn eventhubs_name(short: &str) -> Option<&'static str> {
     })
 }
 
-fn event_data(message: &Captured) -> Value {
-    let event = &message.event;
-    let sequence = event.sequence_number as i64;
-    let mut system = std::collections::HashMap::new();
-    system.insert("x-opt-sequence-number".to_string(), long(sequence));
-    system.insert("x-opt-offset".to_string(), string(sequence.to_string()));
-    system.insert(
-        "x-opt-enqueued-time".to_string(),
-        long(event.enqueued_time.timestamp_millis()),
-    );
-    system.insert(
-        "iothub-connection-device-id".to_string(),
-        string(&*event.device_id),
-    );
-    system.insert(
-        "iothub-connection-auth-method".to_string(),
-        string(AUTH_METHOD),
-    );
-    system.insert(
-        "iothub-connection-auth-generation-id".to_string(),
-        string(&message.generation_id),
-    );
-    system.insert(
-        "iothub-enqueuedtime".to_string(),
-        long(event.enqueued_time.timestamp_millis()),
-    );
-    system.insert("iothub-message-source".to_string(), string("Telemetry"));
-    for (key, value) in event.properties.system_properties() {
-        if let Some(name) = eventhubs_name(key) {
-            system.insert(name.to_string(), string(value.unwrap_or_default()));
+/// A value of Event Hubs Capture's property maps, `["long","double","string","bytes"]`: the
+/// serializer picks the union's branch from the type serialised.
+enum MapValue<'a> {
+    Long(i64),
+    Str(&'a str),
+}
+
+impl serde::Serialize for MapValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MapValue::Long(v) => serializer.serialize_i64(*v),
+            MapValue::Str(v) => serializer.serialize_str(v),
         }
     }
-    let properties = event
-        .properties
-        .application_properties()
-        .map(|(k, v)| (k.to_string(), string(v.unwrap_or_default())))
-        .collect();
-    Value::Record(vec![
-        ("SequenceNumber".into(), Value::Long(sequence)),
-        ("Offset".into(), Value::String(sequence.to_string())),
-        (
-            "EnqueuedTimeUtc".into(),
-            Value::String(capture_time(event.enqueued_time)),
-        ),
-        ("SystemProperties".into(), Value::Map(system)),
-        ("Properties".into(), Value::Map(properties)),
-        ("Body".into(), body(message)),
-    ])
+}
+
+/// `Body`, `["null","bytes"]`: always the bytes the device sent.
+struct Body<'a>(&'a [u8]);
+
+impl serde::Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Bytes<'a>(&'a [u8]);
+        impl serde::Serialize for Bytes<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_bytes(self.0)
+            }
+        }
+        serializer.serialize_some(&Bytes(self.0))
+    }
+}
+
+/// Event Hubs Capture's `EventData`, borrowed from the stored event.
+struct EventDataRecord<'a> {
+    message: &'a Captured,
+    enqueued: &'a str,
+}
+
+/// `Offset` and `x-opt-offset`: the event's offset in its partition, as text.
+fn offset_text(message: &Captured) -> String {
+    message.offset.to_string()
+}
+
+/// `SystemProperties` of an `EventData`: the annotations IoT Hub's built-in endpoint sets, then
+/// the device's system properties under their Event Hubs names.
+struct EventDataSystem<'a>(&'a Captured, &'a str);
+
+impl serde::Serialize for EventDataSystem<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let message = self.0;
+        let record = &message.record;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry(
+            "x-opt-sequence-number",
+            &MapValue::Long(record.sequence_number),
+        )?;
+        map.serialize_entry("x-opt-offset", &MapValue::Str(self.1))?;
+        map.serialize_entry("x-opt-enqueued-time", &MapValue::Long(record.enqueued_ms))?;
+        map.serialize_entry(
+            "iothub-connection-device-id",
+            &MapValue::Str(&record.device_id),
+        )?;
+        map.serialize_entry("iothub-connection-auth-method", &MapValue::Str(AUTH_METHOD))?;
+        map.serialize_entry(
+            "iothub-connection-auth-generation-id",
+            &MapValue::Str(&record.generation_id),
+        )?;
+        map.serialize_entry("iothub-enqueuedtime", &MapValue::Long(record.enqueued_ms))?;
+        map.serialize_entry("iothub-message-source", &MapValue::Str("Telemetry"))?;
+        for (key, value) in record.properties.system_properties() {
+            if let Some(name) = eventhubs_name(key) {
+                map.serialize_entry(name, &MapValue::Str(value.unwrap_or_default()))?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// `Properties`: the device's application properties, as strings.
+struct ApplicationProperties<'a>(&'a Captured);
+
+impl serde::Serialize for ApplicationProperties<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(
+            self.0
+                .record
+                .properties
+                .application_properties()
+                .map(|(k, v)| (k, MapValue::Str(v.unwrap_or_default()))),
+        )
+    }
+}
+
+impl serde::Serialize for EventDataRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let record = &self.message.record;
+        let offset = offset_text(self.message);
+        let mut out = serializer.serialize_struct("EventData", 6)?;
+        out.serialize_field("SequenceNumber", &record.sequence_number)?;
+        out.serialize_field("Offset", &offset)?;
+        out.serialize_field("EnqueuedTimeUtc", self.enqueued)?;
+        out.serialize_field("SystemProperties", &EventDataSystem(self.message, &offset))?;
+        out.serialize_field("Properties", &ApplicationProperties(self.message))?;
+        out.serialize_field("Body", &Body(&record.body))?;
+        out.end()
+    }
 }
 
 /// Routing's names of the device's `$.` system properties.
@@ -359,53 +429,73 @@ fn routing_name(short: &str) -> Option<&'static str> {
 }
 
 /// Name and value pairs of a string map.
-type Pairs = Vec<(String, String)>;
+type Pairs<'a> = Vec<(&'a str, std::borrow::Cow<'a, str>)>;
 
-/// Routing's enqueue time, application properties and system properties of a message.
-fn routing_parts(message: &Captured) -> (String, Pairs, Pairs) {
-    let event = &message.event;
-    let enqueued = routing_time(event.enqueued_time);
-    let mut system = vec![
-        (
-            "connectionDeviceId".to_string(),
-            event.device_id.to_string(),
-        ),
-        ("connectionAuthMethod".to_string(), AUTH_METHOD.to_string()),
-        (
-            "connectionDeviceGenerationId".to_string(),
-            message.generation_id.clone(),
-        ),
-        ("enqueuedTime".to_string(), enqueued.clone()),
-    ];
-    for (key, value) in event.properties.system_properties() {
-        if let Some(name) = routing_name(key) {
-            system.push((name.to_string(), value.unwrap_or_default().to_string()));
-        }
-    }
-    let properties = event
-        .properties
-        .application_properties()
-        .map(|(k, v)| (k.to_string(), v.unwrap_or_default().to_string()))
-        .collect();
-    (enqueued, properties, system)
+/// IoT Hub routing's `Message` (and its JSON line), borrowed from the stored event.
+struct RoutingRecord<'a> {
+    enqueued: String,
+    properties: Pairs<'a>,
+    system: Pairs<'a>,
+    body: &'a [u8],
 }
 
-fn routing_message(message: &Captured) -> Value {
-    let (enqueued, properties, system) = routing_parts(message);
-    let map = |pairs: Pairs| {
-        Value::Map(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect(),
-        )
-    };
-    Value::Record(vec![
-        ("EnqueuedTimeUtc".into(), Value::String(enqueued)),
-        ("Properties".into(), map(properties)),
-        ("SystemProperties".into(), map(system)),
-        ("Body".into(), body(message)),
-    ])
+impl<'a> RoutingRecord<'a> {
+    fn of(message: &'a Captured) -> RoutingRecord<'a> {
+        let record = &message.record;
+        let enqueued = routing_time(time_of(record.enqueued_ms));
+        let mut system: Pairs<'a> = vec![
+            ("connectionDeviceId", record.device_id.as_ref().into()),
+            ("connectionAuthMethod", AUTH_METHOD.into()),
+            (
+                "connectionDeviceGenerationId",
+                record.generation_id.as_ref().into(),
+            ),
+            ("enqueuedTime", enqueued.clone().into()),
+        ];
+        for (key, value) in record.properties.system_properties() {
+            if let Some(name) = routing_name(key) {
+                system.push((name, value.unwrap_or_default().into()));
+            }
+        }
+        let properties = record
+            .properties
+            .application_properties()
+            .map(|(k, v)| (k, v.unwrap_or_default().into()))
+            .collect();
+        RoutingRecord {
+            enqueued,
+            properties,
+            system,
+            body: &record.body,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.system
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_ascii_lowercase())
+    }
+}
+
+struct StringMap<'a, 'b>(&'b Pairs<'a>);
+
+impl serde::Serialize for StringMap<'_, '_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v.as_ref())))
+    }
+}
+
+impl serde::Serialize for RoutingRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("Message", 4)?;
+        out.serialize_field("EnqueuedTimeUtc", &self.enqueued)?;
+        out.serialize_field("Properties", &StringMap(&self.properties))?;
+        out.serialize_field("SystemProperties", &StringMap(&self.system))?;
+        out.serialize_field("Body", &Body(self.body))?;
+        out.end()
+    }
 }
 
 /// One line of routing's JSON encoding: the Avro record's fields, with Body the message's
@@ -414,35 +504,29 @@ fn routing_message(message: &Captured) -> Value {
 /// in base64.
 fn routing_json(message: &Captured) -> serde_json::Value {
     use base64::Engine;
-    let (enqueued, properties, system) = routing_parts(message);
-    let get = |name: &str| {
-        system
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.to_ascii_lowercase())
-    };
-    let says_json = get("contentType").is_some_and(|t| t.starts_with("application/json"))
-        && get("contentEncoding").is_some_and(|e| e == "utf-8");
+    let routing = RoutingRecord::of(message);
+    let says_json = routing
+        .get("contentType")
+        .is_some_and(|t| t.starts_with("application/json"))
+        && routing.get("contentEncoding").is_some_and(|e| e == "utf-8");
     let body = says_json
-        .then(|| serde_json::from_slice::<serde_json::Value>(&message.event.body).ok())
+        .then(|| serde_json::from_slice::<serde_json::Value>(routing.body).ok())
         .flatten()
         .unwrap_or_else(|| {
-            serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(&message.event.body),
-            )
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(routing.body))
         });
-    let object = |pairs: Pairs| {
+    let object = |pairs: &Pairs| {
         serde_json::Value::Object(
             pairs
-                .into_iter()
-                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
                 .collect(),
         )
     };
     serde_json::json!({
-        "EnqueuedTimeUtc": enqueued,
-        "Properties": object(properties),
-        "SystemProperties": object(system),
+        "EnqueuedTimeUtc": routing.enqueued,
+        "Properties": object(&routing.properties),
+        "SystemProperties": object(&routing.system),
         "Body": body,
     })
 }
@@ -451,11 +535,13 @@ fn routing_json(message: &Captured) -> serde_json::Value {
 pub(crate) mod tests {
     use std::sync::Arc;
 
+    use apache_avro::types::Value;
     use apache_avro::Reader;
     use bytes::Bytes;
     use chrono::TimeZone;
 
     use super::*;
+    use crate::hub::events::segment::Record;
     use crate::protocol::property_bag::PropertyBag;
 
     pub(crate) fn sample(seq: u64, body: &str) -> Captured {
@@ -464,18 +550,20 @@ pub(crate) mod tests {
         properties.insert("$.ce", "utf-8");
         properties.insert("$.mid", format!("m{seq}"));
         properties.insert("alert", "high");
-        Captured {
-            event: Event {
-                sequence_number: seq,
+        let enqueued = chrono::Utc
+            .with_ymd_and_hms(2021, 12, 2, 14, 58, 24)
+            .unwrap()
+            + chrono::Duration::milliseconds(225);
+        StoredEvent {
+            offset: seq * 1000,
+            record: Record {
+                sequence_number: seq as i64,
+                enqueued_ms: enqueued.timestamp_millis(),
                 device_id: Arc::from("dev-1"),
-                enqueued_time: chrono::Utc
-                    .with_ymd_and_hms(2021, 12, 2, 14, 58, 24)
-                    .unwrap()
-                    + chrono::Duration::nanoseconds(225_000_123),
+                generation_id: Arc::from("638000000000000000"),
                 properties,
                 body: Bytes::from(body.to_string()),
             },
-            generation_id: "638000000000000000".into(),
         }
     }
 
@@ -501,7 +589,7 @@ pub(crate) mod tests {
         let mut file = FileWriter::new(Format::IotHub, Codec::Deflate, Encoding::Json).unwrap();
         file.append(&sample(1, r#"{"t":21.5}"#)).unwrap();
         let mut binary = sample(2, "not json");
-        binary.event.properties = PropertyBag::new();
+        binary.record.properties = PropertyBag::new();
         file.append(&binary).unwrap();
         let text = String::from_utf8(file.finish().unwrap()).unwrap();
         let lines: Vec<serde_json::Value> = text
@@ -524,9 +612,9 @@ pub(crate) mod tests {
 
     #[test]
     fn the_times_are_in_azure_text_forms() {
-        let t = sample(1, "{}").event.enqueued_time;
+        let t = time_of(sample(1, "{}").record.enqueued_ms);
         assert_eq!(capture_time(t), "12/2/2021 2:58:24 PM");
-        assert_eq!(routing_time(t), "2021-12-02T14:58:24.2250001Z");
+        assert_eq!(routing_time(t), "2021-12-02T14:58:24.2250000Z");
         let morning = chrono::Utc.with_ymd_and_hms(2021, 1, 5, 0, 7, 9).unwrap();
         assert_eq!(capture_time(morning), "1/5/2021 12:07:09 AM");
     }
@@ -541,7 +629,11 @@ pub(crate) mod tests {
             assert_eq!(records.len(), 1);
             let r = &records[0];
             assert_eq!(field(r, "SequenceNumber"), &Value::Long(7));
-            assert_eq!(field(r, "Offset"), &Value::String("7".into()));
+            assert_eq!(field(r, "Offset"), &Value::String("7000".into()));
+            assert_eq!(
+                map_get(field(r, "SystemProperties"), "x-opt-offset"),
+                &Value::String("7000".into())
+            );
             assert_eq!(
                 field(r, "EnqueuedTimeUtc"),
                 &Value::String("12/2/2021 2:58:24 PM".into())
@@ -581,14 +673,14 @@ pub(crate) mod tests {
         let r = &records[0];
         assert_eq!(
             field(r, "EnqueuedTimeUtc"),
-            &Value::String("2021-12-02T14:58:24.2250001Z".into())
+            &Value::String("2021-12-02T14:58:24.2250000Z".into())
         );
         let system = field(r, "SystemProperties");
         for (key, want) in [
             ("connectionDeviceId", "dev-1"),
             ("connectionAuthMethod", AUTH_METHOD),
             ("connectionDeviceGenerationId", "638000000000000000"),
-            ("enqueuedTime", "2021-12-02T14:58:24.2250001Z"),
+            ("enqueuedTime", "2021-12-02T14:58:24.2250000Z"),
             ("contentType", "application/json"),
             ("contentEncoding", "utf-8"),
             ("messageId", "m1"),

@@ -1,39 +1,40 @@
 //! Capture: every device-to-cloud message the hub accepts, archived into Avro files in Azure's
-//! layouts (Event Hubs Capture, or IoT Hub routing to storage), one file per closed window, in a
-//! directory or a Blob Storage container. The rooms, lowest first: `format` (schemas, the file
-//! writer), `window` (when a window closes), `wal` (the write-ahead log that makes acknowledged
-//! messages survive a kill), `sink` (the destinations and their atomic writes). This file is the
-//! intake the MQTT connections call and the two tasks behind it. It touches the destination and
-//! `capture/` in the state directory, nothing else of the hub.
+//! layouts (Event Hubs Capture, or IoT Hub routing to storage), one file per partition per
+//! closed window, in a directory or a Blob Storage container. The rooms, lowest first: `format`
+//! (schemas, the file writer), `window` (when a window closes), `sink` (the destinations and
+//! their atomic writes). This file is the intake the MQTT connections ask before they accept a
+//! message, and the two tasks per partition behind it. It reads the hub's event store
+//! (`hub::events`) and writes the destination, nothing else of the hub.
 //!
-//! How a message flows: a connection calls [`Intake::accept`] before it acknowledges the
-//! message. The intake takes a place in the bounded channel, appends the message to the
-//! write-ahead log and sends it, all under one lock, so the log's order is the channel's. The
-//! collector task encodes each message into the open window's file as it arrives; when the
-//! window closes (time or size, whichever first) it rotates the log, takes the messages that
-//! the old log segments hold, finishes the file and hands it to the publisher task, then opens
-//! the next window at once. The publisher writes the file (retrying with backoff while the
-//! destination fails), then deletes the log segments it covered. Files are published in the
-//! order their windows closed. At start the segments left by a killed hub are read back into
-//! the first window: each acknowledged message lands in exactly one published file.
+//! One record of what was accepted: capture keeps no log of its own. A connection appends an
+//! accepted message to the event store before it acknowledges it; with capture on, the store is
+//! durable (an append the disk does not take is refused) and keeps every segment file holding
+//! an event capture has not published (its cursor, see `events`). Per partition, the collector
+//! task reads the partition's new events as they are appended and encodes each into the open
+//! window's file; when the window closes (time or size, whichever first) it hands the file to
+//! the publisher task and opens the next window at once. The publisher writes the file
+//! (retrying with backoff while the destination fails), then moves the partition's capture
+//! cursor past it. Files are published in the order their windows closed. At start the
+//! collector begins at the cursor, so what a killed hub acknowledged but had not published
+//! goes into the first window: each acknowledged message lands in one published file. (A
+//! kill between a file's write and the cursor's would write that window again, under a `_1`
+//! name; the window for it is one rename.)
 //!
-//! The buffer is bounded: the channel ([`CHANNEL_CAPACITY`] messages), the open window, one
-//! closed window waiting and one being written (each at most the window's size, encoded). When
-//! the channel runs low on room ([`HEADROOM`]), connections stop reading from their devices
-//! until the collector catches up ([`Intake::room`]): a burst faster than capture is slowed,
-//! as a broker slows its publishers. When that lasts ([`ROOM_WAIT`]: the destination is down
-//! and the publisher is retrying) and the channel fills, a message is refused, not dropped:
-//! `accept` fails, the connection closes without acknowledging it, and the device sends it
-//! again when it reconnects. Refusals are counted (`simdevice_hub_capture_refused_total`) and
-//! logged.
+//! The buffer is bounded: per partition, the events not yet read by the collector
+//! ([`MAX_BEHIND`]), the open window, one closed window waiting and one being written (each at
+//! most the window's size, encoded). When a partition's collector falls [`HEADROOM`] short of
+//! that bound, its devices' connections stop reading until it catches up ([`Intake::room`]): a
+//! burst faster than capture is slowed, as a broker slows its publishers. When that lasts
+//! ([`ROOM_WAIT`]: the destination is down and the publisher is retrying) and the bound is
+//! reached, a message is refused, not dropped: [`Intake::check`] fails, the connection closes
+//! without acknowledging it, and the device sends it again when it reconnects. Refusals are
+//! counted (`simdevice_hub_capture_refused_total`) and logged.
 
 pub mod format;
 pub mod sink;
-pub mod wal;
 pub mod window;
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,29 +49,29 @@ pub use format::{Codec, Encoding, Format};
 pub use sink::{Destination, Naming};
 use window::{Closed, Window, WindowRules};
 
-use crate::hub::telemetry::Event;
+use crate::hub::events::{EventStore, Partition};
 
-/// Messages the channel between the connections and the collector holds. Past this the hub
-/// refuses new telemetry until capture catches up (see the module comment).
-pub const CHANNEL_CAPACITY: usize = 65_536;
-/// Free places under which a connection stops reading from its device until the collector
-/// catches up ([`Intake::room`]): room for what a thousand connections can have in one read
-/// each, so that a burst is slowed, not refused.
-pub const HEADROOM: usize = 16_384;
-/// How long a connection waits for room before it reads on anyway (and a full channel then
+/// Events of a partition its collector may be behind by. Past this the hub refuses new
+/// telemetry from that partition's devices until capture catches up (module notes).
+pub const MAX_BEHIND: i64 = 65_536;
+/// How far short of [`MAX_BEHIND`] a connection stops reading from its device until the
+/// collector catches up ([`Intake::room`]): room for what a thousand connections can have in
+/// one read each, so that a burst is slowed, not refused.
+pub const HEADROOM: i64 = 16_384;
+/// How long a connection waits for room before it reads on anyway (and a full buffer then
 /// refuses): the destination is down, not slow.
 pub const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// The namespace in Event Hubs paths: the local hub has no Event Hubs namespace of its own.
 pub const NAMESPACE: &str = "simdevice";
-/// The local hub has one partition.
-pub const PARTITION: &str = "0";
 /// Azure's defaults: Event Hubs Capture's portal default window (300 s) and routing's default
 /// chunk size (300 MiB, `maxChunkSizeInBytes` 314572800).
 pub const DEFAULT_WINDOW_SECS: u64 = 300;
 pub const DEFAULT_WINDOW_BYTES: u64 = 314_572_800;
-/// First and last delay between attempts to write a file that failed.
+/// First and last delay between attempts to write a file (or read the store) that failed.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Events a collector takes from the store at a time.
+const BATCH: usize = 1024;
 
 /// What `--capture` and its options say.
 #[derive(Clone, Debug)]
@@ -95,19 +96,15 @@ pub enum CaptureError {
     },
     #[error("cannot start capture: its file format cannot be set up")]
     Encode(#[from] format::EncodeError),
-    #[error(transparent)]
-    Wal(#[from] wal::WalError),
+    #[error("capture needs the event store to be durable (the hub opens it so when capture is on)")]
+    StoreNotDurable,
 }
 
 /// Why a message was not accepted for capture.
 #[derive(Debug, thiserror::Error)]
-pub enum Refused {
-    #[error("capture is behind: its buffer is full")]
-    Full,
-    #[error("capture has stopped")]
-    Stopped,
-    #[error("cannot append to the capture write-ahead log")]
-    Wal(#[source] std::io::Error),
+#[error("capture is behind: its buffer for partition {partition} is full")]
+pub struct Refused {
+    pub partition: u32,
 }
 
 /// What `/metrics` shows of capture.
@@ -116,106 +113,77 @@ pub struct CaptureCounters {
     pub files: AtomicU64,
     pub errors: AtomicU64,
     pub refused: AtomicU64,
-    /// Accepted messages not yet in a published file.
-    pub pending: AtomicU64,
 }
 
-struct Log {
-    wal: wal::Wal,
-    tx: mpsc::Sender<Item>,
-}
-
-struct Item {
-    segment: u64,
-    message: Captured,
-}
-
-/// The connections' side: cheap to call, never blocks on the disk beyond one `write`.
+/// The connections' side: an atomic load or two per message.
 pub struct Intake {
-    log: Mutex<Log>,
+    store: Arc<EventStore>,
+    /// Per partition: the first sequence number its collector has not read yet.
+    collected: Vec<AtomicI64>,
     pub counters: Arc<CaptureCounters>,
-    /// Woken by the collector as it takes messages: connections waiting in [`Intake::room`].
+    /// Woken by the collectors as they read: connections waiting in [`Intake::room`].
     drained: tokio::sync::Notify,
-    /// A sender kept outside the lock, only to read the channel's free room without it.
-    probe: mpsc::Sender<Item>,
-    /// [`HEADROOM`], or a quarter of a smaller channel.
-    headroom: usize,
+    /// [`MAX_BEHIND`] and [`HEADROOM`], or smaller in tests.
+    max_behind: i64,
+    headroom: i64,
 }
 
 impl Intake {
-    /// Takes the message for capture, or says why not. On `Ok` the message is in the
-    /// write-ahead log (it survives a kill of the hub) and on its way to a window.
-    pub fn accept(&self, event: &Event, generation_id: &str) -> Result<(), Refused> {
-        let mut guard = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        let Log { wal, tx } = &mut *guard;
-        let permit = match tx.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Full(())) => {
-                let refused = self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                // Once per thousand: a full buffer refuses many messages a second.
-                if refused.is_multiple_of(1000) {
-                    tracing::warn!(
-                        refused = refused + 1,
-                        "capture buffer full: telemetry refused"
-                    );
-                }
-                return Err(Refused::Full);
-            }
-            Err(mpsc::error::TrySendError::Closed(())) => return Err(Refused::Stopped),
+    fn behind(&self, partition: u32) -> i64 {
+        let (Some(p), Some(collected)) = (
+            self.store.partition(partition),
+            self.collected.get(partition as usize),
+        ) else {
+            return 0;
         };
-        let message = Captured {
-            event: event.clone(),
-            generation_id: generation_id.to_string(),
-        };
-        let segment = wal.append(&message).map_err(|e| {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "capture write-ahead log append failed: telemetry refused");
-            Refused::Wal(e)
-        })?;
-        self.counters.pending.fetch_add(1, Ordering::Relaxed);
-        permit.send(Item { segment, message });
-        Ok(())
+        p.next_sequence() - collected.load(Ordering::Acquire)
     }
 
-    /// Whether the channel has [`HEADROOM`] free places (or has closed: `accept` then says so).
-    pub fn has_room(&self) -> bool {
-        self.probe.capacity() >= self.headroom || self.probe.is_closed()
+    /// Whether a message of `partition` may be accepted now; call before appending it to the
+    /// store. A refusal is counted and logged (once per thousand).
+    pub fn check(&self, partition: u32) -> Result<(), Refused> {
+        if self.behind(partition) < self.max_behind {
+            return Ok(());
+        }
+        let refused = self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        // Once per thousand: a full buffer refuses many messages a second.
+        if refused.is_multiple_of(1000) {
+            tracing::warn!(
+                refused = refused + 1,
+                partition,
+                "capture buffer full: telemetry refused"
+            );
+        }
+        Err(Refused { partition })
     }
 
-    /// Resolves once the channel has [`HEADROOM`] free places. A connection awaits it before it
-    /// reads more from its device while capture is behind, so that TCP slows the device (as a
-    /// broker under load does) instead of the hub refusing what it sends; with
-    /// [`ROOM_WAIT`] as its bound, see `mqtt/connection.rs`.
-    pub async fn room(&self) {
+    /// Whether `partition`'s collector is at least [`HEADROOM`] short of the bound.
+    pub fn has_room(&self, partition: u32) -> bool {
+        self.behind(partition) <= self.max_behind - self.headroom
+    }
+
+    /// Resolves once `partition` has room. A connection awaits it before it reads more from
+    /// its device while capture is behind, so that TCP slows the device (as a broker under load
+    /// does) instead of the hub refusing what it sends; with [`ROOM_WAIT`] as its bound, see
+    /// `mqtt/connection.rs`.
+    pub async fn room(&self, partition: u32) {
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
-            if self.has_room() {
+            if self.has_room(partition) {
                 return;
             }
             drained.await;
         }
     }
 
-    /// Starts a new log segment; returns its number. Every message of an older segment is in
-    /// the channel already (append and send happen under the same lock).
-    fn rotate(&self) -> Result<u64, wal::WalError> {
-        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.wal.rotate()
-    }
-
-    fn published(&self, highest_sequence: Option<u64>, segment: Option<u64>) {
-        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sequence) = highest_sequence {
-            if let Err(error) = log.wal.mark_published(sequence) {
-                tracing::warn!(%error, "cannot record the last published capture sequence number");
-            }
-        }
-        let Some(segment) = segment else { return };
-        if let Err(error) = log.wal.remove_before(segment) {
-            tracing::warn!(%error, "cannot remove published capture log segments");
-        }
+    /// Accepted messages not yet in a published file.
+    pub fn pending(&self) -> u64 {
+        (0..self.store.partition_count())
+            .filter_map(|id| self.store.partition(id))
+            .map(|p| (p.next_sequence() - p.captured()).max(0) as u64)
+            .sum()
     }
 }
 
@@ -223,31 +191,31 @@ impl Intake {
 pub struct Capture {
     pub intake: Arc<Intake>,
     pub settings: CaptureSettings,
-    /// The sequence number the hub's next message gets: after every one published or
-    /// recovered.
-    pub next_sequence: u64,
     finish: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Capture {
-    /// Prepares the destination (a directory is made and swept of temporaries), opens the log
-    /// in `state_dir/capture`, reads back what a killed hub left in the log, and starts the
-    /// collector and the publisher.
+    /// Prepares the destination (a directory is made and swept of temporaries) and starts a
+    /// collector and a publisher per partition of `store` (opened durable), each from the
+    /// partition's capture cursor.
     pub fn start(
         settings: CaptureSettings,
-        state_dir: &Path,
+        store: Arc<EventStore>,
         naming: Naming,
     ) -> Result<Capture, CaptureError> {
-        Capture::start_with(settings, state_dir, naming, CHANNEL_CAPACITY)
+        Capture::start_with(settings, store, naming, MAX_BEHIND)
     }
 
     fn start_with(
         settings: CaptureSettings,
-        state_dir: &Path,
+        store: Arc<EventStore>,
         naming: Naming,
-        capacity: usize,
+        max_behind: i64,
     ) -> Result<Capture, CaptureError> {
+        if !store.is_durable() {
+            return Err(CaptureError::StoreNotDurable);
+        }
         settings
             .destination
             .prepare()
@@ -260,77 +228,83 @@ impl Capture {
             max_bytes: settings.window_bytes,
             skip_empty: settings.skip_empty,
         };
-        // The first window is opened here so that a format that cannot be set up fails the
-        // start, not the task.
-        let first = Window::open(
-            Instant::now(),
-            settings.format,
-            settings.codec,
-            settings.encoding,
-        )?;
-        let (wal, recovered) = wal::Wal::open(&state_dir.join("capture"))?;
-        let highest_recovered = recovered
+        let partitions: Vec<u32> = (0..store.partition_count()).collect();
+        // The first windows are opened here so that a format that cannot be set up fails the
+        // start, not a task.
+        let mut first = Vec::with_capacity(partitions.len());
+        for _ in &partitions {
+            first.push(Window::open(
+                Instant::now(),
+                settings.format,
+                settings.codec,
+                settings.encoding,
+            )?);
+        }
+        let collected = partitions
             .iter()
-            .map(|m| m.event.sequence_number)
-            .max()
-            .unwrap_or(0);
-        let next_sequence = wal.last_published().max(highest_recovered) + 1;
-        let (tx, rx) = mpsc::channel(capacity);
-        let counters = Arc::new(CaptureCounters::default());
-        counters
-            .pending
-            .store(recovered.len() as u64, Ordering::Relaxed);
-        if !recovered.is_empty() {
+            .map(|&id| {
+                AtomicI64::new(store.partition(id).map_or(0, Partition::captured))
+            })
+            .collect();
+        let intake = Arc::new(Intake {
+            store: store.clone(),
+            collected,
+            counters: Arc::new(CaptureCounters::default()),
+            drained: tokio::sync::Notify::new(),
+            max_behind: max_behind.max(2),
+            headroom: HEADROOM.min(max_behind / 4).max(1),
+        });
+        let recovered = intake.pending();
+        if recovered > 0 {
             tracing::info!(
-                messages = recovered.len(),
+                messages = recovered,
                 "capture: messages acknowledged before the last stop and not yet in a file are \
-                 recovered into the first window"
+                 recovered into the first windows"
             );
         }
-        let intake = Arc::new(Intake {
-            probe: tx.clone(),
-            headroom: HEADROOM.min(capacity / 4).max(1),
-            log: Mutex::new(Log { wal, tx }),
-            counters,
-            drained: tokio::sync::Notify::new(),
-        });
         let finish = CancellationToken::new();
-        // One closed window waits while another is written: the bound of the module notes.
-        let (ready_tx, ready_rx) = mpsc::channel(1);
-        let collector = Collector {
-            rules,
-            format: settings.format,
-            codec: settings.codec,
-            encoding: settings.encoding,
-            intake: intake.clone(),
-            rx,
-            ready: ready_tx,
-            finish: finish.clone(),
-        };
-        let publisher = Publisher {
-            destination: settings.destination.clone(),
-            format: settings.format,
-            naming,
-            intake: intake.clone(),
-            ready: ready_rx,
-            finish: finish.clone(),
-        };
-        let tasks = vec![
-            tokio::spawn(collector.run(first, recovered)),
-            tokio::spawn(publisher.run()),
-        ];
+        let mut tasks = Vec::with_capacity(2 * partitions.len());
+        for (partition, window) in partitions.into_iter().zip(first) {
+            // One closed window waits while another is written: the bound of the module notes.
+            let (ready_tx, ready_rx) = mpsc::channel(1);
+            let collector = Collector {
+                partition,
+                store: store.clone(),
+                rules,
+                format: settings.format,
+                codec: settings.codec,
+                encoding: settings.encoding,
+                intake: intake.clone(),
+                ready: ready_tx,
+                finish: finish.clone(),
+            };
+            let publisher = Publisher {
+                partition,
+                store: store.clone(),
+                destination: settings.destination.clone(),
+                format: settings.format,
+                naming: Naming {
+                    partition: partition.to_string(),
+                    ..naming.clone()
+                },
+                counters: intake.counters.clone(),
+                ready: ready_rx,
+                finish: finish.clone(),
+            };
+            tasks.push(tokio::spawn(collector.run(window)));
+            tasks.push(tokio::spawn(publisher.run()));
+        }
         Ok(Capture {
             intake,
             settings,
-            next_sequence,
             finish,
             tasks: Mutex::new(tasks),
         })
     }
 
-    /// Closes the open window, publishes every closed one and ends the tasks. Call when no
+    /// Closes the open windows, publishes every closed one and ends the tasks. Call when no
     /// connection can accept messages any more. A file that cannot be written now stays in the
-    /// log (with every later one) for the next start.
+    /// store (with every later one) for the next start.
     pub async fn finish(&self) {
         self.finish.cancel();
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
@@ -345,165 +319,171 @@ struct Ready {
     closed: Closed,
     /// When it closed: its file's name comes from this.
     closed_at: chrono::DateTime<chrono::Utc>,
-    /// Once it is published, the log segments below this hold nothing unpublished. `None`
-    /// when the rotation failed: its segments stay until a later window's rotation.
-    segment: Option<u64>,
+    /// The partition's first sequence number after the window: the capture cursor once it
+    /// is published.
+    next: i64,
 }
 
-/// Owns the open window: encodes messages into it, closes it, hands it on.
+/// Owns a partition's open window: reads the partition's events into it, closes it, hands
+/// it on.
 struct Collector {
+    partition: u32,
+    store: Arc<EventStore>,
     rules: WindowRules,
     format: Format,
     codec: Codec,
     encoding: Encoding,
     intake: Arc<Intake>,
-    rx: mpsc::Receiver<Item>,
     ready: mpsc::Sender<Ready>,
-    /// Cancelled by [`Capture::finish`]: close the open window, hand it on, then end.
+    /// Cancelled by [`Capture::finish`]: take what is left, close the window, hand it on, end.
     finish: CancellationToken,
 }
 
 impl Collector {
-    async fn run(mut self, mut window: Window, recovered: Vec<Captured>) {
-        // Recovered messages are in segments older than any new one.
-        let mut full = false;
-        for message in &recovered {
-            full |= self.push(&mut window, message);
-        }
-        drop(recovered);
-        // A message of the next window, taken from the channel while closing this one.
-        let mut carried: Option<Item> = None;
-        // Messages taken from the channel: every 1024th wakes the connections waiting for room.
-        let mut taken: u64 = 0;
+    async fn run(self, mut window: Window) {
+        let Some(partition) = self.store.partition(self.partition) else {
+            return;
+        };
+        let mut appended = partition.subscribe();
+        let mut next = partition.captured();
+        let mut read_failures = 0u32;
         loop {
-            if !full {
-                let deadline = window.deadline(&self.rules);
-                tokio::select! {
-                    biased;
-                    _ = self.finish.cancelled() => {
-                        // No connection sends any more: take everything, close, hand on.
-                        while let Ok(item) = self.rx.try_recv() {
-                            self.push(&mut window, &item.message);
-                        }
-                        let _ = self.close(window, &mut carried).await;
+            let finishing = self.finish.is_cancelled();
+            let batch = match partition.read_durable(next, BATCH) {
+                Ok(batch) => {
+                    read_failures = 0;
+                    batch
+                }
+                Err(error) => {
+                    // A segment file capture still needs cannot be read: said, counted,
+                    // retried; nothing is passed over.
+                    self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = (RETRY_FIRST * 2u32.saturating_pow(read_failures)).min(RETRY_MAX);
+                    read_failures = read_failures.saturating_add(1);
+                    tracing::error!(partition = self.partition, %error, retry_in = ?delay, "capture cannot read the event store");
+                    if finishing {
                         return;
                     }
-                    _ = tokio::time::sleep_until(deadline) => {}
-                    item = self.rx.recv() => match item {
-                        Some(item) => {
-                            full = self.push(&mut window, &item.message);
-                            taken += 1;
-                            if taken.is_multiple_of(1024) {
-                                self.intake.drained.notify_waiters();
-                            }
-                            continue;
-                        }
-                        None => return,
-                    },
-                }
-            }
-            if !self.close(window, &mut carried).await {
-                return;
-            }
-            window = match Window::open(Instant::now(), self.format, self.codec, self.encoding) {
-                Ok(window) => window,
-                Err(error) => {
-                    // Not seen in practice (the first window opened with the same settings);
-                    // ending the task makes `accept` refuse rather than lose messages.
-                    tracing::error!(%error, "capture stops: a window cannot be opened");
-                    return;
+                    tokio::select! {
+                        _ = self.finish.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
                 }
             };
-            full = false;
-            if let Some(item) = carried.take() {
-                full = self.push(&mut window, &item.message);
+            if let Some(first) = batch.first() {
+                if first.sequence_number() > next {
+                    // Retention dropped them before capture was on, or a failed disk lost them.
+                    tracing::warn!(partition = self.partition, from = next, to = first.sequence_number() - 1,
+                        "capture: events no longer in the store are left out of the archive");
+                }
+                for event in &batch {
+                    next = event.sequence_number() + 1;
+                    if self.push(&mut window, event) {
+                        window = match self.close(window, next).await {
+                            Some(window) => window,
+                            None => return,
+                        };
+                    }
+                }
+                self.intake.collected[self.partition as usize].store(next, Ordering::Release);
+                self.intake.drained.notify_waiters();
+                if Instant::now() < window.deadline(&self.rules) {
+                    continue;
+                }
+            } else if finishing {
+                // No connection sends any more and everything is read: close, hand on, end.
+                let _ = self.close(window, next).await;
+                return;
+            } else {
+                let deadline = window.deadline(&self.rules);
+                tokio::select! {
+                    _ = self.finish.cancelled() => continue,
+                    _ = appended.changed() => continue,
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
             }
+            // The window's time is up.
+            window = match self.close(window, next).await {
+                Some(window) => window,
+                None => return,
+            };
         }
     }
 
-    /// Encodes `message` into `window`; true when the window is full. A message that cannot
-    /// be encoded (not seen: the schemas take every event the hub accepts) is logged, counted
-    /// and left out of the file.
-    fn push(&self, window: &mut Window, message: &Captured) -> bool {
-        match window.push(message, &self.rules) {
+    /// Encodes `event` into `window`; true when the window is full. An event that cannot be
+    /// encoded (not seen: the schemas take every event the hub accepts) is logged, counted and
+    /// left out of the file.
+    fn push(&self, window: &mut Window, event: &Captured) -> bool {
+        match window.push(event, &self.rules) {
             Ok(full) => full,
             Err(error) => {
-                let counters = &self.intake.counters;
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.pending.fetch_sub(1, Ordering::Relaxed);
-                tracing::error!(%error, sequence = message.event.sequence_number,
-                    device = %message.event.device_id, "capture: a message cannot be encoded and is left out of its file");
+                self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, partition = self.partition, sequence = event.sequence_number(),
+                    device = %event.record.device_id, "capture: a message cannot be encoded and is left out of its file");
                 false
             }
         }
     }
 
-    /// Closes `window`: rotates the log, moves the rest of the old segments' messages from the
-    /// channel into it, finishes its file and hands it to the publisher (waiting while another
-    /// closed window waits there). The first message of the new segment, if one was taken, is
-    /// left in `carried`. False when the publisher has stopped.
-    async fn close(&mut self, mut window: Window, carried: &mut Option<Item>) -> bool {
-        let segment = match self.intake.rotate() {
-            Ok(segment) => Some(segment),
+    /// Closes `window` (everything before `next` is in it), hands its file to the publisher
+    /// (waiting while another closed window waits there) and opens the next window. `None`
+    /// when the publisher has stopped or a window cannot be opened.
+    async fn close(&self, window: Window, next: i64) -> Option<Window> {
+        let messages = window.len();
+        let closed = match window.close(&self.rules) {
+            Ok(closed) => Some(closed),
             Err(error) => {
-                // The window is still written; its segments stay until a later rotation, so
-                // a kill before then replays them (duplicates, never losses).
+                // Not seen in practice (finishing writes the last block into memory): the
+                // window's messages are left out of the archive, said and counted here.
                 self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%error, "cannot rotate the capture write-ahead log");
+                tracing::error!(%error, partition = self.partition, messages, "capture window cannot be finished: its messages are left out of the archive");
                 None
             }
         };
-        if let Some(segment) = segment {
-            while let Ok(item) = self.rx.try_recv() {
-                if item.segment >= segment {
-                    *carried = Some(item);
-                    break;
-                }
-                self.push(&mut window, &item.message);
+        let ready = Ready {
+            closed: closed.unwrap_or(Closed {
+                file: None,
+                messages: 0,
+                last_sequence: None,
+            }),
+            closed_at: chrono::Utc::now(),
+            next,
+        };
+        self.ready.send(ready).await.ok()?;
+        match Window::open(Instant::now(), self.format, self.codec, self.encoding) {
+            Ok(window) => Some(window),
+            Err(error) => {
+                // Not seen in practice (the first window opened with the same settings);
+                // ending the task makes the intake refuse once the buffer fills, rather than
+                // lose messages.
+                tracing::error!(%error, partition = self.partition, "capture stops: a window cannot be opened");
+                None
             }
         }
-        let messages = window.len();
-        let closed = match window.close(&self.rules) {
-            Ok(closed) => closed,
-            Err(error) => {
-                // As for `push`, not seen in practice (finishing writes the last block into
-                // memory): the window's messages are left out of the archive, said and counted
-                // here, since a later window's publication drops the log segments they are in.
-                let counters = &self.intake.counters;
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                counters.pending.fetch_sub(messages, Ordering::Relaxed);
-                tracing::error!(%error, messages, "capture window cannot be finished: its messages are left out of the archive");
-                return true;
-            }
-        };
-        self.intake.drained.notify_waiters();
-        let ready = Ready {
-            closed,
-            closed_at: chrono::Utc::now(),
-            segment,
-        };
-        self.ready.send(ready).await.is_ok()
     }
 }
 
-/// Writes closed windows' files in order, then drops the log segments they covered.
+/// Writes a partition's closed windows' files in order, then moves its capture cursor.
 struct Publisher {
+    partition: u32,
+    store: Arc<EventStore>,
     destination: Destination,
     format: Format,
     naming: Naming,
-    intake: Arc<Intake>,
+    counters: Arc<CaptureCounters>,
     ready: mpsc::Receiver<Ready>,
     finish: CancellationToken,
 }
 
 impl Publisher {
     async fn run(mut self) {
-        while let Some(ready) = self.ready.recv().await {
-            let Ready {
-                closed,
-                closed_at,
-                segment,
-            } = ready;
+        while let Some(Ready {
+            closed,
+            closed_at,
+            next,
+        }) = self.ready.recv().await
+        {
             if let Some(file) = closed.file {
                 let relative = sink::relative_path(self.format, &self.naming, closed_at);
                 if !self
@@ -511,22 +491,22 @@ impl Publisher {
                     .await
                 {
                     // Stopped while the destination failed: this window's messages, and every
-                    // later one's, stay in the log for the next start (removing any segment now
-                    // could drop them).
+                    // later one's, stay in the store for the next start.
                     return;
                 }
             }
-            self.intake
-                .counters
-                .pending
-                .fetch_sub(closed.messages, Ordering::Relaxed);
-            self.intake.published(closed.highest_sequence, segment);
+            if let Err(error) = self.store.set_captured(self.partition, next) {
+                // The file is published; a kill before a later cursor write would publish its
+                // messages again (never lose them).
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition = self.partition, %error, "cannot record the capture cursor");
+            }
         }
     }
 
     /// Writes one file, retrying with backoff; false when the hub stopped before it could.
     async fn publish(&self, relative: &str, file: Bytes, messages: u64) -> bool {
-        let counters = &self.intake.counters;
+        let counters = &self.counters;
         let mut delay = RETRY_FIRST;
         loop {
             match sink::publish(&self.destination, relative, file.clone()).await {
@@ -546,7 +526,8 @@ impl Publisher {
                     if stopped {
                         tracing::warn!(
                             messages,
-                            "capture window left in the write-ahead log for the next start"
+                            partition = self.partition,
+                            "capture window left in the event store for the next start"
                         );
                         return false;
                     }
@@ -559,10 +540,11 @@ impl Publisher {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
-    use super::format::tests::sample;
     use super::*;
+    use crate::hub::events::{Clock, StoreSettings};
+    use crate::protocol::property_bag::PropertyBag;
 
     fn settings(dir: &Path) -> CaptureSettings {
         CaptureSettings {
@@ -576,12 +558,45 @@ mod tests {
         }
     }
 
+    fn one_second(dir: &Path) -> CaptureSettings {
+        CaptureSettings {
+            window: Duration::from_secs(1),
+            ..settings(dir)
+        }
+    }
+
     fn naming() -> Naming {
         Naming {
             namespace: NAMESPACE.into(),
             hub: "localhost".into(),
-            partition: PARTITION.into(),
+            partition: String::new(),
         }
+    }
+
+    /// A durable store of one partition in `state`, keeping `max_count` events in memory.
+    fn store(state: &Path, max_count: usize) -> Arc<EventStore> {
+        let settings = StoreSettings {
+            partitions: 1,
+            max_count,
+            durable: true,
+            ..StoreSettings::default()
+        };
+        Arc::new(EventStore::open(state, settings, Clock::System).unwrap())
+    }
+
+    /// What a connection does with a device's message: ask the intake, then append.
+    fn accept(intake: &Intake, store: &EventStore, n: u32) -> Result<i64, Refused> {
+        intake.check(0)?;
+        let (_, sequence) = store
+            .append(
+                Arc::from("dev-1"),
+                Arc::from("gen"),
+                PropertyBag::new(),
+                Bytes::from(format!("{{\"n\":{n}}}")),
+                chrono::Utc::now(),
+            )
+            .unwrap();
+        Ok(sequence)
     }
 
     /// Every published `.avro` file under `root`, with its sequence numbers.
@@ -589,7 +604,10 @@ mod tests {
         let mut out = Vec::new();
         let mut stack = vec![root.to_owned()];
         while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
                 let path = entry.unwrap().path();
                 if path.is_dir() {
                     stack.push(path);
@@ -613,38 +631,49 @@ mod tests {
         out
     }
 
+    fn all_published(root: &Path) -> Vec<i64> {
+        let mut all: Vec<i64> = published(root).into_iter().flat_map(|(_, s)| s).collect();
+        all.sort();
+        all
+    }
+
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while !done() {
             assert!(Instant::now() < deadline, "never happened: {what}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
+    /// Makes `dir` unwritable as a directory: it goes, and a file takes its name.
+    fn break_dir(dir: &Path) {
+        std::fs::remove_dir(dir).unwrap();
+        std::fs::write(dir, b"").unwrap();
+    }
+
     #[tokio::test]
-    async fn a_window_is_written_when_its_time_is_up_and_its_log_is_then_empty() {
+    async fn a_window_is_written_when_its_time_is_up_and_the_cursor_then_moves_past_it() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let one_second = CaptureSettings {
-            window: Duration::from_secs(1),
-            ..settings(out.path())
-        };
-        let capture = Capture::start(one_second, state.path(), naming()).unwrap();
-        for n in 1..=3 {
-            capture.intake.accept(&sample(n, "x").event, "g").unwrap();
+        let store = store(state.path(), 1000);
+        let capture = Capture::start(one_second(out.path()), store.clone(), naming()).unwrap();
+        for n in 0..3 {
+            accept(&capture.intake, &store, n).unwrap();
         }
-        assert_eq!(capture.intake.counters.pending.load(Ordering::Relaxed), 3);
-        // Counted once the file is durable, a moment after it appears.
         let counters = capture.intake.counters.clone();
         until("a published file", || {
-            counters.files.load(Ordering::Relaxed) == 1
-                && counters.pending.load(Ordering::Relaxed) == 0
+            counters.files.load(Ordering::Relaxed) == 1 && capture.intake.pending() == 0
         })
         .await;
-        assert_eq!(published(out.path())[0].1, vec![1, 2, 3]);
+        let files = published(out.path());
+        assert_eq!(files[0].1, vec![0, 1, 2]);
+        assert!(
+            files[0].0.starts_with(out.path().join("simdevice/localhost/0")),
+            "{:?}",
+            files[0].0
+        );
         capture.finish().await;
-        let (_, left) = wal::Wal::open(&state.path().join("capture")).unwrap();
-        assert!(left.is_empty(), "published messages are not replayed");
+        assert_eq!(store.partition(0).unwrap().captured(), 3);
         // skip_empty: the windows after that one wrote nothing.
         assert_eq!(published(out.path()).len(), 1);
     }
@@ -653,20 +682,20 @@ mod tests {
     async fn a_size_limit_closes_the_window_before_its_time() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let one = sample(1, "x").size() as u64;
+        let store = store(state.path(), 1000);
         let rules = CaptureSettings {
             window: Duration::from_secs(900),
-            window_bytes: 2 * one,
+            window_bytes: 2 * "{\"n\":0}".len() as u64,
             ..settings(out.path())
         };
-        let capture = Capture::start(rules, state.path(), naming()).unwrap();
+        let capture = Capture::start(rules, store.clone(), naming()).unwrap();
         let start = Instant::now();
-        for n in 1..=2 {
-            capture.intake.accept(&sample(n, "x").event, "g").unwrap();
+        for n in 0..2 {
+            accept(&capture.intake, &store, n).unwrap();
         }
         until("a file", || !published(out.path()).is_empty()).await;
         assert!(Instant::now() - start < Duration::from_secs(10));
-        assert_eq!(published(out.path())[0].1, vec![1, 2]);
+        assert_eq!(published(out.path())[0].1, vec![0, 1]);
         capture.finish().await;
     }
 
@@ -674,10 +703,24 @@ mod tests {
     async fn finish_writes_the_open_window() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
-        capture.intake.accept(&sample(9, "x").event, "g").unwrap();
+        let store = store(state.path(), 1000);
+        let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+        accept(&capture.intake, &store, 9).unwrap();
         capture.finish().await;
-        assert_eq!(published(out.path())[0].1, vec![9]);
+        assert_eq!(all_published(out.path()), vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_is_not_durable_is_refused() {
+        let out = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let plain = Arc::new(
+            EventStore::open(state.path(), StoreSettings::default(), Clock::System).unwrap(),
+        );
+        assert!(matches!(
+            Capture::start(settings(out.path()), plain, naming()),
+            Err(CaptureError::StoreNotDurable)
+        ));
     }
 
     #[tokio::test]
@@ -685,32 +728,31 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let out = base.path().join("out");
         let state = tempfile::tempdir().unwrap();
-        let one_second = CaptureSettings {
-            window: Duration::from_secs(1),
-            ..settings(&out)
-        };
-        let capture = Capture::start_with(one_second, state.path(), naming(), 2).unwrap();
-        // The directory goes, and a file takes its name: nothing can be written there.
-        std::fs::remove_dir(&out).unwrap();
-        std::fs::write(&out, b"").unwrap();
-        capture.intake.accept(&sample(1, "x").event, "g").unwrap();
-        let counters = capture.intake.counters.clone();
-        until("errors", || counters.errors.load(Ordering::Relaxed) >= 3).await;
-        // The task is retrying: the buffer of 2 fills, then messages are refused, not lost.
-        capture.intake.accept(&sample(2, "x").event, "g").unwrap();
-        capture.intake.accept(&sample(3, "x").event, "g").unwrap();
-        assert!(matches!(
-            capture.intake.accept(&sample(4, "x").event, "g"),
-            Err(Refused::Full)
-        ));
-        assert_eq!(counters.refused.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.pending.load(Ordering::Relaxed), 3);
+        let store = store(state.path(), 1000);
+        let capture =
+            Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
+        break_dir(&out);
+        let intake = capture.intake.clone();
+        // The publisher retries, one closed window waits, the collector waits behind it, and
+        // the buffer of 8 fills: then messages are refused, not lost.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut accepted = 0;
+        loop {
+            assert!(Instant::now() < deadline, "nothing was ever refused");
+            if accept(&intake, &store, accepted).is_err() {
+                break;
+            }
+            accepted += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(intake.counters.refused.load(Ordering::Relaxed), 1);
+        assert!(intake.counters.errors.load(Ordering::Relaxed) >= 1);
+        assert_eq!(intake.pending(), u64::from(accepted));
         std::fs::remove_file(&out).unwrap();
-        until("the file", || out.is_dir() && !published(&out).is_empty()).await;
+        until("everything published", || intake.pending() == 0).await;
         capture.finish().await;
-        let all: Vec<i64> = published(&out).into_iter().flat_map(|(_, s)| s).collect();
-        assert_eq!(all, vec![1, 2, 3]);
-        assert_eq!(counters.pending.load(Ordering::Relaxed), 0);
+        let every: Vec<i64> = (0..i64::from(accepted)).collect();
+        assert_eq!(all_published(&out), every, "every accepted message, once");
     }
 
     #[tokio::test]
@@ -718,31 +760,24 @@ mod tests {
         let base = tempfile::tempdir().unwrap();
         let out = base.path().join("out");
         let state = tempfile::tempdir().unwrap();
-        let one_second = CaptureSettings {
-            window: Duration::from_secs(1),
-            ..settings(&out)
-        };
-        // A channel of 8: room means 2 free places.
-        let capture = Capture::start_with(one_second, state.path(), naming(), 8).unwrap();
-        std::fs::remove_dir(&out).unwrap();
-        std::fs::write(&out, b"").unwrap();
+        let store = store(state.path(), 1000);
+        // A buffer of 8: room means 2 free places.
+        let capture =
+            Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
+        break_dir(&out);
         let intake = capture.intake.clone();
-        assert!(intake.has_room());
-        // The publisher retries, two closed windows wait (about 2 s), the collector waits
-        // behind them, and the channel fills.
+        assert!(intake.has_room(0));
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut n = 0;
-        while intake.has_room() {
-            assert!(Instant::now() < deadline, "the channel never filled");
+        while intake.has_room(0) {
+            assert!(Instant::now() < deadline, "the buffer never filled");
+            accept(&intake, &store, n).unwrap();
             n += 1;
-            if intake.accept(&sample(n, "x").event, "g").is_err() {
-                break;
-            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let waiting = tokio::spawn({
             let intake = intake.clone();
-            async move { intake.room().await }
+            async move { intake.room(0).await }
         });
         assert!(!waiting.is_finished());
         std::fs::remove_file(&out).unwrap();
@@ -750,87 +785,97 @@ mod tests {
             .await
             .expect("room comes once the destination is back")
             .unwrap();
-        assert!(intake.has_room());
+        assert!(intake.has_room(0));
         capture.finish().await;
     }
 
     #[tokio::test]
-    async fn what_a_killed_hub_left_in_the_log_is_published_once_at_the_next_start() {
+    async fn what_a_killed_hub_left_unpublished_is_published_once_at_the_next_start() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
         {
-            // A hub "killed" mid-window: the log has the messages, no file was written.
-            let (mut log, _) = wal::Wal::open(&state.path().join("capture")).unwrap();
-            log.append(&sample(1, "a")).unwrap();
-            log.append(&sample(2, "b")).unwrap();
+            // A hub "killed" mid-window: the store has the messages, no file was written.
+            let store = store(state.path(), 1000);
+            let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+            accept(&capture.intake, &store, 0).unwrap();
+            accept(&capture.intake, &store, 1).unwrap();
+            drop(capture);
         }
-        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
-        assert_eq!(capture.intake.counters.pending.load(Ordering::Relaxed), 2);
-        capture.intake.accept(&sample(3, "c").event, "g").unwrap();
+        assert!(published(out.path()).is_empty());
+        let store = store(state.path(), 1000);
+        let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+        assert_eq!(capture.intake.pending(), 2);
+        accept(&capture.intake, &store, 2).unwrap();
         capture.finish().await;
-        let all: Vec<i64> = published(out.path())
-            .into_iter()
-            .flat_map(|(_, s)| s)
-            .collect();
-        assert_eq!(all, vec![1, 2, 3]);
-        let (_, left) = wal::Wal::open(&state.path().join("capture")).unwrap();
-        assert!(left.is_empty());
+        assert_eq!(all_published(out.path()), vec![0, 1, 2]);
+        // And a start after a clean stop publishes nothing again.
+        drop(capture);
+        let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+        assert_eq!(capture.intake.pending(), 0);
+        capture.finish().await;
+        assert_eq!(all_published(out.path()), vec![0, 1, 2]);
     }
 
     #[tokio::test]
-    async fn numbering_goes_on_after_what_was_published_and_what_was_recovered() {
+    async fn capture_reads_from_the_segment_files_what_memory_no_longer_holds() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
-        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
-        assert_eq!(capture.next_sequence, 1);
-        capture.intake.accept(&sample(5, "x").event, "g").unwrap();
+        {
+            // Memory keeps 2 events; capture, not running, owes all 5.
+            let store = store(state.path(), 2);
+            let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+            drop(capture);
+            for n in 0..5 {
+                store
+                    .append(
+                        Arc::from("dev-1"),
+                        Arc::from("gen"),
+                        PropertyBag::new(),
+                        Bytes::from(format!("{{\"n\":{n}}}")),
+                        chrono::Utc::now(),
+                    )
+                    .unwrap();
+            }
+            assert_eq!(store.partition(0).unwrap().read(0, 10).len(), 2);
+        }
+        let store = store(state.path(), 2);
+        let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
         capture.finish().await;
-        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
-        assert_eq!(capture.next_sequence, 6, "after the published 5");
-        capture.intake.accept(&sample(9, "x").event, "g").unwrap();
-        drop(capture); // a kill: 9 stays in the log
-        let capture = Capture::start(settings(out.path()), state.path(), naming()).unwrap();
-        assert_eq!(capture.next_sequence, 10, "after the recovered 9");
-        capture.finish().await;
+        assert_eq!(all_published(out.path()), vec![0, 1, 2, 3, 4]);
     }
 
     #[tokio::test]
-    async fn stopping_while_the_directory_is_unwritable_keeps_the_window_in_the_log() {
+    async fn stopping_while_the_directory_is_unwritable_keeps_the_window_in_the_store() {
         let base = tempfile::tempdir().unwrap();
         let out = base.path().join("out");
         let state = tempfile::tempdir().unwrap();
-        let one_second = CaptureSettings {
-            window: Duration::from_secs(1),
-            ..settings(&out)
-        };
-        let capture = Capture::start(one_second.clone(), state.path(), naming()).unwrap();
-        std::fs::remove_dir(&out).unwrap();
-        std::fs::write(&out, b"").unwrap();
-        capture.intake.accept(&sample(1, "x").event, "g").unwrap();
+        let store = store(state.path(), 1000);
+        let capture = Capture::start(one_second(&out), store.clone(), naming()).unwrap();
+        break_dir(&out);
+        accept(&capture.intake, &store, 0).unwrap();
         let counters = capture.intake.counters.clone();
         until("an error", || counters.errors.load(Ordering::Relaxed) >= 1).await;
-        capture.intake.accept(&sample(2, "x").event, "g").unwrap();
+        accept(&capture.intake, &store, 1).unwrap();
         // Finishing does not wait for the directory to come back.
         tokio::time::timeout(Duration::from_secs(5), capture.finish())
             .await
             .expect("finish returns while the directory is unwritable");
         std::fs::remove_file(&out).unwrap();
-        let capture = Capture::start(one_second, state.path(), naming()).unwrap();
+        let capture = Capture::start(one_second(&out), store.clone(), naming()).unwrap();
         capture.finish().await;
-        let all: Vec<i64> = published(&out).into_iter().flat_map(|(_, s)| s).collect();
-        assert_eq!(all, vec![1, 2], "both recovered, once");
+        assert_eq!(all_published(&out), vec![0, 1], "both recovered, once");
     }
 
     #[tokio::test]
     async fn an_empty_window_writes_a_file_without_records_unless_skipped() {
         let out = tempfile::tempdir().unwrap();
         let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 1000);
         let empty_written = CaptureSettings {
-            window: Duration::from_secs(1),
             skip_empty: false,
-            ..settings(out.path())
+            ..one_second(out.path())
         };
-        let capture = Capture::start(empty_written, state.path(), naming()).unwrap();
+        let capture = Capture::start(empty_written, store, naming()).unwrap();
         until("an empty file", || !published(out.path()).is_empty()).await;
         assert!(published(out.path())[0].1.is_empty());
         capture.finish().await;

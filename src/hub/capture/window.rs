@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::format::{Captured, Codec, EncodeError, Encoding, FileWriter, Format};
+use super::format::{self, Captured, Codec, EncodeError, Encoding, FileWriter, Format};
 
 /// When a window closes, and whether an empty one is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +22,8 @@ pub struct Window {
     file: FileWriter,
     messages: u64,
     bytes: u64,
-    highest_sequence: Option<u64>,
+    /// The last message's sequence number in its partition.
+    last_sequence: Option<i64>,
 }
 
 /// A closed window, ready to publish.
@@ -30,7 +31,8 @@ pub struct Closed {
     /// The whole file; `None` when the window was empty and empty archives are skipped.
     pub file: Option<Vec<u8>>,
     pub messages: u64,
-    pub highest_sequence: Option<u64>,
+    /// The last message's sequence number (`None` when empty).
+    pub last_sequence: Option<i64>,
 }
 
 impl Window {
@@ -45,7 +47,7 @@ impl Window {
             file: FileWriter::new(format, codec, encoding)?,
             messages: 0,
             bytes: 0,
-            highest_sequence: None,
+            last_sequence: None,
         })
     }
 
@@ -53,9 +55,8 @@ impl Window {
     pub fn push(&mut self, message: &Captured, rules: &WindowRules) -> Result<bool, EncodeError> {
         self.file.append(message)?;
         self.messages += 1;
-        self.bytes += message.size() as u64;
-        let sequence = message.event.sequence_number;
-        self.highest_sequence = Some(self.highest_sequence.map_or(sequence, |h| h.max(sequence)));
+        self.bytes += format::size(message) as u64;
+        self.last_sequence = Some(message.record.sequence_number);
         Ok(self.bytes >= rules.max_bytes)
     }
 
@@ -83,7 +84,7 @@ impl Window {
         Ok(Closed {
             file,
             messages: self.messages,
-            highest_sequence: self.highest_sequence,
+            last_sequence: self.last_sequence,
         })
     }
 }
@@ -112,7 +113,7 @@ mod tests {
     #[test]
     fn a_window_closes_on_size_when_that_comes_first() {
         let mut window = open();
-        let size = sample(1, "x").size() as u64;
+        let size = format::size(&sample(1, "x")) as u64;
         let mut full = false;
         let mut n = 0;
         while !full {
@@ -123,7 +124,7 @@ mod tests {
         assert_eq!(window.len(), n);
         let closed = window.close(&RULES).unwrap();
         assert_eq!(closed.messages, n);
-        assert_eq!(closed.highest_sequence, Some(n));
+        assert_eq!(closed.last_sequence, Some(n as i64));
         let records = apache_avro::Reader::new(&closed.file.unwrap()[..])
             .unwrap()
             .count();

@@ -10,10 +10,16 @@
 //! segment file is deleted once all its events are dropped. Retained events are kept in
 //! memory too (the count bound is the memory bound), so reads never touch the disk.
 //!
-//! Appending is one `write` under the partition's lock; when the disk fails, the partition
-//! goes on in memory alone (logged once, counted): the store is a record for readers, not the
-//! device's acknowledgement (capture, with its write-ahead log, is that). Readers wait on a
-//! `watch` of the partition's next sequence number: no polling.
+//! Appending is one `write` under the partition's lock. Without capture, when the disk fails
+//! the partition goes on in memory alone (logged once, counted): the store is then a record for
+//! readers. With capture (`StoreSettings::durable`) the store is also what makes an
+//! acknowledged message survive a kill until capture has published it: an append whose write
+//! fails is refused (the device is not acknowledged and sends it again), and each partition
+//! keeps every segment file that holds an event capture has not published yet, whatever
+//! retention says (the capture cursor, `events/{partition}/captured`, written by capture after
+//! each file). Memory retention is unchanged, so capture reads what memory no longer holds
+//! from the segment files ([`Partition::read_durable`]). Readers wait on a `watch` of the
+//! partition's next sequence number: no polling.
 //!
 //! This module knows files and memory only: no sockets, no AMQP, no other part of the hub.
 
@@ -21,7 +27,7 @@ pub mod segment;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,12 +48,18 @@ pub const DEFAULT_MAX_COUNT: usize = 100_000;
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// The store's directory inside the hub's state directory.
 pub const DIR: &str = "events";
+/// The capture cursor's file in a partition's directory: the first sequence number capture
+/// has not published.
+const CAPTURED: &str = "captured";
 
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
     pub partitions: u32,
     pub max_age: Duration,
     pub max_count: usize,
+    /// Capture is on: refuse appends the disk does not take, keep what capture has not
+    /// published (module notes).
+    pub durable: bool,
 }
 
 impl Default for StoreSettings {
@@ -56,6 +68,7 @@ impl Default for StoreSettings {
             partitions: DEFAULT_PARTITIONS,
             max_age: DEFAULT_RETENTION,
             max_count: DEFAULT_MAX_COUNT,
+            durable: false,
         }
     }
 }
@@ -73,6 +86,15 @@ pub enum EventStoreError {
     PartitionCount { found: u32, asked: u32 },
     #[error("--partitions must be 1 to 32")]
     BadPartitions,
+}
+
+/// Why an append was refused (only with [`StoreSettings::durable`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the event store cannot write partition {partition}")]
+pub struct AppendError {
+    pub partition: u32,
+    #[source]
+    pub source: std::io::Error,
 }
 
 /// One retained event, as readers get it.
@@ -151,6 +173,12 @@ pub struct Partition {
     dir: PathBuf,
     log: Mutex<Log>,
     next: watch::Sender<i64>,
+    /// The next sequence number, readable without the lock.
+    next_sequence: AtomicI64,
+    /// The first sequence number capture has not published; `i64::MAX` without capture, so
+    /// that it holds nothing back.
+    captured: AtomicI64,
+    durable: bool,
 }
 
 /// The hub's notion of now for retention: the system clock, or (tests) tokio's clock from a
@@ -231,7 +259,7 @@ impl EventStore {
             }
         };
         let partitions = (0..settings.partitions)
-            .map(|id| Partition::open(&root, id))
+            .map(|id| Partition::open(&root, id, settings.durable))
             .collect::<Result<Vec<_>, _>>()?;
         let store = EventStore {
             settings,
@@ -242,6 +270,11 @@ impl EventStore {
         };
         store.expire();
         Ok(store)
+    }
+
+    /// Opened for capture ([`StoreSettings::durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.settings.durable
     }
 
     pub fn partition_count(&self) -> u32 {
@@ -258,7 +291,13 @@ impl EventStore {
         self.created_ms
     }
 
+    /// The partition of a device in this store.
+    pub fn partition_of(&self, device_id: &str) -> u32 {
+        partition_of(device_id, self.partition_count())
+    }
+
     /// Appends an accepted message to its device's partition. Returns (partition, sequence).
+    /// Fails only when the store is durable and the disk did not take the event.
     pub fn append(
         &self,
         device_id: Arc<str>,
@@ -266,7 +305,7 @@ impl EventStore {
         properties: PropertyBag,
         body: Bytes,
         enqueued_time: DateTime<Utc>,
-    ) -> (u32, i64) {
+    ) -> Result<(u32, i64), AppendError> {
         let id = partition_of(&device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
         let now = self.clock.now_ms();
@@ -280,9 +319,21 @@ impl EventStore {
                 body,
             },
             &self.disk_failures,
-        );
+        )?;
         partition.retain(self.cutoff(now), self.settings.max_count);
-        (id, sequence)
+        Ok((id, sequence))
+    }
+
+    /// Capture has published every event of `partition` before `sequence`: records it (the
+    /// cursor file first, so that a kill after this call never republishes them) and drops
+    /// the segment files retention no longer needs.
+    pub fn set_captured(&self, partition: u32, sequence: i64) -> std::io::Result<()> {
+        let Some(p) = self.partition(partition) else {
+            return Ok(());
+        };
+        p.write_captured(sequence)?;
+        p.retain(self.cutoff(self.clock.now_ms()), self.settings.max_count);
+        Ok(())
     }
 
     fn cutoff(&self, now_ms: i64) -> i64 {
@@ -308,7 +359,7 @@ impl EventStore {
 pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Partition {
-    fn open(root: &Path, id: u32) -> Result<Partition, EventStoreError> {
+    fn open(root: &Path, id: u32, durable: bool) -> Result<Partition, EventStoreError> {
         let dir = root.join(id.to_string());
         std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let mut log = Log {
@@ -349,13 +400,54 @@ impl Partition {
             let path = dir.join(segment::file_name(0));
             log.writer = Some(segment::Writer::open(&dir, 0, 0).map_err(io_error(&path))?);
         }
+        let captured_path = dir.join(CAPTURED);
+        let captured = if durable {
+            match std::fs::read_to_string(&captured_path) {
+                Ok(text) => text.trim().parse().unwrap_or(log.next_sequence),
+                // Capture starts now: what was accepted before it was on is not owed.
+                Err(_) => log.next_sequence,
+            }
+        } else {
+            // Without capture nothing is owed: a later start with capture begins from then.
+            let _ = std::fs::remove_file(&captured_path);
+            i64::MAX
+        };
         let (next, _) = watch::channel(log.next_sequence);
-        Ok(Partition {
+        let partition = Partition {
             id,
             dir,
+            next_sequence: AtomicI64::new(log.next_sequence),
             log: Mutex::new(log),
             next,
-        })
+            captured: AtomicI64::new(captured),
+            durable,
+        };
+        if durable {
+            partition
+                .write_captured(captured)
+                .map_err(io_error(&captured_path))?;
+        }
+        Ok(partition)
+    }
+
+    /// The next sequence number this partition gives.
+    pub fn next_sequence(&self) -> i64 {
+        self.next_sequence.load(Ordering::Acquire)
+    }
+
+    /// The first sequence number capture has not published (`i64::MAX` without capture).
+    pub fn captured(&self) -> i64 {
+        self.captured.load(Ordering::Acquire)
+    }
+
+    /// Writes the capture cursor (a temporary, then a rename), then holds less.
+    fn write_captured(&self, sequence: i64) -> std::io::Result<()> {
+        let path = self.dir.join(CAPTURED);
+        let temporary = self.dir.join("captured.tmp");
+        std::fs::write(&temporary, sequence.to_string())?;
+        std::fs::rename(&temporary, &path)?;
+        self.captured.store(sequence, Ordering::Release);
+        Ok(())
     }
 
     pub fn id(&self) -> u32 {
@@ -366,23 +458,44 @@ impl Partition {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn append(&self, mut record: Record, failures: &AtomicU64) -> i64 {
+    fn append(&self, mut record: Record, failures: &AtomicU64) -> Result<i64, AppendError> {
         let mut log = self.lock();
         let sequence = log.next_sequence;
         record.sequence_number = sequence;
         let payload = record.encode();
         let offset = log.next_offset;
-        if log.writer.as_ref().is_some_and(|w| {
+        let full = log.writer.as_ref().is_some_and(|w| {
             w.len > 0 && w.len + segment::record_len(payload.len()) > SEGMENT_BYTES
-        }) {
+        });
+        // Durable, a failed write left no writer: begin a new segment for this one.
+        if full || (self.durable && log.writer.is_none()) {
             self.roll(&mut log, offset);
         }
-        if let Some(writer) = log.writer.as_mut() {
-            if let Err(error) = writer.append(&payload) {
+        match log.writer.as_mut().map(|writer| writer.append(&payload)) {
+            Some(Ok(_)) => {}
+            Some(Err(source)) if self.durable => {
+                failures.fetch_add(1, Ordering::Relaxed);
+                // The failed write may have left part of a record: the next one goes to a new
+                // segment, so that reading this one back stops only at its own torn tail.
+                self.roll(&mut log, offset);
+                return Err(AppendError {
+                    partition: self.id,
+                    source,
+                });
+            }
+            Some(Err(error)) => {
                 tracing::warn!(partition = self.id, %error, "event store write failed; this partition goes on in memory alone");
                 failures.fetch_add(1, Ordering::Relaxed);
                 log.writer = None;
             }
+            None if self.durable => {
+                failures.fetch_add(1, Ordering::Relaxed);
+                return Err(AppendError {
+                    partition: self.id,
+                    source: std::io::Error::other("no segment file could be opened"),
+                });
+            }
+            None => {}
         }
         log.next_sequence = sequence + 1;
         log.next_offset = offset + segment::record_len(payload.len());
@@ -391,9 +504,10 @@ impl Partition {
         log.writer_last_sequence = sequence;
         log.events
             .push_back(Arc::new(StoredEvent { offset, record }));
+        self.next_sequence.store(sequence + 1, Ordering::Release);
         drop(log);
         self.next.send_replace(sequence + 1);
-        sequence
+        Ok(sequence)
     }
 
     /// Closes the open segment and begins one at `offset`.
@@ -413,7 +527,7 @@ impl Partition {
     }
 
     /// Drops events enqueued before `cutoff_ms` and all but the newest `max_count`; deletes
-    /// the closed segments left with no retained event.
+    /// the closed segments left with no retained event and none capture still needs.
     fn retain(&self, cutoff_ms: i64, max_count: usize) {
         let mut log = self.lock();
         while let Some(front) = log.events.front() {
@@ -426,7 +540,8 @@ impl Partition {
         let first_kept = log
             .events
             .front()
-            .map_or(log.next_sequence, |e| e.sequence_number());
+            .map_or(log.next_sequence, |e| e.sequence_number())
+            .min(self.captured());
         while log
             .closed
             .front()
@@ -503,6 +618,44 @@ impl Partition {
         log.events.iter().skip(skip).take(max).cloned().collect()
     }
 
+    /// Up to `max` events from sequence number `from` on, read from the segment files when
+    /// memory no longer holds `from` (capture behind, or catching up after a restart). What
+    /// neither holds (expired, or lost with a failed disk) is passed over: the first event
+    /// returned may come after `from`.
+    pub fn read_durable(&self, from: i64, max: usize) -> std::io::Result<Vec<Arc<StoredEvent>>> {
+        let file = {
+            let log = self.lock();
+            let in_memory = log.events.front().map_or(log.next_sequence, |e| e.sequence_number());
+            if from >= in_memory {
+                None
+            } else {
+                // The oldest segment whose last event is at or after `from`: closed ones, then
+                // the open one.
+                log.closed
+                    .iter()
+                    .find(|s| s.last_sequence >= from)
+                    .map(|s| s.base_offset)
+                    .or_else(|| log.writer.as_ref().map(|w| w.base_offset))
+            }
+        };
+        let Some(base) = file else {
+            return Ok(self.read(from, max));
+        };
+        // Outside the lock: a segment may be megabytes. Records appended meanwhile are read
+        // next time.
+        let events: Vec<Arc<StoredEvent>> = segment::read_only(&self.dir.join(segment::file_name(base)), base)?
+            .into_iter()
+            .filter(|(_, r)| r.sequence_number >= from)
+            .take(max)
+            .map(|(offset, record)| Arc::new(StoredEvent { offset, record }))
+            .collect();
+        if events.is_empty() {
+            // That segment held nothing from `from` on (its records are older): memory has the rest.
+            return Ok(self.read(from, max));
+        }
+        Ok(events)
+    }
+
     pub fn info(&self) -> PartitionInfo {
         let log = self.lock();
         PartitionInfo {
@@ -529,13 +682,15 @@ mod tests {
             .timestamp_millis_opt(store.clock.now_ms())
             .single()
             .unwrap();
-        store.append(
-            Arc::from(device),
-            Arc::from("gen"),
-            PropertyBag::new(),
-            Bytes::from(format!("{{\"n\":{n}}}")),
-            now,
-        )
+        store
+            .append(
+                Arc::from(device),
+                Arc::from("gen"),
+                PropertyBag::new(),
+                Bytes::from(format!("{{\"n\":{n}}}")),
+                now,
+            )
+            .unwrap()
     }
 
     fn settings(max_age: Duration, max_count: usize) -> StoreSettings {
@@ -543,6 +698,7 @@ mod tests {
             partitions: 4,
             max_age,
             max_count,
+            durable: false,
         }
     }
 

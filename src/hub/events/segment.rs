@@ -9,7 +9,7 @@
 //! on after the last whole record.
 //!
 //! No fsync: a record is in the kernel's page cache when `append` returns, so it survives the
-//! hub's crash or restart but not a power cut (capture's write-ahead log is the durable record).
+//! hub's crash or restart but not a power cut.
 //! This module knows files and bytes only: no locks, no clocks, no hub state.
 
 use std::fs::{File, OpenOptions};
@@ -131,7 +131,34 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 /// Reads every whole record of one segment, with its offset; truncates a torn tail. Returns
 /// the records and the file's length after that.
-pub fn read(path: &Path, base_offset: u64) -> io::Result<(Vec<(u64, Record)>, u64)> {
+pub fn read(path: &Path, base_offset: u64) -> io::Result<(Records, u64)> {
+    let (records, position, len) = read_records(path, base_offset)?;
+    if position < len {
+        tracing::warn!(
+            file = %path.display(),
+            kept = position,
+            cut = len - position,
+            "event segment ends in a partial record (a torn write); truncating it"
+        );
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(position)?;
+    }
+    Ok((records, position))
+}
+
+/// Every whole record of one segment, with its offset, leaving the file as it is (it may be
+/// the one being appended to: a record being written is not read yet).
+pub fn read_only(path: &Path, base_offset: u64) -> io::Result<Records> {
+    Ok(read_records(path, base_offset)?.0)
+}
+
+/// A segment's whole records with their offsets.
+type Records = Vec<(u64, Record)>;
+
+/// The whole records, the position after the last one, and the file's length.
+fn read_records(path: &Path, base_offset: u64) -> io::Result<(Records, u64, u64)> {
     let mut bytes = Vec::new();
     File::open(path)?.read_to_end(&mut bytes)?;
     let mut records = Vec::new();
@@ -140,19 +167,7 @@ pub fn read(path: &Path, base_offset: u64) -> io::Result<(Vec<(u64, Record)>, u6
         records.push((base_offset + position as u64, record));
         position = next;
     }
-    if position < bytes.len() {
-        tracing::warn!(
-            file = %path.display(),
-            kept = position,
-            cut = bytes.len() - position,
-            "event segment ends in a partial record (a torn write); truncating it"
-        );
-        OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .set_len(position as u64)?;
-    }
-    Ok((records, position as u64))
+    Ok((records, position as u64, bytes.len() as u64))
 }
 
 fn read_one(bytes: &[u8], at: usize) -> Option<(Record, usize)> {

@@ -215,6 +215,7 @@ pub async fn serve<S>(
         live: &live,
         out: BytesMut::with_capacity(256),
         generation_id: None,
+        partition: state.events.partition_of(&login.device_id),
     };
     let reason = connection
         .run(
@@ -282,9 +283,11 @@ struct Connection<'a> {
     state: &'a HubState,
     live: &'a LiveStats,
     out: BytesMut,
-    /// The device's generation id, looked up at its first message when capture is on (it
-    /// cannot change while the device is connected: a deleted device loses its connection).
-    generation_id: Option<String>,
+    /// The device's generation id, looked up at its first message (it cannot change while the
+    /// device is connected: a deleted device loses its connection).
+    generation_id: Option<Arc<str>>,
+    /// The device's partition in the event store.
+    partition: u32,
 }
 
 /// Why the loop ended; logged once.
@@ -327,10 +330,10 @@ impl Connection<'_> {
             // Capture behind: read nothing more from the device until it has room (TCP then
             // slows the device), for at most ROOM_WAIT; see `capture`'s module notes.
             if let Some(capture) = &self.state.capture {
-                if !capture.has_room() {
+                if !capture.has_room(self.partition) {
                     tokio::select! {
                         _ = shutdown.cancelled() => return "the hub is stopping".into(),
-                        _ = tokio::time::timeout(crate::hub::capture::ROOM_WAIT, capture.room()) => {}
+                        _ = tokio::time::timeout(crate::hub::capture::ROOM_WAIT, capture.room(self.partition)) => {}
                     }
                 }
             }
@@ -443,33 +446,37 @@ impl Connection<'_> {
                     properties,
                     publish.payload.clone(),
                 );
-                // Capture first: a message it refuses (its buffer full) is not acknowledged,
-                // and the connection closes so that the device sends it again.
+                // A message refused here (capture's buffer full, or the durable store's disk
+                // failing) is not acknowledged, and the connection closes so that the device
+                // sends it again.
                 if let Some(capture) = &self.state.capture {
-                    let (registry, id) = (&self.state.registry, &self.device_id);
-                    let generation = self.generation_id.get_or_insert_with(|| {
-                        registry
-                            .get(id, |d| d.generation_id.clone())
-                            .unwrap_or_default()
-                    });
                     capture
-                        .accept(&event, generation)
+                        .check(self.partition)
                         .map_err(|e| format!("telemetry not accepted: {e}"))?;
                 }
-                // The event store, read by the Event Hubs-compatible endpoint.
+                // The event store: read by the Event Hubs-compatible endpoint and by capture.
                 let (registry, id) = (&self.state.registry, &self.device_id);
                 let generation = self.generation_id.get_or_insert_with(|| {
-                    registry
+                    let generation = registry
                         .get(id, |d| d.generation_id.clone())
-                        .unwrap_or_default()
+                        .unwrap_or_default();
+                    Arc::from(generation.as_str())
                 });
-                self.state.events.append(
-                    event.device_id.clone(),
-                    Arc::from(generation.as_str()),
-                    event.properties.clone(),
-                    event.body.clone(),
-                    event.enqueued_time,
-                );
+                self.state
+                    .events
+                    .append(
+                        event.device_id.clone(),
+                        generation.clone(),
+                        event.properties.clone(),
+                        event.body.clone(),
+                        event.enqueued_time,
+                    )
+                    .map_err(|e| {
+                        format!(
+                            "telemetry not accepted: {}",
+                            crate::common::logging::error_chain(&e)
+                        )
+                    })?;
                 self.state.telemetry.keep(event);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
