@@ -64,15 +64,25 @@ fn main() {
     };
     let store = EventStore::open(dir.path(), settings, Clock::System).expect("the store opens");
     let generation: Arc<str> = Arc::from("638000000000000000");
-    let inputs: Vec<(Arc<str>, PropertyBag, Bytes)> =
-        (1..=count).map(|n| (device(n), properties(), body(n))).collect();
+    let inputs: Vec<(Arc<str>, PropertyBag, Bytes)> = (1..=count)
+        .map(|n| (device(n), properties(), body(n)))
+        .collect();
     let start = Instant::now();
     for (device, properties, body) in inputs {
         store
-            .append(device, generation.clone(), properties, body, chrono::Utc::now())
+            .append(
+                device,
+                generation.clone(),
+                properties,
+                body,
+                chrono::Utc::now(),
+            )
             .expect("append");
     }
-    println!("event store append (durable): {:7.0} ns/message", per(start));
+    println!(
+        "event store append (durable): {:7.0} ns/message",
+        per(start)
+    );
 
     for (label, format, codec, encoding) in [
         (
@@ -100,12 +110,12 @@ fn main() {
             Encoding::Json,
         ),
     ] {
-        let mut file = FileWriter::new(format, codec, encoding).expect("a writer");
+        let mut file = FileWriter::new(format, codec, encoding);
         let start = Instant::now();
         for m in &messages {
-            file.append(m).expect("append");
+            file.append(m);
         }
-        let bytes = file.finish().expect("finish").len();
+        let bytes = file.finish().len();
         println!(
             "encode {label}:     {:7.0} ns/message ({:.1} bytes/message in the file)",
             per(start),

@@ -52,14 +52,17 @@ fn append(hub: &TestHub, device: &str, n: u32) {
     let mut properties = PropertyBag::new();
     properties.insert("$.mid", format!("m{n}"));
     properties.insert("unit", "celsius");
-    hub.hub.state().events.append(
-        Arc::from(device),
-        Arc::from("gen-1"),
-        properties,
-        Bytes::from(format!("{{\"n\":{n}}}")),
-        chrono::Utc::now(),
-    )
-    .expect("a store without capture takes every event");
+    hub.hub
+        .state()
+        .events
+        .append(
+            Arc::from(device),
+            Arc::from("gen-1"),
+            properties,
+            Bytes::from(format!("{{\"n\":{n}}}")),
+            chrono::Utc::now(),
+        )
+        .expect("a store without capture takes every event");
 }
 
 fn address(partition: u32) -> String {

@@ -124,7 +124,11 @@ async fn capture_to_an_https_container_url_with_a_sas_and_read_back_from_it() {
 
     let blobs = azurite.blobs("telemetry");
     assert!(
-        !blobs.is_empty() && blobs.iter().all(|b| b.starts_with("localhost/") && b.split('/').nth(1).is_some_and(|p| p.parse::<u32>().is_ok())),
+        !blobs.is_empty()
+            && blobs.iter().all(|b| b.starts_with("localhost/")
+                && b.split('/')
+                    .nth(1)
+                    .is_some_and(|p| p.parse::<u32>().is_ok())),
         "{blobs:?}"
     );
     let out = dir.path().join("csv");

@@ -207,7 +207,10 @@ async fn eventhubs_capture_writes_every_field_in_capture_form_and_layout() {
         assert_eq!(text(&system["content-encoding"]), "utf-8");
         assert_eq!(text(&system["iothub-message-source"]), "Telemetry");
         assert_eq!(text(&system["x-opt-offset"]), text(&record["Offset"]));
-        assert_eq!(unwrap_union(&system["x-opt-sequence-number"]), &Value::Long(seq));
+        assert_eq!(
+            unwrap_union(&system["x-opt-sequence-number"]),
+            &Value::Long(seq)
+        );
         let Value::Long(ms) = unwrap_union(&system["x-opt-enqueued-time"]) else {
             panic!("x-opt-enqueued-time is not a long")
         };

@@ -30,6 +30,7 @@
 //! without acknowledging it, and the device sends it again when it reconnects. Refusals are
 //! counted (`simdevice_hub_capture_refused_total`) and logged.
 
+pub mod avro;
 pub mod format;
 pub mod sink;
 pub mod window;
@@ -44,7 +45,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use format::Captured;
 pub use format::{Codec, Encoding, Format};
 pub use sink::{Destination, Naming};
 use window::{Closed, Window, WindowRules};
@@ -94,9 +94,9 @@ pub enum CaptureError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start capture: its file format cannot be set up")]
-    Encode(#[from] format::EncodeError),
-    #[error("capture needs the event store to be durable (the hub opens it so when capture is on)")]
+    #[error(
+        "capture needs the event store to be durable (the hub opens it so when capture is on)"
+    )]
     StoreNotDurable,
 }
 
@@ -229,22 +229,9 @@ impl Capture {
             skip_empty: settings.skip_empty,
         };
         let partitions: Vec<u32> = (0..store.partition_count()).collect();
-        // The first windows are opened here so that a format that cannot be set up fails the
-        // start, not a task.
-        let mut first = Vec::with_capacity(partitions.len());
-        for _ in &partitions {
-            first.push(Window::open(
-                Instant::now(),
-                settings.format,
-                settings.codec,
-                settings.encoding,
-            )?);
-        }
         let collected = partitions
             .iter()
-            .map(|&id| {
-                AtomicI64::new(store.partition(id).map_or(0, Partition::captured))
-            })
+            .map(|&id| AtomicI64::new(store.partition(id).map_or(0, Partition::captured)))
             .collect();
         let intake = Arc::new(Intake {
             store: store.clone(),
@@ -264,7 +251,7 @@ impl Capture {
         }
         let finish = CancellationToken::new();
         let mut tasks = Vec::with_capacity(2 * partitions.len());
-        for (partition, window) in partitions.into_iter().zip(first) {
+        for partition in partitions {
             // One closed window waits while another is written: the bound of the module notes.
             let (ready_tx, ready_rx) = mpsc::channel(1);
             let collector = Collector {
@@ -291,7 +278,7 @@ impl Capture {
                 ready: ready_rx,
                 finish: finish.clone(),
             };
-            tasks.push(tokio::spawn(collector.run(window)));
+            tasks.push(tokio::spawn(collector.run()));
             tasks.push(tokio::spawn(publisher.run()));
         }
         Ok(Capture {
@@ -340,10 +327,15 @@ struct Collector {
 }
 
 impl Collector {
-    async fn run(self, mut window: Window) {
+    fn open(&self) -> Window {
+        Window::open(Instant::now(), self.format, self.codec, self.encoding)
+    }
+
+    async fn run(self) {
         let Some(partition) = self.store.partition(self.partition) else {
             return;
         };
+        let mut window = self.open();
         let mut appended = partition.subscribe();
         let mut next = partition.captured();
         let mut read_failures = 0u32;
@@ -374,12 +366,16 @@ impl Collector {
             if let Some(first) = batch.first() {
                 if first.sequence_number() > next {
                     // Retention dropped them before capture was on, or a failed disk lost them.
-                    tracing::warn!(partition = self.partition, from = next, to = first.sequence_number() - 1,
-                        "capture: events no longer in the store are left out of the archive");
+                    tracing::warn!(
+                        partition = self.partition,
+                        from = next,
+                        to = first.sequence_number() - 1,
+                        "capture: events no longer in the store are left out of the archive"
+                    );
                 }
                 for event in &batch {
                     next = event.sequence_number() + 1;
-                    if self.push(&mut window, event) {
+                    if window.push(event, &self.rules) {
                         window = match self.close(window, next).await {
                             Some(window) => window,
                             None => return,
@@ -411,56 +407,17 @@ impl Collector {
         }
     }
 
-    /// Encodes `event` into `window`; true when the window is full. An event that cannot be
-    /// encoded (not seen: the schemas take every event the hub accepts) is logged, counted and
-    /// left out of the file.
-    fn push(&self, window: &mut Window, event: &Captured) -> bool {
-        match window.push(event, &self.rules) {
-            Ok(full) => full,
-            Err(error) => {
-                self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%error, partition = self.partition, sequence = event.sequence_number(),
-                    device = %event.record.device_id, "capture: a message cannot be encoded and is left out of its file");
-                false
-            }
-        }
-    }
-
     /// Closes `window` (everything before `next` is in it), hands its file to the publisher
     /// (waiting while another closed window waits there) and opens the next window. `None`
-    /// when the publisher has stopped or a window cannot be opened.
+    /// when the publisher has stopped.
     async fn close(&self, window: Window, next: i64) -> Option<Window> {
-        let messages = window.len();
-        let closed = match window.close(&self.rules) {
-            Ok(closed) => Some(closed),
-            Err(error) => {
-                // Not seen in practice (finishing writes the last block into memory): the
-                // window's messages are left out of the archive, said and counted here.
-                self.intake.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%error, partition = self.partition, messages, "capture window cannot be finished: its messages are left out of the archive");
-                None
-            }
-        };
         let ready = Ready {
-            closed: closed.unwrap_or(Closed {
-                file: None,
-                messages: 0,
-                last_sequence: None,
-            }),
+            closed: window.close(&self.rules),
             closed_at: chrono::Utc::now(),
             next,
         };
         self.ready.send(ready).await.ok()?;
-        match Window::open(Instant::now(), self.format, self.codec, self.encoding) {
-            Ok(window) => Some(window),
-            Err(error) => {
-                // Not seen in practice (the first window opened with the same settings);
-                // ending the task makes the intake refuse once the buffer fills, rather than
-                // lose messages.
-                tracing::error!(%error, partition = self.partition, "capture stops: a window cannot be opened");
-                None
-            }
-        }
+        Some(self.open())
     }
 }
 
@@ -668,7 +625,9 @@ mod tests {
         let files = published(out.path());
         assert_eq!(files[0].1, vec![0, 1, 2]);
         assert!(
-            files[0].0.starts_with(out.path().join("simdevice/localhost/0")),
+            files[0]
+                .0
+                .starts_with(out.path().join("simdevice/localhost/0")),
             "{:?}",
             files[0].0
         );
@@ -729,8 +688,7 @@ mod tests {
         let out = base.path().join("out");
         let state = tempfile::tempdir().unwrap();
         let store = store(state.path(), 1000);
-        let capture =
-            Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
+        let capture = Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
         break_dir(&out);
         let intake = capture.intake.clone();
         // The publisher retries, one closed window waits, the collector waits behind it, and
@@ -762,8 +720,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let store = store(state.path(), 1000);
         // A buffer of 8: room means 2 free places.
-        let capture =
-            Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
+        let capture = Capture::start_with(one_second(&out), store.clone(), naming(), 8).unwrap();
         break_dir(&out);
         let intake = capture.intake.clone();
         assert!(intake.has_room(0));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::format::{self, Captured, Codec, EncodeError, Encoding, FileWriter, Format};
+use super::format::{self, Captured, Codec, Encoding, FileWriter, Format};
 
 /// When a window closes, and whether an empty one is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,28 +36,23 @@ pub struct Closed {
 }
 
 impl Window {
-    pub fn open(
-        now: Instant,
-        format: Format,
-        codec: Codec,
-        encoding: Encoding,
-    ) -> Result<Window, EncodeError> {
-        Ok(Window {
+    pub fn open(now: Instant, format: Format, codec: Codec, encoding: Encoding) -> Window {
+        Window {
             opened: now,
-            file: FileWriter::new(format, codec, encoding)?,
+            file: FileWriter::new(format, codec, encoding),
             messages: 0,
             bytes: 0,
             last_sequence: None,
-        })
+        }
     }
 
     /// Adds a message; true when the window is now at its size limit and must close.
-    pub fn push(&mut self, message: &Captured, rules: &WindowRules) -> Result<bool, EncodeError> {
-        self.file.append(message)?;
+    pub fn push(&mut self, message: &Captured, rules: &WindowRules) -> bool {
+        self.file.append(message);
         self.messages += 1;
         self.bytes += format::size(message) as u64;
         self.last_sequence = Some(message.record.sequence_number);
-        Ok(self.bytes >= rules.max_bytes)
+        self.bytes >= rules.max_bytes
     }
 
     /// When the window closes on time.
@@ -75,17 +70,17 @@ impl Window {
 
     /// Closes the window: its file, unless it is empty and empty archives are skipped (an
     /// empty JSON file has no bytes at all, so it is never written).
-    pub fn close(self, rules: &WindowRules) -> Result<Closed, EncodeError> {
+    pub fn close(self, rules: &WindowRules) -> Closed {
         let file = if self.messages > 0 || !rules.skip_empty {
-            Some(self.file.finish()?).filter(|bytes| !bytes.is_empty())
+            Some(self.file.finish()).filter(|bytes| !bytes.is_empty())
         } else {
             None
         };
-        Ok(Closed {
+        Closed {
             file,
             messages: self.messages,
             last_sequence: self.last_sequence,
-        })
+        }
     }
 }
 
@@ -107,7 +102,6 @@ mod tests {
             Codec::Null,
             Encoding::Avro,
         )
-        .unwrap()
     }
 
     #[test]
@@ -118,11 +112,11 @@ mod tests {
         let mut n = 0;
         while !full {
             n += 1;
-            full = window.push(&sample(n, "x"), &RULES).unwrap();
+            full = window.push(&sample(n, "x"), &RULES);
         }
         assert_eq!(n, RULES.max_bytes.div_ceil(size));
         assert_eq!(window.len(), n);
-        let closed = window.close(&RULES).unwrap();
+        let closed = window.close(&RULES);
         assert_eq!(closed.messages, n);
         assert_eq!(closed.last_sequence, Some(n as i64));
         let records = apache_avro::Reader::new(&closed.file.unwrap()[..])
@@ -134,13 +128,13 @@ mod tests {
     #[test]
     fn a_window_closes_on_time_from_when_it_opened() {
         let now = Instant::now();
-        let window = Window::open(now, Format::IotHub, Codec::Deflate, Encoding::Avro).unwrap();
+        let window = Window::open(now, Format::IotHub, Codec::Deflate, Encoding::Avro);
         assert_eq!(window.deadline(&RULES), now + Duration::from_secs(300));
     }
 
     #[test]
     fn empty_windows_are_written_unless_skipped() {
-        let written = open().close(&RULES).unwrap();
+        let written = open().close(&RULES);
         assert_eq!(written.messages, 0);
         assert!(
             written.file.is_some_and(|f| !f.is_empty()),
@@ -150,9 +144,9 @@ mod tests {
             skip_empty: true,
             ..RULES
         };
-        assert!(open().close(&skip).unwrap().file.is_none());
+        assert!(open().close(&skip).file.is_none());
         let mut one = open();
-        one.push(&sample(1, "x"), &skip).unwrap();
-        assert!(one.close(&skip).unwrap().file.is_some());
+        one.push(&sample(1, "x"), &skip);
+        assert!(one.close(&skip).file.is_some());
     }
 }

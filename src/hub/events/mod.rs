@@ -625,7 +625,10 @@ impl Partition {
     pub fn read_durable(&self, from: i64, max: usize) -> std::io::Result<Vec<Arc<StoredEvent>>> {
         let file = {
             let log = self.lock();
-            let in_memory = log.events.front().map_or(log.next_sequence, |e| e.sequence_number());
+            let in_memory = log
+                .events
+                .front()
+                .map_or(log.next_sequence, |e| e.sequence_number());
             if from >= in_memory {
                 None
             } else {
@@ -643,12 +646,13 @@ impl Partition {
         };
         // Outside the lock: a segment may be megabytes. Records appended meanwhile are read
         // next time.
-        let events: Vec<Arc<StoredEvent>> = segment::read_only(&self.dir.join(segment::file_name(base)), base)?
-            .into_iter()
-            .filter(|(_, r)| r.sequence_number >= from)
-            .take(max)
-            .map(|(offset, record)| Arc::new(StoredEvent { offset, record }))
-            .collect();
+        let events: Vec<Arc<StoredEvent>> =
+            segment::read_only(&self.dir.join(segment::file_name(base)), base)?
+                .into_iter()
+                .filter(|(_, r)| r.sequence_number >= from)
+                .take(max)
+                .map(|(offset, record)| Arc::new(StoredEvent { offset, record }))
+                .collect();
         if events.is_empty() {
             // That segment held nothing from `from` on (its records are older): memory has the rest.
             return Ok(self.read(from, max));
