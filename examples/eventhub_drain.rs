@@ -1,0 +1,101 @@
+//! A back end reading everything: one receiver per partition of a running local hub's Event
+//! Hubs-compatible endpoint (its plain AMQP port, SASL PLAIN as the `service` policy, from
+//! `@latest`), accepting each event as azure-eventhub's consumer does, until SIGTERM or Ctrl-C;
+//! then it prints `RESULT events=N` (what it received). scripts/bench-hub runs it beside the
+//! hub to measure telemetry throughput while a consumer reads every message.
+//!
+//!     cargo run --release --example eventhub_drain -- --state-dir DIR [--partitions N]
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::types::messaging::{Body, Source};
+use fe2o3_amqp::types::primitives::{Symbol, Value};
+use fe2o3_amqp::{Connection, Receiver, Session};
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
+use simdevice::common::local_hub::HubInfo;
+
+/// Receiver credit: what azure-eventhub's consumer asks for by default (`prefetch` 300).
+const CREDIT: u32 = 300;
+
+fn field<'a>(connection_string: &'a str, name: &str) -> Option<&'a str> {
+    connection_string
+        .split(';')
+        .find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let (mut state_dir, mut partitions) = (None, 4u32);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--state-dir" => state_dir = args.next(),
+            "--partitions" => partitions = args.next().ok_or("--partitions N")?.parse()?,
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let info = HubInfo::read(std::path::Path::new(
+        &state_dir.ok_or("--state-dir DIR is needed")?,
+    ))?;
+    let port = info.amqp_plain_port.ok_or("the hub has no plain AMQP port")?;
+    let connection_string = info
+        .eventhub_emulator_connection_string
+        .ok_or("hub.json has no eventhub_emulator_connection_string")?;
+    let (policy, key, hub) = (
+        field(&connection_string, "SharedAccessKeyName").ok_or("no SharedAccessKeyName")?,
+        field(&connection_string, "SharedAccessKey").ok_or("no SharedAccessKey")?,
+        field(&connection_string, "EntityPath").ok_or("no EntityPath")?,
+    );
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut connection = Connection::builder()
+        .container_id("eventhub-drain")
+        .hostname("localhost")
+        .sasl_profile(SaslProfile::Plain {
+            username: policy.into(),
+            password: key.into(),
+        })
+        .open_with_stream(stream)
+        .await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for partition in 0..partitions {
+        let mut session = Session::begin(&mut connection).await?;
+        let latest = Value::Described(Box::new(Described {
+            descriptor: Descriptor::Name(Symbol::from("apache.org:selector-filter:string")),
+            value: Value::String("amqp.annotation.x-opt-offset > '@latest'".into()),
+        }));
+        let source = Source::builder()
+            .address(format!("{hub}/ConsumerGroups/$Default/Partitions/{partition}"))
+            .add_to_filter_using_legacy_format("apache.org:selector-filter:string", latest)
+            .build();
+        let mut receiver = Receiver::builder()
+            .name(format!("drain-{partition}"))
+            .source(source)
+            .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(CREDIT))
+            .attach(&mut session)
+            .await?;
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
+                if receiver.accept(&delivery).await.is_err() {
+                    break;
+                }
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(session);
+        }));
+    }
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    println!("RESULT events={}", received.load(Ordering::Relaxed));
+    for task in &tasks {
+        task.abort();
+    }
+    Ok(())
+}
