@@ -39,7 +39,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let info = HubInfo::read(std::path::Path::new(
         &state_dir.ok_or("--state-dir DIR is needed")?,
     ))?;
-    let port = info.amqp_plain_port.ok_or("the hub has no plain AMQP port")?;
+    let port = info
+        .amqp_plain_port
+        .ok_or("the hub has no plain AMQP port")?;
     let connection_string = info
         .eventhub_emulator_connection_string
         .ok_or("hub.json has no eventhub_emulator_connection_string")?;
@@ -67,7 +69,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             value: Value::String("amqp.annotation.x-opt-offset > '@latest'".into()),
         }));
         let source = Source::builder()
-            .address(format!("{hub}/ConsumerGroups/$Default/Partitions/{partition}"))
+            .address(format!(
+                "{hub}/ConsumerGroups/$Default/Partitions/{partition}"
+            ))
             .add_to_filter_using_legacy_format("apache.org:selector-filter:string", latest)
             .build();
         let mut receiver = Receiver::builder()
@@ -87,8 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             drop(session);
         }));
     }
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

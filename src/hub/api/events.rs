@@ -1,7 +1,8 @@
-//! Two simdevice extensions of the service API, for what IoT Hub serves over AMQP and Event
-//! Hubs (which this hub does not emulate):
-//! - `GET /simdevice/events`: the hub's recent telemetry. Query parameters: `deviceId`,
-//!   `after` (a sequence number), `limit` (default 1000).
+//! Two simdevice extensions of the service API, simpler than what IoT Hub serves over AMQP
+//! (the hub serves that too, `hub::amqp`):
+//! - `GET /simdevice/events`: the hub's recent telemetry, the newest entries of the event
+//!   store numbered across partitions (`telemetry`). Query parameters: `deviceId`, `after` (a
+//!   number from an earlier answer's `sequenceNumber`), `limit` (default 1000).
 //! - `POST /simdevice/devices/{id}/messages/devicebound`: a cloud-to-device message, body
 //!   `{"payload": <JSON, or a string sent as is>, "properties": {"k": "v"}, "messageId": "..."}`;
 //!   queued at QoS 1 (at most 50 per device) until the device takes it.

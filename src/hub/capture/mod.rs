@@ -544,7 +544,7 @@ mod tests {
     /// What a connection does with a device's message: ask the intake, then append.
     fn accept(intake: &Intake, store: &EventStore, n: u32) -> Result<i64, Refused> {
         intake.check(0)?;
-        let (_, sequence) = store
+        let (_, event) = store
             .append(
                 Arc::from("dev-1"),
                 Arc::from("gen"),
@@ -553,7 +553,7 @@ mod tests {
                 chrono::Utc::now(),
             )
             .unwrap();
-        Ok(sequence)
+        Ok(event.sequence_number())
     }
 
     /// Every published `.avro` file under `root`, with its sequence numbers.

@@ -296,8 +296,9 @@ impl EventStore {
         partition_of(device_id, self.partition_count())
     }
 
-    /// Appends an accepted message to its device's partition. Returns (partition, sequence).
-    /// Fails only when the store is durable and the disk did not take the event.
+    /// Appends an accepted message to its device's partition. Returns the partition and the
+    /// event as stored (numbered, with its offset). Fails only when the store is durable and
+    /// the disk did not take the event.
     pub fn append(
         &self,
         device_id: Arc<str>,
@@ -305,11 +306,11 @@ impl EventStore {
         properties: PropertyBag,
         body: Bytes,
         enqueued_time: DateTime<Utc>,
-    ) -> Result<(u32, i64), AppendError> {
+    ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
         let id = partition_of(&device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
         let now = self.clock.now_ms();
-        let sequence = partition.append(
+        let event = partition.append(
             Record {
                 sequence_number: 0,
                 enqueued_ms: enqueued_time.timestamp_millis(),
@@ -321,7 +322,7 @@ impl EventStore {
             &self.disk_failures,
         )?;
         partition.retain(self.cutoff(now), self.settings.max_count);
-        Ok((id, sequence))
+        Ok((id, event))
     }
 
     /// Capture has published every event of `partition` before `sequence`: records it (the
@@ -458,7 +459,11 @@ impl Partition {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn append(&self, mut record: Record, failures: &AtomicU64) -> Result<i64, AppendError> {
+    fn append(
+        &self,
+        mut record: Record,
+        failures: &AtomicU64,
+    ) -> Result<Arc<StoredEvent>, AppendError> {
         let mut log = self.lock();
         let sequence = log.next_sequence;
         record.sequence_number = sequence;
@@ -502,12 +507,12 @@ impl Partition {
         log.last_offset = Some(offset);
         log.last_enqueued_ms = record.enqueued_ms;
         log.writer_last_sequence = sequence;
-        log.events
-            .push_back(Arc::new(StoredEvent { offset, record }));
+        let event = Arc::new(StoredEvent { offset, record });
+        log.events.push_back(event.clone());
         self.next_sequence.store(sequence + 1, Ordering::Release);
         drop(log);
         self.next.send_replace(sequence + 1);
-        Ok(sequence)
+        Ok(event)
     }
 
     /// Closes the open segment and begins one at `offset`.
@@ -694,6 +699,7 @@ mod tests {
                 Bytes::from(format!("{{\"n\":{n}}}")),
                 now,
             )
+            .map(|(partition, event)| (partition, event.sequence_number()))
             .unwrap()
     }
 

@@ -441,11 +441,7 @@ impl Connection<'_> {
                         "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
                     ));
                 }
-                let event = self.state.telemetry.stamp(
-                    self.device_id.clone(),
-                    properties,
-                    publish.payload.clone(),
-                );
+                let enqueued_time = chrono::Utc::now();
                 // A message refused here (capture's buffer full, or the durable store's disk
                 // failing) is not acknowledged, and the connection closes so that the device
                 // sends it again.
@@ -462,14 +458,15 @@ impl Connection<'_> {
                         .unwrap_or_default();
                     Arc::from(generation.as_str())
                 });
-                self.state
+                let (partition, stored) = self
+                    .state
                     .events
                     .append(
-                        event.device_id.clone(),
+                        self.device_id.clone(),
                         generation.clone(),
-                        event.properties.clone(),
-                        event.body.clone(),
-                        event.enqueued_time,
+                        properties,
+                        publish.payload.clone(),
+                        enqueued_time,
                     )
                     .map_err(|e| {
                         format!(
@@ -477,7 +474,7 @@ impl Connection<'_> {
                             crate::common::logging::error_chain(&e)
                         )
                     })?;
-                self.state.telemetry.keep(event);
+                self.state.telemetry.keep(partition, stored);
                 self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
                 self.puback(&publish);
             }
