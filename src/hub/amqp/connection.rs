@@ -1,6 +1,7 @@
 //! One AMQP connection, from TLS and SASL to close: its sessions, and on them the links a
 //! client attaches: `$cbs` (put-token) and `$management` (READ of the event hub and its
-//! partitions), each a request link and a response link, and partition receivers.
+//! partitions), each a request link and a response link, partition receivers, and the
+//! cloud-to-device links (`devicebound`, `feedback`).
 //!
 //! A request/response pair is matched by the response link's target address (what a request's
 //! `reply-to` names) or by the node's name; both live on one session. A link the hub does not
@@ -33,6 +34,7 @@ use super::address::{self, PartitionAddress};
 use super::authz::{self, Grants};
 use super::receiver;
 use super::sasl::Sasl;
+use super::{devicebound, feedback};
 use crate::hub::auth::Permission;
 use crate::hub::HubState;
 
@@ -229,6 +231,8 @@ async fn on_attach(
         fe2o3_amqp::types::definitions::Role::Sender => {
             match target.as_deref().map(address::path_of) {
                 Some(node @ ("$cbs" | "$management")) => Plan::Requests(node.to_string()),
+                Some(devicebound::NODE) if devicebound::allowed(conn) => Plan::DeviceBound,
+                Some(devicebound::NODE) => Plan::Refuse(devicebound::unauthorized()),
                 _ => Plan::Refuse(amqp_error(
                     AmqpError::NotFound.into(),
                     format!("the hub accepts no messages at {target:?}"),
@@ -241,6 +245,8 @@ async fn on_attach(
                     node: node.to_string(),
                     reply_to: target.clone(),
                 },
+                Some(feedback::NODE) if devicebound::allowed(conn) => Plan::Feedback,
+                Some(feedback::NODE) => Plan::Refuse(devicebound::unauthorized()),
                 Some(_) => match source.as_deref().and_then(address::parse_partition_address) {
                     Some(partition) => match receiver::admit(conn, &partition, &attach) {
                         Ok(admitted) => Plan::Receive(Box::new(admitted)),
@@ -301,6 +307,12 @@ async fn on_attach(
                 stop.clone(),
             ));
         }
+        (Plan::DeviceBound, LinkEndpoint::Receiver(receiver)) => {
+            tasks.spawn(devicebound::serve(receiver, conn.clone(), stop.clone()));
+        }
+        (Plan::Feedback, LinkEndpoint::Sender(sender)) => {
+            tasks.spawn(feedback::serve(sender, conn.clone(), stop.clone()));
+        }
         (_, link) => {
             refuse(
                 link,
@@ -319,6 +331,10 @@ enum Plan {
         reply_to: Option<String>,
     },
     Receive(Box<receiver::Admitted>),
+    /// Cloud-to-device messages from the service (`devicebound`).
+    DeviceBound,
+    /// Feedback on them to the service (`feedback`).
+    Feedback,
 }
 
 async fn serve_requests(
