@@ -162,6 +162,17 @@ fn link_acceptor() -> Acceptor {
         .build()
 }
 
+/// For `/messages/devicebound`: uamqp (azure-iot-hub) asks for rcv-settle-mode `second` on its
+/// sender but completes a send only on a settled disposition; the receiver's mode is the one
+/// that holds (AMQP 1.0, 2.7.3), and the hub answers `first`, settling as it accepts.
+fn settle_first_link_acceptor() -> Acceptor {
+    LinkAcceptor::builder()
+        .properties(product_properties())
+        .supported_receiver_settle_modes(fe2o3_amqp::acceptor::SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(definitions::ReceiverSettleMode::First)
+        .build()
+}
+
 async fn serve_session(
     mut session: ListenerSessionHandle,
     conn: Arc<Conn>,
@@ -264,10 +275,11 @@ async fn on_attach(
             }
         }
     };
-    let link = match link_acceptor()
-        .accept_incoming_attach(attach, session)
-        .await
-    {
+    let acceptor = match plan {
+        Plan::DeviceBound => settle_first_link_acceptor(),
+        _ => link_acceptor(),
+    };
+    let link = match acceptor.accept_incoming_attach(attach, session).await {
         Ok(link) => link,
         Err(error) => {
             tracing::info!(%peer, link = name, %error, "AMQP link not attached");
