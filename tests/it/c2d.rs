@@ -217,7 +217,7 @@ async fn feedback(session: &mut SessionHandle<()>) -> Vec<serde_json::Value> {
     let mut receiver = Receiver::attach(
         session,
         "feedback",
-        "amqps://localhost/messages/servicebound/feedback",
+        "amqps://localhost/messages/serviceBound/feedback", // as Node writes it
     )
     .await
     .unwrap();
@@ -252,7 +252,10 @@ async fn a_message_sent_after_put_token_reaches_the_device_with_its_properties_a
 
     let (mut connection, mut session, status) =
         cbs_login(&hub, "service", &key_of(&hub, "service")).await;
-    assert_eq!(status, 202, "the service policy's token is accepted");
+    assert_eq!(
+        status, 200,
+        "the service policy's token is accepted (200: Node's SDK takes nothing else)"
+    );
     let mut sender = devicebound(&mut session).await;
     let mut message = C2d::to("d1", "msg-1");
     message.ack = Some("full");
@@ -530,6 +533,34 @@ async fn a_device_created_again_does_not_get_the_old_devices_messages() {
         bag(&device.next_publish().await).get("$.mid"),
         Some("for-the-new-d1")
     );
+    let _ = connection.close().await;
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_without_sasl_opens_but_may_send_nothing_before_a_token() {
+    // What Node's azure-iothub does: the plain AMQP header, no SASL layer, then `$cbs`.
+    let hub = TestHub::start().await;
+    hub.add_device("d1");
+    let stream = TcpStream::connect(hub.hub.amqp_plain_addr().unwrap())
+        .await
+        .unwrap();
+    let mut connection = Connection::builder()
+        .container_id("it-no-sasl")
+        .hostname("localhost")
+        .open_with_stream(stream)
+        .await
+        .expect("the hub opens without SASL");
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut sender = devicebound(&mut session).await;
+    let refused = tokio::time::timeout(DEADLINE, sender.send(C2d::to("d1", "x").message()))
+        .await
+        .expect("the detach comes within the deadline");
+    assert!(
+        format!("{refused:?}").contains("UnauthorizedAccess"),
+        "no grant without a token: {refused:?}"
+    );
+    assert_eq!(hub.hub.state().c2d.pending("d1"), 0);
     let _ = connection.close().await;
     hub.stop().await;
 }

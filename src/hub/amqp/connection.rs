@@ -34,7 +34,7 @@ use super::address::{self, PartitionAddress};
 use super::authz::{self, Grants};
 use super::receiver;
 use super::sasl::Sasl;
-use super::{devicebound, feedback};
+use super::{devicebound, feedback, header};
 use crate::hub::auth::Permission;
 use crate::hub::HubState;
 
@@ -98,9 +98,13 @@ pub async fn serve(
         match tls {
             Some(tls) => {
                 let stream = tls.accept(socket).await.map_err(|e| e.to_string())?;
-                acceptor.accept(stream).await.map_err(|e| e.to_string())
+                header::open(stream, &acceptor)
+                    .await
+                    .map_err(|e| e.to_string())
             }
-            None => acceptor.accept(socket).await.map_err(|e| e.to_string()),
+            None => header::open(socket, &acceptor)
+                .await
+                .map_err(|e| e.to_string()),
         }
     })
     .await;
@@ -242,8 +246,14 @@ async fn on_attach(
         fe2o3_amqp::types::definitions::Role::Sender => {
             match target.as_deref().map(address::path_of) {
                 Some(node @ ("$cbs" | "$management")) => Plan::Requests(node.to_string()),
-                Some(devicebound::NODE) if devicebound::allowed(conn) => Plan::DeviceBound,
-                Some(devicebound::NODE) => Plan::Refuse(devicebound::unauthorized()),
+                // Case-insensitive: Node's azure-iothub writes `/messages/serviceBound/...`.
+                Some(path) if path.eq_ignore_ascii_case(devicebound::NODE) => {
+                    if devicebound::allowed(conn) {
+                        Plan::DeviceBound
+                    } else {
+                        Plan::Refuse(devicebound::unauthorized())
+                    }
+                }
                 _ => Plan::Refuse(amqp_error(
                     AmqpError::NotFound.into(),
                     format!("the hub accepts no messages at {target:?}"),
@@ -256,8 +266,13 @@ async fn on_attach(
                     node: node.to_string(),
                     reply_to: target.clone(),
                 },
-                Some(feedback::NODE) if devicebound::allowed(conn) => Plan::Feedback,
-                Some(feedback::NODE) => Plan::Refuse(devicebound::unauthorized()),
+                Some(path) if path.eq_ignore_ascii_case(feedback::NODE) => {
+                    if devicebound::allowed(conn) {
+                        Plan::Feedback
+                    } else {
+                        Plan::Refuse(devicebound::unauthorized())
+                    }
+                }
                 Some(_) => match source.as_deref().and_then(address::parse_partition_address) {
                     Some(partition) => match receiver::admit(conn, &partition, &attach) {
                         Ok(admitted) => Plan::Receive(Box::new(admitted)),
@@ -478,7 +493,9 @@ fn put_token(conn: &Conn, request: &AnyMessage) -> AnyMessage {
         Ok(grant) => {
             tracing::debug!(peer = %conn.peer, audience, policy = grant.policy, "AMQP token accepted");
             conn.grants.put_token(audience, grant);
-            response(request, 202, "Accepted", Value::Null)
+            // 200, as IoT Hub answers: Node's azure-iothub takes nothing else (uamqp takes 200
+            // or 202, azure-eventhub any 2xx).
+            response(request, 200, "OK", Value::Null)
         }
         Err(failure) => {
             tracing::info!(peer = %conn.peer, audience, reason = %failure, "AMQP token refused");

@@ -18,8 +18,8 @@
 //! exchange), `address` (source addresses and selector filters, pure), `epoch` (exclusive
 //! receivers), `connection` (one connection: sessions, links, `$cbs` and `$management`),
 //! `receiver` (a partition's events to one receiver), `devicebound` (cloud-to-device messages
-//! from services into `hub::c2d`), `feedback` (their feedback to services). May not touch MQTT
-//! or the REST API.
+//! from services into `hub::c2d`), `feedback` (their feedback to services), `header` (SASL
+//! or none, as the client's protocol header asks). May not touch MQTT or the REST API.
 
 pub mod address;
 pub mod authz;
@@ -27,6 +27,7 @@ pub mod connection;
 pub mod devicebound;
 pub mod epoch;
 pub mod feedback;
+pub mod header;
 pub mod receiver;
 pub mod sasl;
 
