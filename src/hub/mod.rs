@@ -10,7 +10,8 @@
 //! connection, then releases the lock. The pieces: `tls` (certificates), `store` (SQLite),
 //! `auth` (policies and SAS checks), `registry` (devices), `twins` (where twin changes are
 //! applied), `methods` (direct method calls), `jobs` (scheduled jobs and their scheduler task),
-//! `sessions` (MQTT sessions and the route to a connected device), `telemetry` (accepted
+//! `sessions` (MQTT sessions and the route to a connected device), `c2d` (the cloud-to-device
+//! queues and their feedback), `telemetry` (accepted
 //! messages), `accept` (the accept loop both listeners share, and the liveness flags), `mqtt`
 //! (the device listeners: MQTT over TLS and over WebSocket), `api` (the service REST API) and
 //! `x509` (CA certificates and device certificate checks).
@@ -19,6 +20,7 @@ pub mod accept;
 pub mod amqp;
 pub mod api;
 pub mod auth;
+pub mod c2d;
 pub mod capture;
 pub mod dps;
 pub mod error;
@@ -184,6 +186,8 @@ pub struct HubState {
     pub policies: auth::Policies,
     pub registry: registry::Registry,
     pub sessions: sessions::Sessions,
+    /// Cloud-to-device messages waiting for their devices, and their feedback (`c2d`).
+    pub c2d: c2d::CloudToDevice,
     pub methods: methods::MethodCalls,
     pub jobs: jobs::Jobs,
     pub telemetry: telemetry::Telemetry,
@@ -346,6 +350,7 @@ impl Hub {
         let jobs = jobs::Jobs::load(store.clone())?;
         let dps = dps::Dps::load(store.clone(), config.id_scope.as_deref(), "localhost")?;
         let x509 = x509::Authorities::load(store.clone(), &config.x509_cas)?;
+        let c2d = c2d::CloudToDevice::load(store.clone())?;
         let registry = registry::Registry::load(store)?;
 
         let mqtt_listener = bind(config.bind, config.mqtt_port).await?;
@@ -497,6 +502,7 @@ impl Hub {
             policies,
             registry,
             sessions: sessions::Sessions::default(),
+            c2d,
             methods: methods::MethodCalls::default(),
             jobs,
             telemetry: telemetry::Telemetry::new(RECENT_EVENTS),
@@ -568,6 +574,7 @@ impl Hub {
             ));
         }
         tasks.spawn(expire_events(state.clone(), shutdown.clone()));
+        tasks.spawn(c2d::run_expiry(state.clone(), shutdown.clone()));
         tasks.spawn(api::serve(
             api_listener,
             acceptor,

@@ -205,36 +205,46 @@ impl Sessions {
             .is_some_and(|s| s.connection.is_some() && s.subscription(kind).is_some())
     }
 
-    /// Queues a cloud-to-device message at QoS 1 in the device's session, creating a
-    /// persistent session if the device has none, and sends it now if the device is connected
-    /// and subscribed; otherwise it goes out when a persistent session resumes. At most
-    /// [`MAX_INFLIGHT`] wait per device.
-    pub fn enqueue_cloud_to_device(
+    /// Sends a QoS 1 message now to a connected device subscribed to `kind`, and returns its
+    /// packet id: what the cloud-to-device queue (`c2d`) needs to tell which message a PUBACK
+    /// completes. Like every QoS 1 message it stays in the session until acknowledged (so a
+    /// resumed session resends it under the same id). A full channel takes it back out of the
+    /// session and ends the connection: the caller keeps the message and delivers it again.
+    pub fn deliver_tracked(
         &self,
         device_id: &str,
+        kind: SubscriptionKind,
         topic: String,
         payload: Bytes,
-    ) -> Result<(), DeliveryError> {
+    ) -> Result<u16, DeliveryError> {
         let mut sessions = self.lock();
-        let session = sessions.entry(device_id.to_string()).or_default();
+        let session = sessions
+            .get_mut(device_id)
+            .ok_or(DeliveryError::NotConnected)?;
+        if session.subscription(kind).is_none() {
+            return Err(DeliveryError::NotSubscribed);
+        }
+        let Some(handle) = session.connection.as_ref() else {
+            return Err(DeliveryError::NotConnected);
+        };
+        let tx = handle.tx.clone();
         if session.inflight.len() >= MAX_INFLIGHT {
             return Err(DeliveryError::TooManyPending);
         }
         let mut publish = Publish::from_bytes(topic, QoS::AtLeastOnce, payload);
         publish.pkid = session.next_pkid();
-        session.inflight.insert(publish.pkid, publish.clone());
-        let subscribed = session
-            .subscription(SubscriptionKind::CloudToDevice)
-            .is_some();
-        if let (true, Some(handle)) = (subscribed, session.connection.as_ref()) {
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                handle.tx.try_send(Outbound::Publish(Box::new(publish)))
-            {
-                // The message stays queued; the connection that is not reading is ended.
-                session.connection = None;
+        let pkid = publish.pkid;
+        match tx.try_send(Outbound::Publish(Box::new(publish.clone()))) {
+            Ok(()) => {
+                session.inflight.insert(pkid, publish);
+                Ok(pkid)
             }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                session.connection = None;
+                Err(DeliveryError::Backlogged)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(DeliveryError::NotConnected),
         }
-        Ok(())
     }
 
     /// Sends a message to a connected, subscribed device at the lower of `max_qos` and the

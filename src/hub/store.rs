@@ -59,7 +59,9 @@ impl Store {
                  doc TEXT NOT NULL, PRIMARY KEY (job_id, device_id));
              CREATE TABLE IF NOT EXISTS dps_enrollments (kind TEXT NOT NULL, id TEXT NOT NULL,
                  doc TEXT NOT NULL, PRIMARY KEY (kind, id));
-             CREATE TABLE IF NOT EXISTS certificates (name TEXT PRIMARY KEY, doc TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS certificates (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS c2d_messages (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 device_id TEXT NOT NULL, doc TEXT NOT NULL, body BLOB NOT NULL);",
         )
         .map_err(open_err)?;
         Ok(Store {
@@ -251,6 +253,45 @@ impl Store {
             "DELETE FROM dps_enrollments WHERE kind = ?1 AND id = ?2",
             params![kind, id],
         )?;
+        Ok(())
+    }
+}
+
+/// Cloud-to-device messages waiting for their device (`hub::c2d`): one row each, in the order
+/// they were sent (`seq`), the properties as a JSON document and the body as it was sent.
+impl Store {
+    /// Every waiting message as (seq, device id, doc, body), oldest first.
+    #[allow(clippy::type_complexity)]
+    pub fn load_c2d(&self) -> Result<Vec<(i64, String, String, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT seq, device_id, doc, body FROM c2d_messages ORDER BY seq")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores a message and returns its `seq`.
+    pub fn put_c2d(&self, device_id: &str, doc: &str, body: &[u8]) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO c2d_messages (device_id, doc, body) VALUES (?1, ?2, ?3)",
+            params![device_id, doc, body],
+        )?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    pub fn delete_c2d(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare("DELETE FROM c2d_messages WHERE seq = ?1")?;
+            for seq in seqs {
+                stmt.execute(params![seq])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 }

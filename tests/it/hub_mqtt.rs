@@ -692,7 +692,8 @@ async fn cloud_to_device_messages_are_delivered_and_queued_for_offline_devices()
                 .await
         }
     };
-    // Queued before the device ever connected; delivered after it connects.
+    // Queued before the device ever connected; delivered once it subscribes (as IoT Hub:
+    // nothing before the subscription).
     assert_eq!(send(json!({"n": 1})).await.status, 200);
     let (mut device, ack) = RawDevice::connect_with(
         &hub,
@@ -700,6 +701,9 @@ async fn cloud_to_device_messages_are_delivered_and_queued_for_offline_devices()
     )
     .await;
     assert!(!ack.session_present, "a queue is not a session to resume");
+    device
+        .subscribe("devices/d1/messages/devicebound/#", QoS::AtLeastOnce)
+        .await;
     let message = device.next_publish().await;
     assert_eq!(message.qos, QoS::AtLeastOnce);
     assert!(
@@ -713,9 +717,6 @@ async fn cloud_to_device_messages_are_delivered_and_queued_for_offline_devices()
     assert_eq!(&message.payload[..], br#"{"n":1}"#);
 
     // Connected and subscribed: delivered at once.
-    device
-        .subscribe("devices/d1/messages/devicebound/#", QoS::AtLeastOnce)
-        .await;
     assert_eq!(send(json!("text")).await.status, 200);
     assert_eq!(&device.next_publish().await.payload[..], b"text");
 

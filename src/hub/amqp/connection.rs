@@ -1,6 +1,7 @@
 //! One AMQP connection, from TLS and SASL to close: its sessions, and on them the links a
 //! client attaches: `$cbs` (put-token) and `$management` (READ of the event hub and its
-//! partitions), each a request link and a response link, and partition receivers.
+//! partitions), each a request link and a response link, partition receivers, and the
+//! cloud-to-device links (`devicebound`, `feedback`).
 //!
 //! A request/response pair is matched by the response link's target address (what a request's
 //! `reply-to` names) or by the node's name; both live on one session. A link the hub does not
@@ -33,6 +34,7 @@ use super::address::{self, PartitionAddress};
 use super::authz::{self, Grants};
 use super::receiver;
 use super::sasl::Sasl;
+use super::{devicebound, feedback, header};
 use crate::hub::auth::Permission;
 use crate::hub::HubState;
 
@@ -96,9 +98,13 @@ pub async fn serve(
         match tls {
             Some(tls) => {
                 let stream = tls.accept(socket).await.map_err(|e| e.to_string())?;
-                acceptor.accept(stream).await.map_err(|e| e.to_string())
+                header::open(stream, &acceptor)
+                    .await
+                    .map_err(|e| e.to_string())
             }
-            None => acceptor.accept(socket).await.map_err(|e| e.to_string()),
+            None => header::open(socket, &acceptor)
+                .await
+                .map_err(|e| e.to_string()),
         }
     })
     .await;
@@ -157,6 +163,17 @@ type Acceptor = LinkAcceptor<fn(Source) -> Option<Source>, fn(Target) -> Option<
 fn link_acceptor() -> Acceptor {
     LinkAcceptor::builder()
         .properties(product_properties())
+        .build()
+}
+
+/// For `/messages/devicebound`: uamqp (azure-iot-hub) asks for rcv-settle-mode `second` on its
+/// sender but completes a send only on a settled disposition; the receiver's mode is the one
+/// that holds (AMQP 1.0, 2.7.3), and the hub answers `first`, settling as it accepts.
+fn settle_first_link_acceptor() -> Acceptor {
+    LinkAcceptor::builder()
+        .properties(product_properties())
+        .supported_receiver_settle_modes(fe2o3_amqp::acceptor::SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(definitions::ReceiverSettleMode::First)
         .build()
 }
 
@@ -229,6 +246,14 @@ async fn on_attach(
         fe2o3_amqp::types::definitions::Role::Sender => {
             match target.as_deref().map(address::path_of) {
                 Some(node @ ("$cbs" | "$management")) => Plan::Requests(node.to_string()),
+                // Case-insensitive: Node's azure-iothub writes `/messages/serviceBound/...`.
+                Some(path) if path.eq_ignore_ascii_case(devicebound::NODE) => {
+                    if devicebound::allowed(conn) {
+                        Plan::DeviceBound
+                    } else {
+                        Plan::Refuse(devicebound::unauthorized())
+                    }
+                }
                 _ => Plan::Refuse(amqp_error(
                     AmqpError::NotFound.into(),
                     format!("the hub accepts no messages at {target:?}"),
@@ -241,6 +266,13 @@ async fn on_attach(
                     node: node.to_string(),
                     reply_to: target.clone(),
                 },
+                Some(path) if path.eq_ignore_ascii_case(feedback::NODE) => {
+                    if devicebound::allowed(conn) {
+                        Plan::Feedback
+                    } else {
+                        Plan::Refuse(devicebound::unauthorized())
+                    }
+                }
                 Some(_) => match source.as_deref().and_then(address::parse_partition_address) {
                     Some(partition) => match receiver::admit(conn, &partition, &attach) {
                         Ok(admitted) => Plan::Receive(Box::new(admitted)),
@@ -258,10 +290,11 @@ async fn on_attach(
             }
         }
     };
-    let link = match link_acceptor()
-        .accept_incoming_attach(attach, session)
-        .await
-    {
+    let acceptor = match plan {
+        Plan::DeviceBound => settle_first_link_acceptor(),
+        _ => link_acceptor(),
+    };
+    let link = match acceptor.accept_incoming_attach(attach, session).await {
         Ok(link) => link,
         Err(error) => {
             tracing::info!(%peer, link = name, %error, "AMQP link not attached");
@@ -301,6 +334,12 @@ async fn on_attach(
                 stop.clone(),
             ));
         }
+        (Plan::DeviceBound, LinkEndpoint::Receiver(receiver)) => {
+            tasks.spawn(devicebound::serve(receiver, conn.clone(), stop.clone()));
+        }
+        (Plan::Feedback, LinkEndpoint::Sender(sender)) => {
+            tasks.spawn(feedback::serve(sender, conn.clone(), stop.clone()));
+        }
         (_, link) => {
             refuse(
                 link,
@@ -319,6 +358,10 @@ enum Plan {
         reply_to: Option<String>,
     },
     Receive(Box<receiver::Admitted>),
+    /// Cloud-to-device messages from the service (`devicebound`).
+    DeviceBound,
+    /// Feedback on them to the service (`feedback`).
+    Feedback,
 }
 
 async fn serve_requests(
@@ -450,7 +493,9 @@ fn put_token(conn: &Conn, request: &AnyMessage) -> AnyMessage {
         Ok(grant) => {
             tracing::debug!(peer = %conn.peer, audience, policy = grant.policy, "AMQP token accepted");
             conn.grants.put_token(audience, grant);
-            response(request, 202, "Accepted", Value::Null)
+            // 200, as IoT Hub answers: Node's azure-iothub takes nothing else (uamqp takes 200
+            // or 202, azure-eventhub any 2xx).
+            response(request, 200, "OK", Value::Null)
         }
         Err(failure) => {
             tracing::info!(peer = %conn.peer, audience, reason = %failure, "AMQP token refused");

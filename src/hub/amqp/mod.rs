@@ -17,12 +17,17 @@
 //! Rooms: `authz` (SASL logins, `$cbs` tokens, what a connection may do), `sasl` (the SASL
 //! exchange), `address` (source addresses and selector filters, pure), `epoch` (exclusive
 //! receivers), `connection` (one connection: sessions, links, `$cbs` and `$management`),
-//! `receiver` (a partition's events to one receiver). May not touch MQTT or the REST API.
+//! `receiver` (a partition's events to one receiver), `devicebound` (cloud-to-device messages
+//! from services into `hub::c2d`), `feedback` (their feedback to services), `header` (SASL
+//! or none, as the client's protocol header asks). May not touch MQTT or the REST API.
 
 pub mod address;
 pub mod authz;
 pub mod connection;
+pub mod devicebound;
 pub mod epoch;
+pub mod feedback;
+pub mod header;
 pub mod receiver;
 pub mod sasl;
 

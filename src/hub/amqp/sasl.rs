@@ -1,5 +1,5 @@
-//! The SASL exchange of one connection: ANONYMOUS (the client then puts a token on `$cbs`, as
-//! azure-eventhub does) or PLAIN with a policy name and one of its keys (its grant lasts as
+//! The SASL exchange of one connection: ANONYMOUS or MSSBCBS (the client then puts a token on
+//! `$cbs`, as azure-eventhub and uamqp do) or PLAIN with a policy name and one of its keys (its grant lasts as
 //! long as the connection). A wrong PLAIN login fails the exchange (`auth`), as on Event Hubs.
 
 use std::sync::Arc;
@@ -14,6 +14,9 @@ use crate::hub::HubState;
 
 const ANONYMOUS: &str = "ANONYMOUS";
 const PLAIN: &str = "PLAIN";
+/// Microsoft's mechanism for "a `$cbs` token follows", what uamqp (azure-iot-hub's
+/// `send_c2d_message`) and the C and .NET SDKs offer: accepted as ANONYMOUS is.
+const MSSBCBS: &str = "MSSBCBS";
 
 #[derive(Clone)]
 pub struct Sasl {
@@ -36,12 +39,16 @@ fn outcome(code: SaslCode) -> SaslServerFrame {
 
 impl SaslAcceptor for Sasl {
     fn mechanisms(&self) -> Array<Symbol> {
-        Array::from(vec![Symbol::from(PLAIN), Symbol::from(ANONYMOUS)])
+        Array::from(vec![
+            Symbol::from(PLAIN),
+            Symbol::from(ANONYMOUS),
+            Symbol::from(MSSBCBS),
+        ])
     }
 
     fn on_init(&mut self, init: SaslInit) -> SaslServerFrame {
         match init.mechanism.as_str() {
-            ANONYMOUS => outcome(SaslCode::Ok),
+            ANONYMOUS | MSSBCBS => outcome(SaslCode::Ok),
             PLAIN => {
                 let response = init
                     .initial_response

@@ -5,7 +5,8 @@
 //!   number from an earlier answer's `sequenceNumber`), `limit` (default 1000).
 //! - `POST /simdevice/devices/{id}/messages/devicebound`: a cloud-to-device message, body
 //!   `{"payload": <JSON, or a string sent as is>, "properties": {"k": "v"}, "messageId": "..."}`;
-//!   queued at QoS 1 (at most 50 per device) until the device takes it.
+//!   into the device's cloud-to-device queue (`hub::c2d`: at most 50, kept until the device
+//!   completes it), as a message sent to `/messages/devicebound` over AMQP.
 
 use axum::extract::{Path, Query};
 use axum::Json;
@@ -48,52 +49,33 @@ pub struct CloudToDeviceBody {
     message_id: Option<String>,
 }
 
-/// Largest cloud-to-device message, as on IoT Hub.
-const MAX_C2D_BYTES: usize = 64 * 1024;
-
+/// Queues the message in the device's cloud-to-device queue (`hub::c2d`): the same queue, and
+/// the same path to the device, as a message sent over AMQP.
 pub async fn send_cloud_to_device(
     _: Authorized<ServiceConnect>,
     state: AppState,
     Path(id): Path<String>,
     body: JsonBody<CloudToDeviceBody>,
 ) -> Result<Json<Value>, ApiError> {
+    use crate::hub::c2d::{self, SendError};
     use crate::hub::error::IotHubError;
-    use crate::protocol::error_code::ErrorCode;
-    use crate::protocol::property_bag::PropertyBag;
     let body = json_body(body, "message body")?;
-    if !state.registry.contains(&id) {
-        return Err(IotHubError::device_not_found(&id).into());
-    }
     let bytes = match body.payload {
         Value::String(text) => text.into_bytes(),
         other => serde_json::to_vec(&other).unwrap_or_default(),
     };
-    if bytes.len() > MAX_C2D_BYTES {
-        return Err(IotHubError::new(
-            ErrorCode::MessageTooLarge,
-            format!(
-                "the message is {} bytes, over the {MAX_C2D_BYTES}-byte limit",
-                bytes.len()
-            ),
-        )
-        .into());
+    let message = c2d::Outgoing {
+        message_id: body.message_id,
+        properties: body.properties.into_iter().collect(),
+        body: bytes::Bytes::from(bytes),
+        ..Default::default()
+    };
+    match c2d::send(&state, &id, message) {
+        Ok(message_id) => Ok(Json(serde_json::json!({"messageId": message_id}))),
+        Err(SendError::DeviceNotFound(_)) => Err(IotHubError::device_not_found(&id).into()),
+        Err(error) => {
+            let message = crate::common::logging::error_chain(&error);
+            Err(IotHubError::new(error.code(), message).into())
+        }
     }
-    let message_id = body
-        .message_id
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let mut properties = PropertyBag::new();
-    properties.insert("$.mid", message_id.clone());
-    for (key, value) in body.properties {
-        properties.insert(key, value);
-    }
-    let topic = crate::protocol::topic::c2d_topic(&id, &properties);
-    state
-        .sessions
-        .enqueue_cloud_to_device(&id, topic, bytes::Bytes::from(bytes))
-        .map_err(|e| IotHubError::new(ErrorCode::DeviceMaximumQueueDepthExceeded, e.to_string()))?;
-    if let Ok(live) = state.registry.get(&id, |d| d.live.clone()) {
-        live.cloud_to_device_sent
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    Ok(Json(serde_json::json!({"messageId": message_id})))
 }

@@ -199,6 +199,9 @@ pub async fn serve<S>(
     let attached = state
         .sessions
         .attach(&login.device_id, connect.clean_session);
+    // Cloud-to-device messages not in the resumed session go out again (after the CONNACK:
+    // they wait in the session's channel).
+    crate::hub::c2d::on_attach(&state, &login.device_id, &attached.resend);
     live.connected.store(true, Ordering::Relaxed);
     live.touch();
     let keep_alive = match connect.keep_alive {
@@ -392,6 +395,7 @@ impl Connection<'_> {
             Packet::Publish(publish) => self.on_publish(publish),
             Packet::PubAck(ack) => {
                 self.state.sessions.acknowledge(&self.device_id, ack.pkid);
+                crate::hub::c2d::on_puback(self.state, &self.device_id, ack.pkid);
                 Ok(())
             }
             Packet::Subscribe(subscribe) => {
@@ -406,6 +410,8 @@ impl Connection<'_> {
                     codes.push(SubscribeReasonCode::Success(granted));
                 }
                 let _ = SubAck::new(subscribe.pkid, codes).write(&mut self.out);
+                // What waits in the cloud-to-device queue follows the SUBACK.
+                crate::hub::c2d::pump(self.state, &self.device_id);
                 Ok(())
             }
             Packet::Unsubscribe(unsubscribe) => {
