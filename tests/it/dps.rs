@@ -730,3 +730,297 @@ async fn simdevice_run_with_only_provisioning_registers_sends_and_exits_0_on_sig
     assert!(status.success(), "{status:?}");
     hub.stop().await;
 }
+
+/// A device certificate (CN = `device`) the hub issues, signed by its CA `ca` or self-signed,
+/// written into `dir` (the key 0600): what an X.509 device holds.
+async fn issue_pair(
+    hub: &TestHub,
+    dir: &std::path::Path,
+    device: &str,
+    ca: Option<&str>,
+    days: i64,
+) -> (simdevice::config::X509Files, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let reply = hub
+        .service()
+        .call(
+            Method::POST,
+            "/simdevice/device-certificates",
+            Some(json!({"deviceId": device, "ca": ca, "days": days})),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let cert_pem = reply.body["certificate"].as_str().unwrap().to_string();
+    let name = format!("{device}-{}", rand::random::<u32>());
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, reply.body["privateKey"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let der = simdevice::common::pem::parse_pem_certificates(&cert_pem).unwrap();
+    let summary = simdevice::common::der::certificate_summary(&der[0]).unwrap();
+    let files = simdevice::config::X509Files {
+        certificate_file: cert,
+        private_key_file: key,
+        not_after: summary.not_after,
+    };
+    (files, cert_pem)
+}
+
+/// The TLS client configuration of a device presenting `files`.
+fn x509_tls(
+    hub: &TestHub,
+    files: &simdevice::config::X509Files,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let identity = simdevice::config::Identity {
+        host_name: "localhost".into(),
+        device_id: "unused".into(),
+        key: simdevice::config::Secret::new(String::new()),
+        gateway_host_name: None,
+        ca_file: Some(hub.hub.info().ca_file.clone()),
+        x509: Some(files.clone()),
+    };
+    simdevice::agent::client_tls_for(&identity).unwrap()
+}
+
+/// An X.509 registration: no key, the certificate in the TLS configuration.
+fn x509_registration(
+    hub: &TestHub,
+    registration_id: &str,
+    files: &simdevice::config::X509Files,
+) -> Registration {
+    Registration {
+        tls: x509_tls(hub, files),
+        ..registration(hub, registration_id, "")
+    }
+}
+
+/// CONNECT to the hub's MQTT port with `files`' certificate and no password: the CONNACK code.
+async fn connect_with_certificate(
+    hub: &TestHub,
+    device: &str,
+    files: &simdevice::config::X509Files,
+) -> rumqttc::ConnectReturnCode {
+    let connector = tokio_rustls::TlsConnector::from(x509_tls(hub, files));
+    let mut raw = RawDevice::open_at(hub.hub.mqtt_addr(), connector).await;
+    let mut connect = rumqttc::Connect::new(device);
+    connect.keep_alive = 60;
+    connect.login = Some(rumqttc::Login::new(crate::common::user_name(device), ""));
+    raw.send(rumqttc::Packet::Connect(connect)).await;
+    match raw.recv().await {
+        Some(rumqttc::Packet::ConnAck(ack)) => ack.code,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+async fn generate_ca(hub: &TestHub, name: &str) -> String {
+    let path = format!("/simdevice/certificates/{name}/generate");
+    let reply = hub.service().call(Method::POST, &path, None, &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body["properties"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_x509_group_by_ca_reference_provisions_devices_that_connect_with_their_certificate() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dps = dps_service(&hub);
+    generate_ca(&hub, "plant-ca").await;
+    // A reference to a CA the hub does not have is refused.
+    let unknown = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/cams",
+            Some(json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "nope"}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, &unknown.body["errorCode"]),
+        (400, &json!(400_004)),
+        "{}",
+        unknown.body
+    );
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/cams",
+            Some(json!({
+                "enrollmentGroupId": "cams",
+                "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "plant-ca"}}},
+                "initialTwin": {"tags": {"line": "3"}},
+            })),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["attestation"]["type"], "x509");
+    assert_eq!(
+        put.body["attestation"]["x509"]["caReferences"]["primary"],
+        "plant-ca"
+    );
+
+    let (files, _) = issue_pair(&hub, dir.path(), "cam-01", Some("plant-ca"), 30).await;
+    let assignment = provision::register(&x509_registration(&hub, "cam-01", &files), now())
+        .await
+        .expect("registered with the certificate");
+    assert_eq!(assignment.device_id, "cam-01");
+    assert_eq!(assignment.substatus.as_deref(), Some("initialAssignment"));
+    let device = hub.service().get("/devices/cam-01").await.body;
+    assert_eq!(device["authentication"]["type"], "certificateAuthority");
+    assert_eq!(
+        hub.service().get("/twins/cam-01").await.body["tags"]["line"],
+        "3"
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "cam-01", &files).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+
+    // Refused at CONNECT (CONNACK 5), as DPS refuses: a certificate of another CA, one whose
+    // CN is not the registration id, an expired one, and a SAS token for a group of X.509.
+    let (stranger, _) = issue_pair(&hub, dir.path(), "cam-02", None, 30).await;
+    let (expired, _) = issue_pair(&hub, dir.path(), "cam-04", Some("plant-ca"), -2).await;
+    for (registration_id, files) in [
+        ("cam-02", &stranger),
+        ("cam-03", &files),
+        ("cam-04", &expired),
+    ] {
+        let refused =
+            provision::register(&x509_registration(&hub, registration_id, files), now()).await;
+        assert!(
+            matches!(refused, Err(ProvisionError::Unauthorized { .. })),
+            "{registration_id}: {refused:?}"
+        );
+    }
+    let sas = provision::register(&registration(&hub, "cam-05", &sas::generate_key()), now()).await;
+    assert!(
+        matches!(sas, Err(ProvisionError::Unauthorized { .. })),
+        "{sas:?}"
+    );
+    assert!(!hub.hub.state().registry.contains("cam-02"));
+
+    // A disabled group: DPS's 401 with its code, after the CONNECT.
+    let mut body = put.body.clone();
+    body["provisioningStatus"] = json!("disabled");
+    let off = dps
+        .call(Method::PUT, "/enrollmentGroups/cams", Some(body), &[])
+        .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let (files_6, _) = issue_pair(&hub, dir.path(), "cam-06", Some("plant-ca"), 30).await;
+    match provision::register(&x509_registration(&hub, "cam-06", &files_6), now()).await {
+        Err(ProvisionError::Refused { status, code, .. }) => {
+            assert_eq!((status, code), (401, 401_003))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn signing_certificates_and_individual_x509_enrollments_create_self_signed_devices() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dps = dps_service(&hub);
+    // The group's CA is given as PEM and is not one the hub trusts for devices.
+    let ca_pem = generate_ca(&hub, "vendor-ca").await;
+    let (files, _) = issue_pair(&hub, dir.path(), "pump-01", Some("vendor-ca"), 30).await;
+    let deleted = hub
+        .service()
+        .call(
+            Method::DELETE,
+            "/simdevice/certificates/vendor-ca",
+            None,
+            &[],
+        )
+        .await;
+    assert!(deleted.status < 300, "{}", deleted.body);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/pumps",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "signingCertificates": {"primary": {"certificate": ca_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let info = &put.body["attestation"]["x509"]["signingCertificates"]["primary"]["info"];
+    assert!(
+        info["subjectName"]
+            .as_str()
+            .unwrap()
+            .contains("CN=vendor-ca"),
+        "{info}"
+    );
+    assert_eq!(info["sha256Thumbprint"].as_str().map(str::len), Some(64));
+
+    let assignment = provision::register(&x509_registration(&hub, "pump-01", &files), now())
+        .await
+        .expect("registered");
+    assert_eq!(assignment.device_id, "pump-01");
+    let leaf = simdevice::common::pem::parse_pem_certificates(
+        &std::fs::read_to_string(&files.certificate_file).unwrap(),
+    )
+    .unwrap();
+    let thumbprint = simdevice::common::der::thumbprint_sha256(&leaf[0]);
+    let auth = &hub.service().get("/devices/pump-01").await.body["authentication"];
+    assert_eq!(auth["type"], "selfSigned");
+    assert_eq!(
+        auth["x509Thumbprint"]["primaryThumbprint"],
+        thumbprint.as_str()
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "pump-01", &files).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+
+    // An individual enrollment: the device's own certificate, whose CN is the registration id.
+    let (own, own_pem) = issue_pair(&hub, dir.path(), "gate-01", None, 30).await;
+    let mismatch = dps
+        .call(
+            Method::PUT,
+            "/enrollments/gate-02",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "clientCertificates": {"primary": {"certificate": own_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(mismatch.status, 400, "{}", mismatch.body);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollments/gate-01",
+            Some(
+                json!({"deviceId": "gate-device", "attestation": {"type": "x509", "x509": {
+                "clientCertificates": {"primary": {"certificate": own_pem}}}}}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // Another certificate with the same CN is not the enrolled one.
+    let (other, _) = issue_pair(&hub, dir.path(), "gate-01", None, 30).await;
+    let refused = provision::register(&x509_registration(&hub, "gate-01", &other), now()).await;
+    assert!(
+        matches!(refused, Err(ProvisionError::Unauthorized { .. })),
+        "{refused:?}"
+    );
+    let assignment = provision::register(&x509_registration(&hub, "gate-01", &own), now())
+        .await
+        .expect("registered");
+    assert_eq!(assignment.device_id, "gate-device");
+    assert_eq!(
+        hub.service().get("/devices/gate-device").await.body["authentication"]["type"],
+        "selfSigned"
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "gate-device", &own).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+    hub.stop().await;
+}
