@@ -463,7 +463,8 @@ pub async fn run_provisioned(
         .provisioning
         .clone()
         .ok_or(ProvisionRunError::NotConfigured)?;
-    let tls = super::client_tls(p.ca_file.as_deref())?;
+    // With an X.509 identity the registration presents its certificate.
+    let tls = super::client_tls_for(&p.unassigned_identity())?;
     let registration = registration_for(&p, tls, config.connection.connect_timeout);
     let cache = cache_path(&config);
     loop {

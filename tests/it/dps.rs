@@ -284,6 +284,7 @@ fn provisioned_config(
         ),
         // The assigned hub is `localhost`; its MQTT port is the test hub's free one.
         gateway_host_name: Some(format!("localhost:{}", hub.hub.mqtt_addr().port())),
+        x509: None,
     };
     let mut config = simdevice::config::Config::for_identity(provisioning.unassigned_identity());
     config.provisioning = Some(provisioning);
@@ -1022,5 +1023,63 @@ async fn signing_certificates_and_individual_x509_enrollments_create_self_signed
         connect_with_certificate(&hub, "gate-device", &own).await,
         rumqttc::ConnectReturnCode::Success
     );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_with_an_x509_identity_and_provisioning_registers_and_connects_with_its_certificate(
+) {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    generate_ca(&hub, "agents-ca").await;
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-agents",
+            Some(json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "agents-ca"}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let (files, _) = issue_pair(&hub, dir.path(), "meter-9", Some("agents-ca"), 30).await;
+    // The configuration as a user writes it: no key anywhere, the registration id from the CN.
+    let text = format!(
+        "[identity]\ncertificate_file = \"{}\"\nprivate_key_file = \"{}\"\n\
+         [provisioning]\nid_scope = \"{}\"\nglobal_endpoint = \"localhost:{}\"\nca_file = \"{}\"\n\
+         gateway_host_name = \"localhost:{}\"\n[telemetry]\ninterval_secs = 0.2\n\
+         [outbox]\npath = \"{}\"\n",
+        files.certificate_file.display(),
+        files.private_key_file.display(),
+        hub.hub.info().id_scope.clone().unwrap(),
+        hub.hub.dps_addr().unwrap().port(),
+        hub.hub.info().ca_file.display(),
+        hub.hub.mqtt_addr().port(),
+        dir.path().join("outbox.db").display(),
+    );
+    let config = simdevice::config::Config::from_sources(
+        Some((&dir.path().join("config.toml"), &text)),
+        &[],
+    )
+    .expect("the configuration loads");
+    assert_eq!(
+        config
+            .provisioning
+            .as_ref()
+            .map(|p| p.registration_id.as_str()),
+        Some("meter-9")
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(provision::run_provisioned(config, false, stop.clone()));
+    crate::common::agent::eventually(Duration::from_secs(15), || async {
+        hub.hub.state().registry.contains("meter-9").then_some(())
+    })
+    .await;
+    telemetry_grows(&hub, "meter-9").await;
+    assert_eq!(
+        hub.service().get("/devices/meter-9").await.body["authentication"]["type"],
+        "certificateAuthority"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
     hub.stop().await;
 }
