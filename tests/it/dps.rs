@@ -1083,3 +1083,132 @@ async fn an_agent_with_an_x509_identity_and_provisioning_registers_and_connects_
     run.await.unwrap().unwrap();
     hub.stop().await;
 }
+
+/// A CA made outside the hub (as a user's own PKI would), written as PEM: (certificate, key).
+fn own_ca(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Fabrikam");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file, key_file, cert.pem())
+}
+
+async fn run_fleet(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"));
+    crate::common::isolated(&mut command)
+        .arg("fleet")
+        .args(args)
+        .args(["--report", report.to_str().unwrap()]);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the fleet ends")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn an_x509_fleet_provisions_through_a_group_or_connects_as_certificate_authority_devices() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_cert, ca_key, ca_pem) = own_ca(dir.path(), "fleet-ca");
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-fleet",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "signingCertificates": {"primary": {"certificate": ca_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let ca_file = hub.hub.info().ca_file.to_str().unwrap().to_string();
+    let gateway = format!("localhost:{}", hub.hub.mqtt_addr().port());
+    let common = [
+        "--x509-ca",
+        ca_cert.to_str().unwrap(),
+        "--x509-ca-key",
+        ca_key.to_str().unwrap(),
+        "--gateway",
+        &gateway,
+        "--ca-file",
+        &ca_file,
+        "--count",
+        "3",
+        "--messages",
+        "2",
+        "--interval-secs",
+        "0.1",
+    ];
+
+    // With --dps: registered through the X.509 group with the certificates the fleet issued.
+    let scope = hub.hub.info().id_scope.clone().unwrap();
+    let endpoint = format!("localhost:{}", hub.hub.dps_addr().unwrap().port());
+    let mut args = vec![
+        "--dps",
+        &scope,
+        "--dps-endpoint",
+        &endpoint,
+        "--prefix",
+        "xd-",
+    ];
+    args.extend_from_slice(&common);
+    let report = run_fleet(&args).await;
+    assert_eq!(report["connected"], 3, "{report}");
+    for id in ["xd-1", "xd-2", "xd-3"] {
+        let device = hub.service().get(&format!("/devices/{id}")).await.body;
+        assert_eq!(device["authentication"]["type"], "selfSigned", "{device}");
+        assert!(telemetry_of(&hub, id) >= 2, "{id} sent too little");
+    }
+
+    // Without DPS: the hub trusts the CA and has the devices as certificateAuthority.
+    let added = hub
+        .service()
+        .call(
+            Method::PUT,
+            "/simdevice/certificates/fleet-ca",
+            Some(json!({"certificate": std::fs::read_to_string(&ca_cert).unwrap()})),
+            &[],
+        )
+        .await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    for id in ["xc-1", "xc-2", "xc-3"] {
+        let created = hub
+            .service()
+            .call(
+                Method::PUT,
+                &format!("/devices/{id}"),
+                Some(json!({"deviceId": id, "authentication": {"type": "certificateAuthority"}})),
+                &[],
+            )
+            .await;
+        assert_eq!(created.status, 200, "{}", created.body);
+    }
+    let mut args = vec!["--host", "localhost", "--prefix", "xc-"];
+    args.extend_from_slice(&common);
+    let report = run_fleet(&args).await;
+    assert_eq!(report["connected"], 3, "{report}");
+    for id in ["xc-1", "xc-2", "xc-3"] {
+        assert!(telemetry_of(&hub, id) >= 2, "{id} sent too little");
+    }
+    hub.stop().await;
+}
