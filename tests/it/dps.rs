@@ -566,6 +566,82 @@ mod cli {
         );
         hub.stop().await;
     }
+
+    #[tokio::test]
+    async fn service_dps_creates_x509_enrollments_by_ca_name_or_certificate_file() {
+        let hub = TestHub::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_pem = super::generate_ca(&hub, "cli-ca").await;
+        let by_name = dps(
+            &hub,
+            &["enrollment-group", "create", "g-ca", "--x509-ca", "cli-ca"],
+        )
+        .await
+        .unwrap();
+        assert_eq!(by_name["attestation"]["type"], "x509");
+        assert_eq!(
+            by_name["attestation"]["x509"]["caReferences"]["primary"],
+            "cli-ca"
+        );
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        let by_file = dps(
+            &hub,
+            &[
+                "enrollment-group",
+                "create",
+                "g-pem",
+                "--certificate",
+                ca_file.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        let signing = &by_file["attestation"]["x509"]["signingCertificates"]["primary"];
+        assert!(
+            signing["info"]["subjectName"]
+                .as_str()
+                .unwrap()
+                .contains("CN=cli-ca"),
+            "{signing}"
+        );
+        let (_, device_pem) = super::issue_pair(&hub, dir.path(), "cli-dev", None, 30).await;
+        let device_file = dir.path().join("cli-dev.pem");
+        std::fs::write(&device_file, device_pem).unwrap();
+        let individual = dps(
+            &hub,
+            &[
+                "enrollment",
+                "create",
+                "cli-dev",
+                "--certificate",
+                device_file.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(
+            individual["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+                ["sha256Thumbprint"]
+                .is_string()
+        );
+        // CA references are for groups; an unknown CA is the service's 400.
+        let wrong = dps(
+            &hub,
+            &["enrollment", "create", "cli-dev", "--x509-ca", "cli-ca"],
+        )
+        .await
+        .unwrap_err();
+        assert!(wrong.is_usage(), "{wrong}");
+        let unknown = dps(
+            &hub,
+            &["enrollment-group", "create", "g-x", "--x509-ca", "nope"],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(unknown.status(), Some(400));
+        hub.stop().await;
+    }
 }
 
 #[tokio::test]
