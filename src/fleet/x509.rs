@@ -252,7 +252,9 @@ mod tests {
         let leaf = &issued.cert[0];
         let summary = crate::common::der::certificate_summary(leaf).unwrap();
         assert_eq!(summary.common_name.as_deref(), Some("door-0042"));
-        let ca_subject = crate::common::der::certificate_summary(&ca_der).unwrap().subject;
+        let ca_subject = crate::common::der::certificate_summary(&ca_der)
+            .unwrap()
+            .subject;
         assert_eq!(summary.issuer, ca_subject);
         assert!(ca_subject.contains("C=NL") && ca_subject.contains("O=Contoso"));
         // webpki finds the CA by the issuer name and checks the signature.
