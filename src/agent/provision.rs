@@ -59,7 +59,8 @@ pub struct Registration {
     pub tls: Arc<rustls::ClientConfig>,
     pub id_scope: String,
     pub registration_id: String,
-    /// The device key: the individual enrollment's, or derived from the group key.
+    /// The device key: the individual enrollment's, or derived from the group key. Empty for
+    /// an X.509 registration: `tls` then carries the device's certificate, and no token is sent.
     pub device_key: String,
     /// Custom data for the allocation (`payload`), if any.
     pub payload: Option<Value>,
@@ -82,7 +83,7 @@ pub struct Assignment {
 pub enum ProvisionError {
     #[error("cannot sign the registration token")]
     Token(#[source] sas::SasError),
-    #[error("DPS at {endpoint} refused the connection: no enrollment accepts this registration id and key")]
+    #[error("DPS at {endpoint} refused the connection: no enrollment accepts this registration id and key (or certificate)")]
     Unauthorized { endpoint: String },
     #[error("cannot reach DPS at {endpoint}")]
     Wire {
@@ -133,13 +134,18 @@ async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, Provisi
         endpoint: endpoint.clone(),
         source: Box::new(source),
     };
-    let token = sas::generate_token(
-        &dps::sas_resource(&r.id_scope, &r.registration_id),
-        &r.device_key,
-        Some(dps::REGISTRATION_KEY_NAME),
-        now_unix + TOKEN_LIFETIME_S,
-    )
-    .map_err(ProvisionError::Token)?;
+    // An X.509 registration sends its user name and no password (the certificate is in `tls`).
+    let token = if r.device_key.is_empty() {
+        String::new()
+    } else {
+        sas::generate_token(
+            &dps::sas_resource(&r.id_scope, &r.registration_id),
+            &r.device_key,
+            Some(dps::REGISTRATION_KEY_NAME),
+            now_unix + TOKEN_LIFETIME_S,
+        )
+        .map_err(ProvisionError::Token)?
+    };
     let mut connect = rumqttc::mqttbytes::v4::Connect::new(r.registration_id.clone());
     connect.keep_alive = 60;
     connect.clean_session = true;
@@ -457,7 +463,8 @@ pub async fn run_provisioned(
         .provisioning
         .clone()
         .ok_or(ProvisionRunError::NotConfigured)?;
-    let tls = super::client_tls(p.ca_file.as_deref())?;
+    // With an X.509 identity the registration presents its certificate.
+    let tls = super::client_tls_for(&p.unassigned_identity())?;
     let registration = registration_for(&p, tls, config.connection.connect_timeout);
     let cache = cache_path(&config);
     loop {

@@ -56,6 +56,7 @@ pub enum FleetCommand {
 
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("hub").required(true).args(["local", "host", "devices", "dps"]))]
+#[command(group = clap::ArgGroup::new("credential").args(["group_key", "x509_ca"]))]
 pub struct FleetRunArgs {
     /// Run against the local hub (`simdevice hub --auto-register`): its hub.json gives the
     /// address, the CA and the group key.
@@ -65,7 +66,7 @@ pub struct FleetRunArgs {
     #[arg(long, requires = "local", env = "SIMDEVICE_HUB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// The IoT Hub host name (a real hub, or a local one by name).
-    #[arg(long, requires = "group_key")]
+    #[arg(long, requires = "credential")]
     pub host: Option<String>,
     /// The group key (base64): each device's key is derived from it and the device id with
     /// the DPS group-enrollment derivation.
@@ -77,8 +78,8 @@ pub struct FleetRunArgs {
     pub gateway: Option<String>,
     /// Provision every device of the slice through the Device Provisioning Service of this id
     /// scope before it connects (registration id = device id, key derived from --group-key,
-    /// the enrollment group's key).
-    #[arg(long, value_name = "ID_SCOPE", requires = "group_key", conflicts_with_all = ["local", "host", "devices"])]
+    /// the enrollment group's key; or with --x509-ca, the device's certificate).
+    #[arg(long, value_name = "ID_SCOPE", requires = "credential", conflicts_with_all = ["local", "host", "devices"])]
     pub dps: Option<String>,
     /// With --dps: the DPS device endpoint (`host[:port]`, port 8883 by default).
     #[arg(long, requires = "dps", default_value = crate::protocol::dps::GLOBAL_ENDPOINT)]
@@ -89,6 +90,16 @@ pub struct FleetRunArgs {
     /// A CA certificate (PEM) to trust besides the public roots.
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
+    /// X.509 devices instead of a group key: each device's certificate (CN = its id) is
+    /// issued in memory at start by this CA certificate (PEM, with --x509-ca-key). The hub
+    /// must trust the CA and have the devices as `certificateAuthority` (`service certificate
+    /// add`), or, with --dps, an X.509 enrollment group must name it (`service dps
+    /// enrollment-group create --x509-ca NAME | --certificate FILE`).
+    #[arg(long, value_name = "FILE", requires = "x509_ca_key", conflicts_with_all = ["devices", "group_key"])]
+    pub x509_ca: Option<PathBuf>,
+    /// The private key of --x509-ca (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE", requires = "x509_ca")]
+    pub x509_ca_key: Option<PathBuf>,
     /// One device connection string per line (blank lines and `#` comments skipped), instead
     /// of a prefix and a range; the shards split the lines.
     #[arg(long, conflicts_with_all = ["prefix", "first", "count"])]
@@ -447,8 +458,11 @@ fn select_devices(
             state_dir: state_dir.clone(),
             source,
         })?;
-        let Some(group_key) = info.group_key.clone() else {
-            return Err(FleetCommandError::NoGroupKey { state_dir });
+        // X.509 devices need no group key.
+        let group_key = match (info.group_key.clone(), &args.x509_ca) {
+            (Some(group_key), _) => group_key,
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err(FleetCommandError::NoGroupKey { state_dir }),
         };
         let port = match args.transport {
             Transport::WebSocket if info.ws_port != 0 => info.ws_port,
@@ -469,7 +483,14 @@ fn select_devices(
             args.ca_file.clone(),
         )
     };
-    let devices = devices::from_group_key(ids, &host, gateway.as_deref(), &group_key)?;
+    let devices = match (&args.x509_ca, &args.x509_ca_key) {
+        (Some(certificate), Some(key)) => {
+            let ca =
+                crate::fleet::x509::FleetCa::load(certificate, key).map_err(DevicesError::from)?;
+            devices::from_ca(ids, &host, gateway.as_deref(), &ca)?
+        }
+        _ => devices::from_group_key(ids, &host, gateway.as_deref(), &group_key)?,
+    };
     let span = span(&devices);
     Ok((devices, ca_file, span))
 }

@@ -68,7 +68,7 @@ pub async fn run(args: ProvisionArgs) -> Result<(), ProvisionCommandError> {
             return Ok(());
         }
     }
-    let tls = crate::agent::client_tls(p.ca_file.as_deref())?;
+    let tls = crate::agent::client_tls_for(&p.unassigned_identity())?;
     let registration = provision::registration_for(&p, tls, config.connection.connect_timeout);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

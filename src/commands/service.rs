@@ -180,10 +180,12 @@ pub enum DeviceCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DpsCommand {
-    /// Enrollment groups (symmetric key: each device's key derives from the group's).
+    /// Enrollment groups (symmetric key: each device's key derives from the group's; or X.509
+    /// with --x509-ca NAME | --certificate FILE: each device's certificate chains to that CA).
     #[command(subcommand)]
     EnrollmentGroup(EnrollmentCommand),
-    /// Individual enrollments (symmetric key), by registration id.
+    /// Individual enrollments (symmetric key, or X.509 with --certificate FILE: the device's
+    /// own certificate, whose CN is the registration id), by registration id.
     #[command(subcommand)]
     Enrollment(EnrollmentCommand),
 }
@@ -194,8 +196,17 @@ pub enum EnrollmentCommand {
     Create {
         id: String,
         /// The primary key (base64; also the secondary) [default: generated]
-        #[arg(long, hide_env_values = true)]
+        #[arg(long, hide_env_values = true, conflicts_with_all = ["x509_ca", "certificate"])]
         key: Option<String>,
+        /// Enrollment groups: X.509 attestation by a CA certificate the hub has, by name
+        /// (`service certificate add|create-ca`): `x509.caReferences`.
+        #[arg(long, value_name = "NAME", conflicts_with = "certificate")]
+        x509_ca: Option<String>,
+        /// X.509 attestation by a certificate (PEM): an enrollment group's signing CA
+        /// (`x509.signingCertificates`), or an individual enrollment's device certificate
+        /// (`x509.clientCertificates`).
+        #[arg(long, value_name = "FILE")]
+        certificate: Option<PathBuf>,
         /// The initial twin of devices it creates, as JSON: {"tags":{..},"properties":{"desired":{..}}}
         #[arg(long)]
         initial_twin: Option<String>,
@@ -304,6 +315,9 @@ pub enum ServiceCommandError {
     /// The answer cannot be written to stdout (a closed pipe, a full disk).
     #[error("cannot write the answer to stdout")]
     Output(#[source] std::io::Error),
+    /// `dps enrollment create --x509-ca`: CA references are for enrollment groups.
+    #[error("--x509-ca is for enrollment groups; an individual enrollment takes --certificate (the device's own)")]
+    X509CaForIndividual,
     /// `certificate add`: the file cannot be read.
     #[error("cannot read the certificate file {path}")]
     CertificateFile {
@@ -340,6 +354,7 @@ impl ServiceCommandError {
             | ServiceCommandError::RangeTooLarge { .. }
             | ServiceCommandError::BadPrefix { .. }
             | ServiceCommandError::GroupKey(_)
+            | ServiceCommandError::X509CaForIndividual
             | ServiceCommandError::CertificateFile { .. } => true,
             ServiceCommandError::Output(_)
             | ServiceCommandError::WriteFile { .. }
@@ -415,16 +430,36 @@ async fn dps(client: &ServiceClient, command: DpsCommand) -> Result<Value, Servi
         EnrollmentCommand::Create {
             id,
             key,
+            x509_ca,
+            certificate,
             initial_twin,
             device_id,
             disabled,
             etag,
         } => {
+            let group = collection == "enrollmentGroups";
+            let attestation = match (x509_ca, certificate) {
+                (Some(_), _) if !group => return Err(ServiceCommandError::X509CaForIndividual),
+                (Some(name), _) => json!({"type": "x509", "x509": {
+                    "caReferences": {"primary": name}}}),
+                (None, Some(path)) => {
+                    let pem = std::fs::read_to_string(&path)
+                        .map_err(|source| ServiceCommandError::CertificateFile { path, source })?;
+                    let field = if group {
+                        "signingCertificates"
+                    } else {
+                        "clientCertificates"
+                    };
+                    json!({"type": "x509", "x509": {
+                        field: {"primary": {"certificate": pem}}}})
+                }
+                (None, None) => json!({"type": "symmetricKey", "symmetricKey": {
+                    "primaryKey": key.clone().unwrap_or_default(),
+                    "secondaryKey": key.unwrap_or_default()}}),
+            };
             let mut body = json!({
                 id_field: id,
-                "attestation": {"type": "symmetricKey", "symmetricKey": {
-                    "primaryKey": key.clone().unwrap_or_default(),
-                    "secondaryKey": key.unwrap_or_default()}},
+                "attestation": attestation,
                 "provisioningStatus": if disabled { "disabled" } else { "enabled" },
             });
             if let Some(text) = initial_twin {

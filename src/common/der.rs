@@ -51,6 +51,72 @@ pub fn certificate_summary(der: &[u8]) -> Option<CertificateSummary> {
     })
 }
 
+/// One attribute of a certificate's subject, as encoded: its OID's arcs, the string's DER
+/// tag (UTF8String 0x0c, PrintableString 0x13, ...) and its bytes. What a signer needs to
+/// name this certificate as the issuer byte for byte (the fleet's in-memory CA).
+#[derive(Debug, PartialEq)]
+pub struct NameAttribute {
+    pub oid: Vec<u64>,
+    pub tag: u8,
+    pub value: Vec<u8>,
+}
+
+/// The subject of a certificate (DER), attribute by attribute in order; `None` if it does
+/// not parse or has a multi-valued RDN (which the fleet's signer cannot reproduce).
+pub fn subject_attributes(der: &[u8]) -> Option<Vec<NameAttribute>> {
+    let (_, certificate, _) = der_read(der)?;
+    let (_, tbs, _) = der_read(certificate)?;
+    let (mut tag, _, mut rest) = der_read(tbs)?;
+    if tag == 0xa0 {
+        // [0] version, then the serial number.
+        (tag, _, rest) = der_read(rest)?;
+    }
+    if tag != 0x02 {
+        return None;
+    }
+    let (_, _signature, rest) = der_read(rest)?;
+    let (_, _issuer, rest) = der_read(rest)?;
+    let (_, _validity, rest) = der_read(rest)?;
+    let (_, mut name, _) = der_read(rest)?;
+    let mut attributes = Vec::new();
+    while !name.is_empty() {
+        let (_, set, after) = der_read(name)?;
+        name = after;
+        let (_, attribute, more) = der_read(set)?;
+        if !more.is_empty() {
+            return None;
+        }
+        let (_, oid, value) = der_read(attribute)?;
+        let (tag, text, _) = der_read(value)?;
+        attributes.push(NameAttribute {
+            oid: oid_arcs(oid)?,
+            tag,
+            value: text.to_vec(),
+        });
+    }
+    Some(attributes)
+}
+
+/// The arcs of an OBJECT IDENTIFIER's content (`55 04 03` -> 2.5.4.3).
+fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
+    let mut arcs = Vec::new();
+    let mut value: u64 = 0;
+    for &byte in content {
+        value = value.checked_mul(128)? | u64::from(byte & 0x7f);
+        if byte & 0x80 == 0 {
+            if arcs.is_empty() {
+                let first = (value / 40).min(2);
+                arcs.push(first);
+                arcs.push(value - first * 40);
+            } else {
+                arcs.push(value);
+            }
+            value = 0;
+        }
+    }
+    (!arcs.is_empty()).then_some(arcs)
+}
+
 /// The SHA-1 thumbprint of a certificate (DER) as IoT Hub shows it: 40 upper-case hex digits.
 pub fn thumbprint_sha1(der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der);

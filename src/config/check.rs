@@ -40,16 +40,28 @@ impl<'a> Check<'a> {
         self.origin.invalid(key, message)
     }
 
-    pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    pub(super) fn config(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
         // `[provisioning]` may stand in for `[identity]` (`provisioning`).
         let (identity, provisioning) = if raw.identity.is_empty() {
-            match self.provisioning(raw.provisioning, None)? {
+            // Only a certificate and its key in `[identity]`: an X.509 device that DPS assigns.
+            let certificate = (
+                self.string(
+                    "identity.certificate_file",
+                    raw.identity.certificate_file.take(),
+                )?,
+                self.string(
+                    "identity.private_key_file",
+                    raw.identity.private_key_file.take(),
+                )?,
+            );
+            match self.provisioning(raw.provisioning, None, certificate)? {
                 Some(p) => (p.unassigned_identity(), Some(p)),
                 None => (self.identity(raw.identity)?, None),
             }
         } else {
             let identity = self.identity(raw.identity)?;
-            let provisioning = self.provisioning(raw.provisioning, Some(&identity.device_id))?;
+            let provisioning =
+                self.provisioning(raw.provisioning, Some(&identity.device_id), (None, None))?;
             (identity, provisioning)
         };
         let connection = self.connection(raw.connection, &identity)?;

@@ -14,7 +14,7 @@ use super::check::{check_base64, Check};
 use super::error::ConfigError;
 use super::files::{check_ca_file, check_x509_files, read_key_file};
 use super::raw::RawIdentity;
-use super::{Identity, Secret};
+use super::{Identity, Secret, X509Files};
 use crate::protocol::connection_string::DeviceConnectionString;
 use crate::protocol::identity::validate_device_id;
 
@@ -104,29 +104,7 @@ impl Check<'_> {
             };
             (host_name, device_id, key, gateway)
         };
-        let x509 = match (certificate_file, private_key_file) {
-            (None, None) => None,
-            (Some(certificate), Some(private_key)) => Some(
-                check_x509_files(
-                    PathBuf::from(certificate),
-                    PathBuf::from(private_key),
-                    chrono::Utc::now(),
-                )
-                .map_err(ConfigError::X509File)?,
-            ),
-            (Some(_), None) => {
-                return Err(self.invalid(
-                    PRIVATE_KEY_FILE,
-                    "is missing: identity.certificate_file needs the certificate's private key",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(self.invalid(
-                    CERTIFICATE_FILE,
-                    "is missing: identity.private_key_file needs the certificate it belongs to",
-                ))
-            }
-        };
+        let x509 = self.x509_files(certificate_file, private_key_file)?;
 
         let ca_file = match ca_file {
             None => None,
@@ -140,6 +118,33 @@ impl Check<'_> {
             ca_file,
             x509,
         })
+    }
+
+    /// `identity.certificate_file` + `identity.private_key_file`, both or neither, checked.
+    pub(super) fn x509_files(
+        &self,
+        certificate_file: Option<String>,
+        private_key_file: Option<String>,
+    ) -> Result<Option<X509Files>, ConfigError> {
+        match (certificate_file, private_key_file) {
+            (None, None) => Ok(None),
+            (Some(certificate), Some(private_key)) => Ok(Some(
+                check_x509_files(
+                    PathBuf::from(certificate),
+                    PathBuf::from(private_key),
+                    chrono::Utc::now(),
+                )
+                .map_err(ConfigError::X509File)?,
+            )),
+            (Some(_), None) => Err(self.invalid(
+                PRIVATE_KEY_FILE,
+                "is missing: identity.certificate_file needs the certificate's private key",
+            )),
+            (None, Some(_)) => Err(self.invalid(
+                CERTIFICATE_FILE,
+                "is missing: identity.private_key_file needs the certificate it belongs to",
+            )),
+        }
     }
 
     /// A device connection string with a SharedAccessKey -> host name, device id, key and

@@ -102,6 +102,9 @@ pub struct Provisioning {
     pub device_key: Secret,
     /// Where to dial the assigned hub instead of its host name (`host[:port]`).
     pub gateway_host_name: Option<String>,
+    /// An X.509 registration's certificate and key (`[identity]` certificate_file and
+    /// private_key_file); `device_key` is then empty.
+    pub x509: Option<X509Files>,
 }
 
 impl Provisioning {
@@ -113,7 +116,7 @@ impl Provisioning {
             key: self.device_key.clone(),
             gateway_host_name: None,
             ca_file: self.ca_file.clone(),
-            x509: None,
+            x509: self.x509.clone(),
         }
     }
 
@@ -125,7 +128,7 @@ impl Provisioning {
             key: self.device_key.clone(),
             gateway_host_name: self.gateway_host_name.clone(),
             ca_file: self.ca_file.clone(),
-            x509: None,
+            x509: self.x509.clone(),
         }
     }
 }

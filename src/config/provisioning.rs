@@ -2,8 +2,11 @@
 //! connecting. `id_scope`; `registration_id` (default: `identity.device_id`); `global_endpoint`
 //! (`host[:port]`, default `global.azure-devices-provisioning.net`); `ca_file`; exactly one of
 //! `key`, `key_file`, `key_env` (an individual enrollment's key) or `group_key` (an enrollment
-//! group's, from which the device key is derived); `gateway_host_name` (dial the assigned hub
-//! there instead, `host[:port]`, as `identity.gateway_host_name` does).
+//! group's, from which the device key is derived), or none of them when `[identity]` holds
+//! only `certificate_file` and `private_key_file` (an X.509 registration: the certificate is
+//! presented to DPS and then to the assigned hub; `registration_id` defaults to its common
+//! name, as DPS requires); `gateway_host_name` (dial the assigned hub there instead,
+//! `host[:port]`, as `identity.gateway_host_name` does).
 //!
 //! With `[provisioning]` the `[identity]` section may be left out: the identity then names the
 //! registration (host name [`UNASSIGNED_HOST`]) until the agent knows its assignment. No key
@@ -16,7 +19,7 @@ use super::error::ConfigError;
 use super::files::{check_ca_file, read_key_file};
 use super::identity::split_host_port;
 use super::raw::RawProvisioning;
-use super::{Provisioning, Secret};
+use super::{Provisioning, Secret, X509Files};
 use crate::protocol::dps::GLOBAL_ENDPOINT;
 use crate::protocol::identity::validate_device_id;
 
@@ -28,6 +31,7 @@ impl Check<'_> {
         &self,
         raw: RawProvisioning,
         device_id: Option<&str>,
+        (certificate_file, private_key_file): (Option<String>, Option<String>),
     ) -> Result<Option<Provisioning>, ConfigError> {
         let id_scope = self.string("provisioning.id_scope", raw.id_scope)?;
         let registration_id = self.string("provisioning.registration_id", raw.registration_id)?;
@@ -60,7 +64,12 @@ impl Check<'_> {
                 "is missing (the DPS instance's id scope, e.g. 0ne00000001)",
             ));
         };
-        let Some(registration_id) = registration_id.or(device_id.map(str::to_string)) else {
+        let x509 = self.x509_files(certificate_file, private_key_file)?;
+        let common_name = x509.as_ref().and_then(certificate_common_name);
+        let Some(registration_id) = registration_id
+            .or(device_id.map(str::to_string))
+            .or(common_name)
+        else {
             return Err(self.invalid(
                 "provisioning.registration_id",
                 "is missing (and there is no identity.device_id to default to)",
@@ -92,7 +101,13 @@ impl Check<'_> {
         .into_iter()
         .filter_map(|(set, name)| set.then_some(name))
         .collect();
-        if given.len() != 1 {
+        if x509.is_some() && !given.is_empty() {
+            return Err(self.invalid(
+                given[0],
+                "is not for an X.509 device (identity.certificate_file): it registers with its certificate",
+            ));
+        }
+        if x509.is_none() && given.len() != 1 {
             return Err(self.invalid(
                 given.first().copied().unwrap_or("provisioning.key"),
                 format!(
@@ -101,7 +116,9 @@ impl Check<'_> {
                 ),
             ));
         }
-        let device_key = if let Some(key) = key {
+        let device_key = if x509.is_some() {
+            String::new()
+        } else if let Some(key) = key {
             check_base64(&key).map_err(|p| self.invalid("provisioning.key", p.to_string()))?;
             key
         } else if let Some(path) = key_file {
@@ -146,8 +163,16 @@ impl Check<'_> {
             ca_file,
             device_key: Secret::new(device_key),
             gateway_host_name: gateway,
+            x509,
         }))
     }
+}
+
+/// The common name of the certificate in `files` (read once more: it was checked at load).
+fn certificate_common_name(files: &X509Files) -> Option<String> {
+    let pem = std::fs::read_to_string(&files.certificate_file).ok()?;
+    let certificates = crate::common::pem::parse_pem_certificates(&pem).ok()?;
+    crate::common::der::certificate_summary(certificates.first()?)?.common_name
 }
 
 #[cfg(test)]
@@ -222,5 +247,56 @@ mod tests {
             assert!(message.contains(key), "{key}: {message}");
             assert!(!message.contains(KEY), "the key leaked: {message}");
         }
+    }
+
+    /// A certificate (CN `cam-7`) and its key, the key 0600.
+    fn certificate_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cam-7");
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_file, key_file) = (dir.join("cam.pem"), dir.join("cam.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert_file, key_file)
+    }
+
+    #[test]
+    fn an_x509_identity_registers_with_its_certificate_and_its_common_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = certificate_pair(dir.path());
+        let files = format!(
+            "[identity]\ncertificate_file = \"{}\"\nprivate_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        let config = load(&format!("{files}[provisioning]\nid_scope = \"0ne1\"\n")).unwrap();
+        let p = config.provisioning.clone().unwrap();
+        assert_eq!(p.registration_id, "cam-7");
+        assert_eq!(p.device_key.expose(), "");
+        assert!(p.x509.is_some());
+        assert_eq!(config.identity.host_name, UNASSIGNED_HOST);
+        assert!(config.identity.x509.is_some());
+        let assigned = p.assigned_identity("hub.example.net", "cam-7");
+        assert_eq!(
+            assigned.x509.map(|x| x.certificate_file),
+            Some(cert.clone())
+        );
+        let rendered = config.to_masked_toml();
+        assert!(rendered.contains("certificate_file"), "{rendered}");
+        assert!(!rendered.contains("key = \"***\""), "{rendered}");
+
+        // A key as well is a mistake; without [provisioning] the certificate alone is no identity.
+        let both = load(&format!(
+            "{files}[provisioning]\nid_scope = \"0ne1\"\ngroup_key = \"{KEY}\"\n"
+        ))
+        .unwrap_err();
+        assert!(both.contains("provisioning.group_key"), "{both}");
+        assert!(!both.contains(KEY), "{both}");
+        assert!(load(&files).is_err());
     }
 }

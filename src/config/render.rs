@@ -106,6 +106,12 @@ impl Config {
             self.provisioning.is_some() && self.identity.host_name == super::UNASSIGNED_HOST;
         if !unassigned {
             root.insert("identity".into(), Value::Table(identity));
+        } else if let Some(x509) = &self.identity.x509 {
+            // An X.509 device DPS assigns: its `[identity]` is its certificate and key only.
+            let mut files = Table::new();
+            files.insert("certificate_file".into(), path(&x509.certificate_file));
+            files.insert("private_key_file".into(), path(&x509.private_key_file));
+            root.insert("identity".into(), Value::Table(files));
         }
         if let Some(p) = &self.provisioning {
             let mut provisioning = Table::new();
@@ -115,8 +121,10 @@ impl Config {
                 "global_endpoint".into(),
                 text(&format!("{}:{}", p.host, p.port)),
             );
-            // The device key, whether given or derived from a group key.
-            provisioning.insert("key".into(), text("***"));
+            // The device key, whether given or derived from a group key (none for X.509).
+            if p.x509.is_none() {
+                provisioning.insert("key".into(), text("***"));
+            }
             if let Some(ca_file) = &p.ca_file {
                 provisioning.insert("ca_file".into(), path(ca_file));
             }

@@ -15,7 +15,10 @@ pub struct FleetDevice {
     pub device_id: String,
     pub host_name: String,
     pub gateway_host_name: Option<String>,
+    /// Empty for an X.509 device.
     pub key: Secret,
+    /// `--x509-ca`: the device's certificate and key, issued in memory (`fleet::x509`).
+    pub certificate: Option<std::sync::Arc<rustls::sign::CertifiedKey>>,
 }
 
 impl FleetDevice {
@@ -26,9 +29,41 @@ impl FleetDevice {
             key: self.key.clone(),
             gateway_host_name: self.gateway_host_name.clone(),
             ca_file: ca_file.map(Path::to_path_buf),
-            x509: None,
+            // The agent only asks whether it is an X.509 device (no token, no renewal): its
+            // certificate is in the TLS configuration the fleet gives it, not in files.
+            x509: self.certificate.as_ref().map(|_| crate::config::X509Files {
+                certificate_file: PathBuf::from("(issued in memory by the fleet)"),
+                private_key_file: PathBuf::from("(issued in memory by the fleet)"),
+                not_after: chrono::Utc::now() + chrono::Duration::days(super::x509::VALIDITY_DAYS),
+            }),
         }
     }
+}
+
+/// The devices `ids` (already sliced for this shard) on `host_name`, each with a certificate
+/// issued by `ca` (CN = its id) and no key.
+pub fn from_ca(
+    ids: impl IntoIterator<Item = String>,
+    host_name: &str,
+    gateway_host_name: Option<&str>,
+    ca: &super::x509::FleetCa,
+) -> Result<Vec<FleetDevice>, DevicesError> {
+    ids.into_iter()
+        .map(|device_id| {
+            validate_device_id(&device_id).map_err(|source| DevicesError::BadId {
+                device_id: device_id.clone(),
+                source,
+            })?;
+            let certificate = ca.issue(&device_id)?;
+            Ok(FleetDevice {
+                device_id,
+                host_name: host_name.to_string(),
+                gateway_host_name: gateway_host_name.map(str::to_string),
+                key: Secret::new(String::new()),
+                certificate: Some(certificate),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +100,8 @@ pub enum DevicesError {
     },
     #[error("{} lists no device", path.display())]
     Empty { path: PathBuf },
+    #[error(transparent)]
+    X509(#[from] super::x509::FleetX509Error),
 }
 
 /// The devices `ids` (already sliced for this shard) on `host_name`, each key derived from
@@ -88,6 +125,7 @@ pub fn from_group_key(
                 host_name: host_name.to_string(),
                 gateway_host_name: gateway_host_name.map(str::to_string),
                 key: Secret::new(key),
+                certificate: None,
             })
         })
         .collect()
@@ -144,6 +182,7 @@ fn parse_lines(path: &Path, text: &str) -> Result<Vec<FleetDevice>, DevicesError
             host_name: parsed.host_name,
             gateway_host_name: parsed.gateway_host_name,
             key: Secret::new(key),
+            certificate: None,
         });
     }
     if devices.is_empty() {

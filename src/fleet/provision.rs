@@ -80,7 +80,8 @@ async fn register_one(
     }
 }
 
-/// Registers every device (its id is the registration id, its key the derived one) and
+/// Registers every device (its id is the registration id, its key the derived one, or its
+/// certificate for an X.509 device) and
 /// returns them as assigned, in the same order.
 pub async fn provision_all(
     devices: Vec<FleetDevice>,
@@ -109,7 +110,11 @@ pub async fn provision_all(
                     let registration = Registration {
                         host: settings.host.clone(),
                         port: settings.port,
-                        tls: settings.tls.clone(),
+                        // An X.509 device registers with its certificate and no key.
+                        tls: match &device.certificate {
+                            Some(c) => super::x509::with_certificate(&settings.tls, c.clone()),
+                            None => settings.tls.clone(),
+                        },
                         id_scope: settings.id_scope.clone(),
                         registration_id: device.device_id.clone(),
                         device_key: device.key.expose().to_string(),
@@ -142,6 +147,7 @@ pub async fn provision_all(
                     host_name: assignment.assigned_hub,
                     gateway_host_name: settings.gateway_host_name.clone(),
                     key: device.key,
+                    certificate: device.certificate,
                 });
             }
             Err(source) => {

@@ -304,8 +304,13 @@ impl Fleet {
         let mut contexts = Vec::with_capacity(settings.devices.len());
         for device in &settings.devices {
             let config = device_config(&settings, device);
+            // An X.509 device: the shared configuration, presenting its own certificate.
+            let tls = match &device.certificate {
+                Some(certificate) => super::x509::with_certificate(&tls, certificate.clone()),
+                None => tls.clone(),
+            };
             let mut agent =
-                Agent::with_shared(config, tls.clone(), registry.clone()).map_err(|source| {
+                Agent::with_shared(config, tls, registry.clone()).map_err(|source| {
                     FleetError::Agent {
                         device_id: device.device_id.clone(),
                         source,

@@ -215,6 +215,15 @@ impl Authorities {
             .ok_or_else(|| X509Error::NotFound(name.to_string()))
     }
 
+    /// The certificate (DER) of the CA named `name`, if the hub trusts one of that name.
+    pub fn certificate(&self, name: &str) -> Option<CertificateDer<'static>> {
+        self.read()
+            .authorities
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.der().ok())
+    }
+
     /// Adds a CA certificate given as PEM (its first certificate is the anchor).
     pub fn add(&self, name: &str, pem: String) -> Result<Value, X509Error> {
         check_name(name)?;
@@ -360,6 +369,35 @@ impl Authorities {
             .map(|_| ())
             .map_err(ChainError::Refused)
     }
+}
+
+/// Verifies `leaf` (with the intermediates the client sent) up to one of `anchors` (CA
+/// certificates, DER: a DPS enrollment group's signing certificates or named CAs), for client
+/// authentication, at `now_unix`.
+pub fn verify_chain_to(
+    anchors: &[CertificateDer<'_>],
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now_unix: u64,
+) -> Result<(), ChainError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for anchor in anchors {
+        roots
+            .add(anchor.clone().into_owned())
+            .map_err(ChainError::Refused)?;
+    }
+    if roots.is_empty() {
+        return Err(ChainError::NoAuthority);
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider()))
+            .build()
+            .map_err(|e| ChainError::Refused(rustls::Error::General(e.to_string())))?;
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(now_unix));
+    verifier
+        .verify_client_cert(leaf, intermediates, now)
+        .map(|_| ())
+        .map_err(ChainError::Refused)
 }
 
 /// Why a device certificate does not chain to a trusted CA.

@@ -3,7 +3,9 @@
 Enrollments are written through the DPS service REST API (api-version 2021-10-01) with the
 `dps_service_connection_string` of hub.json; `ProvisioningDeviceClient.create_from_symmetric_key`
 registers (individual and group enrollments), and the device it got then connects to the
-assigned hub with `IoTHubDeviceClient` and sends a message.
+assigned hub with `IoTHubDeviceClient` and sends a message. X.509: an enrollment group naming a
+CA the hub generated (`x509.caReferences`), `create_from_x509_certificate` on both clients with
+a certificate that CA issued (CN = registration id); a certificate of another CA is refused.
 
 paho dials port 8883 for DPS as for the hub: while a provisioning client registers, 8883 is
 sent to the hub's `dps_port` instead of its `mqtt_port` (`_dps_port_for_8883`).
@@ -18,7 +20,7 @@ import json
 import paho.mqtt.client as paho_client
 import pytest
 import requests
-from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient, exceptions
+from azure.iot.device import X509, IoTHubDeviceClient, Message, ProvisioningDeviceClient, exceptions
 
 from conftest import call_with_timeout, service_sas, unique_id, wait_for
 
@@ -168,3 +170,101 @@ def test_a_disabled_enrollment_is_refused_by_the_service(hub):
         register(hub, provisioning_client(hub, registration_id, key))
     assert isinstance(refused.value.__cause__, exceptions.ServiceError), repr(refused.value.__cause__)
     assert "401" in str(refused.value.__cause__)
+
+
+def hub_request(hub, method, path, body=None):
+    """The hub's simdevice extension (CA and device certificates), with the service policy."""
+    response = requests.request(
+        method,
+        hub.api_base + path,
+        params={"api-version": "2021-04-12"},
+        json=body,
+        headers={"Authorization": service_sas(hub.service_connection_string)},
+        verify=hub.ca_file,
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def issue_x509(hub, tmp_path, device_id, ca):
+    """A device certificate (CN = device_id) issued by the hub's CA, as files for X509()."""
+    issued = hub_request(hub, "POST", "/simdevice/device-certificates", {"deviceId": device_id, "ca": ca, "days": 30})
+    cert_file = tmp_path / (device_id + ".pem")
+    key_file = tmp_path / (device_id + ".key")
+    cert_file.write_text(issued["certificate"])
+    key_file.write_text(issued["privateKey"])
+    key_file.chmod(0o600)
+    return X509(str(cert_file), str(key_file))
+
+
+def test_an_x509_group_provisions_a_device_that_connects_with_its_certificate(hub, registry_manager, tmp_path):
+    ca = unique_id("dps-ca")
+    hub_request(hub, "POST", "/simdevice/certificates/{}/generate".format(ca))
+    group_id = unique_id("x509-group")
+    put = dps_request(
+        hub,
+        "PUT",
+        "/enrollmentGroups/" + group_id,
+        {
+            "enrollmentGroupId": group_id,
+            "attestation": {"type": "x509", "x509": {"caReferences": {"primary": ca}}},
+            "initialTwin": {"tags": {"pki": "group"}},
+        },
+    )
+    assert put.status_code == 200, put.text
+    registration_id = unique_id("x509-dev")
+    x509 = issue_x509(hub, tmp_path, registration_id, ca)
+
+    client = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host="localhost",
+        registration_id=registration_id,
+        id_scope=hub.info["id_scope"],
+        x509=x509,
+        server_verification_cert=hub.ca_pem,
+    )
+    result = register(hub, client)
+    assert result.status == "assigned", str(result)
+    assert result.registration_state.device_id == registration_id
+    device = call_with_timeout(registry_manager.get_device, registration_id, what="get_device")
+    assert device.authentication.type == "certificateAuthority"
+
+    device_client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=x509,
+        hostname=result.registration_state.assigned_hub,
+        device_id=result.registration_state.device_id,
+        server_verification_cert=hub.ca_pem,
+    )
+    try:
+        call_with_timeout(device_client.connect, what="connect with the provisioned certificate")
+        call_with_timeout(device_client.send_message, Message(json.dumps({"x509": True})), what="send_message")
+        wait_for(lambda: hub.recent_events(registration_id), what="the message at the hub")
+        twin = call_with_timeout(registry_manager.get_twin, registration_id, what="get_twin (service)")
+        assert twin.tags == {"pki": "group"}
+    finally:
+        call_with_timeout(device_client.shutdown, timeout=10, what="shutdown")
+
+
+def test_a_certificate_of_another_ca_is_refused_by_the_x509_group(hub, tmp_path):
+    ca = unique_id("dps-ca")
+    stranger_ca = unique_id("other-ca")
+    for name in (ca, stranger_ca):
+        hub_request(hub, "POST", "/simdevice/certificates/{}/generate".format(name))
+    group_id = unique_id("x509-group")
+    put = dps_request(
+        hub,
+        "PUT",
+        "/enrollmentGroups/" + group_id,
+        {"attestation": {"type": "x509", "x509": {"caReferences": {"primary": ca}}}},
+    )
+    assert put.status_code == 200, put.text
+    registration_id = unique_id("x509-stranger")
+    client = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host="localhost",
+        registration_id=registration_id,
+        id_scope=hub.info["id_scope"],
+        x509=issue_x509(hub, tmp_path, registration_id, stranger_ca),
+        server_verification_cert=hub.ca_pem,
+    )
+    with pytest.raises(exceptions.CredentialError):
+        register(hub, client)

@@ -284,6 +284,7 @@ fn provisioned_config(
         ),
         // The assigned hub is `localhost`; its MQTT port is the test hub's free one.
         gateway_host_name: Some(format!("localhost:{}", hub.hub.mqtt_addr().port())),
+        x509: None,
     };
     let mut config = simdevice::config::Config::for_identity(provisioning.unassigned_identity());
     config.provisioning = Some(provisioning);
@@ -565,6 +566,82 @@ mod cli {
         );
         hub.stop().await;
     }
+
+    #[tokio::test]
+    async fn service_dps_creates_x509_enrollments_by_ca_name_or_certificate_file() {
+        let hub = TestHub::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_pem = super::generate_ca(&hub, "cli-ca").await;
+        let by_name = dps(
+            &hub,
+            &["enrollment-group", "create", "g-ca", "--x509-ca", "cli-ca"],
+        )
+        .await
+        .unwrap();
+        assert_eq!(by_name["attestation"]["type"], "x509");
+        assert_eq!(
+            by_name["attestation"]["x509"]["caReferences"]["primary"],
+            "cli-ca"
+        );
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        let by_file = dps(
+            &hub,
+            &[
+                "enrollment-group",
+                "create",
+                "g-pem",
+                "--certificate",
+                ca_file.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        let signing = &by_file["attestation"]["x509"]["signingCertificates"]["primary"];
+        assert!(
+            signing["info"]["subjectName"]
+                .as_str()
+                .unwrap()
+                .contains("CN=cli-ca"),
+            "{signing}"
+        );
+        let (_, device_pem) = super::issue_pair(&hub, dir.path(), "cli-dev", None, 30).await;
+        let device_file = dir.path().join("cli-dev.pem");
+        std::fs::write(&device_file, device_pem).unwrap();
+        let individual = dps(
+            &hub,
+            &[
+                "enrollment",
+                "create",
+                "cli-dev",
+                "--certificate",
+                device_file.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+        assert!(
+            individual["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+                ["sha256Thumbprint"]
+                .is_string()
+        );
+        // CA references are for groups; an unknown CA is the service's 400.
+        let wrong = dps(
+            &hub,
+            &["enrollment", "create", "cli-dev", "--x509-ca", "cli-ca"],
+        )
+        .await
+        .unwrap_err();
+        assert!(wrong.is_usage(), "{wrong}");
+        let unknown = dps(
+            &hub,
+            &["enrollment-group", "create", "g-x", "--x509-ca", "nope"],
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(unknown.status(), Some(400));
+        hub.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -728,5 +805,486 @@ async fn simdevice_run_with_only_provisioning_registers_sends_and_exits_0_on_sig
         .expect("the agent stops")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    hub.stop().await;
+}
+
+/// A device certificate (CN = `device`) the hub issues, signed by its CA `ca` or self-signed,
+/// written into `dir` (the key 0600): what an X.509 device holds.
+async fn issue_pair(
+    hub: &TestHub,
+    dir: &std::path::Path,
+    device: &str,
+    ca: Option<&str>,
+    days: i64,
+) -> (simdevice::config::X509Files, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let reply = hub
+        .service()
+        .call(
+            Method::POST,
+            "/simdevice/device-certificates",
+            Some(json!({"deviceId": device, "ca": ca, "days": days})),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let cert_pem = reply.body["certificate"].as_str().unwrap().to_string();
+    let name = format!("{device}-{}", rand::random::<u32>());
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, reply.body["privateKey"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let der = simdevice::common::pem::parse_pem_certificates(&cert_pem).unwrap();
+    let summary = simdevice::common::der::certificate_summary(&der[0]).unwrap();
+    let files = simdevice::config::X509Files {
+        certificate_file: cert,
+        private_key_file: key,
+        not_after: summary.not_after,
+    };
+    (files, cert_pem)
+}
+
+/// The TLS client configuration of a device presenting `files`.
+fn x509_tls(
+    hub: &TestHub,
+    files: &simdevice::config::X509Files,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let identity = simdevice::config::Identity {
+        host_name: "localhost".into(),
+        device_id: "unused".into(),
+        key: simdevice::config::Secret::new(String::new()),
+        gateway_host_name: None,
+        ca_file: Some(hub.hub.info().ca_file.clone()),
+        x509: Some(files.clone()),
+    };
+    simdevice::agent::client_tls_for(&identity).unwrap()
+}
+
+/// An X.509 registration: no key, the certificate in the TLS configuration.
+fn x509_registration(
+    hub: &TestHub,
+    registration_id: &str,
+    files: &simdevice::config::X509Files,
+) -> Registration {
+    Registration {
+        tls: x509_tls(hub, files),
+        ..registration(hub, registration_id, "")
+    }
+}
+
+/// CONNECT to the hub's MQTT port with `files`' certificate and no password: the CONNACK code.
+async fn connect_with_certificate(
+    hub: &TestHub,
+    device: &str,
+    files: &simdevice::config::X509Files,
+) -> rumqttc::ConnectReturnCode {
+    let connector = tokio_rustls::TlsConnector::from(x509_tls(hub, files));
+    let mut raw = RawDevice::open_at(hub.hub.mqtt_addr(), connector).await;
+    let mut connect = rumqttc::Connect::new(device);
+    connect.keep_alive = 60;
+    connect.login = Some(rumqttc::Login::new(crate::common::user_name(device), ""));
+    raw.send(rumqttc::Packet::Connect(connect)).await;
+    match raw.recv().await {
+        Some(rumqttc::Packet::ConnAck(ack)) => ack.code,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+async fn generate_ca(hub: &TestHub, name: &str) -> String {
+    let path = format!("/simdevice/certificates/{name}/generate");
+    let reply = hub.service().call(Method::POST, &path, None, &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.body["properties"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn an_x509_group_by_ca_reference_provisions_devices_that_connect_with_their_certificate() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dps = dps_service(&hub);
+    generate_ca(&hub, "plant-ca").await;
+    // A reference to a CA the hub does not have is refused.
+    let unknown = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/cams",
+            Some(json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "nope"}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (unknown.status, &unknown.body["errorCode"]),
+        (400, &json!(400_004)),
+        "{}",
+        unknown.body
+    );
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/cams",
+            Some(json!({
+                "enrollmentGroupId": "cams",
+                "attestation": {"type": "x509", "x509": {"caReferences": {"primary": "plant-ca"}}},
+                "initialTwin": {"tags": {"line": "3"}},
+            })),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["attestation"]["type"], "x509");
+    assert_eq!(
+        put.body["attestation"]["x509"]["caReferences"]["primary"],
+        "plant-ca"
+    );
+
+    let (files, _) = issue_pair(&hub, dir.path(), "cam-01", Some("plant-ca"), 30).await;
+    let assignment = provision::register(&x509_registration(&hub, "cam-01", &files), now())
+        .await
+        .expect("registered with the certificate");
+    assert_eq!(assignment.device_id, "cam-01");
+    assert_eq!(assignment.substatus.as_deref(), Some("initialAssignment"));
+    let device = hub.service().get("/devices/cam-01").await.body;
+    assert_eq!(device["authentication"]["type"], "certificateAuthority");
+    assert_eq!(
+        hub.service().get("/twins/cam-01").await.body["tags"]["line"],
+        "3"
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "cam-01", &files).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+
+    // Refused at CONNECT (CONNACK 5), as DPS refuses: a certificate of another CA, one whose
+    // CN is not the registration id, an expired one, and a SAS token for a group of X.509.
+    let (stranger, _) = issue_pair(&hub, dir.path(), "cam-02", None, 30).await;
+    let (expired, _) = issue_pair(&hub, dir.path(), "cam-04", Some("plant-ca"), -2).await;
+    for (registration_id, files) in [
+        ("cam-02", &stranger),
+        ("cam-03", &files),
+        ("cam-04", &expired),
+    ] {
+        let refused =
+            provision::register(&x509_registration(&hub, registration_id, files), now()).await;
+        assert!(
+            matches!(refused, Err(ProvisionError::Unauthorized { .. })),
+            "{registration_id}: {refused:?}"
+        );
+    }
+    let sas = provision::register(&registration(&hub, "cam-05", &sas::generate_key()), now()).await;
+    assert!(
+        matches!(sas, Err(ProvisionError::Unauthorized { .. })),
+        "{sas:?}"
+    );
+    assert!(!hub.hub.state().registry.contains("cam-02"));
+
+    // A disabled group: DPS's 401 with its code, after the CONNECT.
+    let mut body = put.body.clone();
+    body["provisioningStatus"] = json!("disabled");
+    let off = dps
+        .call(Method::PUT, "/enrollmentGroups/cams", Some(body), &[])
+        .await;
+    assert_eq!(off.status, 200, "{}", off.body);
+    let (files_6, _) = issue_pair(&hub, dir.path(), "cam-06", Some("plant-ca"), 30).await;
+    match provision::register(&x509_registration(&hub, "cam-06", &files_6), now()).await {
+        Err(ProvisionError::Refused { status, code, .. }) => {
+            assert_eq!((status, code), (401, 401_003))
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn signing_certificates_and_individual_x509_enrollments_create_self_signed_devices() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let dps = dps_service(&hub);
+    // The group's CA is given as PEM and is not one the hub trusts for devices.
+    let ca_pem = generate_ca(&hub, "vendor-ca").await;
+    let (files, _) = issue_pair(&hub, dir.path(), "pump-01", Some("vendor-ca"), 30).await;
+    let deleted = hub
+        .service()
+        .call(
+            Method::DELETE,
+            "/simdevice/certificates/vendor-ca",
+            None,
+            &[],
+        )
+        .await;
+    assert!(deleted.status < 300, "{}", deleted.body);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/pumps",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "signingCertificates": {"primary": {"certificate": ca_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let info = &put.body["attestation"]["x509"]["signingCertificates"]["primary"]["info"];
+    assert!(
+        info["subjectName"]
+            .as_str()
+            .unwrap()
+            .contains("CN=vendor-ca"),
+        "{info}"
+    );
+    assert_eq!(info["sha256Thumbprint"].as_str().map(str::len), Some(64));
+
+    let assignment = provision::register(&x509_registration(&hub, "pump-01", &files), now())
+        .await
+        .expect("registered");
+    assert_eq!(assignment.device_id, "pump-01");
+    let leaf = simdevice::common::pem::parse_pem_certificates(
+        &std::fs::read_to_string(&files.certificate_file).unwrap(),
+    )
+    .unwrap();
+    let thumbprint = simdevice::common::der::thumbprint_sha256(&leaf[0]);
+    let auth = &hub.service().get("/devices/pump-01").await.body["authentication"];
+    assert_eq!(auth["type"], "selfSigned");
+    assert_eq!(
+        auth["x509Thumbprint"]["primaryThumbprint"],
+        thumbprint.as_str()
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "pump-01", &files).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+
+    // An individual enrollment: the device's own certificate, whose CN is the registration id.
+    let (own, own_pem) = issue_pair(&hub, dir.path(), "gate-01", None, 30).await;
+    let mismatch = dps
+        .call(
+            Method::PUT,
+            "/enrollments/gate-02",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "clientCertificates": {"primary": {"certificate": own_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(mismatch.status, 400, "{}", mismatch.body);
+    let put = dps
+        .call(
+            Method::PUT,
+            "/enrollments/gate-01",
+            Some(
+                json!({"deviceId": "gate-device", "attestation": {"type": "x509", "x509": {
+                "clientCertificates": {"primary": {"certificate": own_pem}}}}}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // Another certificate with the same CN is not the enrolled one.
+    let (other, _) = issue_pair(&hub, dir.path(), "gate-01", None, 30).await;
+    let refused = provision::register(&x509_registration(&hub, "gate-01", &other), now()).await;
+    assert!(
+        matches!(refused, Err(ProvisionError::Unauthorized { .. })),
+        "{refused:?}"
+    );
+    let assignment = provision::register(&x509_registration(&hub, "gate-01", &own), now())
+        .await
+        .expect("registered");
+    assert_eq!(assignment.device_id, "gate-device");
+    assert_eq!(
+        hub.service().get("/devices/gate-device").await.body["authentication"]["type"],
+        "selfSigned"
+    );
+    assert_eq!(
+        connect_with_certificate(&hub, "gate-device", &own).await,
+        rumqttc::ConnectReturnCode::Success
+    );
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_with_an_x509_identity_and_provisioning_registers_and_connects_with_its_certificate(
+) {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    generate_ca(&hub, "agents-ca").await;
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-agents",
+            Some(json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "agents-ca"}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let (files, _) = issue_pair(&hub, dir.path(), "meter-9", Some("agents-ca"), 30).await;
+    // The configuration as a user writes it: no key anywhere, the registration id from the CN.
+    let text = format!(
+        "[identity]\ncertificate_file = \"{}\"\nprivate_key_file = \"{}\"\n\
+         [provisioning]\nid_scope = \"{}\"\nglobal_endpoint = \"localhost:{}\"\nca_file = \"{}\"\n\
+         gateway_host_name = \"localhost:{}\"\n[telemetry]\ninterval_secs = 0.2\n\
+         [outbox]\npath = \"{}\"\n",
+        files.certificate_file.display(),
+        files.private_key_file.display(),
+        hub.hub.info().id_scope.clone().unwrap(),
+        hub.hub.dps_addr().unwrap().port(),
+        hub.hub.info().ca_file.display(),
+        hub.hub.mqtt_addr().port(),
+        dir.path().join("outbox.db").display(),
+    );
+    let config = simdevice::config::Config::from_sources(
+        Some((&dir.path().join("config.toml"), &text)),
+        &[],
+    )
+    .expect("the configuration loads");
+    assert_eq!(
+        config
+            .provisioning
+            .as_ref()
+            .map(|p| p.registration_id.as_str()),
+        Some("meter-9")
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(provision::run_provisioned(config, false, stop.clone()));
+    crate::common::agent::eventually(Duration::from_secs(15), || async {
+        hub.hub.state().registry.contains("meter-9").then_some(())
+    })
+    .await;
+    telemetry_grows(&hub, "meter-9").await;
+    assert_eq!(
+        hub.service().get("/devices/meter-9").await.body["authentication"]["type"],
+        "certificateAuthority"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    hub.stop().await;
+}
+
+/// A CA made outside the hub (as a user's own PKI would), written as PEM: (certificate, key).
+fn own_ca(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Fabrikam");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    (cert_file, key_file, cert.pem())
+}
+
+async fn run_fleet(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_simdevice"));
+    crate::common::isolated(&mut command)
+        .arg("fleet")
+        .args(args)
+        .args(["--report", report.to_str().unwrap()]);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the fleet ends")
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn an_x509_fleet_provisions_through_a_group_or_connects_as_certificate_authority_devices() {
+    let hub = TestHub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_cert, ca_key, ca_pem) = own_ca(dir.path(), "fleet-ca");
+    let put = dps_service(&hub)
+        .call(
+            Method::PUT,
+            "/enrollmentGroups/x509-fleet",
+            Some(json!({"attestation": {"type": "x509", "x509": {
+                "signingCertificates": {"primary": {"certificate": ca_pem}}}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let ca_file = hub.hub.info().ca_file.to_str().unwrap().to_string();
+    let gateway = format!("localhost:{}", hub.hub.mqtt_addr().port());
+    let common = [
+        "--x509-ca",
+        ca_cert.to_str().unwrap(),
+        "--x509-ca-key",
+        ca_key.to_str().unwrap(),
+        "--gateway",
+        &gateway,
+        "--ca-file",
+        &ca_file,
+        "--count",
+        "3",
+        "--messages",
+        "2",
+        "--interval-secs",
+        "0.1",
+    ];
+
+    // With --dps: registered through the X.509 group with the certificates the fleet issued.
+    let scope = hub.hub.info().id_scope.clone().unwrap();
+    let endpoint = format!("localhost:{}", hub.hub.dps_addr().unwrap().port());
+    let mut args = vec![
+        "--dps",
+        &scope,
+        "--dps-endpoint",
+        &endpoint,
+        "--prefix",
+        "xd-",
+    ];
+    args.extend_from_slice(&common);
+    let report = run_fleet(&args).await;
+    assert_eq!(report["connected"], 3, "{report}");
+    for id in ["xd-1", "xd-2", "xd-3"] {
+        let device = hub.service().get(&format!("/devices/{id}")).await.body;
+        assert_eq!(device["authentication"]["type"], "selfSigned", "{device}");
+        assert!(telemetry_of(&hub, id) >= 2, "{id} sent too little");
+    }
+
+    // Without DPS: the hub trusts the CA and has the devices as certificateAuthority.
+    let added = hub
+        .service()
+        .call(
+            Method::PUT,
+            "/simdevice/certificates/fleet-ca",
+            Some(json!({"certificate": std::fs::read_to_string(&ca_cert).unwrap()})),
+            &[],
+        )
+        .await;
+    assert_eq!(added.status, 200, "{}", added.body);
+    for id in ["xc-1", "xc-2", "xc-3"] {
+        let created = hub
+            .service()
+            .call(
+                Method::PUT,
+                &format!("/devices/{id}"),
+                Some(json!({"deviceId": id, "authentication": {"type": "certificateAuthority"}})),
+                &[],
+            )
+            .await;
+        assert_eq!(created.status, 200, "{}", created.body);
+    }
+    let mut args = vec!["--host", "localhost", "--prefix", "xc-"];
+    args.extend_from_slice(&common);
+    let report = run_fleet(&args).await;
+    assert_eq!(report["connected"], 3, "{report}");
+    for id in ["xc-1", "xc-2", "xc-3"] {
+        assert!(telemetry_of(&hub, id) >= 2, "{id} sent too little");
+    }
     hub.stop().await;
 }

@@ -5,7 +5,8 @@
 //!
 //! Every request needs an `api-version` and a SAS token of the `provisioningserviceowner`
 //! policy ([`DpsAuthorized`]); errors are DPS's body (`errorCode`, `trackingId`, `message`,
-//! `timestampUtc`) with the status of the code. The rules live in `hub::dps::enrollments`.
+//! `timestampUtc`) with the status of the code. The rules live in `hub::dps::enrollments`;
+//! this side checks only that an enrollment group's `caReferences` name CAs the hub has.
 
 use std::sync::Arc;
 
@@ -93,12 +94,34 @@ fn put(
     headers: &HeaderMap,
     b: Body,
 ) -> Result<Json<Value>, DpsApiError> {
+    let body = body(b)?;
+    check_ca_references(state, &body)?;
     let (doc, created) = state
         .dps
         .enrollments
-        .put(kind, id, &body(b)?, if_match(headers))?;
+        .put(kind, id, &body, if_match(headers))?;
     tracing::info!(enrollment = id, ?kind, created, "DPS enrollment written");
     Ok(Json(doc))
+}
+
+/// An enrollment group's `x509.caReferences` must name CA certificates the hub has (added
+/// with `simdevice service certificate add|create-ca` or `hub --x509-ca`), as DPS's must
+/// name certificates of the DPS.
+fn check_ca_references(state: &HubState, body: &Value) -> Result<(), DpsApiError> {
+    let references = body
+        .pointer("/attestation/x509/caReferences")
+        .and_then(Value::as_object);
+    for (side, name) in references.into_iter().flatten() {
+        if let Some(name) = name.as_str() {
+            if state.x509.certificate(name).is_none() {
+                return Err(bad_request(format!(
+                    "attestation.x509.caReferences.{side}: no CA certificate named {name:?} \
+                     (add it with `simdevice service certificate add`)"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn put_group(

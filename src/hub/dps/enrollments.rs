@@ -4,8 +4,16 @@
 //!
 //! A document is checked and completed here (keys generated when absent, as DPS does;
 //! timestamps; etag); fields this DPS does not act on (capabilities, allocationPolicy,
-//! reprovisionPolicy, ...) are kept and returned as given. X.509 attestation is refused for
-//! now: it waits for the hub's X.509 work. Knows nothing of MQTT or HTTP.
+//! reprovisionPolicy, ...) are kept and returned as given.
+//!
+//! X.509 attestation (`attestation.type` `x509`): an individual enrollment names the device's
+//! own certificates (`x509.clientCertificates`, matched by thumbprint, and its registration id
+//! must be their common name); a group names CA certificates a device's chain must reach,
+//! given in the enrollment (`x509.signingCertificates`) or by the name of a CA added to the
+//! hub (`x509.caReferences`, `simdevice service certificate add`). A certificate is given as
+//! PEM or as base64 DER, and returned as PEM with DPS's `info` (subject, issuer, dates,
+//! thumbprints). The chain itself is checked by the caller (`dps::Dps`), which has the hub's
+//! CAs. Knows nothing of MQTT or HTTP.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -14,8 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::DpsError;
+use crate::common::der::{certificate_summary, thumbprint_sha1, thumbprint_sha256};
 use crate::hub::error::LoadError;
-use crate::hub::registry::now_iso;
+use crate::hub::registry::{now_iso, DeviceAuth};
 use crate::hub::store::Store;
 use crate::protocol::dps::error_code;
 use crate::protocol::sas::{self, SasToken};
@@ -51,6 +60,92 @@ impl Kind {
     }
 }
 
+/// An enrollment's X.509 attestation: certificates as DER in base64 (primary first, then the
+/// secondary if given), or CA names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum X509Attestation {
+    /// Individual enrollments: the device's own certificates.
+    ClientCertificates(Vec<String>),
+    /// Enrollment groups: root or intermediate CA certificates a device's chain must reach.
+    SigningCertificates(Vec<String>),
+    /// Enrollment groups: names of CA certificates added to the hub.
+    CaReferences(Vec<String>),
+}
+
+impl X509Attestation {
+    /// The DER of the certificates it holds (none for CA references).
+    pub fn certificates(&self) -> Vec<Vec<u8>> {
+        use base64::Engine;
+        match self {
+            X509Attestation::ClientCertificates(list)
+            | X509Attestation::SigningCertificates(list) => list
+                .iter()
+                .filter_map(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .collect(),
+            X509Attestation::CaReferences(_) => Vec::new(),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        let side = |index: usize| if index == 0 { "primary" } else { "secondary" };
+        let (field, pairs): (&str, Map<String, Value>) = match self {
+            X509Attestation::CaReferences(names) => (
+                "caReferences",
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (side(i).to_string(), json!(n)))
+                    .collect(),
+            ),
+            X509Attestation::ClientCertificates(_) | X509Attestation::SigningCertificates(_) => (
+                if matches!(self, X509Attestation::ClientCertificates(_)) {
+                    "clientCertificates"
+                } else {
+                    "signingCertificates"
+                },
+                self.certificates()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, der)| {
+                        (
+                            side(i).to_string(),
+                            json!({"certificate": der_to_pem(der), "info": certificate_info(der)}),
+                        )
+                    })
+                    .collect(),
+            ),
+        };
+        json!({ field: pairs })
+    }
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// DPS's X509CertificateInfo of a certificate (serialNumber left out: not read here).
+fn certificate_info(der: &[u8]) -> Value {
+    let summary = certificate_summary(der);
+    json!({
+        "subjectName": summary.as_ref().map(|s| s.subject.clone()),
+        "issuerName": summary.as_ref().map(|s| s.issuer.clone()),
+        "notBeforeUtc": summary.as_ref().map(|s| s.not_before.to_rfc3339()),
+        "notAfterUtc": summary.as_ref().map(|s| s.not_after.to_rfc3339()),
+        "sha1Thumbprint": thumbprint_sha1(der),
+        "sha256Thumbprint": thumbprint_sha256(der),
+        "version": 3,
+    })
+}
+
 /// One enrollment as kept. `extra` holds the fields of the request this DPS does not act on.
 /// `Debug` leaves the keys out.
 #[derive(Clone, Serialize, Deserialize)]
@@ -58,8 +153,12 @@ pub struct Enrollment {
     pub id: String,
     /// Individual enrollments only: the device id to create (default: the registration id).
     pub device_id: Option<String>,
+    /// The symmetric keys; empty for an X.509 enrollment.
     pub primary_key: String,
     pub secondary_key: String,
+    /// X.509 attestation instead of symmetric keys (absent in documents stored before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509Attestation>,
     pub enabled: bool,
     pub initial_twin: Option<Value>,
     pub etag_counter: u64,
@@ -92,11 +191,12 @@ impl Enrollment {
         if let Some(device_id) = &self.device_id {
             doc.insert("deviceId".into(), json!(device_id));
         }
-        doc.insert(
-            "attestation".into(),
-            json!({"type": "symmetricKey", "symmetricKey": {
+        let attestation = match &self.x509 {
+            Some(x509) => json!({"type": "x509", "x509": x509.to_json()}),
+            None => json!({"type": "symmetricKey", "symmetricKey": {
                 "primaryKey": self.primary_key, "secondaryKey": self.secondary_key}}),
-        );
+        };
+        doc.insert("attestation".into(), attestation);
         if let Some(twin) = &self.initial_twin {
             doc.insert("initialTwin".into(), twin.clone());
         }
@@ -113,6 +213,9 @@ impl Enrollment {
     /// The device keys a registration under this enrollment gets: the enrollment's own
     /// (individual) or derived from the group's keys with the registration id.
     pub fn device_keys(&self, kind: Kind, registration_id: &str) -> Option<(String, String)> {
+        if self.x509.is_some() {
+            return None;
+        }
         match kind {
             Kind::Individual => Some((self.primary_key.clone(), self.secondary_key.clone())),
             Kind::Group => Some((
@@ -172,6 +275,81 @@ fn key_field(symmetric: Option<&Value>, name: &str) -> Result<String, DpsError> 
     }
 }
 
+/// One certificate of an X.509 attestation, `{"certificate": PEM or base64 DER}`, as base64 DER.
+fn certificate_field(value: &Value, at: &str) -> Result<String, DpsError> {
+    use base64::Engine;
+    let text = value
+        .get("certificate")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(format!("{at}.certificate is required (PEM or base64 DER)")))?;
+    let der = if text.contains("-----BEGIN") {
+        crate::common::pem::parse_pem_certificates(text)
+            .ok()
+            .and_then(|certs| certs.into_iter().next())
+            .map(|c| c.to_vec())
+    } else {
+        let compact: String = text.split_whitespace().collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .ok()
+    };
+    match der {
+        Some(der) if certificate_summary(&der).is_some() => {
+            Ok(base64::engine::general_purpose::STANDARD.encode(der))
+        }
+        _ => Err(bad(format!("{at}.certificate is not an X.509 certificate"))),
+    }
+}
+
+/// `attestation.x509` of a PUT body: exactly one of clientCertificates (individual), or
+/// signingCertificates or caReferences (group), each with a primary and maybe a secondary.
+fn x509_attestation(kind: Kind, x509: Option<&Value>) -> Result<X509Attestation, DpsError> {
+    let x509 = x509
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("attestation.x509 is required for the x509 type"))?;
+    let present: Vec<(&str, &Value)> =
+        ["clientCertificates", "signingCertificates", "caReferences"]
+            .into_iter()
+            .filter_map(|f| x509.get(f).filter(|v| !v.is_null()).map(|v| (f, v)))
+            .collect();
+    let [(field, pair)] = present.as_slice() else {
+        return Err(bad(
+            "attestation.x509 needs exactly one of clientCertificates, signingCertificates or caReferences",
+        ));
+    };
+    let allowed = match kind {
+        Kind::Individual => *field == "clientCertificates",
+        Kind::Group => *field != "clientCertificates",
+    };
+    if !allowed {
+        return Err(bad(format!(
+            "attestation.x509.{field} is not for an {}",
+            kind.noun()
+        )));
+    }
+    let mut values = Vec::new();
+    for side in ["primary", "secondary"] {
+        let at = format!("attestation.x509.{field}.{side}");
+        match pair.get(side) {
+            None | Some(Value::Null) if side == "secondary" => {}
+            None | Some(Value::Null) => return Err(bad(format!("{at} is required"))),
+            Some(value) if *field == "caReferences" => {
+                let name = value
+                    .as_str()
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| bad(format!("{at} must be a CA certificate's name")))?;
+                values.push(name.to_string());
+            }
+            Some(value) => values.push(certificate_field(value, &at)?),
+        }
+    }
+    Ok(match *field {
+        "clientCertificates" => X509Attestation::ClientCertificates(values),
+        "signingCertificates" => X509Attestation::SigningCertificates(values),
+        _ => X509Attestation::CaReferences(values),
+    })
+}
+
 /// Checks a PUT body into an enrollment; `existing` gives the creation time and etag.
 fn from_request(
     kind: Kind,
@@ -194,14 +372,26 @@ fn from_request(
     let attestation = doc
         .get("attestation")
         .ok_or_else(|| bad("attestation is required"))?;
-    match attestation.get("type").and_then(Value::as_str) {
-        Some("symmetricKey") => {}
+    let x509 = match attestation.get("type").and_then(Value::as_str) {
+        Some("symmetricKey") => None,
+        Some("x509") => Some(x509_attestation(kind, attestation.get("x509"))?),
         Some(other) => {
             return Err(bad(format!(
-                "attestation type {other:?} is not supported by this DPS (only symmetricKey)"
+                "attestation type {other:?} is not supported by this DPS (symmetricKey or x509)"
             )))
         }
         None => return Err(bad("attestation.type is required")),
+    };
+    if let (Kind::Individual, Some(x509)) = (kind, &x509) {
+        // DPS: an X.509 device's registration id is its certificate's common name.
+        for der in x509.certificates() {
+            let common_name = certificate_summary(&der).and_then(|s| s.common_name);
+            if common_name.as_deref() != Some(id) {
+                return Err(bad(format!(
+                    "the client certificate's common name {common_name:?} is not the registration id {id:?}"
+                )));
+            }
+        }
     }
     let symmetric = attestation.get("symmetricKey");
     let enabled = match doc.get("provisioningStatus").and_then(Value::as_str) {
@@ -230,12 +420,20 @@ fn from_request(
         .filter(|(k, _)| !COMPUTED.contains(&k.as_str()) && k.as_str() != "etag")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let (primary_key, secondary_key) = match x509 {
+        Some(_) => (String::new(), String::new()),
+        None => (
+            key_field(symmetric, "primaryKey")?,
+            key_field(symmetric, "secondaryKey")?,
+        ),
+    };
     let now = now_iso();
     Ok(Enrollment {
         id: id.to_string(),
         device_id,
-        primary_key: key_field(symmetric, "primaryKey")?,
-        secondary_key: key_field(symmetric, "secondaryKey")?,
+        primary_key,
+        secondary_key,
+        x509,
         enabled,
         initial_twin,
         etag_counter: existing.map_or(1, |e| e.etag_counter + 1),
@@ -261,12 +459,16 @@ fn check_if_match(if_match: Option<&str>, current: &Enrollment) -> Result<(), Dp
     }
 }
 
-/// An enrollment that accepted a registration's token. `Debug` leaves the keys out.
+/// An enrollment that accepted a registration's token or certificate. `Debug` leaves the
+/// keys out.
 #[derive(Clone)]
 pub struct Matched {
     pub kind: Kind,
     pub enrollment: Enrollment,
+    /// The device's keys (empty for an X.509 registration).
     pub device_keys: (String, String),
+    /// How the device the registration creates authenticates with the hub.
+    pub auth: DeviceAuth,
 }
 
 impl std::fmt::Debug for Matched {
@@ -393,7 +595,63 @@ impl Enrollments {
             kind: matched.kind,
             enrollment: enrollment.clone(),
             device_keys: matched.device_keys.clone(),
+            auth: matched.auth.clone(),
         })
+    }
+
+    /// The X.509 enrollment that accepts the certificate `leaf` (DER) of `registration_id`
+    /// (its common name, checked by the caller): the individual enrollment of that id whose
+    /// client certificate it is (by thumbprint; the device is then `selfSigned` with the
+    /// enrollment's thumbprints); else, when there is no individual enrollment of that id,
+    /// the first group whose CA `chains` says the presented chain reaches (`caReferences`:
+    /// a `certificateAuthority` device, since the hub trusts that CA too; `signingCertificates`:
+    /// a `selfSigned` device with this certificate's thumbprint, since the hub does not know
+    /// that CA). Disabled enrollments match too (the registration then says so).
+    pub fn match_certificate(
+        &self,
+        registration_id: &str,
+        leaf: &[u8],
+        chains: impl Fn(&X509Attestation) -> bool,
+    ) -> Option<Matched> {
+        let entries = self.read();
+        let matched = |kind, enrollment: &Enrollment, auth| Matched {
+            kind,
+            enrollment: enrollment.clone(),
+            device_keys: (String::new(), String::new()),
+            auth,
+        };
+        if let Some(individual) = entries.get(&(Kind::Individual, registration_id.to_string())) {
+            let Some(x509 @ X509Attestation::ClientCertificates(_)) = &individual.x509 else {
+                return None;
+            };
+            let certificates = x509.certificates();
+            if !certificates.iter().any(|der| der.as_slice() == leaf) {
+                return None;
+            }
+            let mut thumbprints = certificates.iter().map(|der| thumbprint_sha256(der));
+            let auth = DeviceAuth::SelfSigned {
+                primary_thumbprint: thumbprints.next().unwrap_or_default(),
+                secondary_thumbprint: thumbprints.next(),
+            };
+            return Some(matched(Kind::Individual, individual, auth));
+        }
+        entries
+            .iter()
+            .filter(|((k, _), _)| *k == Kind::Group)
+            .find_map(|(_, group)| {
+                let x509 = group.x509.as_ref()?;
+                if !chains(x509) {
+                    return None;
+                }
+                let auth = match x509 {
+                    X509Attestation::CaReferences(_) => DeviceAuth::CertificateAuthority,
+                    _ => DeviceAuth::SelfSigned {
+                        primary_thumbprint: thumbprint_sha256(leaf),
+                        secondary_thumbprint: None,
+                    },
+                };
+                Some(matched(Kind::Group, group, auth))
+            })
     }
 
     /// The enrollment whose key signed `token` for `registration_id`: the individual
@@ -421,6 +679,7 @@ impl Enrollments {
                         kind,
                         enrollment: enrollment.clone(),
                         device_keys: keys,
+                        auth: DeviceAuth::Sas,
                     });
                 }
             }
@@ -495,6 +754,9 @@ mod tests {
         for body in [
             json!({}),
             json!({"attestation": {"type": "x509"}}),
+            json!({"attestation": {"type": "x509", "x509": {"caReferences": {"primary": "ca"}}}}),
+            json!({"attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": "junk"}}}}}),
+            json!({"attestation": {"type": "tpm"}}),
             json!({"attestation": {"type": "symmetricKey", "symmetricKey": {"primaryKey": "not base64!"}}}),
             json!({"attestation": {"type": "symmetricKey"}, "provisioningStatus": "maybe"}),
             json!({"attestation": {"type": "symmetricKey"}, "registrationId": "other"}),

@@ -3,9 +3,11 @@
 //!
 //! `mqtt` is the device endpoint (MQTT over TLS on its own port, the wire of
 //! `protocol::dps`); `enrollments` keeps individual enrollments and enrollment groups
-//! (symmetric keys). [`register`] is the assignment: the device is created in this hub's
-//! registry on its first registration with the enrollment's key (individual) or the key
-//! derived from the group key (group), the enrollment's `initialTwin` (tags and desired
+//! (symmetric keys or X.509). [`register`] is the assignment: the device is created in this
+//! hub's registry on its first registration with the enrollment's key (individual) or the key
+//! derived from the group key (group), or, registered with an X.509 certificate
+//! ([`Dps::authenticate_x509`]), as a `selfSigned` or `certificateAuthority` device that
+//! connects with the same certificate; the enrollment's `initialTwin` (tags and desired
 //! properties) applied to its twin; a registration of an existing device gives it the
 //! enrollment's keys again and keeps its twin (DPS's default reprovisioning policy). The
 //! service side (enrollments over REST) is `hub::api::dps`, authorized by
@@ -37,7 +39,7 @@ use crate::protocol::dps::{
 };
 use crate::protocol::sas::{self, SasToken};
 
-pub use enrollments::{Enrollments, Kind, Matched};
+pub use enrollments::{Enrollments, Kind, Matched, X509Attestation};
 
 /// Operations kept for their polls. A device polls within seconds of registering; when the
 /// table is full the oldest operation is forgotten, and a poll for it gets 404, after which
@@ -109,6 +111,15 @@ pub enum DpsAuthFailure {
     BadSignature,
     #[error("the token expired at {0} (Unix seconds)")]
     Expired(u64),
+    #[error(
+        "the certificate's common name {common_name:?} is not the registration id {registration:?}"
+    )]
+    WrongCommonName {
+        registration: String,
+        common_name: Option<String>,
+    },
+    #[error("no X.509 enrollment accepts the certificate")]
+    NoCertificateEnrollment,
 }
 
 /// An operation a device may poll.
@@ -280,6 +291,67 @@ impl Dps {
         Ok((registration_id.to_string(), matched))
     }
 
+    /// Checks the CONNECT of an X.509 registration (no SAS token; the client certificate
+    /// chain of the TLS handshake, leaf first): the leaf's common name must be the
+    /// registration id, and an X.509 enrollment must accept it ([`Enrollments::match_certificate`]):
+    /// a group's chain is verified (webpki, client-auth usage, dates) to its signing
+    /// certificates or to the hub's CAs it names; an individual enrollment's certificate
+    /// must be the very one, within its dates.
+    pub fn authenticate_x509(
+        &self,
+        authorities: &crate::hub::x509::Authorities,
+        now_unix: u64,
+        client_id: &str,
+        username: Option<&str>,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<(String, Matched), DpsAuthFailure> {
+        use crate::common::der::certificate_summary;
+        use crate::hub::x509::verify_chain_to;
+        let username = username.ok_or_else(|| DpsAuthFailure::Malformed("no user name".into()))?;
+        let (scope, registration_id) = crate::protocol::dps::parse_username(username)
+            .map_err(|e| DpsAuthFailure::Malformed(e.to_string()))?;
+        if scope != self.id_scope {
+            return Err(DpsAuthFailure::WrongScope(scope.to_string()));
+        }
+        if client_id != registration_id {
+            return Err(DpsAuthFailure::ClientIdMismatch(client_id.to_string()));
+        }
+        let (leaf, intermediates) = chain.split_first().ok_or_else(|| {
+            DpsAuthFailure::Malformed("no password (SAS token) and no client certificate".into())
+        })?;
+        let summary = certificate_summary(leaf);
+        let common_name = summary.as_ref().and_then(|s| s.common_name.clone());
+        if common_name.as_deref() != Some(registration_id) {
+            return Err(DpsAuthFailure::WrongCommonName {
+                registration: registration_id.to_string(),
+                common_name,
+            });
+        }
+        let now = i64::try_from(now_unix).unwrap_or(i64::MAX);
+        let within_dates = summary
+            .is_some_and(|s| s.not_before.timestamp() <= now && now <= s.not_after.timestamp());
+        let chains = |x509: &X509Attestation| {
+            let anchors: Vec<_> = match x509 {
+                X509Attestation::CaReferences(names) => names
+                    .iter()
+                    .filter_map(|name| authorities.certificate(name))
+                    .collect(),
+                other => other
+                    .certificates()
+                    .into_iter()
+                    .map(rustls::pki_types::CertificateDer::from)
+                    .collect(),
+            };
+            verify_chain_to(&anchors, leaf, intermediates, now_unix).is_ok()
+        };
+        let matched = self
+            .enrollments
+            .match_certificate(registration_id, leaf, chains)
+            .filter(|m| m.kind == Kind::Group || within_dates)
+            .ok_or(DpsAuthFailure::NoCertificateEnrollment)?;
+        Ok((registration_id.to_string(), matched))
+    }
+
     fn remember(&self, registration_id: &str, status: OperationStatus) {
         let mut ops = self.operations.lock().unwrap_or_else(|p| p.into_inner());
         while ops.order.len() >= MAX_OPERATIONS {
@@ -353,7 +425,15 @@ pub fn register(
         .device_id
         .clone()
         .unwrap_or_else(|| registration_id.to_string());
-    let (primary, secondary) = current.device_keys.clone();
+    // A symmetric-key registration's device gets the enrollment's (or the derived) keys; an
+    // X.509 one no keys, and the authentication the match chose.
+    let keys = match current.auth {
+        DeviceAuth::Sas => {
+            let (primary, secondary) = current.device_keys.clone();
+            (Some(primary), Some(secondary))
+        }
+        _ => (None, None),
+    };
     let substatus = if state.registry.contains(&device_id) {
         let status = state
             .registry
@@ -366,9 +446,9 @@ pub fn register(
                     id: device_id.clone(),
                     status: status.0,
                     status_reason: status.1,
-                    primary_key: Some(primary),
-                    secondary_key: Some(secondary),
-                    authentication: DeviceAuth::Sas,
+                    primary_key: keys.0,
+                    secondary_key: keys.1,
+                    authentication: current.auth.clone(),
                 },
                 None,
             )
@@ -381,9 +461,9 @@ pub fn register(
                 id: device_id.clone(),
                 status: DeviceStatus::Enabled,
                 status_reason: None,
-                primary_key: Some(primary),
-                secondary_key: Some(secondary),
-                authentication: DeviceAuth::Sas,
+                primary_key: keys.0,
+                secondary_key: keys.1,
+                authentication: current.auth.clone(),
             })
             .map_err(|e| DpsError::new(error_code::BAD_REQUEST, e.message))?;
         if let Some(initial) = &current.enrollment.initial_twin {

@@ -1,8 +1,9 @@
 //! The DPS device endpoint: MQTT 3.1.1 over TLS on its own port, through the hub's shared
 //! accept loop (`hub::accept`) and TLS acceptor.
 //!
-//! One task per connection: TLS, CONNECT (the registration's SAS token checked against the
-//! enrollments: CONNACK 5 for anything wrong, as for the hub), then SUBSCRIBE to
+//! One task per connection: TLS, CONNECT (the registration's SAS token, or with no token its
+//! client certificate, checked against the enrollments: CONNACK 5 for anything wrong, as DPS
+//! and the hub answer), then SUBSCRIBE to
 //! `$dps/registrations/res/#`, register and operation-status requests, each answered at QoS 0
 //! on the response topic. A connection holds a permit of [`MAX_UNAUTHENTICATED`] until its
 //! CONNACK, as the hub's MQTT listener does. Anything else a device publishes, a QoS 2
@@ -114,22 +115,31 @@ async fn serve_connection(
         None => (None, None),
     };
     let now = state.faults.now_unix();
-    let (registration_id, matched) =
-        match state
+    // No SAS token but a client certificate: an X.509 registration (the TLS acceptor asks
+    // every client for one, as the hub's MQTT listener does).
+    let chain = crate::hub::mqtt::connection::peer_certificates(&stream);
+    let authenticated = if password.is_none_or(str::is_empty) && !chain.is_empty() {
+        state
+            .dps
+            .authenticate_x509(&state.x509, now, &connect.client_id, username, &chain)
+    } else {
+        state
             .dps
             .authenticate(now, &connect.client_id, username, password)
-        {
-            Ok(pair) => pair,
-            Err(failure) => {
-                tracing::info!(%peer, client_id = %connect.client_id, reason = %failure,
+    };
+    drop(chain);
+    let (registration_id, matched) = match authenticated {
+        Ok(pair) => pair,
+        Err(failure) => {
+            tracing::info!(%peer, client_id = %connect.client_id, reason = %failure,
                 "DPS registration refused (CONNACK 5)");
-                let mut out = BytesMut::new();
-                let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
-                let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
-                let _ = stream.shutdown().await;
-                return;
-            }
-        };
+            let mut out = BytesMut::new();
+            let _ = ConnAck::new(ConnectReturnCode::NotAuthorized, false).write(&mut out);
+            let _ = tokio::time::timeout(WRITE_DEADLINE, stream.write_all(&out)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
     drop(handshake_permit);
     let keep_alive = match connect.keep_alive {
         0 => MAX_IDLE,
