@@ -2,7 +2,9 @@
 //! assigned to, and under which device id.
 //!
 //! [`register`] opens one connection to the DPS device endpoint with the agent's wire
-//! (`mqtt::Wire`: TLS, CONNECT with the registration's user name and a SAS token signed with
+//! (`mqtt::Wire` over the agent's one dial, `transport::Dial`: TCP or an HTTP proxy's CONNECT
+//! tunnel, TLS, and for `transport = "websocket"` the upgrade at `/$iothub/websocket`, as
+//! real DPS serves it on its host's port 443; then CONNECT with the registration's user name and a SAS token signed with
 //! the device key, `skn=registration`), subscribes to the answers, sends the register request
 //! and polls the operation status, waiting what each answer's `retry-after` says (2 s when
 //! it says nothing, the Python SDK's default), until the registration is assigned or refused.
@@ -34,9 +36,10 @@ use tokio::time::Instant;
 
 use super::backoff::Backoff;
 use super::mqtt::{Wire, WireError};
+use super::transport::Dial;
 use super::{Agent, AgentError};
 use crate::common::logging::error_chain;
-use crate::config::{Config, OutboxSettings, Provisioning};
+use crate::config::{Config, OutboxSettings, Provisioning, Proxy, Transport};
 use crate::protocol::dps::{
     self, parse_response_topic, DpsErrorBody, OperationStatus, RegisterRequest, RegistrationStatus,
     RESPONSE_FILTER,
@@ -56,6 +59,10 @@ pub struct Registration {
     /// The DPS device endpoint's host (the TLS name) and port.
     pub host: String,
     pub port: u16,
+    /// MQTT over TLS, or over WebSocket (the hub's `[connection] transport`).
+    pub transport: Transport,
+    /// The HTTP proxy to tunnel through, if any.
+    pub proxy: Option<Proxy>,
     pub tls: Arc<rustls::ClientConfig>,
     pub id_scope: String,
     pub registration_id: String,
@@ -127,8 +134,34 @@ pub async fn register(
         .unwrap_or(Err(ProvisionError::Timeout(deadline)))
 }
 
+impl Registration {
+    /// The dial to DPS: the agent's, with this registration's endpoint, transport and proxy.
+    pub fn dial(&self) -> Dial<'_> {
+        Dial {
+            host: self.host.clone(),
+            port: self.port,
+            transport: self.transport,
+            proxy: self.proxy.as_ref(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// The endpoint as errors name it: `host:port`, or the `wss://` URL, and the proxy.
+    pub fn endpoint(&self) -> String {
+        let dial = self.dial();
+        let target = match self.transport {
+            Transport::Mqtt => dial.authority(),
+            Transport::WebSocket => dial.websocket_url(),
+        };
+        match &self.proxy {
+            Some(proxy) => format!("{target} (through the proxy {proxy})"),
+            None => target,
+        }
+    }
+}
+
 async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, ProvisionError> {
-    let endpoint = format!("{}:{}", r.host, r.port);
+    let endpoint = r.endpoint();
     let wire_error = |source| ProvisionError::Wire {
         endpoint: endpoint.clone(),
         source: Box::new(source),
@@ -144,15 +177,7 @@ async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, Provisi
     connect.keep_alive = 60;
     connect.clean_session = true;
     connect.set_login(dps::username(&r.id_scope, &r.registration_id), token);
-    // DPS over MQTT/TLS only: no WebSocket transport or proxy for it yet.
-    let dial = crate::agent::transport::Dial {
-        host: r.host.clone(),
-        port: r.port,
-        transport: crate::config::Transport::Mqtt,
-        proxy: None,
-        tls: r.tls.clone(),
-    };
-    let (mut wire, _) = match Wire::open(&dial, &connect).await {
+    let (mut wire, _) = match Wire::open(&r.dial(), &connect).await {
         Ok(open) => open,
         Err(WireError::Refused(
             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
@@ -387,15 +412,19 @@ pub fn save_cached(path: &Path, p: &Provisioning, a: &Assignment) -> Result<(), 
     std::fs::rename(&temporary, path).map_err(cache_error)
 }
 
-/// The registration a `[provisioning]` section describes.
+/// The registration a `[provisioning]` section describes, dialled with `transport` (the
+/// configuration's `[connection] transport`) and the section's proxy.
 pub fn registration_for(
     p: &Provisioning,
+    transport: Transport,
     tls: Arc<rustls::ClientConfig>,
     deadline: Duration,
 ) -> Registration {
     Registration {
         host: p.host.clone(),
         port: p.port,
+        transport,
+        proxy: p.proxy.clone(),
         tls,
         id_scope: p.id_scope.clone(),
         registration_id: p.registration_id.clone(),
@@ -458,7 +487,12 @@ pub async fn run_provisioned(
         .clone()
         .ok_or(ProvisionRunError::NotConfigured)?;
     let tls = super::client_tls(p.ca_file.as_deref())?;
-    let registration = registration_for(&p, tls, config.connection.connect_timeout);
+    let registration = registration_for(
+        &p,
+        config.connection.transport,
+        tls,
+        config.connection.connect_timeout,
+    );
     let cache = cache_path(&config);
     loop {
         let cached = if force { None } else { load_cached(&cache, &p) };

@@ -102,6 +102,9 @@ pub struct Provisioning {
     pub device_key: Secret,
     /// Where to dial the assigned hub instead of its host name (`host[:port]`).
     pub gateway_host_name: Option<String>,
+    /// The HTTP proxy to reach DPS through (`[connection] proxy`, else `HTTPS_PROXY` unless
+    /// `NO_PROXY` lists DPS's host); DPS is dialled with `[connection] transport` too.
+    pub proxy: Option<Proxy>,
 }
 
 impl Provisioning {
