@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{
-    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
+    Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
 };
 use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
@@ -146,6 +146,23 @@ impl Registration {
         }
     }
 
+    /// The registration's CONNECT: client id the registration id, DPS's user name, a SAS
+    /// token signed with the device key (`skn=registration`). `simdevice doctor` sends it too.
+    pub fn connect_packet(&self, now_unix: u64) -> Result<Connect, ProvisionError> {
+        let token = sas::generate_token(
+            &dps::sas_resource(&self.id_scope, &self.registration_id),
+            &self.device_key,
+            Some(dps::REGISTRATION_KEY_NAME),
+            now_unix + TOKEN_LIFETIME_S,
+        )
+        .map_err(ProvisionError::Token)?;
+        let mut connect = Connect::new(self.registration_id.clone());
+        connect.keep_alive = 60;
+        connect.clean_session = true;
+        connect.set_login(dps::username(&self.id_scope, &self.registration_id), token);
+        Ok(connect)
+    }
+
     /// The endpoint as errors name it: `host:port`, or the `wss://` URL, and the proxy.
     pub fn endpoint(&self) -> String {
         let dial = self.dial();
@@ -166,17 +183,7 @@ async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, Provisi
         endpoint: endpoint.clone(),
         source: Box::new(source),
     };
-    let token = sas::generate_token(
-        &dps::sas_resource(&r.id_scope, &r.registration_id),
-        &r.device_key,
-        Some(dps::REGISTRATION_KEY_NAME),
-        now_unix + TOKEN_LIFETIME_S,
-    )
-    .map_err(ProvisionError::Token)?;
-    let mut connect = rumqttc::mqttbytes::v4::Connect::new(r.registration_id.clone());
-    connect.keep_alive = 60;
-    connect.clean_session = true;
-    connect.set_login(dps::username(&r.id_scope, &r.registration_id), token);
+    let connect = r.connect_packet(now_unix)?;
     let (mut wire, _) = match Wire::open(&r.dial(), &connect).await {
         Ok(open) => open,
         Err(WireError::Refused(
