@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
@@ -37,7 +38,7 @@ use tokio::time::Instant;
 use super::backoff::Backoff;
 use super::mqtt::{Wire, WireError};
 use super::transport::Dial;
-use super::{Agent, AgentError};
+use super::{Agent, AgentError, AgentHandle};
 use crate::common::logging::error_chain;
 use crate::config::{Config, OutboxSettings, Provisioning, Proxy, Transport};
 use crate::protocol::dps::{
@@ -485,9 +486,22 @@ pub async fn register_until_assigned(
 /// Runs an agent configured with `[provisioning]` until `shutdown` (see the module notes).
 /// `force` registers even when an assignment is cached.
 pub async fn run_provisioned(
+    config: Config,
+    force: bool,
+    shutdown: CancellationToken,
+) -> Result<(), ProvisionRunError> {
+    let (current, _) = watch::channel(None);
+    run_provisioned_with(config, force, shutdown, current).await
+}
+
+/// [`run_provisioned`], telling `current` the handle of the agent running now (`None` while
+/// registering): a new agent is made after each registration, so the daemon's `/metrics`,
+/// watchdog and SIGHUP reloads follow it through this (`commands::run`).
+pub async fn run_provisioned_with(
     mut config: Config,
     mut force: bool,
     shutdown: CancellationToken,
+    current: watch::Sender<Option<AgentHandle>>,
 ) -> Result<(), ProvisionRunError> {
     let p = config
         .provisioning
@@ -524,6 +538,7 @@ pub async fn run_provisioned(
         config.identity = p.assigned_identity(&assignment.assigned_hub, &assignment.device_id);
         let agent = Agent::new(config.clone())?;
         let counters = agent.handle().ctx.clone();
+        current.send_replace(Some(agent.handle()));
         let stop = shutdown.child_token();
         let task = tokio::spawn(agent.run(stop.clone()));
         let refused = loop {
@@ -540,6 +555,7 @@ pub async fn run_provisioned(
         if let Err(error) = task.await {
             tracing::error!(%error, "the agent task failed");
         }
+        current.send_replace(None);
         if !refused {
             return Ok(());
         }
