@@ -4,8 +4,8 @@
 #
 #   docker build -t simdevice .
 #   # the local hub (state in a volume; --hostname: the name devices dial)
-#   docker run -p 8883:8883 -p 8443:8443 -v simdevice-hub:/var/lib/simdevice \
-#       simdevice hub --bind 0.0.0.0 --hostname myhost.example
+#   docker run -p 8883:8883 -p 8443:8443 -p 443:4443 -p 8884:8884 -p 8444:8444 -p 5671:5671 \
+#       -v simdevice-hub:/var/lib/simdevice simdevice hub --bind 0.0.0.0 --hostname myhost.example
 #   # the agent, configured by a mounted file (the default path) ...
 #   docker run -v "$PWD/config.toml:/etc/simdevice/config.toml:ro" simdevice run
 #   # ... or by the environment (SIMDEVICE__SECTION__KEY overrides the file)
@@ -41,6 +41,18 @@ WORKDIR /var/lib/simdevice
 ENV SIMDEVICE_HUB_STATE_DIR=/var/lib/simdevice/hub \
     STATE_DIRECTORY=/var/lib/simdevice
 VOLUME ["/var/lib/simdevice"]
-EXPOSE 8883 8443
+# The hub's ports, explicit: as uid 10001 the WebSocket default 443 cannot be bound and would
+# fall back to a random port nobody can publish, so the image listens on 4443 (publish it as
+# 443: `-p 443:4443`, a Service port 443). The others are the defaults, given explicitly so a
+# port that cannot be had fails the start instead of moving: MQTT 8883, service API 8443, DPS
+# MQTT 8884 and WebSocket 8444 (real DPS: 8883 and 443 of its own host), Event Hubs AMQP over
+# TLS 5671. Plain AMQP 5672 (emulator mode, keys in clear) stays on the container's loopback
+# unless `--amqp-plain-bind` widens it (deploy/compose.yaml does, for a development host).
+ENV SIMDEVICE_HUB_WS_PORT=4443 \
+    SIMDEVICE_HUB_DPS_PORT=8884 \
+    SIMDEVICE_HUB_DPS_WS_PORT=8444 \
+    SIMDEVICE_HUB_AMQP_PORT=5671 \
+    SIMDEVICE_HUB_AMQP_PLAIN_PORT=5672
+EXPOSE 8883 8443 4443 8884 8444 5671 5672
 ENTRYPOINT ["/usr/bin/simdevice"]
 CMD ["hub", "--bind", "0.0.0.0"]

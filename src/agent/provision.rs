@@ -2,7 +2,9 @@
 //! assigned to, and under which device id.
 //!
 //! [`register`] opens one connection to the DPS device endpoint with the agent's wire
-//! (`mqtt::Wire`: TLS, CONNECT with the registration's user name and a SAS token signed with
+//! (`mqtt::Wire` over the agent's one dial, `transport::Dial`: TCP or an HTTP proxy's CONNECT
+//! tunnel, TLS, and for `transport = "websocket"` the upgrade at `/$iothub/websocket`, as
+//! real DPS serves it on its host's port 443; then CONNECT with the registration's user name and a SAS token signed with
 //! the device key, `skn=registration`), subscribes to the answers, sends the register request
 //! and polls the operation status, waiting what each answer's `retry-after` says (2 s when
 //! it says nothing, the Python SDK's default), until the registration is assigned or refused.
@@ -22,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{
-    ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
+    Connect, ConnectReturnCode, Packet, PubAck, Publish, Subscribe, SubscribeFilter,
 };
 use rumqttc::mqttbytes::QoS;
 use serde_json::Value;
@@ -34,9 +37,10 @@ use tokio::time::Instant;
 
 use super::backoff::Backoff;
 use super::mqtt::{Wire, WireError};
-use super::{Agent, AgentError};
+use super::transport::Dial;
+use super::{Agent, AgentError, AgentHandle};
 use crate::common::logging::error_chain;
-use crate::config::{Config, OutboxSettings, Provisioning};
+use crate::config::{Config, OutboxSettings, Provisioning, Proxy, Transport};
 use crate::protocol::dps::{
     self, parse_response_topic, DpsErrorBody, OperationStatus, RegisterRequest, RegistrationStatus,
     RESPONSE_FILTER,
@@ -56,6 +60,10 @@ pub struct Registration {
     /// The DPS device endpoint's host (the TLS name) and port.
     pub host: String,
     pub port: u16,
+    /// MQTT over TLS, or over WebSocket (the hub's `[connection] transport`).
+    pub transport: Transport,
+    /// The HTTP proxy to tunnel through, if any.
+    pub proxy: Option<Proxy>,
     pub tls: Arc<rustls::ClientConfig>,
     pub id_scope: String,
     pub registration_id: String,
@@ -128,37 +136,63 @@ pub async fn register(
         .unwrap_or(Err(ProvisionError::Timeout(deadline)))
 }
 
+impl Registration {
+    /// The dial to DPS: the agent's, with this registration's endpoint, transport and proxy.
+    pub fn dial(&self) -> Dial<'_> {
+        Dial {
+            host: self.host.clone(),
+            port: self.port,
+            transport: self.transport,
+            proxy: self.proxy.as_ref(),
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// The registration's CONNECT: client id the registration id, DPS's user name, a SAS
+    /// token signed with the device key (`skn=registration`). `simdevice doctor` sends it too.
+    pub fn connect_packet(&self, now_unix: u64) -> Result<Connect, ProvisionError> {
+        // An X.509 registration sends its user name and no password (the certificate is in
+        // `tls`).
+        let token = if self.device_key.is_empty() {
+            String::new()
+        } else {
+            sas::generate_token(
+                &dps::sas_resource(&self.id_scope, &self.registration_id),
+                &self.device_key,
+                Some(dps::REGISTRATION_KEY_NAME),
+                now_unix + TOKEN_LIFETIME_S,
+            )
+            .map_err(ProvisionError::Token)?
+        };
+        let mut connect = Connect::new(self.registration_id.clone());
+        connect.keep_alive = 60;
+        connect.clean_session = true;
+        connect.set_login(dps::username(&self.id_scope, &self.registration_id), token);
+        Ok(connect)
+    }
+
+    /// The endpoint as errors name it: `host:port`, or the `wss://` URL, and the proxy.
+    pub fn endpoint(&self) -> String {
+        let dial = self.dial();
+        let target = match self.transport {
+            Transport::Mqtt => dial.authority(),
+            Transport::WebSocket => dial.websocket_url(),
+        };
+        match &self.proxy {
+            Some(proxy) => format!("{target} (through the proxy {proxy})"),
+            None => target,
+        }
+    }
+}
+
 async fn exchange(r: &Registration, now_unix: u64) -> Result<Assignment, ProvisionError> {
-    let endpoint = format!("{}:{}", r.host, r.port);
+    let endpoint = r.endpoint();
     let wire_error = |source| ProvisionError::Wire {
         endpoint: endpoint.clone(),
         source: Box::new(source),
     };
-    // An X.509 registration sends its user name and no password (the certificate is in `tls`).
-    let token = if r.device_key.is_empty() {
-        String::new()
-    } else {
-        sas::generate_token(
-            &dps::sas_resource(&r.id_scope, &r.registration_id),
-            &r.device_key,
-            Some(dps::REGISTRATION_KEY_NAME),
-            now_unix + TOKEN_LIFETIME_S,
-        )
-        .map_err(ProvisionError::Token)?
-    };
-    let mut connect = rumqttc::mqttbytes::v4::Connect::new(r.registration_id.clone());
-    connect.keep_alive = 60;
-    connect.clean_session = true;
-    connect.set_login(dps::username(&r.id_scope, &r.registration_id), token);
-    // DPS over MQTT/TLS only: no WebSocket transport or proxy for it yet.
-    let dial = crate::agent::transport::Dial {
-        host: r.host.clone(),
-        port: r.port,
-        transport: crate::config::Transport::Mqtt,
-        proxy: None,
-        tls: r.tls.clone(),
-    };
-    let (mut wire, _) = match Wire::open(&dial, &connect).await {
+    let connect = r.connect_packet(now_unix)?;
+    let (mut wire, _) = match Wire::open(&r.dial(), &connect).await {
         Ok(open) => open,
         Err(WireError::Refused(
             ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
@@ -393,15 +427,19 @@ pub fn save_cached(path: &Path, p: &Provisioning, a: &Assignment) -> Result<(), 
     std::fs::rename(&temporary, path).map_err(cache_error)
 }
 
-/// The registration a `[provisioning]` section describes.
+/// The registration a `[provisioning]` section describes, dialled with `transport` (the
+/// configuration's `[connection] transport`) and the section's proxy.
 pub fn registration_for(
     p: &Provisioning,
+    transport: Transport,
     tls: Arc<rustls::ClientConfig>,
     deadline: Duration,
 ) -> Registration {
     Registration {
         host: p.host.clone(),
         port: p.port,
+        transport,
+        proxy: p.proxy.clone(),
         tls,
         id_scope: p.id_scope.clone(),
         registration_id: p.registration_id.clone(),
@@ -455,9 +493,22 @@ pub async fn register_until_assigned(
 /// Runs an agent configured with `[provisioning]` until `shutdown` (see the module notes).
 /// `force` registers even when an assignment is cached.
 pub async fn run_provisioned(
+    config: Config,
+    force: bool,
+    shutdown: CancellationToken,
+) -> Result<(), ProvisionRunError> {
+    let (current, _) = watch::channel(None);
+    run_provisioned_with(config, force, shutdown, current).await
+}
+
+/// [`run_provisioned`], telling `current` the handle of the agent running now (`None` while
+/// registering): a new agent is made after each registration, so the daemon's `/metrics`,
+/// watchdog and SIGHUP reloads follow it through this (`commands::run`).
+pub async fn run_provisioned_with(
     mut config: Config,
     mut force: bool,
     shutdown: CancellationToken,
+    current: watch::Sender<Option<AgentHandle>>,
 ) -> Result<(), ProvisionRunError> {
     let p = config
         .provisioning
@@ -465,7 +516,12 @@ pub async fn run_provisioned(
         .ok_or(ProvisionRunError::NotConfigured)?;
     // With an X.509 identity the registration presents its certificate.
     let tls = super::client_tls_for(&p.unassigned_identity())?;
-    let registration = registration_for(&p, tls, config.connection.connect_timeout);
+    let registration = registration_for(
+        &p,
+        config.connection.transport,
+        tls,
+        config.connection.connect_timeout,
+    );
     let cache = cache_path(&config);
     loop {
         let cached = if force { None } else { load_cached(&cache, &p) };
@@ -490,6 +546,7 @@ pub async fn run_provisioned(
         config.identity = p.assigned_identity(&assignment.assigned_hub, &assignment.device_id);
         let agent = Agent::new(config.clone())?;
         let counters = agent.handle().ctx.clone();
+        current.send_replace(Some(agent.handle()));
         let stop = shutdown.child_token();
         let task = tokio::spawn(agent.run(stop.clone()));
         let refused = loop {
@@ -506,6 +563,7 @@ pub async fn run_provisioned(
         if let Err(error) = task.await {
             tracing::error!(%error, "the agent task failed");
         }
+        current.send_replace(None);
         if !refused {
             return Ok(());
         }

@@ -81,7 +81,8 @@ pub struct FleetRunArgs {
     /// the enrollment group's key; or with --x509-ca, the device's certificate).
     #[arg(long, value_name = "ID_SCOPE", requires = "credential", conflicts_with_all = ["local", "host", "devices"])]
     pub dps: Option<String>,
-    /// With --dps: the DPS device endpoint (`host[:port]`, port 8883 by default).
+    /// With --dps: the DPS device endpoint (`host[:port]`; the port of --transport by default:
+    /// 8883 for mqtt, 443 for websocket). Dialled with --transport and --proxy, as the hub.
     #[arg(long, requires = "dps", default_value = crate::protocol::dps::GLOBAL_ENDPOINT)]
     pub dps_endpoint: String,
     /// With --dps: registrations started per second (0: as fast as IN_FLIGHT allows).
@@ -333,11 +334,8 @@ async fn run_fleet(args: FleetRunArgs) -> Result<(), FleetCommandError> {
         // first device's host (a fleet's devices share one hub).
         None => match devices.first() {
             Some(device) => {
-                let env: Vec<(String, String)> = std::env::vars_os()
-                    .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-                    .collect();
                 let (host, _) = device.identity(None).dial_address(args.transport);
-                Proxy::from_env(&env, &host).map_err(FleetCommandError::ProxyEnv)?
+                Proxy::from_env(&process_env(), &host).map_err(FleetCommandError::ProxyEnv)?
             }
             None => None,
         },
@@ -515,14 +513,22 @@ async fn provision_slice(
             port.parse::<u16>()
                 .map_err(|_| FleetCommandError::DpsEndpoint(args.dps_endpoint.clone()))?,
         ),
+        // DPS listens where the hub does: 8883 for MQTT, 443 for WebSocket.
         None if !args.dps_endpoint.is_empty() => {
-            (args.dps_endpoint.clone(), crate::protocol::MQTT_TLS_PORT)
+            (args.dps_endpoint.clone(), args.transport.default_port())
         }
         _ => return Err(FleetCommandError::DpsEndpoint(args.dps_endpoint.clone())),
+    };
+    // `--proxy`, else the environment's unless NO_PROXY lists DPS's host.
+    let proxy = match &args.proxy {
+        Some(url) => Some(Proxy::parse(url).map_err(FleetCommandError::Proxy)?),
+        None => Proxy::from_env(&process_env(), &host).map_err(FleetCommandError::ProxyEnv)?,
     };
     let settings = crate::fleet::provision::DpsSettings {
         host,
         port,
+        transport: args.transport,
+        proxy,
         id_scope: id_scope.to_string(),
         tls: crate::agent::client_tls(ca_file).map_err(FleetCommandError::DpsTls)?,
         rate: args.dps_rate,
@@ -539,6 +545,13 @@ async fn provision_slice(
     let provisioned = crate::fleet::provision::provision_all(devices, &settings, &stop).await;
     signals.abort();
     Ok(provisioned?)
+}
+
+/// The process's environment (names and values that are text), for HTTPS_PROXY and NO_PROXY.
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect()
 }
 
 /// Cancels `stop` on SIGTERM or SIGINT.

@@ -33,6 +33,12 @@ pub struct HubArgs {
     /// cannot be had]
     #[arg(long, env = "SIMDEVICE_HUB_DPS_PORT")]
     pub dps_port: Option<u16>,
+    /// Port for the local DPS's device endpoint over WebSocket (TLS, path /$iothub/websocket,
+    /// subprotocol mqtt; real DPS serves it on its own host's 443; 0 picks a free port;
+    /// reported in hub.json as dps_ws_port) [default: 8444, or a free port when 8444 cannot
+    /// be had]
+    #[arg(long, env = "SIMDEVICE_HUB_DPS_WS_PORT")]
+    pub dps_ws_port: Option<u16>,
     /// The DPS id scope [default: one made at first start and kept in the state].
     #[arg(long)]
     pub id_scope: Option<String>,
@@ -250,6 +256,10 @@ pub async fn run(args: HubArgs) -> Result<(), HubCommandError> {
             args.dps_port,
             crate::common::local_hub::DEFAULT_DPS_PORT,
         )),
+        dps_ws_port: Some(port(
+            args.dps_ws_port,
+            crate::common::local_hub::DEFAULT_DPS_WS_PORT,
+        )),
         id_scope: args.id_scope,
         amqp: crate::hub::amqp::AmqpSettings {
             port: port(args.amqp_port, crate::hub::amqp::AMQPS_PORT),
@@ -338,6 +348,13 @@ fn print_banner(hub: &Hub, state_dir: &std::path::Path, metrics: Option<std::net
     let _ = writeln!(out, "  trust this CA:    {}", info.ca_file.display());
     if let (Some(addr), Some(scope)) = (hub.dps_addr(), &info.id_scope) {
         let _ = writeln!(out, "  DPS MQTT/TLS:     {addr} (id scope {scope})");
+    }
+    if let Some(addr) = hub.dps_ws_addr() {
+        let _ = writeln!(
+            out,
+            "  DPS MQTT/WS:      wss://{addr}{}",
+            crate::common::ws_stream::PATH
+        );
     }
     if let Some(addr) = metrics {
         let _ = writeln!(

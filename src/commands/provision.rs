@@ -69,7 +69,12 @@ pub async fn run(args: ProvisionArgs) -> Result<(), ProvisionCommandError> {
         }
     }
     let tls = crate::agent::client_tls_for(&p.unassigned_identity())?;
-    let registration = provision::registration_for(&p, tls, config.connection.connect_timeout);
+    let registration = provision::registration_for(
+        &p,
+        config.connection.transport,
+        tls,
+        config.connection.connect_timeout,
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -4,14 +4,19 @@
 //!
 //! Signals: SIGTERM or SIGINT stop the agent gracefully (exit 0); SIGHUP reloads the
 //! configuration file and applies the telemetry and handler settings without reconnecting.
+//! With `[provisioning]` the same, for the agent on the hub DPS assigned: `/metrics`, the
+//! watchdog and SIGHUP follow the agent running now through a watch channel, since a new one
+//! is made after each registration.
 
 use std::path::PathBuf;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentError};
-use crate::common::exposition::MetricsError;
+use crate::agent::metrics::AgentMetrics;
+use crate::agent::{Agent, AgentError, AgentHandle};
+use crate::common::exposition::{Exposition, Kind, MetricsError, MetricsSource};
 use crate::common::logging::error_chain;
 use crate::common::sdnotify::Daemon;
 use crate::config::{Config, ConfigError, OutboxSettings};
@@ -79,27 +84,69 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     if config.outbox.path.is_none() {
         config.outbox.path = Some(OutboxSettings::default_path());
     }
-    if config.provisioning.is_some() {
-        return run_provisioned(config).await;
-    }
+    // The agent running now: one for the life of the process, or with `[provisioning]` the
+    // one on the hub DPS assigned, made again after each registration (`None` meanwhile).
+    // `/metrics`, the watchdog and SIGHUP reloads all follow it through this.
+    let (current, handles) = watch::channel(None);
     let metrics = config
         .metrics
         .listen
         .map(|addr| (addr, config.outbox.max_readings));
-    let agent = Agent::new(config)?;
-    let handle = agent.handle();
     let shutdown = CancellationToken::new();
-    serve_metrics(metrics, &handle, &shutdown).await?;
-    let agent_task = tokio::spawn(agent.run(shutdown.clone()));
+    let registration = config
+        .provisioning
+        .as_ref()
+        .map(|p| (p.id_scope.clone(), p.registration_id.clone()));
+    // The agent is made (its checks: exit 78) before `/metrics` is bound, and runs after.
+    let agent = match &registration {
+        Some(_) => None,
+        None => {
+            let agent = Agent::new(config.clone())?;
+            current.send_replace(Some(agent.handle()));
+            Some(agent)
+        }
+    };
+    serve_metrics(metrics, &handles, &shutdown).await?;
+    let (status, agent_task) = match agent {
+        Some(agent) => (
+            format!("running device {}", agent.handle().ctx.device_id()),
+            AgentTask::Plain(tokio::spawn(agent.run(shutdown.clone()))),
+        ),
+        None => {
+            // Ends the wait below when the provisioned agent stops by itself (an error).
+            let ended = shutdown.clone();
+            let provisioned = crate::agent::provision::run_provisioned_with(
+                config,
+                false,
+                shutdown.clone(),
+                current,
+            );
+            let task = tokio::spawn(async move {
+                let result = provisioned.await;
+                ended.cancel();
+                result
+            });
+            (
+                "running a provisioned device".to_string(),
+                AgentTask::Provisioned(task),
+            )
+        }
+    };
     // systemd (Type=notify): READY once the configuration is checked and the tasks run, not
     // after the first connection: the agent works offline (readings queue up, reconnects back
     // off), so a hub that is unreachable at boot must not fail the unit's start. The watchdog
-    // is fed only while the connection and telemetry loops keep beating.
+    // is fed only while the connection and telemetry loops keep beating (while a provisioned
+    // agent registers there are no loops yet: the registration has its own deadline).
     let systemd = Daemon::from_env();
-    let ctx = handle.ctx.clone();
+    let watched = handles.clone();
     systemd.ready(
-        &format!("running device {}", ctx.device_id()),
-        move || ctx.heartbeat().healthy(),
+        &status,
+        move || {
+            watched
+                .borrow()
+                .as_ref()
+                .is_none_or(|handle| handle.ctx.heartbeat().healthy())
+        },
         &shutdown,
     );
 
@@ -109,57 +156,30 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let reload = (!args.local).then_some(args.config.as_deref());
     #[cfg(not(feature = "hub"))]
     let reload = Some(args.config.as_deref());
-    wait_for_stop(&shutdown, reload, &handle).await;
+    wait_for_stop(&shutdown, reload, &handles, registration.as_ref()).await;
     tracing::info!("stopping: finishing in-flight work");
     systemd.stopping();
     shutdown.cancel();
-    if let Err(error) = agent_task.await {
-        tracing::error!(%error, "the agent task failed");
-    }
+    let result = match agent_task {
+        AgentTask::Plain(task) => {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "the agent task failed");
+            }
+            Ok(())
+        }
+        AgentTask::Provisioned(task) => finish(task.await),
+    };
     #[cfg(feature = "hub")]
     if let Some(hub) = hub {
         hub.shutdown().await;
     }
-    Ok(())
+    result
 }
 
-/// `[provisioning]`: the agent on the hub DPS assigns (`agent::provision::run_provisioned`),
-/// until SIGTERM or SIGINT. Not yet here: `/metrics` and SIGHUP reloads (the agent is made
-/// again after each registration, so they would need to follow it).
-async fn run_provisioned(config: Config) -> Result<(), RunError> {
-    if config.metrics.listen.is_some() {
-        tracing::warn!("[metrics] listen is not served yet for a provisioned agent");
-    }
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(crate::agent::provision::run_provisioned(
-        config,
-        false,
-        shutdown.clone(),
-    ));
-    let systemd = Daemon::from_env();
-    systemd.ready("running a provisioned device", || true, &shutdown);
-    tokio::pin!(task);
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::warn!("cannot listen for SIGTERM/SIGHUP; only Ctrl-C stops the agent");
-        let _ = tokio::signal::ctrl_c().await;
-        shutdown.cancel();
-        return finish(task.await);
-    };
-    loop {
-        tokio::select! {
-            ended = &mut task => return finish(ended),
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = hup.recv() => tracing::info!("SIGHUP: reloads are not supported with [provisioning]"),
-        }
-    }
-    tracing::info!("stopping: finishing in-flight work");
-    systemd.stopping();
-    shutdown.cancel();
-    finish(task.await)
+/// The task of the agent: one agent, or a provisioned one (`agent::provision`).
+enum AgentTask {
+    Plain(tokio::task::JoinHandle<()>),
+    Provisioned(tokio::task::JoinHandle<Result<(), crate::agent::provision::ProvisionRunError>>),
 }
 
 fn finish(
@@ -174,15 +194,52 @@ fn finish(
     }
 }
 
+/// `/metrics` and `/healthz` of whichever agent runs now ([`AgentMetrics`] of its context);
+/// while a provisioned agent registers with DPS there is none: unhealthy, and not connected.
+struct CurrentAgentMetrics {
+    handles: watch::Receiver<Option<AgentHandle>>,
+    queue_capacity: usize,
+}
+
+impl CurrentAgentMetrics {
+    fn current(&self) -> Option<AgentMetrics> {
+        self.handles.borrow().as_ref().map(|handle| AgentMetrics {
+            ctx: handle.ctx.clone(),
+            queue_capacity: self.queue_capacity,
+        })
+    }
+}
+
+impl MetricsSource for CurrentAgentMetrics {
+    fn health(&self) -> Result<(), String> {
+        match self.current() {
+            Some(agent) => agent.health(),
+            None => Err("registering with the Device Provisioning Service".into()),
+        }
+    }
+
+    fn render(&self, out: &mut Exposition) {
+        match self.current() {
+            Some(agent) => agent.render(out),
+            None => out.single(
+                "simdevice_agent_connected",
+                Kind::Gauge,
+                "1 while the device is connected to IoT Hub, else 0.",
+                0.0,
+            ),
+        }
+    }
+}
+
 /// Starts `/healthz` and `/metrics` when `[metrics] listen` asks for them (until `stop`).
 async fn serve_metrics(
     metrics: Option<(std::net::SocketAddr, usize)>,
-    handle: &crate::agent::AgentHandle,
+    handles: &watch::Receiver<Option<AgentHandle>>,
     stop: &CancellationToken,
 ) -> Result<(), MetricsError> {
     if let Some((addr, queue_capacity)) = metrics {
-        let source = std::sync::Arc::new(crate::agent::metrics::AgentMetrics {
-            ctx: handle.ctx.clone(),
+        let source = std::sync::Arc::new(CurrentAgentMetrics {
+            handles: handles.clone(),
             queue_capacity,
         });
         crate::common::exposition::serve(addr, source, stop.clone()).await?;
@@ -190,11 +247,14 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; on SIGHUP reloads the configuration file.
+/// Waits for SIGTERM or SIGINT (or `shutdown`); on SIGHUP reloads the configuration file into
+/// the agent running now. `registration` (id scope, registration id): the running
+/// `[provisioning]`, whose agent is the device DPS assigned.
 async fn wait_for_stop(
     shutdown: &CancellationToken,
     reload: Option<Option<&std::path::Path>>,
-    handle: &crate::agent::AgentHandle,
+    handles: &watch::Receiver<Option<AgentHandle>>,
+    registration: Option<&(String, String)>,
 ) {
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -213,6 +273,11 @@ async fn wait_for_stop(
                 None => tracing::info!("SIGHUP: nothing to reload with --local"),
                 Some(path) => match Config::load(path) {
                     Ok(config) => {
+                        let Some(handle) = handles.borrow().clone() else {
+                            tracing::info!("SIGHUP: registering with DPS; the new configuration applies once assigned (restart to use it now)");
+                            continue;
+                        };
+                        let config = as_assigned(config, registration, &handle);
                         if let Err(error) = handle.reload(&config) {
                             let error = error_chain(&error);
                             tracing::error!(%error, "SIGHUP: the new configuration was not applied");
@@ -226,4 +291,23 @@ async fn wait_for_stop(
             },
         }
     }
+}
+
+/// A reloaded `[provisioning]` configuration names the registration, while the running agent
+/// is the device DPS assigned (its id may differ): the same registration reloads into that
+/// device; another one keeps the reloaded identity, which `AgentHandle::reload` then refuses
+/// as a change that needs a restart.
+fn as_assigned(
+    mut config: Config,
+    registration: Option<&(String, String)>,
+    handle: &AgentHandle,
+) -> Config {
+    let same = match (&config.provisioning, registration) {
+        (Some(p), Some((scope, id))) => p.id_scope == *scope && p.registration_id == *id,
+        _ => false,
+    };
+    if same {
+        config.identity.device_id = handle.ctx.device_id().to_string();
+    }
+    config
 }

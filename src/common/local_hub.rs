@@ -14,6 +14,10 @@ pub const DEFAULT_API_PORT: u16 = 8443;
 /// The default port of the local DPS's device endpoint. Azure's DPS listens on 8883 of its
 /// own host; locally 8883 is the hub's, so the DPS takes the next port.
 pub const DEFAULT_DPS_PORT: u16 = 8884;
+/// The default port of the local DPS's device endpoint over WebSocket. Real DPS has it on its
+/// own host's 443; locally 443 is the hub's WebSocket, so DPS's takes one of its own, above
+/// 1024 so that an unprivileged hub (the container's uid 10001) gets it without falling back.
+pub const DEFAULT_DPS_WS_PORT: u16 = 8444;
 
 /// What `hub.json` says.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,6 +38,9 @@ pub struct HubInfo {
     /// The local DPS's device endpoint (MQTT over TLS), when the hub serves one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dps_port: Option<u16>,
+    /// The same endpoint over WebSocket (path `/$iothub/websocket`), when the hub serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps_ws_port: Option<u16>,
     /// The local DPS's id scope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_scope: Option<String>,

@@ -41,6 +41,15 @@ impl<'a> Check<'a> {
     }
 
     pub(super) fn config(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
+        // DPS is dialled as the hub is (`[connection] transport` and proxy): the endpoint's
+        // port follows the transport when it names none. A transport that is no word of ours
+        // is refused by `connection` below.
+        let transport = match &raw.connection.transport {
+            Some(Scalar::Text(text)) => Transport::parse(text).unwrap_or_default(),
+            _ => Transport::default(),
+        };
+        let proxy_configured =
+            matches!(&raw.connection.proxy, Some(Scalar::Text(t)) if !t.is_empty());
         // `[provisioning]` may stand in for `[identity]` (`provisioning`).
         let (identity, provisioning) = if raw.identity.is_empty() {
             // Only a certificate and its key in `[identity]`: an X.509 device that DPS assigns.
@@ -54,17 +63,25 @@ impl<'a> Check<'a> {
                     raw.identity.private_key_file.take(),
                 )?,
             );
-            match self.provisioning(raw.provisioning, None, certificate)? {
+            match self.provisioning(raw.provisioning, None, certificate, transport)? {
                 Some(p) => (p.unassigned_identity(), Some(p)),
                 None => (self.identity(raw.identity)?, None),
             }
         } else {
             let identity = self.identity(raw.identity)?;
-            let provisioning =
-                self.provisioning(raw.provisioning, Some(&identity.device_id), (None, None))?;
+            let provisioning = self.provisioning(
+                raw.provisioning,
+                Some(&identity.device_id),
+                (None, None),
+                transport,
+            )?;
             (identity, provisioning)
         };
         let connection = self.connection(raw.connection, &identity)?;
+        let provisioning = match provisioning {
+            Some(p) => Some(self.provisioning_proxy(p, &connection, proxy_configured)?),
+            None => None,
+        };
         let telemetry = self.telemetry(raw.telemetry)?;
         let connectivity = self.connectivity(raw.connectivity)?;
         let methods = raw

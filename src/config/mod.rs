@@ -105,6 +105,9 @@ pub struct Provisioning {
     /// An X.509 registration's certificate and key (`[identity]` certificate_file and
     /// private_key_file); `device_key` is then empty.
     pub x509: Option<X509Files>,
+    /// The HTTP proxy to reach DPS through (`[connection] proxy`, else `HTTPS_PROXY` unless
+    /// `NO_PROXY` lists DPS's host); DPS is dialled with `[connection] transport` too.
+    pub proxy: Option<Proxy>,
 }
 
 impl Provisioning {

@@ -19,7 +19,7 @@ use super::error::ConfigError;
 use super::files::{check_ca_file, read_key_file};
 use super::identity::split_host_port;
 use super::raw::RawProvisioning;
-use super::{Provisioning, Secret, X509Files};
+use super::{ConnectionSettings, Provisioning, Proxy, Secret, Transport, X509Files};
 use crate::protocol::dps::GLOBAL_ENDPOINT;
 use crate::protocol::identity::validate_device_id;
 
@@ -32,6 +32,7 @@ impl Check<'_> {
         raw: RawProvisioning,
         device_id: Option<&str>,
         (certificate_file, private_key_file): (Option<String>, Option<String>),
+        transport: Transport,
     ) -> Result<Option<Provisioning>, ConfigError> {
         let id_scope = self.string("provisioning.id_scope", raw.id_scope)?;
         let registration_id = self.string("provisioning.registration_id", raw.registration_id)?;
@@ -159,12 +160,31 @@ impl Check<'_> {
             id_scope,
             registration_id,
             host: host.to_string(),
-            port: port.unwrap_or(crate::protocol::MQTT_TLS_PORT),
+            // DPS listens where the hub does: 8883 for MQTT, 443 for WebSocket.
+            port: port.unwrap_or(transport.default_port()),
             ca_file,
             device_key: Secret::new(device_key),
             gateway_host_name: gateway,
             x509,
+            proxy: None,
         }))
+    }
+
+    /// The proxy DPS is dialled through: `[connection] proxy` when the file (or its
+    /// environment key) sets one, else `HTTPS_PROXY` unless `NO_PROXY` exempts DPS's own host,
+    /// which may differ from the hub's.
+    pub(super) fn provisioning_proxy(
+        &self,
+        mut p: Provisioning,
+        connection: &ConnectionSettings,
+        configured: bool,
+    ) -> Result<Provisioning, ConfigError> {
+        p.proxy = if configured {
+            connection.proxy.clone()
+        } else {
+            Proxy::from_env(self.env, &p.host)?
+        };
+        Ok(p)
     }
 }
 
@@ -225,6 +245,58 @@ mod tests {
         assert_eq!(p.registration_id, "door-01");
         assert_eq!((p.host.as_str(), p.port), ("localhost", 8884));
         assert_eq!(p.device_key.expose(), KEY);
+    }
+
+    #[test]
+    fn dps_is_dialled_with_the_connections_transport_and_its_own_no_proxy() {
+        let text = format!(
+            "[identity]\nhost_name = \"h.example.net\"\ndevice_id = \"d1\"\nkey = \"{KEY}\"\n\
+             [connection]\ntransport = \"websocket\"\n\
+             [provisioning]\nid_scope = \"0ne1\"\nkey = \"{KEY}\"\n"
+        );
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let path = Path::new("/etc/simdevice/t.toml");
+        // WebSocket: the global endpoint's 443, as real DPS serves it.
+        let config = Config::from_sources(Some((path, &text)), &[]).unwrap();
+        let p = config.provisioning.unwrap();
+        assert_eq!(p.port, 443);
+        assert!(p.proxy.is_none());
+        // HTTPS_PROXY for both; NO_PROXY is checked against each one's own host.
+        let proxied = env(&[
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("NO_PROXY", "global.azure-devices-provisioning.net"),
+        ]);
+        let config = Config::from_sources(Some((path, &text)), &proxied).unwrap();
+        assert!(config.provisioning.unwrap().proxy.is_none());
+        assert_eq!(config.connection.proxy.unwrap().host, "proxy");
+        let proxied = env(&[
+            ("HTTPS_PROXY", "http://proxy:3128"),
+            ("NO_PROXY", "h.example.net"),
+        ]);
+        let config = Config::from_sources(Some((path, &text)), &proxied).unwrap();
+        assert_eq!(config.provisioning.unwrap().proxy.unwrap().host, "proxy");
+        assert!(config.connection.proxy.is_none());
+        // A proxy the file names is used for DPS as given, NO_PROXY aside.
+        let text = text.replace(
+            "[provisioning]",
+            "proxy = \"http://fileproxy:8080\"\n[provisioning]",
+        );
+        let config = Config::from_sources(Some((path, &text)), &proxied).unwrap();
+        assert_eq!(
+            config.provisioning.unwrap().proxy.unwrap().host,
+            "fileproxy"
+        );
+        // MQTT keeps 8883.
+        let config = load(&format!(
+            "[provisioning]\nid_scope = \"s\"\nregistration_id = \"d\"\nkey = \"{KEY}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.provisioning.unwrap().port, 8883);
     }
 
     #[test]

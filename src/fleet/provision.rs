@@ -29,6 +29,10 @@ pub const ATTEMPTS: u32 = 5;
 pub struct DpsSettings {
     pub host: String,
     pub port: u16,
+    /// MQTT over TLS or over WebSocket, as the fleet's `--transport`.
+    pub transport: crate::config::Transport,
+    /// The HTTP proxy to tunnel through, if any.
+    pub proxy: Option<crate::config::Proxy>,
     pub id_scope: String,
     pub tls: Arc<rustls::ClientConfig>,
     /// Registrations started per second.
@@ -110,6 +114,8 @@ pub async fn provision_all(
                     let registration = Registration {
                         host: settings.host.clone(),
                         port: settings.port,
+                        transport: settings.transport,
+                        proxy: settings.proxy.clone(),
                         // An X.509 device registers with its certificate and no key.
                         tls: match &device.certificate {
                             Some(c) => super::x509::with_certificate(&settings.tls, c.clone()),

@@ -74,6 +74,9 @@ pub struct HubConfig {
     pub capture: Option<capture::CaptureSettings>,
     /// `--dps-port`: the local DPS's device endpoint (`dps`); `None` serves no DPS.
     pub dps_port: Option<Port>,
+    /// `--dps-ws-port`: the local DPS's device endpoint over WebSocket (`dps::mqtt`, its own
+    /// port as real DPS has its own host's 443); `None` serves none.
+    pub dps_ws_port: Option<Port>,
     /// `--id-scope`: the DPS id scope to use (kept in the state); `None` keeps the stored one.
     pub id_scope: Option<String>,
     /// The Event Hubs-compatible endpoint's listeners and consumer groups (`amqp`).
@@ -98,6 +101,7 @@ impl HubConfig {
             group_key: None,
             capture: None,
             dps_port: Some(Port::Chosen(0)),
+            dps_ws_port: Some(Port::Chosen(0)),
             id_scope: None,
             amqp: amqp::AmqpSettings::ephemeral(),
             events: events::StoreSettings::default(),
@@ -228,6 +232,7 @@ pub struct Hub {
     api_addr: SocketAddr,
     /// The DPS device endpoint, when it is served.
     dps_addr: Option<SocketAddr>,
+    dps_ws_addr: Option<SocketAddr>,
     amqp_addr: SocketAddr,
     amqp_plain_addr: Option<SocketAddr>,
     ws_addr: SocketAddr,
@@ -409,6 +414,18 @@ impl Hub {
             None => None,
         };
         let dps_addr = dps_listener.as_ref().map(|(_, addr)| *addr);
+        let dps_ws_listener = match config.dps_ws_port {
+            Some(port) => {
+                let listener = bind_port(config.bind, port, "DPS WebSocket").await?;
+                let addr = listener.local_addr().map_err(|source| HubError::Bind {
+                    addr: SocketAddr::new(config.bind, port.number()),
+                    source,
+                })?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        let dps_ws_addr = dps_ws_listener.as_ref().map(|(_, addr)| *addr);
         let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
             addr: SocketAddr::new(config.bind, config.ws_port.number()),
             source,
@@ -432,8 +449,9 @@ impl Hub {
             group_key: group_key.clone(),
             capture: config.capture.as_ref().map(capture_info),
             dps_port: dps_addr.map(|a| a.port()),
-            id_scope: dps_addr.map(|_| dps.id_scope.clone()),
-            dps_service_connection_string: dps_addr.map(|_| {
+            dps_ws_port: dps_ws_addr.map(|a| a.port()),
+            id_scope: dps_addr.or(dps_ws_addr).map(|_| dps.id_scope.clone()),
+            dps_service_connection_string: dps_addr.or(dps_ws_addr).map(|_| {
                 ServiceConnectionString {
                     host_name: format!("localhost:{}", api_addr.port()),
                     shared_access_key_name: crate::protocol::dps::SERVICE_OWNER_POLICY.into(),
@@ -493,6 +511,7 @@ impl Hub {
         let ws_alive = liveness.watch("WebSocket accept loop");
         let scheduler_alive = liveness.watch("job scheduler");
         let dps_alive = dps_addr.map(|_| liveness.watch("DPS accept loop"));
+        let dps_ws_alive = dps_ws_addr.map(|_| liveness.watch("DPS WebSocket accept loop"));
         let amqp_alive = liveness.watch("AMQPS accept loop");
         let amqp_plain_alive = amqp_plain_listener
             .as_ref()
@@ -553,6 +572,18 @@ impl Hub {
                 shutdown.clone(),
                 tasks.clone(),
                 alive,
+                dps::mqtt::Transport::Mqtt,
+            ));
+        }
+        if let (Some((listener, _)), Some(alive)) = (dps_ws_listener, dps_ws_alive) {
+            tasks.spawn(dps::mqtt::serve(
+                listener,
+                acceptor.clone(),
+                state.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+                alive,
+                dps::mqtt::Transport::WebSocket,
             ));
         }
         tasks.spawn(amqp::serve(
@@ -593,6 +624,7 @@ impl Hub {
             mqtt_addr,
             api_addr,
             dps_addr,
+            dps_ws_addr,
             amqp_addr,
             amqp_plain_addr,
             ws_addr,
@@ -622,6 +654,11 @@ impl Hub {
     /// The DPS device endpoint, when the hub serves one.
     pub fn dps_addr(&self) -> Option<SocketAddr> {
         self.dps_addr
+    }
+
+    /// The DPS device endpoint over WebSocket, when the hub serves one.
+    pub fn dps_ws_addr(&self) -> Option<SocketAddr> {
+        self.dps_ws_addr
     }
 
     /// The Event Hubs-compatible endpoint over TLS.

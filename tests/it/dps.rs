@@ -20,6 +20,8 @@ fn registration(hub: &TestHub, registration_id: &str, device_key: &str) -> Regis
     Registration {
         host: "localhost".into(),
         port: hub.hub.dps_addr().expect("the test hub serves DPS").port(),
+        transport: simdevice::config::Transport::Mqtt,
+        proxy: None,
         tls: simdevice::agent::client_tls(Some(&hub.hub.info().ca_file)).unwrap(),
         id_scope: hub.hub.info().id_scope.clone().unwrap(),
         registration_id: registration_id.into(),
@@ -285,6 +287,7 @@ fn provisioned_config(
         // The assigned hub is `localhost`; its MQTT port is the test hub's free one.
         gateway_host_name: Some(format!("localhost:{}", hub.hub.mqtt_addr().port())),
         x509: None,
+        proxy: None,
     };
     let mut config = simdevice::config::Config::for_identity(provisioning.unassigned_identity());
     config.provisioning = Some(provisioning);

@@ -23,6 +23,7 @@ mod cli_generate;
 mod config;
 mod doctor;
 mod dps;
+mod dps_transport;
 mod faults;
 mod fleet;
 mod fleet_engine;

@@ -311,9 +311,9 @@ async fn both_listeners_share_one_pool_of_unauthenticated_connections() {
     expect_closed_within(&mut socket, Duration::from_secs(3)).await;
 }
 
-/// What the test proxy does with a CONNECT.
+/// What the test proxy does with a CONNECT (also `dps_transport`'s).
 #[derive(Clone)]
-enum ProxyMode {
+pub(crate) enum ProxyMode {
     /// Opens the tunnel; with credentials, only for a `Proxy-Authorization` carrying them
     /// (else 407).
     Tunnel { credentials: Option<String> },
@@ -325,8 +325,8 @@ enum ProxyMode {
 
 /// A small HTTP CONNECT proxy on 127.0.0.1 that counts the tunnels it opened and their
 /// targets. Dropping it stops it.
-struct TestProxy {
-    addr: SocketAddr,
+pub(crate) struct TestProxy {
+    pub(crate) addr: SocketAddr,
     tunnels: Arc<AtomicU64>,
     targets: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
@@ -339,7 +339,7 @@ impl Drop for TestProxy {
 }
 
 impl TestProxy {
-    async fn start(mode: ProxyMode) -> TestProxy {
+    pub(crate) async fn start(mode: ProxyMode) -> TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let tunnels = Arc::new(AtomicU64::new(0));
@@ -364,11 +364,11 @@ impl TestProxy {
         }
     }
 
-    fn tunnels(&self) -> u64 {
+    pub(crate) fn tunnels(&self) -> u64 {
         self.tunnels.load(Ordering::SeqCst)
     }
 
-    fn targets(&self) -> Vec<String> {
+    pub(crate) fn targets(&self) -> Vec<String> {
         self.targets.lock().unwrap().clone()
     }
 }

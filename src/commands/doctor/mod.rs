@@ -10,9 +10,13 @@
 //! session, so a running agent with the same identity is disconnected for a moment (IoT Hub
 //! keeps one connection per device) and reconnects by itself. Nothing here prints a key.
 //!
+//! With `[provisioning]` the DPS endpoint comes first (`dps`: DNS, TCP, proxy, TLS, WebSocket,
+//! the registration's CONNECT, then the cached assignment or, with `--register`, a
+//! registration), and the hub checks then dial the hub DPS assigned.
+//!
 //! Rooms: `local` (the configuration and where the key is kept), `network` (DNS, TCP, TLS,
 //! clock, authentication), `certificate` (an X.509 device's certificate: expiry and key
-//! match; `common::der` reads certificates). This file
+//! match; `common::der` reads certificates), `dps` (the provisioning checks). This file
 //! holds the arguments, the report and the order the checks run in.
 
 use std::io::Write;
@@ -21,6 +25,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 mod certificate;
+mod dps;
 mod https_date;
 mod local;
 mod network;
@@ -36,6 +41,10 @@ pub struct DoctorArgs {
     /// check [default: the per-user data directory]
     #[arg(long, env = "SIMDEVICE_HUB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// With [provisioning]: register with DPS now (as the agent does; DPS may assign another
+    /// hub) instead of checking the cached assignment; the cache is left as it is
+    #[arg(long)]
+    pub register: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,7 +112,13 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
         .state_dir
         .unwrap_or_else(crate::common::local_hub::default_state_dir);
     let mut out = std::io::stdout().lock();
-    let report = diagnose(args.config.as_deref(), Some(&state_dir), &mut out).await;
+    let report = diagnose(
+        args.config.as_deref(),
+        Some(&state_dir),
+        args.register,
+        &mut out,
+    )
+    .await;
     if report.failed() {
         ExitCode::FAILURE
     } else {
@@ -115,6 +130,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
 pub async fn diagnose(
     config_path: Option<&Path>,
     hub_state_dir: Option<&Path>,
+    register: bool,
     out: &mut dyn Write,
 ) -> Report {
     let mut report = Report::default();
@@ -124,10 +140,16 @@ pub async fn diagnose(
                 Some(file) => file.display().to_string(),
                 None => "the environment (no file)".to_string(),
             };
-            let detail = format!(
-                "{source}: device {} on {}",
-                config.identity.device_id, config.identity.host_name
-            );
+            let detail = match &config.provisioning {
+                Some(p) => format!(
+                    "{source}: registration {} with DPS at {}:{} (id scope {})",
+                    p.registration_id, p.host, p.port, p.id_scope
+                ),
+                None => format!(
+                    "{source}: device {} on {}",
+                    config.identity.device_id, config.identity.host_name
+                ),
+            };
             record(out, &mut report, Check::ok("configuration", detail));
             config
         }
@@ -143,6 +165,16 @@ pub async fn diagnose(
         Some(check) => record(out, &mut report, check),
         None => record(out, &mut report, local::key_storage(path, &config)),
     };
+    let config = match config.provisioning.clone() {
+        Some(p) => match provisioning(&config, &p, register, out, &mut report).await {
+            Some(assigned) => assigned,
+            None => {
+                finish(out, &report);
+                return report;
+            }
+        },
+        None => config,
+    };
     network(&config, hub_state_dir, out, &mut report).await;
     finish(out, &report);
     report
@@ -154,6 +186,61 @@ fn record(out: &mut dyn Write, report: &mut Report, check: Check) -> bool {
     let passed = check.status != Status::Fail;
     report.checks.push(check);
     passed
+}
+
+/// The DPS endpoint, as `network` checks the hub's, then the registration's CONNECT and the
+/// assignment; the configuration with the assigned identity, or `None` when a check failed
+/// or no hub is known.
+async fn provisioning(
+    config: &Config,
+    p: &crate::config::Provisioning,
+    register: bool,
+    out: &mut dyn Write,
+    report: &mut Report,
+) -> Option<Config> {
+    let proxy = p.proxy.as_ref();
+    let (first_host, first_port) = proxy.map_or((p.host.as_str(), p.port), |x| (&x.host, x.port));
+    let (check, addrs) = network::dns(first_host, first_port).await;
+    if !record(out, report, dps::as_dps(check)) {
+        return None;
+    }
+    let (check, tcp) = network::tcp(first_host, first_port, &addrs).await;
+    let passed = record(out, report, dps::as_dps(check));
+    let mut tcp = tcp.filter(|_| passed)?;
+    if let Some(proxy) = proxy {
+        drop(tcp);
+        let (check, tunnel) = network::proxy_connect(proxy, &p.host, p.port).await;
+        let passed = record(out, report, dps::as_dps(check));
+        tcp = tunnel.filter(|_| passed)?;
+    }
+    let tls = match crate::agent::client_tls(p.ca_file.as_deref()) {
+        Ok(tls) => tls,
+        Err(error) => {
+            let hint = "check provisioning.ca_file (a PEM certificate)";
+            record(out, report, Check::fail("DPS TLS", error.to_string(), hint));
+            return None;
+        }
+    };
+    let check = network::tls_check(&p.host, p.port, tcp, tls.clone()).await;
+    if !record(out, report, dps::as_dps(check)) {
+        return None;
+    }
+    let registration = dps::registration(config, p, tls);
+    if config.connection.transport == crate::config::Transport::WebSocket {
+        let check = network::websocket(&registration.dial(), "provisioning.global_endpoint").await;
+        if !record(out, report, dps::as_dps(check)) {
+            return None;
+        }
+    }
+    if !record(out, report, dps::connect(&registration).await) {
+        return None;
+    }
+    let (check, assignment) = dps::assignment(config, p, &registration, register).await;
+    record(out, report, check);
+    let assignment = assignment?;
+    let mut assigned = config.clone();
+    assigned.identity = p.assigned_identity(&assignment.assigned_hub, &assignment.device_id);
+    Some(assigned)
 }
 
 /// DNS, TCP, TLS, clock and authentication; a failed DNS, TCP or TLS check stops the rest.
@@ -205,7 +292,19 @@ async fn network(
         return;
     }
     if config.connection.transport == crate::config::Transport::WebSocket
-        && !record(out, report, network::websocket(config, tls.clone()).await)
+        && !record(
+            out,
+            report,
+            network::websocket(
+                &crate::agent::transport::Dial::new(
+                    &config.identity,
+                    &config.connection,
+                    tls.clone(),
+                ),
+                "identity.gateway_host_name",
+            )
+            .await,
+        )
     {
         return;
     }
@@ -236,6 +335,15 @@ fn finish(out: &mut dyn Write, report: &Report) {
         writeln!(
             out,
             "doctor: {failed} check(s) failed, {warned} warning(s); checks after a failure were not run"
+        )
+    } else if report
+        .checks
+        .last()
+        .is_some_and(|c| c.name == "DPS registration" && c.status == Status::Warn)
+    {
+        writeln!(
+            out,
+            "doctor: no failures, {warned} warning(s); the hub checks need an assignment (--register)"
         )
     } else if warned > 0 {
         writeln!(out, "doctor: no failures, {warned} warning(s)")

@@ -119,9 +119,9 @@ pub(super) async fn proxy_connect(
 
 /// A fresh dial as the agent makes it, up to the WebSocket upgrade, which must be accepted
 /// with the `mqtt` subprotocol; the failing step is named.
-pub(super) async fn websocket(config: &Config, tls: Arc<rustls::ClientConfig>) -> Check {
+/// `port_key` is the configuration key a wrong port is fixed in, for the hint.
+pub(super) async fn websocket(dial: &Dial<'_>, port_key: &str) -> Check {
     const NAME: &str = "WebSocket";
-    let dial = Dial::new(&config.identity, &config.connection, tls);
     let url = dial.websocket_url();
     match tokio::time::timeout(STEP_TIMEOUT, dial.open()).await {
         Ok(Ok(_stream)) => Check::ok(
@@ -130,15 +130,16 @@ pub(super) async fn websocket(config: &Config, tls: Arc<rustls::ClientConfig>) -
         ),
         Ok(Err(error)) => {
             let hint = match &error {
-                DialError::UpgradeRefused { status: 404, .. } => {
-                    "the server has no MQTT endpoint at /$iothub/websocket: is the port the \
-                     hub's WebSocket port (443; a local hub's ws_port in hub.json)?"
-                }
-                DialError::UpgradeRefused { .. } | DialError::Upgrade { .. } => {
-                    "the port does not serve IoT Hub's MQTT over WebSocket; check the port in \
-                     identity.gateway_host_name (host:port)"
-                }
-                _ => "the earlier checks passed a moment ago: try again",
+                DialError::UpgradeRefused { status: 404, .. } => format!(
+                    "the server has no MQTT endpoint at /$iothub/websocket: is the port in \
+                     {port_key} a WebSocket port (443; a local hub's ws_port or dps_ws_port in \
+                     hub.json)?"
+                ),
+                DialError::UpgradeRefused { .. } | DialError::Upgrade { .. } => format!(
+                    "the port does not serve MQTT over WebSocket; check the port in {port_key} \
+                     (host:port)"
+                ),
+                _ => "the earlier checks passed a moment ago: try again".to_string(),
             };
             Check::fail(NAME, error_chain(&error), hint)
         }

@@ -7,7 +7,15 @@
 //! `$dps/registrations/res/#`, register and operation-status requests, each answered at QoS 0
 //! on the response topic. A connection holds a permit of [`MAX_UNAUTHENTICATED`] until its
 //! CONNACK, as the hub's MQTT listener does. Anything else a device publishes, a QoS 2
-//! publish or a malformed packet closes the connection. No WebSocket transport yet.
+//! publish or a malformed packet closes the connection.
+//!
+//! The same endpoint over WebSocket ([`Transport::WebSocket`], `--dps-ws-port`): real DPS
+//! serves MQTT over WebSocket on its own host's port 443, path `/$iothub/websocket`,
+//! subprotocol `mqtt`, as IoT Hub does; locally the hub's 443 is the hub's, so DPS's WebSocket
+//! gets a port of its own (a host of its own, as on Azure, stands in for by a port, as
+//! `--dps-port` does for DPS's 8883). After TLS and the upgrade (`hub::mqtt::websocket`'s,
+//! the same checks) the session is this module's, over the frames. Each port has its own
+//! pool of unauthenticated connections.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +25,10 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck, SubscribeReasonCode,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_rustls::server::TlsStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,7 +52,12 @@ const MAX_PACKET_SIZE: usize = 64 * 1024;
 /// The keep-alive cap, as the hub's.
 const MAX_IDLE: Duration = Duration::from_secs(1767);
 
-type Stream = TlsStream<TcpStream>;
+/// How devices reach a DPS port: MQTT over TLS, or MQTT over WebSocket over TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Mqtt,
+    WebSocket,
+}
 
 pub async fn serve(
     listener: TcpListener,
@@ -53,9 +66,13 @@ pub async fn serve(
     shutdown: CancellationToken,
     tasks: TaskTracker,
     alive: Alive,
+    transport: Transport,
 ) {
     let accept = AcceptLoop {
-        name: "DPS",
+        name: match transport {
+            Transport::Mqtt => "DPS",
+            Transport::WebSocket => "DPS WebSocket",
+        },
         max_pending: MAX_UNAUTHENTICATED,
         shutdown: shutdown.clone(),
         tasks,
@@ -72,11 +89,14 @@ pub async fn serve(
                 state.clone(),
                 shutdown.clone(),
                 permit,
+                transport,
             )
         })
         .await;
 }
 
+/// TLS, and for the WebSocket port the upgrade, within the connection's deadline; then the
+/// session over whichever stream that made.
 async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
@@ -84,19 +104,78 @@ async fn serve_connection(
     state: Arc<HubState>,
     shutdown: CancellationToken,
     handshake_permit: OwnedSemaphorePermit,
+    transport: Transport,
+) {
+    // One deadline for TLS, the upgrade and the CONNECT, as on the hub's ports.
+    let deadline = Instant::now() + CONNECT_DEADLINE;
+    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, reason = %format!("TLS: {e}"), "DPS: connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "DPS: no TLS handshake within the deadline; closed");
+            return;
+        }
+    };
+    // The client's certificate chain (an X.509 registration), read before the upgrade hides
+    // the TLS stream.
+    let chain = crate::hub::mqtt::connection::peer_certificates(&tls);
+    match transport {
+        Transport::Mqtt => {
+            serve_stream(
+                tls,
+                peer,
+                deadline,
+                chain,
+                state,
+                shutdown,
+                handshake_permit,
+            )
+            .await;
+        }
+        Transport::WebSocket => {
+            let upgraded = tokio::time::timeout_at(
+                deadline,
+                crate::hub::mqtt::websocket::upgrade(tls, MAX_PACKET_SIZE),
+            )
+            .await;
+            match upgraded {
+                Ok(Ok(ws)) => {
+                    serve_stream(ws, peer, deadline, chain, state, shutdown, handshake_permit)
+                        .await;
+                }
+                Ok(Err(reason)) => {
+                    tracing::debug!(%peer, transport = "websocket", reason, "DPS: connection closed before CONNECT");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, transport = "websocket", "DPS: no WebSocket upgrade within the deadline; closed");
+                }
+            }
+        }
+    }
+}
+
+/// One DPS connection once its stream is open: CONNECT (by `deadline`), then the session.
+/// `chain` is the certificate chain the client presented in TLS (empty when none).
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: SocketAddr,
+    deadline: Instant,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    state: Arc<HubState>,
+    shutdown: CancellationToken,
+    handshake_permit: OwnedSemaphorePermit,
 ) {
     let mut inbuf = BytesMut::with_capacity(1024);
-    let opened = tokio::time::timeout(CONNECT_DEADLINE, async {
-        let mut stream = acceptor
-            .accept(socket)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
+    let opened = tokio::time::timeout_at(deadline, async {
         let packet = read_packet(&mut stream, &mut inbuf, MAX_PACKET_SIZE).await?;
-        Ok::<_, String>((stream, packet))
+        Ok::<_, String>(packet)
     })
     .await;
-    let (mut stream, connect) = match opened {
-        Ok(Ok((stream, Packet::Connect(connect)))) => (stream, connect),
+    let connect = match opened {
+        Ok(Ok(Packet::Connect(connect))) => connect,
         Ok(Ok(_)) => {
             tracing::debug!(%peer, "DPS: first packet was not CONNECT; closed");
             return;
@@ -117,7 +196,6 @@ async fn serve_connection(
     let now = state.faults.now_unix();
     // No SAS token but a client certificate: an X.509 registration (the TLS acceptor asks
     // every client for one, as the hub's MQTT listener does).
-    let chain = crate::hub::mqtt::connection::peer_certificates(&stream);
     let authenticated = if password.is_none_or(str::is_empty) && !chain.is_empty() {
         state
             .dps
@@ -168,9 +246,9 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn run(
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut Stream,
+        stream: &mut S,
         inbuf: &mut BytesMut,
         keep_alive: Duration,
         shutdown: &CancellationToken,

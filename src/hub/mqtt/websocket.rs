@@ -12,6 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -38,13 +39,7 @@ pub async fn serve(
     let opened = tokio::time::timeout_at(deadline, async {
         let tls = connection::tls_handshake(&acceptor, socket).await?;
         let certificates = connection::peer_certificates(&tls);
-        let ws = tokio_tungstenite::accept_hdr_async_with_config(
-            tls,
-            check_upgrade,
-            Some(ws_stream::config(MAX_PACKET_SIZE)),
-        )
-        .await
-        .map_err(upgrade_refused)?;
+        let ws = upgrade(tls, MAX_PACKET_SIZE).await?;
         Ok::<_, String>((ws, certificates))
     })
     .await;
@@ -65,7 +60,25 @@ pub async fn serve(
         deadline,
         certificates,
     };
-    connection::serve(WsStream::new(ws), link, state, shutdown, handshake_permit).await;
+    connection::serve(ws, link, state, shutdown, handshake_permit).await;
+}
+
+/// The server side of the upgrade over an accepted TLS stream: IoT Hub's path and subprotocol
+/// ([`check_upgrade`]), frames up to `max_frame` bytes; the reason for the debug log when it is
+/// refused. Shared with the DPS endpoint's WebSocket port (`hub::dps::mqtt`), which real DPS
+/// serves with the same path and subprotocol on its own host.
+pub async fn upgrade<S>(stream: S, max_frame: usize) -> Result<WsStream<S>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        check_upgrade,
+        Some(ws_stream::config(max_frame)),
+    )
+    .await
+    .map(WsStream::new)
+    .map_err(upgrade_refused)
 }
 
 /// Accepts the upgrade only at IoT Hub's path (the query, which SDKs may add, aside) and with
