@@ -376,3 +376,107 @@ async fn the_tls_port_speaks_amqp_with_the_hubs_certificate() {
     let _ = connection.close().await;
     hub.hub.shutdown().await;
 }
+
+fn app_property(message: &fe2o3_amqp::types::messaging::Message<Body<Value>>, key: &str) -> String {
+    match message.application_properties.as_ref().unwrap().0.get(key) {
+        Some(fe2o3_amqp::types::primitives::SimpleValue::String(s)) => s.clone(),
+        other => panic!("application property {key}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn twin_changes_reach_the_partition_as_twin_change_events() {
+    use crate::common::{RawDevice, Service};
+    let hub = TestHub::start().await;
+    let device = "twin-events-1";
+    let key = hub.add_device(device);
+    let mut raw = RawDevice::connect(&hub, device, &key).await;
+    raw.subscribe("$iothub/twin/res/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let (status, _, _) = raw.twin_patch("1", r#"{"temp":21.5,"gone":null}"#).await;
+    assert_eq!(status, 204);
+    let service = Service::new(&hub, "iothubowner");
+    let patched = service
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/twins/{device}"),
+            Some(
+                serde_json::json!({"tags": {"site": "b1"}, "properties": {"desired": {"rate": 5}}}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    let replaced = service
+        .call(
+            reqwest::Method::PUT,
+            &format!("/twins/{device}"),
+            Some(serde_json::json!({"properties": {"desired": {"mode": "eco"}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(replaced.status, 200, "{:?}", replaced.body);
+
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut events = receiver(&mut session, "tw", partition_of(device, 4), None, None).await;
+
+    let (body, reported) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        annotation(&reported, "iothub-message-source"),
+        &Value::String("twinChangeEvents".into())
+    );
+    assert_eq!(
+        annotation(&reported, "iothub-connection-device-id"),
+        &Value::String(device.into())
+    );
+    assert_eq!(app_property(&reported, "hubName"), "localhost");
+    assert_eq!(app_property(&reported, "deviceId"), device);
+    assert_eq!(app_property(&reported, "opType"), "updateTwin");
+    assert_eq!(
+        app_property(&reported, "iothub-message-schema"),
+        "twinChangeNotification"
+    );
+    let properties = reported.properties.as_ref().unwrap();
+    assert_eq!(
+        properties.content_type.as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(
+        properties.user_id.as_ref().map(|b| b.to_vec()),
+        Some(b"localhost".to_vec())
+    );
+    let section = &body["properties"]["reported"];
+    assert_eq!(section["temp"], 21.5);
+    assert!(section["gone"].is_null() && section.as_object().unwrap().contains_key("gone"));
+    assert_eq!(section["$version"], 2, "{body}");
+    assert!(
+        section["$metadata"]["temp"]["$lastUpdated"].is_string(),
+        "{body}"
+    );
+    assert!(body["version"].is_u64());
+
+    let (body, desired) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(app_property(&desired, "opType"), "updateTwin");
+    assert_eq!(body["tags"], serde_json::json!({"site": "b1"}));
+    assert_eq!(body["properties"]["desired"]["rate"], 5);
+    assert_eq!(
+        body["properties"]["desired"]["$metadata"]["rate"]["$lastUpdatedVersion"], 2,
+        "{body}"
+    );
+
+    let (body, replace) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(app_property(&replace, "opType"), "replaceTwin");
+    assert_eq!(body["deviceId"], device);
+    assert!(body["etag"].is_string());
+    assert_eq!(body["properties"]["desired"]["mode"], "eco");
+    assert!(body["properties"]["desired"].get("rate").is_none());
+    assert_eq!(body["properties"]["reported"]["temp"], 21.5);
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}

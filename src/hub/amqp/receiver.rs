@@ -24,7 +24,7 @@ use super::address::{self, PartitionAddress, SELECTOR_FILTER, SELECTOR_FILTER_CO
 use super::connection::{amqp_error, custom_condition, resolve_address, Conn};
 use super::epoch::Lease;
 use crate::hub::auth::Permission;
-use crate::hub::events::{StartAt, StoredEvent};
+use crate::hub::events::{Source, StartAt, StoredEvent};
 
 /// Events read from the store at a time (each then waits for credit).
 const BATCH: usize = 256;
@@ -259,18 +259,21 @@ pub fn event_message(event: &StoredEvent, _conn: &Conn) -> Message<Data> {
         symbol_key("iothub-connection-device-id"),
         Value::String(record.device_id.to_string()),
     );
-    annotations.insert(
-        symbol_key("iothub-connection-auth-method"),
-        Value::String(AUTH_METHOD.into()),
-    );
-    annotations.insert(
-        symbol_key("iothub-connection-auth-generation-id"),
-        Value::String(record.generation_id.to_string()),
-    );
+    // Events the hub makes itself (twin changes) carry no connection's authentication.
+    if record.source == Source::Telemetry {
+        annotations.insert(
+            symbol_key("iothub-connection-auth-method"),
+            Value::String(AUTH_METHOD.into()),
+        );
+        annotations.insert(
+            symbol_key("iothub-connection-auth-generation-id"),
+            Value::String(record.generation_id.to_string()),
+        );
+    }
     annotations.insert(symbol_key("iothub-enqueuedtime"), enqueued);
     annotations.insert(
         symbol_key("iothub-message-source"),
-        Value::String("Telemetry".into()),
+        Value::String(record.source.as_str().into()),
     );
 
     let mut properties = Properties::default();
