@@ -480,3 +480,119 @@ async fn twin_changes_reach_the_partition_as_twin_change_events() {
     let _ = connection.close().await;
     hub.hub.shutdown().await;
 }
+
+/// The error a receive ended with, when the hub detached or closed the link with one.
+async fn detach_error(receiver: &mut Receiver) -> fe2o3_amqp::types::definitions::Error {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    let result = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
+        .await
+        .expect("the hub detaches within the deadline");
+    match result {
+        Err(RecvError::LinkStateError(
+            LinkStateError::RemoteClosedWithError(error)
+            | LinkStateError::RemoteDetachedWithError(error),
+        )) => error,
+        Ok(_) => panic!("an event instead of a detach"),
+        Err(other) => panic!("a detach without an error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn iothubs_own_address_is_redirected_to_the_event_hub_as_a_real_hub_does() {
+    let hub = TestHub::start().await;
+    let policy = "iothubowner";
+    let token = simdevice::protocol::sas::generate_token(
+        "localhost",
+        &key_of(&hub, policy),
+        Some(policy),
+        crate::common::now() + 300,
+    )
+    .unwrap();
+    // What the SDK samples send: SASL PLAIN as `{policy}@sas.root.{hub}` with a SAS token.
+    let mut connection = connect(&hub, &format!("{policy}@sas.root.localhost"), &token)
+        .await
+        .expect("IoT Hub's SASL PLAIN login");
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let plain_port = hub.hub.amqp_plain_addr().unwrap().port();
+    for (source, rest) in [
+        (
+            "amqps://localhost/messages/events/ConsumerGroups/$Default/Partitions/2".to_string(),
+            "/ConsumerGroups/$Default/Partitions/2",
+        ),
+        ("/messages/events/$management".to_string(), "/$management"),
+    ] {
+        let mut link = Receiver::builder()
+            .name(format!("redirect-{rest}"))
+            .source(Source::builder().address(source.clone()).build())
+            .attach(&mut session)
+            .await
+            .expect("accepted, then detached");
+        let error = detach_error(&mut link).await;
+        assert_eq!(
+            error.condition,
+            fe2o3_amqp::types::definitions::LinkError::Redirect.into(),
+            "{source}"
+        );
+        let info = error.info.expect("the redirect's info");
+        let get = |key: &str| info.get(&Symbol::from(key)).cloned();
+        assert_eq!(get("hostname"), Some(Value::String("localhost".into())));
+        assert_eq!(get("network-host"), Some(Value::String("127.0.0.1".into())));
+        assert_eq!(get("port"), Some(Value::Int(i32::from(plain_port))));
+        assert_eq!(
+            get("address"),
+            Some(Value::String(format!(
+                "amqp://localhost:{plain_port}/localhost{rest}"
+            ))),
+            "the event hub's name between the port and the rest, as the SDKs parse it"
+        );
+    }
+    // The redirected address is served: events of partition 2 come through.
+    let device = (0..100)
+        .map(|i| format!("rd-{i}"))
+        .find(|d| partition_of(d, 4) == 2)
+        .unwrap();
+    append(&hub, &device, 5);
+    let mut followed = Receiver::builder()
+        .name("followed")
+        .source(
+            Source::builder()
+                .address(format!(
+                    "amqp://localhost:{plain_port}/localhost/ConsumerGroups/$Default/Partitions/2"
+                ))
+                .build(),
+        )
+        .attach(&mut session)
+        .await
+        .unwrap();
+    assert_eq!(next_body(&mut followed).await.0, "{\"n\":5}");
+    let _ = connection.close().await;
+
+    // Without ServiceConnect, no redirect: nothing is said of the endpoint.
+    let mut connection = connect(&hub, "registryRead", &key_of(&hub, "registryRead"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut refused = Receiver::builder()
+        .name("no-right")
+        .source(
+            Source::builder()
+                .address("messages/events/$management")
+                .build(),
+        )
+        .attach(&mut session)
+        .await
+        .unwrap();
+    let error = detach_error(&mut refused).await;
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+    );
+    assert!(error.info.is_none());
+    let _ = connection.close().await;
+
+    // A token of another policy than the user name's is refused at login.
+    assert!(connect(&hub, "service@sas.root.localhost", &token)
+        .await
+        .is_err());
+    hub.hub.shutdown().await;
+}

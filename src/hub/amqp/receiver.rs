@@ -93,6 +93,57 @@ pub fn admit(
     })
 }
 
+/// The redirect a receiver at IoT Hub's own address (`messages/events/REST`) gets, as a real
+/// IoT Hub answers it: a detach with `amqp:link:redirect` whose info names the Event
+/// Hubs-compatible endpoint: `hostname` (for TLS and the open frame), `network-host` and
+/// `port` (where to dial: the listener this connection came in on) and `address` (the same
+/// REST under the event hub's name). Only for a connection that may receive: others learn
+/// nothing of the endpoint.
+pub fn redirect(conn: &Conn, rest: &str) -> definitions::Error {
+    let now = conn.state.faults.now_unix();
+    if conn
+        .grants
+        .allows(Permission::ServiceConnect, now)
+        .is_none()
+    {
+        return amqp_error(
+            AmqpError::UnauthorizedAccess.into(),
+            "Unauthorized: ServiceConnect is needed to receive (put a token on $cbs or log in with SASL PLAIN)",
+        );
+    }
+    let scheme = if conn.tls { "amqps" } else { "amqp" };
+    let address = address::redirect_address(
+        scheme,
+        REDIRECT_HOST,
+        conn.local.port(),
+        &conn.state.eventhub.hub_name,
+        rest,
+    );
+    let mut info = OrderedMap::new();
+    info.insert(
+        Symbol::from("hostname"),
+        Value::String(REDIRECT_HOST.into()),
+    );
+    info.insert(
+        Symbol::from("network-host"),
+        Value::String(conn.local.ip().to_string()),
+    );
+    info.insert(
+        Symbol::from("port"),
+        Value::Int(i32::from(conn.local.port())),
+    );
+    info.insert(Symbol::from("address"), Value::String(address));
+    definitions::Error::new(
+        definitions::LinkError::Redirect,
+        Some("The link is redirected to the Event Hubs-compatible endpoint".to_string()),
+        Some(info),
+    )
+}
+
+/// The Event Hubs-compatible endpoint's host name: the one hub.json's
+/// `eventhub_connection_string` names and the hub's certificate is for.
+const REDIRECT_HOST: &str = "localhost";
+
 /// The selector expression of a receiver's source filter, keyed or described by Event Hubs'
 /// selector filter.
 fn selector(attach: &Attach) -> Option<String> {
