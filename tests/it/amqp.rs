@@ -596,3 +596,44 @@ async fn iothubs_own_address_is_redirected_to_the_event_hub_as_a_real_hub_does()
         .is_err());
     hub.hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn five_receivers_per_consumer_group_and_partition_the_sixth_is_refused() {
+    let hub = TestHub::start().await;
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut five = Vec::new();
+    for n in 0..5 {
+        five.push(receiver(&mut session, &format!("q{n}"), 3, None, None).await);
+    }
+    let mut sixth = receiver(&mut session, "q5", 3, None, None).await;
+    let error = detach_error(&mut sixth).await;
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::ResourceLimitExceeded.into(),
+        "what Event Hubs' SDKs read as QuotaExceeded"
+    );
+    assert!(error.description.unwrap().contains(
+        "maximum number of allowed receivers per partition in a consumer group which is 5"
+    ));
+    // Another partition is not counted; an epoch receiver is let in and takes over.
+    let _elsewhere = receiver(&mut session, "other-partition", 2, None, None).await;
+    let mut exclusive = receiver(&mut session, "epoch", 3, None, Some(1)).await;
+    for mut kicked in five {
+        let error = detach_error(&mut kicked).await;
+        assert_eq!(
+            error.condition,
+            fe2o3_amqp::types::definitions::LinkError::Stolen.into()
+        );
+    }
+    let device = (0..100)
+        .map(|i| format!("q-{i}"))
+        .find(|d| partition_of(d, 4) == 3)
+        .unwrap();
+    append(&hub, &device, 1);
+    assert_eq!(next_body(&mut exclusive).await.0, "{\"n\":1}");
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}

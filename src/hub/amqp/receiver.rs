@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::address::{self, PartitionAddress, SELECTOR_FILTER, SELECTOR_FILTER_CODE};
 use super::connection::{amqp_error, custom_condition, resolve_address, Conn};
-use super::epoch::Lease;
+use super::epoch::{Lease, Refused};
 use crate::hub::auth::Permission;
 use crate::hub::events::{Source, StartAt, StoredEvent};
 
@@ -82,7 +82,14 @@ pub fn admit(
         .eventhub
         .epochs
         .join(&consumer_group, partition, epoch)
-        .map_err(|refused| amqp_error(custom_condition("amqp:link:stolen"), refused.to_string()))?;
+        .map_err(|refused| {
+            let condition = match refused {
+                // What Event Hubs sends for its QuotaExceeded.
+                Refused::QuotaExceeded { .. } => AmqpError::ResourceLimitExceeded.into(),
+                _ => custom_condition("amqp:link:stolen"),
+            };
+            amqp_error(condition, refused.to_string())
+        })?;
     Ok(Admitted {
         consumer_group,
         partition,
