@@ -39,6 +39,7 @@ fn message(seq: u64) -> Captured {
     StoredEvent {
         offset: seq * 400,
         record: Record {
+            source: simdevice::hub::events::Source::Telemetry,
             sequence_number: seq as i64,
             enqueued_ms: chrono::Utc::now().timestamp_millis(),
             device_id: device(seq),

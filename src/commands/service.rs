@@ -77,6 +77,28 @@ pub enum ServiceCommand {
     /// to, and device certificates for tests and demos.
     #[command(subcommand)]
     Certificate(CertificateCommand),
+    /// Stream the events of the hub's built-in endpoint as they arrive, one JSON line each, like
+    /// `az iot hub monitor-events`: over AMQP, following IoT Hub's redirect to its Event
+    /// Hubs-compatible endpoint, from every partition. Takes the service connection string (a
+    /// policy with ServiceConnect), or an Event Hubs connection string (Endpoint=sb://...).
+    /// Ctrl-C ends it.
+    Monitor {
+        /// Only this device's events.
+        device: Option<String>,
+        /// The consumer group to read as.
+        #[arg(long, default_value = "$Default")]
+        consumer_group: String,
+        /// Where to start: `start` (the oldest retained event), `now`, or a time (RFC 3339, or
+        /// milliseconds since the epoch).
+        #[arg(long, default_value = "now")]
+        from: String,
+        /// Show the system and application properties and the annotations too.
+        #[arg(long)]
+        properties: bool,
+        /// The hub's AMQPS port [default: 5671; with --local, the local hub's]
+        #[arg(long)]
+        amqp_port: Option<u16>,
+    },
     /// The telemetry the local hub received recently (a simdevice extension; not on Azure).
     Events {
         /// Only this device's events.
@@ -335,6 +357,9 @@ pub enum ServiceCommandError {
     /// `certificate issue`: the hub's answer lacks a field.
     #[error("the hub's answer to the certificate request lacks {0:?}")]
     IssueAnswer(&'static str),
+    /// `monitor` failed: the connection, the login, the redirect or a receiver.
+    #[error(transparent)]
+    Monitor(#[from] crate::service::monitor::MonitorError),
 }
 
 impl ServiceCommandError {
@@ -343,6 +368,7 @@ impl ServiceCommandError {
     pub fn is_usage(&self) -> bool {
         match self {
             ServiceCommandError::Service(error) => error.is_usage(),
+            ServiceCommandError::Monitor(error) => error.is_usage(),
             ServiceCommandError::NoHub
             | ServiceCommandError::LocalHub { .. }
             | ServiceCommandError::CaFile { .. }
@@ -386,6 +412,17 @@ pub async fn run(args: ServiceArgs) -> Result<(), ServiceCommandError> {
 
 /// Runs one verb and writes its JSON answer (pretty, one trailing newline) to `out`.
 pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), ServiceCommandError> {
+    if matches!(args.command, ServiceCommand::Monitor { .. }) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            on_signal.cancel();
+        });
+        let result = monitor(&args, out, stop).await;
+        signals.abort();
+        return result;
+    }
     let client = connect(&args)?;
     let answer = match args.command {
         ServiceCommand::Dps(command) => dps(&client, command).await?,
@@ -406,6 +443,8 @@ pub async fn execute(args: ServiceArgs, out: &mut impl Write) -> Result<(), Serv
                 .invoke_method(&device, &method, payload, Some(timeout), connect_timeout)
                 .await?
         }
+        // Served above, before any REST client is made.
+        ServiceCommand::Monitor { .. } => return Ok(()),
         ServiceCommand::Query { sql } => Value::Array(client.query(&sql).await?),
         ServiceCommand::Certificate(command) => certificate(&client, command).await?,
         ServiceCommand::Events {
@@ -722,6 +761,116 @@ fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceCommandError> {
     }
     let extra = (!ca_pem.trim().is_empty()).then_some(ca_pem.as_str());
     Ok(ServiceClient::new(&connection_string, extra)?)
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `service monitor`: the target from `--local` (hub.json: the service connection string, the
+/// AMQP port, the CA) or the connection string (a service one, or an Event Hubs one), then
+/// every event as one compact JSON line on `out` until `stop`.
+async fn monitor(
+    args: &ServiceArgs,
+    out: &mut impl Write,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), ServiceCommandError> {
+    use crate::service::monitor::{self as m, Options, StartFrom, Target};
+    let ServiceCommand::Monitor {
+        device,
+        consumer_group,
+        from,
+        properties,
+        amqp_port,
+    } = &args.command
+    else {
+        return Ok(());
+    };
+    let options = Options {
+        device: device.clone(),
+        consumer_group: consumer_group.clone(),
+        from: StartFrom::parse(from)?,
+        properties: *properties,
+    };
+    let mut ca_pem = String::new();
+    let target = if args.local {
+        let state_dir = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(crate::common::local_hub::default_state_dir);
+        let info = match HubInfo::read(&state_dir) {
+            Ok(info) => info,
+            Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
+        };
+        ca_pem.push_str(&read_ca(&info.ca_file)?);
+        Target::IotHub {
+            connection_string: info
+                .service_connection_string
+                .parse()
+                .map_err(ServiceCommandError::ConnectionString)?,
+            port: amqp_port.or(info.amqp_port).unwrap_or(m::AMQPS_PORT),
+        }
+    } else {
+        let text = args
+            .connection_string
+            .as_deref()
+            .ok_or(ServiceCommandError::NoHub)?;
+        if text
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("endpoint=")
+        {
+            let mut endpoint = m::parse_event_hub_connection_string(text)?;
+            if let Some(port) = amqp_port {
+                endpoint.port = *port;
+            }
+            Target::EventHub(endpoint)
+        } else {
+            Target::IotHub {
+                connection_string: text
+                    .parse()
+                    .map_err(ServiceCommandError::ConnectionString)?,
+                port: amqp_port.unwrap_or(m::AMQPS_PORT),
+            }
+        }
+    };
+    if let Some(path) = &args.ca_file {
+        ca_pem.push('\n');
+        ca_pem.push_str(&read_ca(path)?);
+    }
+    let extra = (!ca_pem.trim().is_empty()).then_some(ca_pem);
+    let (lines_tx, mut lines) = tokio::sync::mpsc::channel(m::QUEUE);
+    let reader = tokio::spawn({
+        let stop = stop.clone();
+        async move { m::monitor(target, options, extra.as_deref(), lines_tx, stop).await }
+    });
+    let mut written = Ok(());
+    while let Some(line) = lines.recv().await {
+        if let Err(error) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            // A closed pipe: stop reading, the events go nowhere.
+            written = Err(ServiceCommandError::Output(error));
+            stop.cancel();
+            break;
+        }
+    }
+    drop(lines);
+    match reader.await {
+        Ok(result) => written.and(Ok(result?)),
+        // The reader panicked: say so rather than exit 0.
+        Err(error) => Err(ServiceCommandError::Output(std::io::Error::other(error))),
+    }
 }
 
 fn read_ca(path: &Path) -> Result<String, ServiceCommandError> {

@@ -165,6 +165,7 @@ mod tests {
         Arc::new(StoredEvent {
             offset: u64::from(n) * 100,
             record: Record {
+                source: crate::hub::events::Source::Telemetry,
                 sequence_number: i64::from(n),
                 enqueued_ms: 1_700_000_000_000,
                 device_id: Arc::from(device),

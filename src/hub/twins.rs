@@ -4,6 +4,18 @@
 //! Every change goes through `Registry::update` (so it is persisted before it is visible) and
 //! bumps the twin's `version`; desired and reported sets keep their own `$version`s. Limits and
 //! merge rules are the shared `protocol::twin` code, the same the agent uses.
+//!
+//! Every accepted change is also appended to the device's partition of the event store as a
+//! twin change event (`iothub-message-source` = `twinChangeEvents`), shaped as IoT Hub's
+//! "non-telemetry event schemas" page shows them: application properties `hubName`,
+//! `deviceId`, `operationTimestamp`, `iothub-message-schema` = `twinChangeNotification` and
+//! `opType` (`updateTwin` or `replaceTwin`); system properties content type
+//! `application/json`, encoding `utf-8`, a fresh correlation id and the hub's name as user id.
+//! An update's body is the twin's `version` with the changed tags and properties (each section
+//! with its `$metadata` for the changed keys and its `$version`); a replacement's is the whole
+//! twin.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
@@ -11,8 +23,10 @@ use serde_json::{json, Map, Value};
 use super::error::IotHubError;
 use super::registry::{check_etag, now_iso, StoredPropertySet};
 use super::HubState;
+use crate::hub::events::Source;
 use crate::hub::metrics::HubCounters;
 use crate::protocol::error_code::ErrorCode;
+use crate::protocol::property_bag::PropertyBag;
 use crate::protocol::topic::{desired_patch_topic, SubscriptionKind};
 use crate::protocol::twin::{self, Section};
 
@@ -34,7 +48,7 @@ pub fn device_view(state: &HubState, device_id: &str) -> Result<Value, IotHubErr
 /// Errors are 400s whose message names the broken rule.
 pub fn patch_reported(state: &HubState, device_id: &str, body: &[u8]) -> Result<u64, IotHubError> {
     let patch = twin::parse_patch(body).map_err(|e| IotHubError::argument(e.to_string()))?;
-    state
+    let (version, change) = state
         .registry
         .update(device_id, |device| {
             let mut reported = device.twin.reported.to_property_set();
@@ -43,9 +57,13 @@ pub fn patch_reported(state: &HubState, device_id: &str, body: &[u8]) -> Result<
                 .map_err(|e| IotHubError::argument(e.to_string()))?;
             device.twin.reported = StoredPropertySet::from(&reported);
             device.twin.version += 1;
-            Ok(reported.version)
+            let mut change = ChangeBody::new(device.twin.version);
+            change.section("reported", &patch, &reported.to_json(true));
+            Ok((reported.version, change))
         })
-        .inspect(|_| HubCounters::bump(&state.counters.twin_updates_device))
+        .inspect(|_| HubCounters::bump(&state.counters.twin_updates_device))?;
+    twin_changed(state, device_id, OP_UPDATE, change.into_value());
+    Ok(version)
 }
 
 /// `PATCH /twins/{id}`: merges `tags` and `properties.desired`, honouring `If-Match`.
@@ -62,19 +80,30 @@ pub fn update(
             device.twin.tags = merged_tags(&device.twin.tags, tags)?;
         }
         let mut pushed = None;
+        let mut desired_json = None;
         if let Some(patch) = desired {
             let mut set = device.twin.desired.to_property_set();
             set.apply_patch(patch, Section::Desired, &now_iso())
                 .map_err(|e| IotHubError::argument(e.to_string()))?;
             device.twin.desired = StoredPropertySet::from(&set);
             pushed = Some(desired_patch_message(patch, set.version));
+            desired_json = Some(set.to_json(true));
         }
         device.twin.version += 1;
-        Ok((device.to_twin_json(), pushed))
+        let mut change = ChangeBody::new(device.twin.version);
+        if let Some(tags) = tags {
+            change.tags(tags);
+        }
+        if let (Some(patch), Some(set)) = (desired, &desired_json) {
+            change.section("desired", patch, set);
+        }
+        Ok((device.to_twin_json(), (pushed, change)))
     })?;
+    let (pushed, change) = pushed;
     if let Some((version, body)) = pushed {
         push_desired(state, device_id, version, body);
     }
+    twin_changed(state, device_id, OP_UPDATE, change.into_value());
     HubCounters::bump(&state.counters.twin_updates_service);
     Ok(twin_json)
 }
@@ -116,8 +145,117 @@ pub fn replace(
     })?;
     let (version, body) = pushed;
     push_desired(state, device_id, version, body);
+    twin_changed(state, device_id, OP_REPLACE, replaced_body(&twin_json));
     HubCounters::bump(&state.counters.twin_updates_service);
     Ok(twin_json)
+}
+
+const OP_UPDATE: &str = "updateTwin";
+const OP_REPLACE: &str = "replaceTwin";
+
+/// The body of an update's twin change event (module notes), built section by section.
+struct ChangeBody {
+    version: u64,
+    tags: Option<Value>,
+    properties: Map<String, Value>,
+}
+
+impl ChangeBody {
+    fn new(version: u64) -> ChangeBody {
+        ChangeBody {
+            version,
+            tags: None,
+            properties: Map::new(),
+        }
+    }
+
+    fn tags(&mut self, patch: &Value) {
+        self.tags = Some(patch.clone());
+    }
+
+    /// The patch of one section (nulls kept: they say what was removed), the section's
+    /// `$metadata` for the patched keys (and its own top-level stamps) and its `$version`, from
+    /// the section as it is after the patch (`to_json(true)`).
+    fn section(&mut self, name: &str, patch: &Value, after: &Value) {
+        let mut out = patch.as_object().cloned().unwrap_or_default();
+        out.retain(|k, _| !k.starts_with('$'));
+        let metadata = after
+            .get("$metadata")
+            .and_then(Value::as_object)
+            .map(|all| {
+                all.iter()
+                    .filter(|(k, _)| k.starts_with('$') || out.contains_key(*k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Map<_, _>>()
+            })
+            .unwrap_or_default();
+        out.insert("$metadata".into(), Value::Object(metadata));
+        if let Some(version) = after.get("$version") {
+            out.insert("$version".into(), version.clone());
+        }
+        self.properties.insert(name.into(), Value::Object(out));
+    }
+
+    fn into_value(self) -> Value {
+        let mut body = Map::new();
+        body.insert("version".into(), json!(self.version));
+        if let Some(tags) = self.tags {
+            body.insert("tags".into(), tags);
+        }
+        if !self.properties.is_empty() {
+            body.insert("properties".into(), Value::Object(self.properties));
+        }
+        Value::Object(body)
+    }
+}
+
+/// A replacement's body: the twin as the service API shows it, without the fields of the
+/// device identity that IoT Hub leaves out of twin change events.
+fn replaced_body(twin_json: &Value) -> Value {
+    let mut body = twin_json.as_object().cloned().unwrap_or_default();
+    for key in [
+        "deviceEtag",
+        "status",
+        "statusUpdateTime",
+        "connectionState",
+        "lastActivityTime",
+        "cloudToDeviceMessageCount",
+        "authenticationType",
+        "x509Thumbprint",
+        "capabilities",
+    ] {
+        body.remove(key);
+    }
+    Value::Object(body)
+}
+
+/// Appends a twin change event to the device's partition of the event store.
+fn twin_changed(state: &HubState, device_id: &str, op_type: &str, body: Value) {
+    let hub = &state.eventhub.hub_name;
+    let mut properties = PropertyBag::new();
+    properties.insert("$.ct", "application/json");
+    properties.insert("$.ce", "utf-8");
+    properties.insert("$.cid", &uuid::Uuid::new_v4().simple().to_string()[..11]);
+    properties.insert("$.uid", hub);
+    properties.insert("hubName", hub);
+    properties.insert("deviceId", device_id);
+    properties.insert("operationTimestamp", now_iso());
+    properties.insert("iothub-message-schema", "twinChangeNotification");
+    properties.insert("opType", op_type);
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    // The change itself is applied already; an event the durable store's disk refuses is
+    // said, not retried.
+    if let Err(error) = state.events.append_from(
+        Source::TwinChange,
+        Arc::from(device_id),
+        Arc::from(""),
+        properties,
+        Bytes::from(body),
+        chrono::Utc::now(),
+    ) {
+        tracing::warn!(device = device_id, error = %crate::common::logging::error_chain(&error),
+            "twin change event not recorded in the event store");
+    }
 }
 
 /// Picks `tags` and `properties.desired` out of a service twin document.

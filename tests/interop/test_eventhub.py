@@ -267,3 +267,37 @@ def test_a_policy_without_service_connect_is_refused(hub):
         db.close()
     cs = "Endpoint=sb://localhost/;SharedAccessKeyName=registryRead;SharedAccessKey={};EntityPath=localhost".format(key)
     _refused(hub, cs)
+
+
+def test_a_reported_patch_reaches_the_consumer_as_a_twin_change_event(hub, make_device, device_client_factory):
+    """What Microsoft's own device SDK e2e suite checks (service_helper: a twinChangeEvents event
+    whose body's properties.reported holds the patch), with the properties IoT Hub sets (its
+    "non-telemetry event schemas" page)."""
+    device_id, _, cs = make_device("ehtw")
+    client = device_client_factory(cs)
+    call_with_timeout(client.connect, what="connect")
+    tag = uuid.uuid4().hex
+    call_with_timeout(client.patch_twin_reported_properties, {"tag": tag, "gone": None}, what="patch_twin_reported_properties")
+
+    def twin_change_of_ours(event):
+        if event.system_properties.get(b"iothub-message-source") != b"twinChangeEvents":
+            return False
+        body = json.loads(event.body_as_str())
+        return body.get("properties", {}).get("reported", {}).get("tag") == tag
+
+    events = receive(tls_client(hub), partition_of(device_id), lambda evs: any(twin_change_of_ours(e) for e in evs))
+    event = next(e for e in events if twin_change_of_ours(e))
+    body = event.body_as_json()
+    reported = body["properties"]["reported"]
+    assert "gone" in reported and reported["gone"] is None, body
+    assert isinstance(reported["$version"], int) and isinstance(body["version"], int)
+    assert "tag" in reported["$metadata"], body
+    assert event.system_properties[b"iothub-connection-device-id"] == device_id.encode()
+    assert event.properties[b"hubName"] == b"localhost"
+    assert event.properties[b"deviceId"] == device_id.encode()
+    assert event.properties[b"opType"] == b"updateTwin"
+    assert event.properties[b"iothub-message-schema"] == b"twinChangeNotification"
+    assert b"operationTimestamp" in event.properties
+    assert event.content_type == "application/json"
+    assert event.system_properties[b"content-encoding"] == b"utf-8"
+    assert b"iothub-connection-auth-generation-id" not in event.system_properties

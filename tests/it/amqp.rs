@@ -380,3 +380,264 @@ async fn the_tls_port_speaks_amqp_with_the_hubs_certificate() {
     let _ = connection.close().await;
     hub.hub.shutdown().await;
 }
+
+fn app_property(message: &fe2o3_amqp::types::messaging::Message<Body<Value>>, key: &str) -> String {
+    match message.application_properties.as_ref().unwrap().0.get(key) {
+        Some(fe2o3_amqp::types::primitives::SimpleValue::String(s)) => s.clone(),
+        other => panic!("application property {key}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn twin_changes_reach_the_partition_as_twin_change_events() {
+    use crate::common::{RawDevice, Service};
+    let hub = TestHub::start().await;
+    let device = "twin-events-1";
+    let key = hub.add_device(device);
+    let mut raw = RawDevice::connect(&hub, device, &key).await;
+    raw.subscribe("$iothub/twin/res/#", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let (status, _, _) = raw.twin_patch("1", r#"{"temp":21.5,"gone":null}"#).await;
+    assert_eq!(status, 204);
+    let service = Service::new(&hub, "iothubowner");
+    let patched = service
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/twins/{device}"),
+            Some(
+                serde_json::json!({"tags": {"site": "b1"}, "properties": {"desired": {"rate": 5}}}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{:?}", patched.body);
+    let replaced = service
+        .call(
+            reqwest::Method::PUT,
+            &format!("/twins/{device}"),
+            Some(serde_json::json!({"properties": {"desired": {"mode": "eco"}}})),
+            &[],
+        )
+        .await;
+    assert_eq!(replaced.status, 200, "{:?}", replaced.body);
+
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut events = receiver(&mut session, "tw", partition_of(device, 4), None, None).await;
+
+    let (body, reported) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        annotation(&reported, "iothub-message-source"),
+        &Value::String("twinChangeEvents".into())
+    );
+    assert_eq!(
+        annotation(&reported, "iothub-connection-device-id"),
+        &Value::String(device.into())
+    );
+    assert_eq!(app_property(&reported, "hubName"), "localhost");
+    assert_eq!(app_property(&reported, "deviceId"), device);
+    assert_eq!(app_property(&reported, "opType"), "updateTwin");
+    assert_eq!(
+        app_property(&reported, "iothub-message-schema"),
+        "twinChangeNotification"
+    );
+    let properties = reported.properties.as_ref().unwrap();
+    assert_eq!(
+        properties.content_type.as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(
+        properties.user_id.as_ref().map(|b| b.to_vec()),
+        Some(b"localhost".to_vec())
+    );
+    let section = &body["properties"]["reported"];
+    assert_eq!(section["temp"], 21.5);
+    assert!(section["gone"].is_null() && section.as_object().unwrap().contains_key("gone"));
+    assert_eq!(section["$version"], 2, "{body}");
+    assert!(
+        section["$metadata"]["temp"]["$lastUpdated"].is_string(),
+        "{body}"
+    );
+    assert!(body["version"].is_u64());
+
+    let (body, desired) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(app_property(&desired, "opType"), "updateTwin");
+    assert_eq!(body["tags"], serde_json::json!({"site": "b1"}));
+    assert_eq!(body["properties"]["desired"]["rate"], 5);
+    assert_eq!(
+        body["properties"]["desired"]["$metadata"]["rate"]["$lastUpdatedVersion"], 2,
+        "{body}"
+    );
+
+    let (body, replace) = next_body(&mut events).await;
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(app_property(&replace, "opType"), "replaceTwin");
+    assert_eq!(body["deviceId"], device);
+    assert!(body["etag"].is_string());
+    assert_eq!(body["properties"]["desired"]["mode"], "eco");
+    assert!(body["properties"]["desired"].get("rate").is_none());
+    assert_eq!(body["properties"]["reported"]["temp"], 21.5);
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+/// The error a receive ended with, when the hub detached or closed the link with one.
+async fn detach_error(receiver: &mut Receiver) -> fe2o3_amqp::types::definitions::Error {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    let result = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
+        .await
+        .expect("the hub detaches within the deadline");
+    match result {
+        Err(RecvError::LinkStateError(
+            LinkStateError::RemoteClosedWithError(error)
+            | LinkStateError::RemoteDetachedWithError(error),
+        )) => error,
+        Ok(_) => panic!("an event instead of a detach"),
+        Err(other) => panic!("a detach without an error: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn iothubs_own_address_is_redirected_to_the_event_hub_as_a_real_hub_does() {
+    let hub = TestHub::start().await;
+    let policy = "iothubowner";
+    let token = simdevice::protocol::sas::generate_token(
+        "localhost",
+        &key_of(&hub, policy),
+        Some(policy),
+        crate::common::now() + 300,
+    )
+    .unwrap();
+    // What the SDK samples send: SASL PLAIN as `{policy}@sas.root.{hub}` with a SAS token.
+    let mut connection = connect(&hub, &format!("{policy}@sas.root.localhost"), &token)
+        .await
+        .expect("IoT Hub's SASL PLAIN login");
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let plain_port = hub.hub.amqp_plain_addr().unwrap().port();
+    for (source, rest) in [
+        (
+            "amqps://localhost/messages/events/ConsumerGroups/$Default/Partitions/2".to_string(),
+            "/ConsumerGroups/$Default/Partitions/2",
+        ),
+        ("/messages/events/$management".to_string(), "/$management"),
+    ] {
+        let mut link = Receiver::builder()
+            .name(format!("redirect-{rest}"))
+            .source(Source::builder().address(source.clone()).build())
+            .attach(&mut session)
+            .await
+            .expect("accepted, then detached");
+        let error = detach_error(&mut link).await;
+        assert_eq!(
+            error.condition,
+            fe2o3_amqp::types::definitions::LinkError::Redirect.into(),
+            "{source}"
+        );
+        let info = error.info.expect("the redirect's info");
+        let get = |key: &str| info.get(&Symbol::from(key)).cloned();
+        assert_eq!(get("hostname"), Some(Value::String("localhost".into())));
+        assert_eq!(get("network-host"), Some(Value::String("127.0.0.1".into())));
+        assert_eq!(get("port"), Some(Value::Int(i32::from(plain_port))));
+        assert_eq!(
+            get("address"),
+            Some(Value::String(format!(
+                "amqp://localhost:{plain_port}/localhost{rest}"
+            ))),
+            "the event hub's name between the port and the rest, as the SDKs parse it"
+        );
+    }
+    // The redirected address is served: events of partition 2 come through.
+    let device = (0..100)
+        .map(|i| format!("rd-{i}"))
+        .find(|d| partition_of(d, 4) == 2)
+        .unwrap();
+    append(&hub, &device, 5);
+    let mut followed = Receiver::builder()
+        .name("followed")
+        .source(
+            Source::builder()
+                .address(format!(
+                    "amqp://localhost:{plain_port}/localhost/ConsumerGroups/$Default/Partitions/2"
+                ))
+                .build(),
+        )
+        .attach(&mut session)
+        .await
+        .unwrap();
+    assert_eq!(next_body(&mut followed).await.0, "{\"n\":5}");
+    let _ = connection.close().await;
+
+    // Without ServiceConnect, no redirect: nothing is said of the endpoint.
+    let mut connection = connect(&hub, "registryRead", &key_of(&hub, "registryRead"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut refused = Receiver::builder()
+        .name("no-right")
+        .source(
+            Source::builder()
+                .address("messages/events/$management")
+                .build(),
+        )
+        .attach(&mut session)
+        .await
+        .unwrap();
+    let error = detach_error(&mut refused).await;
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+    );
+    assert!(error.info.is_none());
+    let _ = connection.close().await;
+
+    // A token of another policy than the user name's is refused at login.
+    assert!(connect(&hub, "service@sas.root.localhost", &token)
+        .await
+        .is_err());
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn five_receivers_per_consumer_group_and_partition_the_sixth_is_refused() {
+    let hub = TestHub::start().await;
+    let mut connection = connect(&hub, "service", &key_of(&hub, "service"))
+        .await
+        .unwrap();
+    let mut session = Session::begin(&mut connection).await.unwrap();
+    let mut five = Vec::new();
+    for n in 0..5 {
+        five.push(receiver(&mut session, &format!("q{n}"), 3, None, None).await);
+    }
+    let mut sixth = receiver(&mut session, "q5", 3, None, None).await;
+    let error = detach_error(&mut sixth).await;
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::ResourceLimitExceeded.into(),
+        "what Event Hubs' SDKs read as QuotaExceeded"
+    );
+    assert!(error.description.unwrap().contains(
+        "maximum number of allowed receivers per partition in a consumer group which is 5"
+    ));
+    // Another partition is not counted; an epoch receiver is let in and takes over.
+    let _elsewhere = receiver(&mut session, "other-partition", 2, None, None).await;
+    let mut exclusive = receiver(&mut session, "epoch", 3, None, Some(1)).await;
+    for mut kicked in five {
+        let error = detach_error(&mut kicked).await;
+        assert_eq!(
+            error.condition,
+            fe2o3_amqp::types::definitions::LinkError::Stolen.into()
+        );
+    }
+    let device = (0..100)
+        .map(|i| format!("q-{i}"))
+        .find(|d| partition_of(d, 4) == 3)
+        .unwrap();
+    append(&hub, &device, 1);
+    assert_eq!(next_body(&mut exclusive).await.0, "{\"n\":1}");
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}

@@ -35,6 +35,7 @@ mod hub_listeners;
 mod hub_mqtt;
 mod hub_state;
 mod metrics;
+mod monitor;
 mod sdnotify;
 mod service_cli;
 mod service_cli_options;

@@ -1,5 +1,6 @@
 //! What a receiver asks for, as text: its source address
-//! (`[amqps://host[:port]/]{hub}/ConsumerGroups/{cg}/Partitions/{p}`) and its selector filter
+//! (`[amqps://host[:port]/]{hub}/ConsumerGroups/{cg}/Partitions/{p}`, or IoT Hub's own
+//! `messages/events/...`, which is redirected) and its selector filter
 //! (`amqp.annotation.x-opt-offset > '123'`, as azure-eventhub's `event_position_selector`
 //! writes it). Pure: no I/O, no hub state.
 
@@ -43,6 +44,35 @@ pub fn parse_partition_address(address: &str) -> Option<PartitionAddress> {
             })
         }
         _ => None,
+    }
+}
+
+/// IoT Hub's own name for its built-in endpoint: `[amqps://host/]messages/events[/REST]`,
+/// which a real hub answers with `amqp:link:redirect` to the Event Hubs-compatible
+/// endpoint. Returns REST (`ConsumerGroups/{cg}/Partitions/{p}`, `$management`, or empty).
+pub fn iothub_events_rest(address: &str) -> Option<&str> {
+    let path = path_of(address);
+    let (head, rest) = match path.get(..15) {
+        Some(head) => (head, &path[15..]),
+        None => (path, ""),
+    };
+    if !head.eq_ignore_ascii_case("messages/events") {
+        return None;
+    }
+    match rest {
+        "" | "/" => Some(""),
+        _ => rest.strip_prefix('/'),
+    }
+}
+
+/// The address a redirect names: `{scheme}://{host}:{port}/{hub}[/REST]`, as IoT Hub names
+/// its Event Hubs-compatible endpoint (the SDKs take the event hub's name from between the
+/// port and the next `/`).
+pub fn redirect_address(scheme: &str, host: &str, port: u16, hub: &str, rest: &str) -> String {
+    if rest.is_empty() {
+        format!("{scheme}://{host}:{port}/{hub}")
+    } else {
+        format!("{scheme}://{host}:{port}/{hub}/{rest}")
     }
 }
 
@@ -128,6 +158,39 @@ mod tests {
             None
         );
         assert_eq!(path_of("amqps://h/$management"), "$management");
+    }
+
+    #[test]
+    fn iothub_addresses_are_recognised_for_the_redirect() {
+        for (address, rest) in [
+            (
+                "amqps://myhub.azure-devices.net/messages/events/ConsumerGroups/$Default/Partitions/0",
+                Some("ConsumerGroups/$Default/Partitions/0"),
+            ),
+            ("/messages/events/$management", Some("$management")),
+            ("messages/events", Some("")),
+            ("Messages/Events/", Some("")),
+            ("messages/eventsX", None),
+            ("messages/devicebound", None),
+            ("myhub/ConsumerGroups/$Default/Partitions/0", None),
+        ] {
+            assert_eq!(iothub_events_rest(address), rest, "{address}");
+        }
+        assert_eq!(
+            redirect_address("amqps", "localhost", 5671, "myhub", "$management"),
+            "amqps://localhost:5671/myhub/$management"
+        );
+        let redirected = redirect_address(
+            "amqps",
+            "localhost",
+            5671,
+            "myhub",
+            "ConsumerGroups/$Default/Partitions/0",
+        );
+        assert_eq!(
+            parse_partition_address(&redirected).map(|a| a.hub),
+            Some("myhub".to_string())
+        );
     }
 
     #[test]

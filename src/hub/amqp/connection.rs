@@ -58,6 +58,10 @@ pub struct Conn {
     pub state: Arc<HubState>,
     pub grants: Arc<Grants>,
     pub peer: SocketAddr,
+    /// The hub's end of the connection: where a redirect sends the client (`receiver`).
+    pub local: SocketAddr,
+    /// Whether the connection came in over TLS.
+    pub tls: bool,
 }
 
 type Responders = Arc<Mutex<HashMap<String, mpsc::Sender<AnyMessage>>>>;
@@ -84,6 +88,7 @@ pub async fn serve(
     handshake_permit: OwnedSemaphorePermit,
 ) {
     let grants = Arc::new(Grants::default());
+    let (local, over_tls) = (socket.local_addr().unwrap_or(peer), tls.is_some());
     let acceptor = ConnectionAcceptor::builder()
         .container_id(format!("simdevice-{}", state.eventhub.hub_name))
         .max_frame_size(MAX_FRAME_SIZE)
@@ -125,6 +130,8 @@ pub async fn serve(
         state,
         grants,
         peer,
+        local,
+        tls: over_tls,
     });
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
@@ -272,6 +279,15 @@ async fn on_attach(
                     } else {
                         Plan::Refuse(devicebound::unauthorized())
                     }
+                }
+                Some(_)
+                    if source
+                        .as_deref()
+                        .and_then(address::iothub_events_rest)
+                        .is_some() =>
+                {
+                    let rest = source.as_deref().and_then(address::iothub_events_rest);
+                    Plan::Refuse(receiver::redirect(conn, rest.unwrap_or_default()))
                 }
                 Some(_) => match source.as_deref().and_then(address::parse_partition_address) {
                     Some(partition) => match receiver::admit(conn, &partition, &attach) {

@@ -2,7 +2,10 @@
 //! receiver with `com.microsoft:epoch` E disconnects every receiver there with a lower epoch
 //! and every receiver without one; one with a lower epoch than the holder's, or one without an
 //! epoch while an epoch receiver holds the partition, is refused. An equal epoch takes over
-//! (a restarted consumer reclaims its partition). Pure bookkeeping: no I/O.
+//! (a restarted consumer reclaims its partition). Receivers without an epoch are at most
+//! [`MAX_RECEIVERS`] per consumer group and partition, Event Hubs' quota: the next one is
+//! refused (`QuotaExceeded`). Epoch receivers are not counted against it: one with an epoch
+//! disconnects the others, so the partition never holds more than it. Pure bookkeeping: no I/O.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +13,9 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 type Key = (String, u32);
+
+/// Receivers per consumer group and partition, as on Event Hubs.
+pub const MAX_RECEIVERS: usize = 5;
 
 struct Holder {
     id: u64,
@@ -46,6 +52,12 @@ pub enum Refused {
     LowerEpoch { asked: i64, holder: i64 },
     #[error("a receiver with epoch {holder} holds the partition; a receiver without an epoch is refused")]
     NoEpoch { holder: i64 },
+    /// Event Hubs' message (its receivers have no identifier here: `nil`, as it writes them).
+    #[error(
+        "Exceeded the maximum number of allowed receivers per partition in a consumer group which is {max}. List of connected receivers - {}.",
+        vec!["nil"; *.max].join(", ")
+    )]
+    QuotaExceeded { max: usize },
 }
 
 impl Epochs {
@@ -67,6 +79,9 @@ impl Epochs {
                 return Err(Refused::LowerEpoch { asked, holder })
             }
             (None, Some(holder)) => return Err(Refused::NoEpoch { holder }),
+            (None, None) if inner.slots.get(&key).map_or(0, Vec::len) >= MAX_RECEIVERS => {
+                return Err(Refused::QuotaExceeded { max: MAX_RECEIVERS })
+            }
             _ => {}
         }
         if let Some(asked) = epoch {
@@ -126,6 +141,36 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn five_receivers_per_group_and_partition_and_an_epoch_takes_over_from_them() {
+        let epochs = Epochs::default();
+        let five: Vec<Lease> = (0..MAX_RECEIVERS)
+            .map(|_| epochs.join("$Default", 0, None).unwrap())
+            .collect();
+        let refused = epochs.join("$default", 0, None).err();
+        assert_eq!(refused, Some(Refused::QuotaExceeded { max: 5 }));
+        assert!(refused
+            .unwrap()
+            .to_string()
+            .contains("which is 5. List of connected receivers - nil, nil, nil, nil, nil."));
+        assert!(
+            epochs.join("$Default", 1, None).is_ok(),
+            "another partition"
+        );
+        assert!(epochs.join("other", 0, None).is_ok(), "another group");
+        let epoch = epochs.join("$Default", 0, Some(1)).unwrap();
+        assert!(
+            five.iter().all(|l| l.kicked.is_cancelled()),
+            "the epoch receiver takes over"
+        );
+        drop(five);
+        drop(epoch);
+        assert!(
+            epochs.join("$Default", 0, None).is_ok(),
+            "a place is free again"
+        );
+    }
 
     #[test]
     fn a_higher_epoch_kicks_and_a_lower_one_is_refused() {

@@ -22,9 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::address::{self, PartitionAddress, SELECTOR_FILTER, SELECTOR_FILTER_CODE};
 use super::connection::{amqp_error, custom_condition, resolve_address, Conn};
-use super::epoch::Lease;
+use super::epoch::{Lease, Refused};
 use crate::hub::auth::Permission;
-use crate::hub::events::{StartAt, StoredEvent};
+use crate::hub::events::{Source, StartAt, StoredEvent};
 
 /// Events read from the store at a time (each then waits for credit).
 const BATCH: usize = 256;
@@ -82,7 +82,14 @@ pub fn admit(
         .eventhub
         .epochs
         .join(&consumer_group, partition, epoch)
-        .map_err(|refused| amqp_error(custom_condition("amqp:link:stolen"), refused.to_string()))?;
+        .map_err(|refused| {
+            let condition = match refused {
+                // What Event Hubs sends for its QuotaExceeded.
+                Refused::QuotaExceeded { .. } => AmqpError::ResourceLimitExceeded.into(),
+                _ => custom_condition("amqp:link:stolen"),
+            };
+            amqp_error(condition, refused.to_string())
+        })?;
     Ok(Admitted {
         consumer_group,
         partition,
@@ -92,6 +99,57 @@ pub fn admit(
         expires,
     })
 }
+
+/// The redirect a receiver at IoT Hub's own address (`messages/events/REST`) gets, as a real
+/// IoT Hub answers it: a detach with `amqp:link:redirect` whose info names the Event
+/// Hubs-compatible endpoint: `hostname` (for TLS and the open frame), `network-host` and
+/// `port` (where to dial: the listener this connection came in on) and `address` (the same
+/// REST under the event hub's name). Only for a connection that may receive: others learn
+/// nothing of the endpoint.
+pub fn redirect(conn: &Conn, rest: &str) -> definitions::Error {
+    let now = conn.state.faults.now_unix();
+    if conn
+        .grants
+        .allows(Permission::ServiceConnect, now)
+        .is_none()
+    {
+        return amqp_error(
+            AmqpError::UnauthorizedAccess.into(),
+            "Unauthorized: ServiceConnect is needed to receive (put a token on $cbs or log in with SASL PLAIN)",
+        );
+    }
+    let scheme = if conn.tls { "amqps" } else { "amqp" };
+    let address = address::redirect_address(
+        scheme,
+        REDIRECT_HOST,
+        conn.local.port(),
+        &conn.state.eventhub.hub_name,
+        rest,
+    );
+    let mut info = OrderedMap::new();
+    info.insert(
+        Symbol::from("hostname"),
+        Value::String(REDIRECT_HOST.into()),
+    );
+    info.insert(
+        Symbol::from("network-host"),
+        Value::String(conn.local.ip().to_string()),
+    );
+    info.insert(
+        Symbol::from("port"),
+        Value::Int(i32::from(conn.local.port())),
+    );
+    info.insert(Symbol::from("address"), Value::String(address));
+    definitions::Error::new(
+        definitions::LinkError::Redirect,
+        Some("The link is redirected to the Event Hubs-compatible endpoint".to_string()),
+        Some(info),
+    )
+}
+
+/// The Event Hubs-compatible endpoint's host name: the one hub.json's
+/// `eventhub_connection_string` names and the hub's certificate is for.
+const REDIRECT_HOST: &str = "localhost";
 
 /// The selector expression of a receiver's source filter, keyed or described by Event Hubs'
 /// selector filter.
@@ -259,18 +317,21 @@ pub fn event_message(event: &StoredEvent, _conn: &Conn) -> Message<Data> {
         symbol_key("iothub-connection-device-id"),
         Value::String(record.device_id.to_string()),
     );
-    annotations.insert(
-        symbol_key("iothub-connection-auth-method"),
-        Value::String(AUTH_METHOD.into()),
-    );
-    annotations.insert(
-        symbol_key("iothub-connection-auth-generation-id"),
-        Value::String(record.generation_id.to_string()),
-    );
+    // Events the hub makes itself (twin changes) carry no connection's authentication.
+    if record.source == Source::Telemetry {
+        annotations.insert(
+            symbol_key("iothub-connection-auth-method"),
+            Value::String(AUTH_METHOD.into()),
+        );
+        annotations.insert(
+            symbol_key("iothub-connection-auth-generation-id"),
+            Value::String(record.generation_id.to_string()),
+        );
+    }
     annotations.insert(symbol_key("iothub-enqueuedtime"), enqueued);
     annotations.insert(
         symbol_key("iothub-message-source"),
-        Value::String("Telemetry".into()),
+        Value::String(record.source.as_str().into()),
     );
 
     let mut properties = Properties::default();

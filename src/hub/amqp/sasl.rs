@@ -1,6 +1,9 @@
 //! The SASL exchange of one connection: ANONYMOUS or MSSBCBS (the client then puts a token on
 //! `$cbs`, as azure-eventhub and uamqp do) or PLAIN with a policy name and one of its keys (its grant lasts as
 //! long as the connection). A wrong PLAIN login fails the exchange (`auth`), as on Event Hubs.
+//! IoT Hub's own login is PLAIN too: user `{policy}@sas.root.{hub}` and a SAS token as the
+//! password (what the SDK samples send before following the redirect); its grant ends with
+//! the token.
 
 use std::sync::Arc;
 
@@ -64,7 +67,25 @@ impl SaslAcceptor for Sasl {
                     tracing::info!("AMQP SASL PLAIN refused: malformed response");
                     return outcome(SaslCode::Auth);
                 };
-                match authz::check_plain(&self.state, user, password) {
+                let checked = match user.split_once("@sas.root.") {
+                    Some((policy, _hub)) => {
+                        let now = self.state.faults.now_unix();
+                        authz::check_token(&self.state, password, now).and_then(|grant| {
+                            if grant.policy == policy {
+                                Ok(grant)
+                            } else {
+                                Err(crate::hub::auth::AuthFailure::UnknownPolicy(policy.into()))
+                            }
+                        })
+                    }
+                    None => authz::check_plain(&self.state, user, password),
+                };
+                match checked {
+                    // A token's grant is kept as a token's, so that it ends when the token does.
+                    Ok(grant) if grant.expires.is_some() => {
+                        self.grants.put_token(format!("sasl:{user}"), grant);
+                        outcome(SaslCode::Ok)
+                    }
                     Ok(grant) => {
                         self.grants.set_sasl(grant);
                         outcome(SaslCode::Ok)

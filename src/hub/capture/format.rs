@@ -500,6 +500,7 @@ pub(crate) mod tests {
         StoredEvent {
             offset: seq * 1000,
             record: Record {
+                source: crate::hub::events::Source::Telemetry,
                 sequence_number: seq as i64,
                 enqueued_ms: enqueued.timestamp_millis(),
                 device_id: Arc::from("dev-1"),

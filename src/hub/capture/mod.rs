@@ -49,7 +49,7 @@ pub use format::{Codec, Encoding, Format};
 pub use sink::{Destination, Naming};
 use window::{Closed, Window, WindowRules};
 
-use crate::hub::events::{EventStore, Partition};
+use crate::hub::events::{EventStore, Partition, Source};
 
 /// Events of a partition its collector may be behind by. Past this the hub refuses new
 /// telemetry from that partition's devices until capture catches up (module notes).
@@ -375,6 +375,11 @@ impl Collector {
                 }
                 for event in &batch {
                     next = event.sequence_number() + 1;
+                    // Telemetry only, as routing's default route sends to storage: twin change
+                    // events share the partition, not the archive.
+                    if event.record.source != Source::Telemetry {
+                        continue;
+                    }
                     if window.push(event, &self.rules) {
                         window = match self.close(window, next).await {
                             Some(window) => window,
@@ -771,6 +776,33 @@ mod tests {
         assert_eq!(capture.intake.pending(), 0);
         capture.finish().await;
         assert_eq!(all_published(out.path()), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn twin_change_events_in_the_partition_are_not_archived() {
+        let out = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let store = store(state.path(), 1000);
+        let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
+        accept(&capture.intake, &store, 0).unwrap();
+        store
+            .append_from(
+                Source::TwinChange,
+                Arc::from("dev-1"),
+                Arc::from(""),
+                PropertyBag::new(),
+                Bytes::from_static(b"{}"),
+                chrono::Utc::now(),
+            )
+            .unwrap();
+        accept(&capture.intake, &store, 2).unwrap();
+        capture.finish().await;
+        assert_eq!(all_published(out.path()), vec![0, 2]);
+        assert_eq!(
+            store.partition(0).unwrap().captured(),
+            3,
+            "read past, not owed"
+        );
     }
 
     #[tokio::test]

@@ -37,6 +37,7 @@ use tokio::sync::watch;
 
 use crate::protocol::property_bag::PropertyBag;
 use segment::Record;
+pub use segment::Source;
 
 /// Partitions of a new hub (`--partitions`), as an IoT Hub's default.
 pub const DEFAULT_PARTITIONS: u32 = 4;
@@ -307,11 +308,33 @@ impl EventStore {
         body: Bytes,
         enqueued_time: DateTime<Utc>,
     ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
+        self.append_from(
+            Source::Telemetry,
+            device_id,
+            generation_id,
+            properties,
+            body,
+            enqueued_time,
+        )
+    }
+
+    /// Appends an event of `source` (telemetry, or one the hub makes itself, such as a twin
+    /// change) to its device's partition, as [`EventStore::append`] does.
+    pub fn append_from(
+        &self,
+        source: Source,
+        device_id: Arc<str>,
+        generation_id: Arc<str>,
+        properties: PropertyBag,
+        body: Bytes,
+        enqueued_time: DateTime<Utc>,
+    ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
         let id = partition_of(&device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
         let now = self.clock.now_ms();
         let event = partition.append(
             Record {
+                source,
                 sequence_number: 0,
                 enqueued_ms: enqueued_time.timestamp_millis(),
                 device_id,

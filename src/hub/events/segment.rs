@@ -10,6 +10,10 @@
 //!
 //! No fsync: a record is in the kernel's page cache when `append` returns, so it survives the
 //! hub's crash or restart but not a power cut.
+//! A payload is the record's fields in order, each string or byte field as `u32 length` + bytes,
+//! then one byte for the event's source ([`Source`]); a payload written before the source byte
+//! existed ends after the body and decodes as telemetry.
+//!
 //! This module knows files and bytes only: no locks, no clocks, no hub state.
 
 use std::fs::{File, OpenOptions};
@@ -26,9 +30,50 @@ pub const HEADER: u64 = 8;
 /// A record's payload may not be larger (a message is at most 256 KB plus its properties).
 const MAX_PAYLOAD: u32 = 4 * 1024 * 1024;
 
+/// Where an event comes from: IoT Hub's `iothub-message-source` annotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A device-to-cloud message.
+    #[default]
+    Telemetry,
+    /// A change of a twin's reported or desired properties or tags (`twinChangeEvents`).
+    TwinChange,
+    /// A device created or deleted (`deviceLifecycleEvents`).
+    DeviceLifecycle,
+}
+
+impl Source {
+    /// The value of `iothub-message-source`, as IoT Hub writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Telemetry => "Telemetry",
+            Source::TwinChange => "twinChangeEvents",
+            Source::DeviceLifecycle => "deviceLifecycleEvents",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Source::Telemetry => 0,
+            Source::TwinChange => 1,
+            Source::DeviceLifecycle => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Source> {
+        match code {
+            0 => Some(Source::Telemetry),
+            1 => Some(Source::TwinChange),
+            2 => Some(Source::DeviceLifecycle),
+            _ => None,
+        }
+    }
+}
+
 /// One event as stored: what the hub accepted and the stamps it gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
+    pub source: Source,
     pub sequence_number: i64,
     /// Milliseconds since the Unix epoch.
     pub enqueued_ms: i64,
@@ -43,7 +88,7 @@ impl Record {
     pub fn encode(&self) -> Vec<u8> {
         let props = self.properties.format();
         let mut out = Vec::with_capacity(
-            32 + self.device_id.len() + self.generation_id.len() + props.len() + self.body.len(),
+            33 + self.device_id.len() + self.generation_id.len() + props.len() + self.body.len(),
         );
         out.extend_from_slice(&self.sequence_number.to_le_bytes());
         out.extend_from_slice(&self.enqueued_ms.to_le_bytes());
@@ -51,6 +96,7 @@ impl Record {
         put_bytes(&mut out, self.generation_id.as_bytes());
         put_bytes(&mut out, props.as_bytes());
         put_bytes(&mut out, &self.body);
+        out.push(self.source.code());
         out
     }
 
@@ -63,10 +109,14 @@ impl Record {
         let generation_id = std::str::from_utf8(take_bytes(&mut cursor)?).ok()?;
         let props = std::str::from_utf8(take_bytes(&mut cursor)?).ok()?;
         let body = take_bytes(&mut cursor)?;
-        if !cursor.is_empty() {
-            return None;
-        }
+        // No source byte: a record from before it existed, telemetry.
+        let source = match cursor {
+            [] => Source::Telemetry,
+            [code] => Source::from_code(*code)?,
+            _ => return None,
+        };
         Some(Record {
+            source,
             sequence_number,
             enqueued_ms,
             device_id: Arc::from(device_id),
@@ -234,6 +284,7 @@ mod tests {
         properties.insert("$.mid", "m&1");
         properties.insert("unit", "°C");
         Record {
+            source: Source::Telemetry,
             sequence_number: seq,
             enqueued_ms: 1_700_000_000_000 + seq,
             device_id: Arc::from("dev-1"),
@@ -265,6 +316,23 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
         assert_eq!(records, vec![(first, record(0)), (second, record(1))]);
         assert_eq!(list(dir.path()).unwrap(), vec![(100, path)]);
+    }
+
+    #[test]
+    fn the_source_round_trips_and_a_record_without_it_is_telemetry() {
+        let mut twin = record(3);
+        twin.source = Source::TwinChange;
+        assert_eq!(Record::decode(&twin.encode()), Some(twin.clone()));
+        // The payload as written before the source byte: everything up to the body.
+        let mut old = record(4).encode();
+        old.pop();
+        assert_eq!(Record::decode(&old), Some(record(4)));
+        let mut unknown = twin.encode();
+        *unknown.last_mut().unwrap() = 9;
+        assert_eq!(Record::decode(&unknown), None, "an unknown source code");
+        let mut longer = twin.encode();
+        longer.push(0);
+        assert_eq!(Record::decode(&longer), None, "trailing bytes");
     }
 
     #[test]
