@@ -356,10 +356,15 @@ pub fn event_message(event: &StoredEvent, _conn: &Conn) -> Message<Data> {
             SimpleValue::String(value.unwrap_or_default().to_string()),
         );
     }
-    Message::builder()
+    // No properties section when the device set none of its fields: Microsoft's own e2e
+    // helpers (azure-iot-sdk-python's dev_utils) read `properties.content_type` whenever the
+    // section is there, and pass against IoT Hub for a message with no content type.
+    let properties = (properties != Properties::default()).then_some(properties);
+    let mut message = Message::builder()
         .message_annotations(MessageAnnotations(annotations))
-        .properties(properties)
         .application_properties(ApplicationProperties(application))
         .data(Binary::from(record.body.to_vec()))
-        .build()
+        .build();
+    message.properties = properties;
+    message
 }
