@@ -1,7 +1,8 @@
 //! A back end reading everything: one receiver per partition of a running local hub's Event
 //! Hubs-compatible endpoint (its plain AMQP port, SASL PLAIN as the `service` policy, from
-//! `@latest`), accepting each event as azure-eventhub's consumer does, until SIGTERM or Ctrl-C;
-//! then it prints `RESULT events=N` (what it received). scripts/bench-hub runs it beside the
+//! `@latest`), with the links settled on send (no disposition per event), as the .NET Event
+//! Hubs client's receiving links are, until SIGTERM or Ctrl-C; then it prints
+//! `RESULT events=N` (what it received). scripts/bench-hub runs it beside the
 //! hub to measure telemetry throughput while a consumer reads every message.
 //!
 //!     cargo run --release --example eventhub_drain -- --state-dir DIR [--partitions N]
@@ -77,16 +78,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut receiver = Receiver::builder()
             .name(format!("drain-{partition}"))
             .source(source)
-            .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Auto(CREDIT))
+            .credit_mode(fe2o3_amqp::link::receiver::CreditMode::Manual)
+            .sender_settle_mode(fe2o3_amqp::types::definitions::SenderSettleMode::Settled)
             .attach(&mut session)
             .await?;
         let received = received.clone();
         tasks.push(tokio::spawn(async move {
-            while let Ok(delivery) = receiver.recv::<Body<Value>>().await {
-                if receiver.accept(&delivery).await.is_err() {
-                    break;
-                }
+            // Settled deliveries are not accepted, so fe2o3's automatic credit would not come
+            // back: the credit is renewed by hand each half window.
+            if receiver.set_credit(CREDIT).await.is_err() {
+                return;
+            }
+            let mut since_credit = 0;
+            while receiver.recv::<Body<Value>>().await.is_ok() {
                 received.fetch_add(1, Ordering::Relaxed);
+                since_credit += 1;
+                if since_credit == CREDIT / 2 {
+                    since_credit = 0;
+                    if receiver.set_credit(CREDIT).await.is_err() {
+                        break;
+                    }
+                }
             }
             drop(session);
         }));
