@@ -728,20 +728,27 @@ fn write_json(out: &mut impl Write, value: &Value) -> Result<(), ServiceCommandE
         .map_err(ServiceCommandError::Output)
 }
 
+/// With `--local`: the local hub's `hub.json` (from `--state-dir` or the default), its CA added
+/// to `ca_pem`.
+fn local_hub(args: &ServiceArgs, ca_pem: &mut String) -> Result<HubInfo, ServiceCommandError> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(crate::common::local_hub::default_state_dir);
+    let info = match HubInfo::read(&state_dir) {
+        Ok(info) => info,
+        Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
+    };
+    ca_pem.push_str(&read_ca(&info.ca_file)?);
+    Ok(info)
+}
+
 /// The client for the hub the arguments name: the local hub's `hub.json` with `--local`, else
 /// the connection string.
 fn connect(args: &ServiceArgs) -> Result<ServiceClient, ServiceCommandError> {
     let mut ca_pem = String::new();
     let connection_string = if args.local {
-        let state_dir = args
-            .state_dir
-            .clone()
-            .unwrap_or_else(crate::common::local_hub::default_state_dir);
-        let info = match HubInfo::read(&state_dir) {
-            Ok(info) => info,
-            Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
-        };
-        ca_pem.push_str(&read_ca(&info.ca_file)?);
+        let info = local_hub(args, &mut ca_pem)?;
         // `service dps ...` talks to the local DPS, with its own policy.
         match (&args.command, info.dps_service_connection_string) {
             (ServiceCommand::Dps(_), Some(dps)) => dps,
@@ -806,15 +813,7 @@ async fn monitor(
     };
     let mut ca_pem = String::new();
     let target = if args.local {
-        let state_dir = args
-            .state_dir
-            .clone()
-            .unwrap_or_else(crate::common::local_hub::default_state_dir);
-        let info = match HubInfo::read(&state_dir) {
-            Ok(info) => info,
-            Err(source) => return Err(ServiceCommandError::LocalHub { state_dir, source }),
-        };
-        ca_pem.push_str(&read_ca(&info.ca_file)?);
+        let info = local_hub(args, &mut ca_pem)?;
         Target::IotHub {
             connection_string: info
                 .service_connection_string

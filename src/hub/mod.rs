@@ -402,29 +402,21 @@ impl Hub {
             addr: SocketAddr::new(config.bind, config.api_port),
             source,
         })?;
-        let dps_listener = match config.dps_port {
-            Some(port) => {
-                let listener = bind_port(config.bind, port, "DPS").await?;
-                let addr = listener.local_addr().map_err(|source| HubError::Bind {
-                    addr: SocketAddr::new(config.bind, port.number()),
-                    source,
-                })?;
-                Some((listener, addr))
-            }
-            None => None,
+        // A listener the hub may go without (`None`: not served), with its address.
+        let bind_optional = |port: Option<Port>, what: &'static str| async move {
+            let Some(port) = port else {
+                return Ok::<_, HubError>(None);
+            };
+            let listener = bind_port(config.bind, port, what).await?;
+            let addr = listener.local_addr().map_err(|source| HubError::Bind {
+                addr: SocketAddr::new(config.bind, port.number()),
+                source,
+            })?;
+            Ok(Some((listener, addr)))
         };
+        let dps_listener = bind_optional(config.dps_port, "DPS").await?;
         let dps_addr = dps_listener.as_ref().map(|(_, addr)| *addr);
-        let dps_ws_listener = match config.dps_ws_port {
-            Some(port) => {
-                let listener = bind_port(config.bind, port, "DPS WebSocket").await?;
-                let addr = listener.local_addr().map_err(|source| HubError::Bind {
-                    addr: SocketAddr::new(config.bind, port.number()),
-                    source,
-                })?;
-                Some((listener, addr))
-            }
-            None => None,
-        };
+        let dps_ws_listener = bind_optional(config.dps_ws_port, "DPS WebSocket").await?;
         let dps_ws_addr = dps_ws_listener.as_ref().map(|(_, addr)| *addr);
         let ws_addr = ws_listener.local_addr().map_err(|source| HubError::Bind {
             addr: SocketAddr::new(config.bind, config.ws_port.number()),

@@ -46,7 +46,7 @@ impl Event {
         );
         system.insert(
             "iothub-connection-auth-method".into(),
-            json!("{\"scope\":\"device\",\"type\":\"sas\",\"issuer\":\"iothub\"}"),
+            json!(crate::hub::events::AUTH_METHOD),
         );
         system.insert("iothub-enqueuedtime".into(), json!(enqueued));
         system.insert(

@@ -24,15 +24,12 @@ use super::address::{self, PartitionAddress, SELECTOR_FILTER, SELECTOR_FILTER_CO
 use super::connection::{amqp_error, custom_condition, resolve_address, Conn};
 use super::epoch::{Lease, Refused};
 use crate::hub::auth::Permission;
-use crate::hub::events::{Source, StartAt, StoredEvent};
+use crate::hub::events::{Source, StartAt, StoredEvent, AUTH_METHOD};
 
 /// Events read from the store at a time (each then waits for credit).
 const BATCH: usize = 256;
 /// The link property that makes a receiver exclusive.
 pub const EPOCH: &str = "com.microsoft:epoch";
-/// What IoT Hub's endpoint says of how a device authenticated (SAS, device scope).
-const AUTH_METHOD: &str =
-    "{\"scope\":\"device\",\"type\":\"sas\",\"issuer\":\"iothub\",\"acceptingIpFilterRule\":null}";
 
 /// A receiver allowed to attach.
 pub struct Admitted {

@@ -31,9 +31,7 @@ pub const IOTHUB_SCHEMA: &str = r#"{
   ]
 }"#;
 
-/// What the hub stamps as the authentication of a device: SAS keys are all it has.
-pub const AUTH_METHOD: &str =
-    r#"{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#;
+pub use crate::hub::events::AUTH_METHOD;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -39,6 +39,11 @@ use crate::protocol::property_bag::PropertyBag;
 use segment::Record;
 pub use segment::Source;
 
+/// What IoT Hub stamps as `iothub-connection-auth-method` on a device's message (SAS, device
+/// scope): the built-in endpoint, capture's files and the recent-events extension say the same.
+pub const AUTH_METHOD: &str =
+    r#"{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#;
+
 /// Partitions of a new hub (`--partitions`), as an IoT Hub's default.
 pub const DEFAULT_PARTITIONS: u32 = 4;
 /// How long events are kept (`--retention-secs`): one day, IoT Hub's default.
@@ -427,7 +432,17 @@ impl Partition {
         let captured_path = dir.join(CAPTURED);
         let captured = if durable {
             match std::fs::read_to_string(&captured_path) {
-                Ok(text) => text.trim().parse().unwrap_or(log.next_sequence),
+                // Never past the log's end (a tail cut after a power cut): numbers given again
+                // must be captured again.
+                Ok(text) => match text.trim().parse::<i64>() {
+                    Ok(sequence) => sequence.min(log.next_sequence),
+                    // Unreadable (not seen: it is written by a rename): everything retained
+                    // is captured again, a duplicate rather than a loss.
+                    Err(_) => {
+                        tracing::warn!(file = %captured_path.display(), "capture cursor unreadable; capture starts again from the oldest retained event");
+                        0
+                    }
+                },
                 // Capture starts now: what was accepted before it was on is not owed.
                 Err(_) => log.next_sequence,
             }
