@@ -90,6 +90,10 @@ struct Args {
     /// Telemetry body size in bytes.
     #[arg(long, default_value_t = 150)]
     payload: usize,
+    /// Messages per second offered by all clients together (telemetry); unset: as fast as the
+    /// window allows. Each client paces its own share.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Server process whose VmRSS and CPU time to report.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -501,6 +505,11 @@ async fn run_telemetry(args: &Args, setup: Arc<Setup>) -> Result<()> {
     let payload_size = args.payload;
     let (acks2, dropped2, go2) = (acks.clone(), dropped.clone(), go.clone());
     let window = args.window as usize;
+    // A client's time between two messages when paced.
+    let pace = args
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(args.clients as f64 / r));
     let (_, failures, wall) = open_all(
         setup.clone(),
         &args.id_prefix,
@@ -519,7 +528,14 @@ async fn run_telemetry(args: &Args, setup: Arc<Setup>) -> Result<()> {
                         _ = publisher_stop.cancelled() => return,
                         _ = go.cancelled() => {}
                     }
+                    let mut ticks = pace.map(tokio::time::interval);
                     loop {
+                        if let Some(ticks) = ticks.as_mut() {
+                            tokio::select! {
+                                _ = publisher_stop.cancelled() => return,
+                                _ = ticks.tick() => {}
+                            }
+                        }
                         let sent = tokio::select! {
                             _ = publisher_stop.cancelled() => return,
                             sent = client.publish_bytes(topic.clone(), QoS::AtLeastOnce, false, body.clone()) => sent,
@@ -573,9 +589,12 @@ async fn run_telemetry(args: &Args, setup: Arc<Setup>) -> Result<()> {
     println!(
         "telemetry: {count} PUBACKs in {elapsed:.2} s = {rate:.0} msg/s from {connected} clients ({lost} connections lost)"
     );
+    // Every PUBACK since the first message, warm-up included: what a consumer of the whole
+    // run should have received.
+    let acked_total = acks.load(Ordering::Relaxed);
     println!(
-        "RESULT mode=telemetry target={:?} clients={} connected={} lost={} window={} payload={} msg_per_s={:.1} {}",
-        setup.target, args.clients, connected, lost, args.window, payload_size, rate, cpu_report
+        "RESULT mode=telemetry target={:?} clients={} connected={} lost={} window={} payload={} msg_per_s={:.1} acked_total={} {}",
+        setup.target, args.clients, connected, lost, args.window, payload_size, rate, acked_total, cpu_report
     );
     Ok(())
 }
