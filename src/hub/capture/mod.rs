@@ -549,6 +549,11 @@ mod tests {
     /// What a connection does with a device's message: ask the intake, then append.
     fn accept(intake: &Intake, store: &EventStore, n: u32) -> Result<i64, Refused> {
         intake.check(0)?;
+        Ok(append(store, n))
+    }
+
+    /// A device's reading appended to the store, as a connection does; its sequence number.
+    fn append(store: &EventStore, n: u32) -> i64 {
         let (_, event) = store
             .append(
                 Arc::from("dev-1"),
@@ -558,7 +563,7 @@ mod tests {
                 chrono::Utc::now(),
             )
             .unwrap();
-        Ok(event.sequence_number())
+        event.sequence_number()
     }
 
     /// Every published `.avro` file under `root`, with its sequence numbers.
@@ -815,15 +820,7 @@ mod tests {
             let capture = Capture::start(settings(out.path()), store.clone(), naming()).unwrap();
             drop(capture);
             for n in 0..5 {
-                store
-                    .append(
-                        Arc::from("dev-1"),
-                        Arc::from("gen"),
-                        PropertyBag::new(),
-                        Bytes::from(format!("{{\"n\":{n}}}")),
-                        chrono::Utc::now(),
-                    )
-                    .unwrap();
+                append(&store, n);
             }
             assert_eq!(store.partition(0).unwrap().read(0, 10).len(), 2);
         }

@@ -247,15 +247,13 @@ impl Dps {
             .map_err(|_| DpsAuthFailure::Expired(token.expiry))
     }
 
-    /// Checks a registration's CONNECT; returns the registration id and the enrollment
-    /// whose key signed the token.
-    pub fn authenticate(
+    /// The registration id of a CONNECT: its user name names this id scope, and the client id
+    /// is the registration id (the same for SAS and X.509 registrations).
+    fn registration_of<'a>(
         &self,
-        now_unix: u64,
         client_id: &str,
-        username: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<(String, Matched), DpsAuthFailure> {
+        username: Option<&'a str>,
+    ) -> Result<&'a str, DpsAuthFailure> {
         let username = username.ok_or_else(|| DpsAuthFailure::Malformed("no user name".into()))?;
         let (scope, registration_id) = crate::protocol::dps::parse_username(username)
             .map_err(|e| DpsAuthFailure::Malformed(e.to_string()))?;
@@ -265,6 +263,19 @@ impl Dps {
         if client_id != registration_id {
             return Err(DpsAuthFailure::ClientIdMismatch(client_id.to_string()));
         }
+        Ok(registration_id)
+    }
+
+    /// Checks a registration's CONNECT; returns the registration id and the enrollment
+    /// whose key signed the token.
+    pub fn authenticate(
+        &self,
+        now_unix: u64,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<(String, Matched), DpsAuthFailure> {
+        let registration_id = self.registration_of(client_id, username)?;
         let password =
             password.ok_or_else(|| DpsAuthFailure::Malformed("no password (SAS token)".into()))?;
         let token =
@@ -307,15 +318,7 @@ impl Dps {
     ) -> Result<(String, Matched), DpsAuthFailure> {
         use crate::common::der::certificate_summary;
         use crate::hub::x509::verify_chain_to;
-        let username = username.ok_or_else(|| DpsAuthFailure::Malformed("no user name".into()))?;
-        let (scope, registration_id) = crate::protocol::dps::parse_username(username)
-            .map_err(|e| DpsAuthFailure::Malformed(e.to_string()))?;
-        if scope != self.id_scope {
-            return Err(DpsAuthFailure::WrongScope(scope.to_string()));
-        }
-        if client_id != registration_id {
-            return Err(DpsAuthFailure::ClientIdMismatch(client_id.to_string()));
-        }
+        let registration_id = self.registration_of(client_id, username)?;
         let (leaf, intermediates) = chain.split_first().ok_or_else(|| {
             DpsAuthFailure::Malformed("no password (SAS token) and no client certificate".into())
         })?;
