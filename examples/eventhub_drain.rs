@@ -26,7 +26,9 @@ fn field<'a>(connection_string: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|part| part.strip_prefix(name)?.strip_prefix('='))
 }
 
-#[tokio::main]
+// One thread: the receivers share one connection, whose engine task would otherwise wake
+// them across threads for every frame.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (mut state_dir, mut partitions) = (None, 4u32);

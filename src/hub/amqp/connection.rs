@@ -34,7 +34,7 @@ use super::address::{self, PartitionAddress};
 use super::authz::{self, Grants};
 use super::receiver;
 use super::sasl::Sasl;
-use super::{devicebound, feedback, header};
+use super::{coalesce, devicebound, feedback, header};
 use crate::hub::auth::Permission;
 use crate::hub::HubState;
 
@@ -103,11 +103,11 @@ pub async fn serve(
         match tls {
             Some(tls) => {
                 let stream = tls.accept(socket).await.map_err(|e| e.to_string())?;
-                header::open(stream, &acceptor)
+                header::open(coalesce::writes(stream), &acceptor)
                     .await
                     .map_err(|e| e.to_string())
             }
-            None => header::open(socket, &acceptor)
+            None => header::open(coalesce::writes(socket), &acceptor)
                 .await
                 .map_err(|e| e.to_string()),
         }

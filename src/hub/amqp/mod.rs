@@ -19,10 +19,12 @@
 //! receivers), `connection` (one connection: sessions, links, `$cbs` and `$management`),
 //! `receiver` (a partition's events to one receiver), `devicebound` (cloud-to-device messages
 //! from services into `hub::c2d`), `feedback` (their feedback to services), `header` (SASL
-//! or none, as the client's protocol header asks). May not touch MQTT or the REST API.
+//! or none, as the client's protocol header asks), `coalesce` (the socket's writes gathered,
+//! since the engine flushes every frame). May not touch MQTT or the REST API.
 
 pub mod address;
 pub mod authz;
+pub mod coalesce;
 pub mod connection;
 pub mod devicebound;
 pub mod epoch;
