@@ -37,9 +37,9 @@ use tokio::sync::watch;
 
 use crate::protocol::property_bag::PropertyBag;
 use segment::Record;
-/// What IoT Hub stamps as `iothub-connection-auth-method` on a device's message is
-/// [`AuthMethod::as_json`] of the record's `auth`: the built-in endpoint, capture's files and
-/// the recent-events extension say the same.
+// What IoT Hub stamps as `iothub-connection-auth-method` on a device's message is
+// `AuthMethod::as_json` of the record's `auth`: the built-in endpoint, capture's files and the
+// recent-events extension all call it, so they say the same.
 pub use segment::{AuthMethod, Source};
 
 /// Partitions of a new hub (`--partitions`), as an IoT Hub's default.
