@@ -40,6 +40,7 @@ fn message(seq: u64) -> Captured {
         offset: seq * 400,
         record: Record {
             source: simdevice::hub::events::Source::Telemetry,
+            auth: simdevice::hub::events::AuthMethod::Sas,
             sequence_number: seq as i64,
             enqueued_ms: chrono::Utc::now().timestamp_millis(),
             device_id: device(seq),
@@ -74,6 +75,7 @@ fn main() {
             .append(
                 device,
                 generation.clone(),
+                simdevice::hub::events::AuthMethod::Sas,
                 properties,
                 body,
                 chrono::Utc::now(),

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use rustls::pki_types::CertificateDer;
 
+use super::events::AuthMethod;
 use super::registry::{DeviceAuth, DeviceSpec, DeviceStatus};
 use super::store::{PolicyRow, Store, StoreError};
 use super::x509::ChainError;
@@ -236,11 +237,13 @@ pub fn authorize_service(
     Ok(policy)
 }
 
-/// An authenticated device connection: who it is and when its token expires.
+/// An authenticated device connection: who it is, how it proved it, and when its token
+/// expires.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceLogin {
     pub device_id: String,
     pub token_expiry: u64,
+    pub auth: AuthMethod,
 }
 
 /// An X.509 device has no token to expire; its connection ends like a SAS device's in every
@@ -369,9 +372,14 @@ fn authenticate_x509(
     if status == DeviceStatus::Disabled {
         return Err(AuthFailure::Disabled(device_id.to_string()));
     }
+    let auth = match auth {
+        DeviceAuth::SelfSigned { .. } => AuthMethod::SelfSigned,
+        _ => AuthMethod::CertificateAuthority,
+    };
     Ok(DeviceLogin {
         device_id: device_id.to_string(),
         token_expiry: now + NO_TOKEN_HORIZON_SECS,
+        auth,
     })
 }
 
@@ -416,6 +424,7 @@ pub fn authenticate_device(
     Ok(DeviceLogin {
         device_id: device_id.to_string(),
         token_expiry: token.expiry,
+        auth: AuthMethod::Sas,
     })
 }
 

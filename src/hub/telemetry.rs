@@ -46,7 +46,7 @@ impl Event {
         );
         system.insert(
             "iothub-connection-auth-method".into(),
-            json!(crate::hub::events::AUTH_METHOD),
+            json!(record.auth.as_json()),
         );
         system.insert("iothub-enqueuedtime".into(), json!(enqueued));
         system.insert(
@@ -166,6 +166,7 @@ mod tests {
             offset: u64::from(n) * 100,
             record: Record {
                 source: crate::hub::events::Source::Telemetry,
+                auth: crate::hub::events::AuthMethod::Sas,
                 sequence_number: i64::from(n),
                 enqueued_ms: 1_700_000_000_000,
                 device_id: Arc::from(device),

@@ -58,6 +58,7 @@ fn append(hub: &TestHub, device: &str, n: u32) {
         .append(
             Arc::from(device),
             Arc::from("gen-1"),
+            simdevice::hub::events::AuthMethod::Sas,
             properties,
             Bytes::from(format!("{{\"n\":{n}}}")),
             chrono::Utc::now(),

@@ -16,6 +16,7 @@ mod agent_session;
 mod agent_template;
 mod amqp;
 mod archive;
+mod auth_method;
 mod c2d;
 mod capture_blob;
 mod capture_walkthrough;

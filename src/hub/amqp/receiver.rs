@@ -24,7 +24,7 @@ use super::address::{self, PartitionAddress, SELECTOR_FILTER, SELECTOR_FILTER_CO
 use super::connection::{amqp_error, custom_condition, resolve_address, Conn};
 use super::epoch::{Lease, Refused};
 use crate::hub::auth::Permission;
-use crate::hub::events::{Source, StartAt, StoredEvent, AUTH_METHOD};
+use crate::hub::events::{Source, StartAt, StoredEvent};
 
 /// Events read from the store at a time (each then waits for credit).
 const BATCH: usize = 256;
@@ -318,7 +318,7 @@ pub fn event_message(event: &StoredEvent, _conn: &Conn) -> Message<Data> {
     if record.source == Source::Telemetry {
         annotations.insert(
             symbol_key("iothub-connection-auth-method"),
-            Value::String(AUTH_METHOD.into()),
+            Value::String(record.auth.as_json().into()),
         );
         annotations.insert(
             symbol_key("iothub-connection-auth-generation-id"),

@@ -31,8 +31,6 @@ pub const IOTHUB_SCHEMA: &str = r#"{
   ]
 }"#;
 
-pub use crate::hub::events::AUTH_METHOD;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -313,7 +311,7 @@ fn put_event_data(out: &mut Vec<u8>, message: &Captured, enqueued: &str) {
     put_string_entry(out, "x-opt-offset", &offset);
     put_long_entry(out, "x-opt-enqueued-time", record.enqueued_ms);
     put_string_entry(out, "iothub-connection-device-id", &record.device_id);
-    put_string_entry(out, "iothub-connection-auth-method", AUTH_METHOD);
+    put_string_entry(out, "iothub-connection-auth-method", record.auth.as_json());
     put_string_entry(
         out,
         "iothub-connection-auth-generation-id",
@@ -396,7 +394,7 @@ impl<'a> RoutingRecord<'a> {
         let enqueued = enqueued.to_string();
         let mut system: Pairs<'a> = vec![
             ("connectionDeviceId", record.device_id.as_ref().into()),
-            ("connectionAuthMethod", AUTH_METHOD.into()),
+            ("connectionAuthMethod", record.auth.as_json().into()),
             (
                 "connectionDeviceGenerationId",
                 record.generation_id.as_ref().into(),
@@ -475,6 +473,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::hub::events::segment::Record;
+    use crate::hub::events::AuthMethod;
     use crate::protocol::property_bag::PropertyBag;
 
     fn schema(format: Format) -> Schema {
@@ -499,6 +498,7 @@ pub(crate) mod tests {
             offset: seq * 1000,
             record: Record {
                 source: crate::hub::events::Source::Telemetry,
+                auth: crate::hub::events::AuthMethod::Sas,
                 sequence_number: seq as i64,
                 enqueued_ms: enqueued.timestamp_millis(),
                 device_id: Arc::from("dev-1"),
@@ -586,6 +586,10 @@ pub(crate) mod tests {
                 &Value::String("dev-1".into())
             );
             assert_eq!(
+                map_get(system, "iothub-connection-auth-method"),
+                &Value::String(AuthMethod::Sas.as_json().into())
+            );
+            assert_eq!(
                 map_get(system, "content-type"),
                 &Value::String("application/json".into())
             );
@@ -607,6 +611,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn both_formats_stamp_the_auth_method_of_the_sending_device() {
+        let mut x509 = sample(2, "{}");
+        x509.record.auth = AuthMethod::CertificateAuthority;
+        let messages = [sample(1, "{}"), x509];
+        let want = [
+            AuthMethod::Sas.as_json(),
+            AuthMethod::CertificateAuthority.as_json(),
+        ];
+        assert_ne!(want[0], want[1]);
+        for (format, key) in [
+            (Format::EventHubs, "iothub-connection-auth-method"),
+            (Format::IotHub, "connectionAuthMethod"),
+        ] {
+            let bytes = encode(format, Codec::Null, &messages);
+            let records: Vec<Value> = Reader::new(&bytes[..])
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            let got: Vec<&Value> = records
+                .iter()
+                .map(|r| map_get(field(r, "SystemProperties"), key))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    &Value::String(want[0].into()),
+                    &Value::String(want[1].into())
+                ],
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
     fn iothub_files_read_back_with_every_field() {
         let bytes = encode(Format::IotHub, Codec::Deflate, &[sample(1, "x")]);
         let reader = Reader::new(&bytes[..]).unwrap();
@@ -620,7 +658,7 @@ pub(crate) mod tests {
         let system = field(r, "SystemProperties");
         for (key, want) in [
             ("connectionDeviceId", "dev-1"),
-            ("connectionAuthMethod", AUTH_METHOD),
+            ("connectionAuthMethod", AuthMethod::Sas.as_json()),
             ("connectionDeviceGenerationId", "638000000000000000"),
             ("enqueuedTime", "2021-12-02T14:58:24.2250000Z"),
             ("contentType", "application/json"),

@@ -558,6 +558,7 @@ mod tests {
             .append(
                 Arc::from("dev-1"),
                 Arc::from("gen"),
+                crate::hub::events::AuthMethod::Sas,
                 PropertyBag::new(),
                 Bytes::from(format!("{{\"n\":{n}}}")),
                 chrono::Utc::now(),

@@ -37,12 +37,10 @@ use tokio::sync::watch;
 
 use crate::protocol::property_bag::PropertyBag;
 use segment::Record;
-pub use segment::Source;
-
-/// What IoT Hub stamps as `iothub-connection-auth-method` on a device's message (SAS, device
-/// scope): the built-in endpoint, capture's files and the recent-events extension say the same.
-pub const AUTH_METHOD: &str =
-    r#"{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#;
+// What IoT Hub stamps as `iothub-connection-auth-method` on a device's message is
+// `AuthMethod::as_json` of the record's `auth`: the built-in endpoint, capture's files and the
+// recent-events extension all call it, so they say the same.
+pub use segment::{AuthMethod, Source};
 
 /// Partitions of a new hub (`--partitions`), as an IoT Hub's default.
 pub const DEFAULT_PARTITIONS: u32 = 4;
@@ -302,29 +300,33 @@ impl EventStore {
         partition_of(device_id, self.partition_count())
     }
 
-    /// Appends an accepted message to its device's partition. Returns the partition and the
-    /// event as stored (numbered, with its offset). Fails only when the store is durable and
-    /// the disk did not take the event.
+    /// Appends an accepted message to its device's partition, with how its device
+    /// authenticated. Returns the partition and the event as stored (numbered, with its
+    /// offset). Fails only when the store is durable and the disk did not take the event.
     pub fn append(
         &self,
         device_id: Arc<str>,
         generation_id: Arc<str>,
+        auth: AuthMethod,
         properties: PropertyBag,
         body: Bytes,
         enqueued_time: DateTime<Utc>,
     ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
-        self.append_from(
-            Source::Telemetry,
+        self.append_record(Record {
+            source: Source::Telemetry,
+            auth,
+            sequence_number: 0,
+            enqueued_ms: enqueued_time.timestamp_millis(),
             device_id,
             generation_id,
             properties,
             body,
-            enqueued_time,
-        )
+        })
     }
 
     /// Appends an event of `source` (telemetry, or one the hub makes itself, such as a twin
-    /// change) to its device's partition, as [`EventStore::append`] does.
+    /// change) to its device's partition, as [`EventStore::append`] does. No connection sent
+    /// it, so it carries no auth method of its own (the default, which no reader shows).
     pub fn append_from(
         &self,
         source: Source,
@@ -334,21 +336,24 @@ impl EventStore {
         body: Bytes,
         enqueued_time: DateTime<Utc>,
     ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
-        let id = partition_of(&device_id, self.partition_count());
+        self.append_record(Record {
+            source,
+            auth: AuthMethod::default(),
+            sequence_number: 0,
+            enqueued_ms: enqueued_time.timestamp_millis(),
+            device_id,
+            generation_id,
+            properties,
+            body,
+        })
+    }
+
+    /// Numbers `record` in its device's partition and stores it.
+    fn append_record(&self, record: Record) -> Result<(u32, Arc<StoredEvent>), AppendError> {
+        let id = partition_of(&record.device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
         let now = self.clock.now_ms();
-        let event = partition.append(
-            Record {
-                source,
-                sequence_number: 0,
-                enqueued_ms: enqueued_time.timestamp_millis(),
-                device_id,
-                generation_id,
-                properties,
-                body,
-            },
-            &self.disk_failures,
-        )?;
+        let event = partition.append(record, &self.disk_failures)?;
         partition.retain(self.cutoff(now), self.settings.max_count);
         Ok((id, event))
     }
@@ -733,6 +738,7 @@ mod tests {
             .append(
                 Arc::from(device),
                 Arc::from("gen"),
+                AuthMethod::Sas,
                 PropertyBag::new(),
                 Bytes::from(format!("{{\"n\":{n}}}")),
                 now,

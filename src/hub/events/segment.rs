@@ -11,8 +11,10 @@
 //! No fsync: a record is in the kernel's page cache when `append` returns, so it survives the
 //! hub's crash or restart but not a power cut.
 //! A payload is the record's fields in order, each string or byte field as `u32 length` + bytes,
-//! then one byte for the event's source ([`Source`]); a payload written before the source byte
-//! existed ends after the body and decodes as telemetry.
+//! then one byte: the event's source ([`Source`]) in its low four bits, how the device
+//! authenticated ([`AuthMethod`]) in its high four. A payload written before that byte existed
+//! ends after the body and decodes as telemetry from a SAS device; one written before the
+//! authentication bits existed has them zero, which is SAS, what every device was then.
 //!
 //! This module knows files and bytes only: no locks, no clocks, no hub state.
 
@@ -70,10 +72,63 @@ impl Source {
     }
 }
 
+/// How the device that sent an event authenticated its connection: what IoT Hub's
+/// `iothub-connection-auth-method` says. Hub-made events (twin changes) keep the default; no
+/// reader shows it for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AuthMethod {
+    /// A SAS token signed with the device's own key.
+    #[default]
+    Sas,
+    /// An X.509 certificate matched by its thumbprint (a `selfSigned` device).
+    SelfSigned,
+    /// An X.509 certificate that chains to a CA the hub holds (a `certificateAuthority`
+    /// device).
+    CertificateAuthority,
+}
+
+impl AuthMethod {
+    /// The value of `iothub-connection-auth-method` (capture's `connectionAuthMethod`), as IoT
+    /// Hub writes it. A real hub stamps a CA-signed device's messages
+    /// `"type":"x509Certificate","issuer":"external"` (seen from Azure Sphere devices, which
+    /// register through a CA enrollment group); no capture of a thumbprint device's message was
+    /// found, so it gets the same X.509 stamp. Microsoft's page on message properties gives
+    /// only the outline (`"type": "{ symkey | sas | x509 }"`).
+    pub fn as_json(self) -> &'static str {
+        match self {
+            AuthMethod::Sas => {
+                r#"{"scope":"device","type":"sas","issuer":"iothub","acceptingIpFilterRule":null}"#
+            }
+            AuthMethod::SelfSigned | AuthMethod::CertificateAuthority => {
+                r#"{"scope":"device","type":"x509Certificate","issuer":"external","acceptingIpFilterRule":null}"#
+            }
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            AuthMethod::Sas => 0,
+            AuthMethod::SelfSigned => 1,
+            AuthMethod::CertificateAuthority => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<AuthMethod> {
+        match code {
+            0 => Some(AuthMethod::Sas),
+            1 => Some(AuthMethod::SelfSigned),
+            2 => Some(AuthMethod::CertificateAuthority),
+            _ => None,
+        }
+    }
+}
+
 /// One event as stored: what the hub accepted and the stamps it gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub source: Source,
+    /// How the sending device authenticated (telemetry only).
+    pub auth: AuthMethod,
     pub sequence_number: i64,
     /// Milliseconds since the Unix epoch.
     pub enqueued_ms: i64,
@@ -96,7 +151,7 @@ impl Record {
         put_bytes(&mut out, self.generation_id.as_bytes());
         put_bytes(&mut out, props.as_bytes());
         put_bytes(&mut out, &self.body);
-        out.push(self.source.code());
+        out.push(self.source.code() | (self.auth.code() << 4));
         out
     }
 
@@ -109,14 +164,18 @@ impl Record {
         let generation_id = std::str::from_utf8(take_bytes(&mut cursor)?).ok()?;
         let props = std::str::from_utf8(take_bytes(&mut cursor)?).ok()?;
         let body = take_bytes(&mut cursor)?;
-        // No source byte: a record from before it existed, telemetry.
-        let source = match cursor {
-            [] => Source::Telemetry,
-            [code] => Source::from_code(*code)?,
+        // No trailing byte: a record from before it existed, telemetry from a SAS device.
+        let (source, auth) = match cursor {
+            [] => (Source::Telemetry, AuthMethod::Sas),
+            [byte] => (
+                Source::from_code(byte & 0x0f)?,
+                AuthMethod::from_code(byte >> 4)?,
+            ),
             _ => return None,
         };
         Some(Record {
             source,
+            auth,
             sequence_number,
             enqueued_ms,
             device_id: Arc::from(device_id),
@@ -285,6 +344,7 @@ mod tests {
         properties.insert("unit", "°C");
         Record {
             source: Source::Telemetry,
+            auth: AuthMethod::Sas,
             sequence_number: seq,
             enqueued_ms: 1_700_000_000_000 + seq,
             device_id: Arc::from("dev-1"),
@@ -333,6 +393,71 @@ mod tests {
         let mut longer = twin.encode();
         longer.push(0);
         assert_eq!(Record::decode(&longer), None, "trailing bytes");
+    }
+
+    #[test]
+    fn the_auth_method_round_trips_and_an_older_record_is_sas() {
+        for auth in [
+            AuthMethod::Sas,
+            AuthMethod::SelfSigned,
+            AuthMethod::CertificateAuthority,
+        ] {
+            let mut x509 = record(5);
+            x509.auth = auth;
+            assert_eq!(
+                Record::decode(&x509.encode()),
+                Some(x509.clone()),
+                "{auth:?}"
+            );
+            let mut twin = x509.clone();
+            twin.source = Source::TwinChange;
+            assert_eq!(Record::decode(&twin.encode()), Some(twin), "{auth:?}");
+        }
+        // The trailing byte as builds before the auth method wrote it: the source alone.
+        let mut old = record(6);
+        old.auth = AuthMethod::CertificateAuthority;
+        let mut payload = old.encode();
+        *payload.last_mut().unwrap() = Source::Telemetry.code();
+        assert_eq!(
+            Record::decode(&payload).map(|r| r.auth),
+            Some(AuthMethod::Sas)
+        );
+        *payload.last_mut().unwrap() = Source::TwinChange.code();
+        let twin = Record::decode(&payload).unwrap();
+        assert_eq!(
+            (twin.source, twin.auth),
+            (Source::TwinChange, AuthMethod::Sas)
+        );
+        // The byte as this build writes it for a CA-signed device's telemetry.
+        assert_eq!(*old.encode().last().unwrap(), 0x20);
+        *payload.last_mut().unwrap() = 0x30;
+        assert_eq!(
+            Record::decode(&payload),
+            None,
+            "an unknown auth method code"
+        );
+    }
+
+    #[test]
+    fn each_auth_method_has_its_iot_hub_stamp() {
+        let type_of = |auth: AuthMethod| {
+            let json: serde_json::Value = serde_json::from_str(auth.as_json()).unwrap();
+            (
+                json["scope"].clone(),
+                json["type"].clone(),
+                json["issuer"].clone(),
+            )
+        };
+        assert_eq!(
+            type_of(AuthMethod::Sas),
+            ("device".into(), "sas".into(), "iothub".into())
+        );
+        for auth in [AuthMethod::SelfSigned, AuthMethod::CertificateAuthority] {
+            assert_eq!(
+                type_of(auth),
+                ("device".into(), "x509Certificate".into(), "external".into())
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::auth::{self, DeviceLogin};
+use crate::hub::events::AuthMethod;
 use crate::hub::metrics::HubCounters;
 use crate::hub::registry::LiveStats;
 use crate::hub::sessions::{Attached, Outbound};
@@ -219,6 +220,7 @@ pub async fn serve<S>(
         out: BytesMut::with_capacity(256),
         generation_id: None,
         partition: state.events.partition_of(&login.device_id),
+        auth: login.auth,
     };
     let reason = connection
         .run(
@@ -291,6 +293,8 @@ struct Connection<'a> {
     generation_id: Option<Arc<str>>,
     /// The device's partition in the event store.
     partition: u32,
+    /// How the device authenticated, stamped on each message it sends.
+    auth: AuthMethod,
 }
 
 /// Why the loop ended; logged once.
@@ -470,6 +474,7 @@ impl Connection<'_> {
                     .append(
                         self.device_id.clone(),
                         generation.clone(),
+                        self.auth,
                         properties,
                         publish.payload.clone(),
                         enqueued_time,
