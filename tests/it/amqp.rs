@@ -19,6 +19,7 @@ use simdevice::protocol::property_bag::PropertyBag;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::amqp_cbs::{self, Cbs};
 use crate::common::TestHub;
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -640,5 +641,56 @@ async fn five_receivers_per_consumer_group_and_partition_the_sixth_is_refused() 
     append(&hub, &device, 1);
     assert_eq!(next_body(&mut exclusive).await.0, "{\"n\":1}");
     let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+/// Waits (with the deadline) until the hub's clock is past `unix`.
+async fn hub_clock_passes(hub: &TestHub, unix: u64) {
+    tokio::time::timeout(DEADLINE, async {
+        while hub.hub.state().faults.now_unix() <= unix {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the hub's clock moves on");
+}
+
+#[tokio::test]
+async fn a_receiver_let_in_by_a_token_is_detached_when_it_expires_and_stays_when_renewed() {
+    let hub = TestHub::start().await;
+    let key = key_of(&hub, "service");
+    let device = "token-dev";
+    let partition = partition_of(device, 4);
+
+    // Renewed in time: a token for two seconds, replaced at once by one for an hour.
+    let (mut renewing, mut session) = amqp_cbs::anonymous_tls(&hub).await;
+    let mut cbs = Cbs::open(&mut session).await;
+    let short = hub.hub.state().faults.now_unix() + 2;
+    assert_eq!(cbs.put_token("service", &key, short).await, 200);
+    let mut kept = receiver(&mut session, "kept", partition, None, None).await;
+    assert_eq!(cbs.put_token("service", &key, short + 3600).await, 200);
+
+    // Not renewed: the same token, on a connection of its own.
+    let (mut lapsing, mut lapsing_session) = amqp_cbs::anonymous_tls(&hub).await;
+    let mut lapsing_cbs = Cbs::open(&mut lapsing_session).await;
+    assert_eq!(lapsing_cbs.put_token("service", &key, short).await, 200);
+    let mut dropped = receiver(&mut lapsing_session, "dropped", partition, None, None).await;
+
+    let error = detach_error(&mut dropped).await;
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+    );
+    assert!(
+        error.description.unwrap_or_default().contains("expired"),
+        "the detach says why"
+    );
+    hub_clock_passes(&hub, short).await;
+    append(&hub, device, 1);
+    let (body, _) = next_body(&mut kept).await;
+    assert_eq!(body, r#"{"n":1}"#, "the renewed receiver still reads");
+
+    let _ = renewing.close().await;
+    let _ = lapsing.close().await;
     hub.hub.shutdown().await;
 }

@@ -10,17 +10,17 @@ use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::AmqpError;
 use fe2o3_amqp::types::messaging::{
-    AmqpValue, ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
+    ApplicationProperties, Body, Data, Message, MessageId, Outcome, Properties,
 };
 use fe2o3_amqp::types::primitives::{Binary, Timestamp, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use rumqttc::{Packet, QoS};
 use simdevice::hub::{Hub, HubConfig};
 use simdevice::protocol::property_bag::PropertyBag;
-use simdevice::protocol::sas;
 use tokio::net::TcpStream;
 
 use crate::common::agent::eventually;
+use crate::common::amqp_cbs::{self, Cbs};
 use crate::common::{connect_packet, device_token, RawDevice, TestHub};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -62,59 +62,12 @@ async fn cbs_login(
     policy: &str,
     key: &str,
 ) -> (ConnectionHandle<()>, SessionHandle<()>, i32) {
-    let tcp = TcpStream::connect(hub.hub.amqp_addr()).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = hub.tls_connector().connect(name, tcp).await.unwrap();
-    let mut connection = Connection::builder()
-        .container_id("it-c2d-cbs")
-        .hostname("localhost")
-        .sasl_profile(SaslProfile::Anonymous)
-        .open_with_stream(tls)
-        .await
-        .expect("AMQP over TLS opens");
-    let mut session = Session::begin(&mut connection).await.unwrap();
-    let mut requests = Sender::attach(&mut session, "cbs-requests", "$cbs")
-        .await
-        .unwrap();
-    let mut responses = Receiver::builder()
-        .name("cbs-responses")
-        .source("$cbs")
-        .target("cbs-reply")
-        .attach(&mut session)
-        .await
-        .unwrap();
+    let (connection, mut session) = amqp_cbs::anonymous_tls(hub).await;
     let expiry = chrono::Utc::now().timestamp() as u64 + 3600;
-    let token = sas::generate_token("localhost", key, Some(policy), expiry).unwrap();
-    let request = Message::builder()
-        .properties(Properties {
-            message_id: Some(MessageId::String("put-1".into())),
-            reply_to: Some("cbs-reply".into()),
-            ..Default::default()
-        })
-        .application_properties(
-            ApplicationProperties::builder()
-                .insert("operation", "put-token")
-                .insert("type", "servicebus.windows.net:sastoken")
-                .insert("name", "https://localhost")
-                .build(),
-        )
-        .body(Body::Value(AmqpValue(Value::String(token))))
-        .build();
-    requests.send(request).await.unwrap();
-    let response = tokio::time::timeout(DEADLINE, responses.recv::<Body<Value>>())
+    let status = Cbs::open(&mut session)
         .await
-        .expect("a put-token answer")
-        .unwrap();
-    responses.accept(&response).await.unwrap();
-    let status = match response
-        .message()
-        .application_properties
-        .as_ref()
-        .and_then(|p| p.0.get("status-code"))
-    {
-        Some(fe2o3_amqp::types::primitives::SimpleValue::Int(code)) => *code,
-        other => panic!("status-code {other:?}"),
-    };
+        .put_token(policy, key, expiry)
+        .await;
     (connection, session, status)
 }
 

@@ -185,7 +185,7 @@ pub async fn serve(
     };
     let mut next = partition.resolve(&admitted.start);
     let mut changes = partition.subscribe();
-    let mut expires = admitted.expires;
+    let expires = admitted.expires;
     tracing::info!(
         peer = %conn.peer,
         consumer_group = admitted.consumer_group,
@@ -194,31 +194,46 @@ pub async fn serve(
         from = next,
         "event hub receiver attached"
     );
+    // Made once and polled again each time round: a wake-up re-registers nothing.
     let kicked = admitted.lease.kicked.clone();
+    let kicked = kicked.cancelled();
+    let stopped = stop.cancelled();
+    tokio::pin!(kicked, stopped);
+    let mut expiry =
+        expires.map(|t| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t))));
     let end = loop {
         let batch = partition.read(next, BATCH);
         if batch.is_empty() {
-            let expiry = async {
-                match expires {
-                    Some(t) => tokio::time::sleep_until(state.faults.instant_of(t)).await,
+            let expired = async {
+                match expiry.as_mut() {
+                    Some(sleep) => sleep.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                _ = stop.cancelled() => break End::Close,
-                _ = kicked.cancelled() => break End::Kicked,
-                _ = expiry => {
+                _ = &mut stopped => break End::Close,
+                _ = &mut kicked => break End::Kicked,
+                _ = expired => {
                     match conn.grants.allows(Permission::ServiceConnect, state.faults.now_unix()) {
-                        Some(renewed) => expires = renewed,
+                        Some(renewed) => {
+                            expiry = renewed.map(|t| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t))));
+                        }
                         None => break End::Expired,
                     }
                 }
-                changed = changes.changed() => if changed.is_err() { break End::Close },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break End::Close;
+                    }
+                    // Let the connections that are appending run first: on a busy hub the
+                    // next read then takes many events, not the one that woke this task.
+                    tokio::task::yield_now().await;
+                }
                 _ = sender.on_detach() => break End::Detached,
             }
             continue;
         }
-        // One select per batch, not per event: the kick and stop futures register once.
+        // One select per batch, not per event.
         let sending = async {
             for event in &batch {
                 let message = event_message(event, &conn);
@@ -229,8 +244,8 @@ pub async fn serve(
         };
         let gone = tokio::select! {
             sent = sending => sent.err().map(|_| End::Detached),
-            _ = kicked.cancelled() => Some(End::Kicked),
-            _ = stop.cancelled() => Some(End::Close),
+            _ = &mut kicked => Some(End::Kicked),
+            _ = &mut stopped => Some(End::Close),
         };
         if let Some(end) = gone {
             break end;

@@ -562,6 +562,7 @@ impl Drop for Relay {
 }
 
 pub mod agent;
+pub mod amqp_cbs;
 pub mod azurite;
 pub mod fake_hub;
 pub mod proxy;
