@@ -5,7 +5,10 @@
 //! `RESULT events=N` (what it received). scripts/bench-hub runs it beside the
 //! hub to measure telemetry throughput while a consumer reads every message.
 //!
-//!     cargo run --release --example eventhub_drain -- --state-dir DIR [--partitions N]
+//!     cargo run --release --example eventhub_drain -- --state-dir DIR [--partitions N] [--progress]
+//!
+//! `--progress` also prints `events=N` to stderr each second (how fast it reads a backlog);
+//! SIGUSR1 prints `AT events=N` to stdout (what it had read when the generator stopped).
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -31,11 +34,12 @@ fn field<'a>(connection_string: &'a str, name: &str) -> Option<&'a str> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut state_dir, mut partitions) = (None, 4u32);
+    let (mut state_dir, mut partitions, mut progress) = (None, 4u32, false);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--state-dir" => state_dir = args.next(),
             "--partitions" => partitions = args.next().ok_or("--partitions N")?.parse()?,
+            "--progress" => progress = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -105,10 +109,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             drop(session);
         }));
     }
+    if progress {
+        let received = received.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                eprintln!("events={}", received.load(Ordering::Relaxed));
+            }
+        }));
+    }
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut mark = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = mark.recv() => println!("AT events={}", received.load(Ordering::Relaxed)),
+        }
     }
     println!("RESULT events={}", received.load(Ordering::Relaxed));
     for task in &tasks {
