@@ -185,7 +185,6 @@ pub async fn serve(
     };
     let mut next = partition.resolve(&admitted.start);
     let mut changes = partition.subscribe();
-    let expires = admitted.expires;
     tracing::info!(
         peer = %conn.peer,
         consumer_group = admitted.consumer_group,
@@ -195,12 +194,11 @@ pub async fn serve(
         "event hub receiver attached"
     );
     // Made once and polled again each time round: a wake-up re-registers nothing.
-    let kicked = admitted.lease.kicked.clone();
-    let kicked = kicked.cancelled();
+    let kicked = admitted.lease.kicked.cancelled();
     let stopped = stop.cancelled();
     tokio::pin!(kicked, stopped);
-    let mut expiry =
-        expires.map(|t| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t))));
+    let timer = |t: u64| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t)));
+    let mut expiry = admitted.expires.map(timer);
     let end = loop {
         let batch = partition.read(next, BATCH);
         if batch.is_empty() {
@@ -215,9 +213,7 @@ pub async fn serve(
                 _ = &mut kicked => break End::Kicked,
                 _ = expired => {
                     match conn.grants.allows(Permission::ServiceConnect, state.faults.now_unix()) {
-                        Some(renewed) => {
-                            expiry = renewed.map(|t| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t))));
-                        }
+                        Some(renewed) => expiry = renewed.map(timer),
                         None => break End::Expired,
                     }
                 }
