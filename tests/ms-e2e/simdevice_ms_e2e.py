@@ -26,7 +26,8 @@ and the suite gives no hook for a port, so this plugin patches, in-process and n
 The device SDK and the service SDK's REST calls trust the hub's CA through SSL_CERT_FILE and
 REQUESTS_CA_BUNDLE, set by scripts/ms-e2e (no patch). No file of Microsoft's is changed.
 
-Reads the hub's hub.json from SIMDEVICE_HUB_JSON.
+Reads the hub's hub.json from SIMDEVICE_HUB_JSON; SIMDEVICE_MQTT_PORT, when set, replaces its
+MQTT port (scripts/ms-e2e's delay relay, MS_E2E_MQTT_DELAY_MS).
 """
 
 import json
@@ -127,10 +128,13 @@ def _patch_iptables(mqtt_port):
 
 def _install():
     info = _hub()
-    _patch_paho(int(info["mqtt_port"]))
+    # SIMDEVICE_MQTT_PORT: where the device SDK dials instead of the hub's own MQTT port (set by
+    # scripts/ms-e2e to its delay relay under MS_E2E_MQTT_DELAY_MS); the iptables rules follow it.
+    mqtt_port = int(os.environ.get("SIMDEVICE_MQTT_PORT") or info["mqtt_port"])
+    _patch_paho(mqtt_port)
     _patch_eventhub(int(info["amqp_port"]), info["ca_file"])
     _patch_uamqp(int(info["amqp_port"]), info["ca_file"])
-    _patch_iptables(int(info["mqtt_port"]))
+    _patch_iptables(mqtt_port)
 
 
 # At import, not in pytest_configure: the suite's conftest (through drop_fixtures) calls
