@@ -312,16 +312,16 @@ impl EventStore {
         body: Bytes,
         enqueued_time: DateTime<Utc>,
     ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
-        self.append_record(Record {
-            source: Source::Telemetry,
+        let record = Record::new(
+            Source::Telemetry,
             auth,
-            sequence_number: 0,
-            enqueued_ms: enqueued_time.timestamp_millis(),
             device_id,
             generation_id,
             properties,
             body,
-        })
+            enqueued_time,
+        );
+        self.append_record(record)
     }
 
     /// Appends an event of `source` (telemetry, or one the hub makes itself, such as a twin
@@ -336,16 +336,16 @@ impl EventStore {
         body: Bytes,
         enqueued_time: DateTime<Utc>,
     ) -> Result<(u32, Arc<StoredEvent>), AppendError> {
-        self.append_record(Record {
+        let record = Record::new(
             source,
-            auth: AuthMethod::default(),
-            sequence_number: 0,
-            enqueued_ms: enqueued_time.timestamp_millis(),
+            AuthMethod::default(),
             device_id,
             generation_id,
             properties,
             body,
-        })
+            enqueued_time,
+        );
+        self.append_record(record)
     }
 
     /// Numbers `record` in its device's partition and stores it.

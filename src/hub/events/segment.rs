@@ -139,6 +139,28 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record not yet numbered: its sequence number is given when it is appended.
+    pub fn new(
+        source: Source,
+        auth: AuthMethod,
+        device_id: Arc<str>,
+        generation_id: Arc<str>,
+        properties: PropertyBag,
+        body: Bytes,
+        enqueued_time: chrono::DateTime<chrono::Utc>,
+    ) -> Record {
+        Record {
+            source,
+            auth,
+            sequence_number: 0,
+            enqueued_ms: enqueued_time.timestamp_millis(),
+            device_id,
+            generation_id,
+            properties,
+            body,
+        }
+    }
+
     /// The payload bytes (without the header).
     pub fn encode(&self) -> Vec<u8> {
         let props = self.properties.format();
