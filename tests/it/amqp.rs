@@ -489,18 +489,37 @@ async fn twin_changes_reach_the_partition_as_twin_change_events() {
 
 /// The error a receive ended with, when the hub detached or closed the link with one.
 async fn detach_error(receiver: &mut Receiver) -> fe2o3_amqp::types::definitions::Error {
-    use fe2o3_amqp::link::{LinkStateError, RecvError};
     let result = tokio::time::timeout(DEADLINE, receiver.recv::<Body<Value>>())
         .await
         .expect("the hub detaches within the deadline");
     match result {
-        Err(RecvError::LinkStateError(
+        Ok(_) => panic!("an event instead of a detach"),
+        Err(error) => detach_cause(error),
+    }
+}
+
+/// The error the hub detached a receiver with.
+fn detach_cause(error: fe2o3_amqp::link::RecvError) -> fe2o3_amqp::types::definitions::Error {
+    use fe2o3_amqp::link::{LinkStateError, RecvError};
+    match error {
+        RecvError::LinkStateError(
             LinkStateError::RemoteClosedWithError(error)
             | LinkStateError::RemoteDetachedWithError(error),
-        )) => error,
-        Ok(_) => panic!("an event instead of a detach"),
-        Err(other) => panic!("a detach without an error: {other:?}"),
+        ) => error,
+        other => panic!("a detach without an error: {other:?}"),
     }
+}
+
+/// The hub detached a receiver because the token that let it in expired.
+fn assert_token_expired(error: fe2o3_amqp::types::definitions::Error) {
+    assert_eq!(
+        error.condition,
+        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
+    );
+    assert!(
+        error.description.unwrap_or_default().contains("expired"),
+        "the detach says why"
+    );
 }
 
 #[tokio::test]
@@ -676,15 +695,7 @@ async fn a_receiver_let_in_by_a_token_is_detached_when_it_expires_and_stays_when
     assert_eq!(lapsing_cbs.put_token("service", &key, short).await, 200);
     let mut dropped = receiver(&mut lapsing_session, "dropped", partition, None, None).await;
 
-    let error = detach_error(&mut dropped).await;
-    assert_eq!(
-        error.condition,
-        fe2o3_amqp::types::definitions::AmqpError::UnauthorizedAccess.into()
-    );
-    assert!(
-        error.description.unwrap_or_default().contains("expired"),
-        "the detach says why"
-    );
+    assert_token_expired(detach_error(&mut dropped).await);
     hub_clock_passes(&hub, short).await;
     append(&hub, device, 1);
     let (body, _) = next_body(&mut kept).await;
@@ -692,5 +703,70 @@ async fn a_receiver_let_in_by_a_token_is_detached_when_it_expires_and_stays_when
 
     let _ = renewing.close().await;
     let _ = lapsing.close().await;
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_put_token_sent_before_its_reply_link_is_attached_is_answered_on_it() {
+    // uamqp (azure-iot-hub's send_c2d_message) may send its put-token before the hub has
+    // taken the attach of its reply link; the answer must wait for the link, not be dropped.
+    let hub = TestHub::start().await;
+    let key = key_of(&hub, "service");
+    let (mut connection, mut session) = amqp_cbs::anonymous_tls(&hub).await;
+    let mut requests = fe2o3_amqp::Sender::attach(&mut session, "cbs-requests", "$cbs")
+        .await
+        .unwrap();
+    let expiry = hub.hub.state().faults.now_unix() + 300;
+    requests
+        .send(amqp_cbs::put_token_request("service", &key, expiry, 1))
+        .await
+        .expect("the hub takes the request");
+    let mut responses = amqp_cbs::reply_link(&mut session).await;
+    assert_eq!(amqp_cbs::answer(&mut responses).await, 200);
+
+    let _ = connection.close().await;
+    hub.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_receiver_still_reading_a_backlog_is_detached_when_its_token_expires() {
+    let hub = TestHub::start().await;
+    let key = key_of(&hub, "service");
+    let device = "backlog-dev";
+    let partition = partition_of(device, 4);
+    // More than the reader below can take before its token lapses: it reads one event a
+    // millisecond at most, so it is never caught up when the token expires.
+    const BACKLOG: u32 = 20_000;
+    for n in 0..BACKLOG {
+        append(&hub, device, n);
+    }
+    let (mut connection, mut session) = amqp_cbs::anonymous_tls(&hub).await;
+    let mut cbs = Cbs::open(&mut session).await;
+    let expires = hub.hub.state().faults.now_unix() + 2;
+    assert_eq!(cbs.put_token("service", &key, expires).await, 200);
+    let mut reader = receiver(&mut session, "backlog", partition, None, None).await;
+
+    let mut read = 0u32;
+    let error = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match reader.recv::<Body<Value>>().await {
+                Ok(delivery) => {
+                    reader.accept(&delivery).await.unwrap();
+                    read += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(error) => break detach_cause(error),
+            }
+        }
+    })
+    .await
+    .expect("the hub detaches the receiver");
+    assert_token_expired(error);
+    assert!(
+        read < BACKLOG / 2,
+        "detached while behind, not once caught up: {read} of {BACKLOG} read"
+    );
+
+    let _ = connection.close().await;
     hub.hub.shutdown().await;
 }

@@ -64,7 +64,59 @@ pub struct Conn {
     pub tls: bool,
 }
 
-type Responders = Arc<Mutex<HashMap<String, mpsc::Sender<AnyMessage>>>>;
+/// A session's response links (`$cbs`, `$management`), by reply-to address and by node.
+/// A client may send its first request before the hub has taken its response link's attach
+/// (uamqp does, on a busy machine): a request then waits for it, up to [`RESPONDER_WAIT`].
+#[derive(Default)]
+struct ResponseLinks {
+    by_address: Mutex<HashMap<String, mpsc::Sender<AnyMessage>>>,
+    added: tokio::sync::Notify,
+}
+
+type Responders = Arc<ResponseLinks>;
+
+/// How long a request waits for its response link to be attached.
+const RESPONDER_WAIT: Duration = Duration::from_secs(5);
+
+impl ResponseLinks {
+    fn add(&self, node: String, reply_to: Option<String>, tx: mpsc::Sender<AnyMessage>) {
+        {
+            let mut map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(reply_to) = reply_to {
+                map.insert(reply_to, tx.clone());
+            }
+            map.insert(node, tx);
+        }
+        self.added.notify_waiters();
+    }
+
+    fn find(&self, reply_to: Option<&String>, node: &str) -> Option<mpsc::Sender<AnyMessage>> {
+        let map = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        reply_to
+            .and_then(|r| map.get(r))
+            .or_else(|| map.get(node))
+            .cloned()
+    }
+
+    /// The response link for a request, waiting for its attach if it has not come yet.
+    async fn wait_for(
+        &self,
+        reply_to: Option<&String>,
+        node: &str,
+    ) -> Option<mpsc::Sender<AnyMessage>> {
+        let deadline = tokio::time::Instant::now() + RESPONDER_WAIT;
+        loop {
+            // Registered before the lookup, so that an attach in between is not missed.
+            let added = self.added.notified();
+            if let Some(tx) = self.find(reply_to, node) {
+                return Some(tx);
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
 
 fn fields(entries: &[(&str, Value)]) -> Fields {
     let mut map = OrderedMap::new();
@@ -333,13 +385,7 @@ async fn on_attach(
         }
         (Plan::Responses { node, reply_to }, LinkEndpoint::Sender(sender)) => {
             let (tx, rx) = mpsc::channel(RESPONSES);
-            {
-                let mut map = responders.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(reply_to) = reply_to {
-                    map.insert(reply_to, tx.clone());
-                }
-                map.insert(node, tx);
-            }
+            responders.add(node, reply_to, tx);
             tasks.spawn(serve_responses(sender, rx, stop.clone()));
         }
         (Plan::Receive(admitted), LinkEndpoint::Sender(sender)) => {
@@ -409,13 +455,9 @@ async fn serve_requests(
             management(&conn, &request)
         };
         let reply_to = request.properties.as_ref().and_then(|p| p.reply_to.clone());
-        let responder = {
-            let map = responders.lock().unwrap_or_else(|p| p.into_inner());
-            reply_to
-                .as_ref()
-                .and_then(|r| map.get(r))
-                .or_else(|| map.get(&node))
-                .cloned()
+        let responder = tokio::select! {
+            _ = stop.cancelled() => break,
+            responder = responders.wait_for(reply_to.as_ref(), &node) => responder,
         };
         match responder {
             Some(tx) => {
@@ -424,7 +466,7 @@ async fn serve_requests(
                 }
             }
             None => {
-                tracing::info!(peer = %conn.peer, node, "AMQP request without a response link; response dropped")
+                tracing::info!(peer = %conn.peer, node, wait = ?RESPONDER_WAIT, "AMQP request whose response link was not attached in time; response dropped")
             }
         }
     }

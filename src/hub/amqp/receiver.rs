@@ -229,17 +229,29 @@ pub async fn serve(
             }
             continue;
         }
-        // One select per batch, not per event.
+        // One select per batch, not per event. The token's expiry is checked before each
+        // event too: a receiver that never catches up must still lose its grant on time.
         let sending = async {
             for event in &batch {
+                // The deadline, not `is_elapsed`: a sleep never polled is never marked elapsed.
+                let now = tokio::time::Instant::now();
+                if expiry.as_ref().is_some_and(|sleep| sleep.deadline() <= now) {
+                    match conn
+                        .grants
+                        .allows(Permission::ServiceConnect, state.faults.now_unix())
+                    {
+                        Some(renewed) => expiry = renewed.map(timer),
+                        None => return Ok(Some(End::Expired)),
+                    }
+                }
                 let message = event_message(event, &conn);
                 sender.send_batchable(message).await?;
                 next = event.sequence_number() + 1;
             }
-            Ok::<(), fe2o3_amqp::link::SendError>(())
+            Ok::<_, fe2o3_amqp::link::SendError>(None)
         };
         let gone = tokio::select! {
-            sent = sending => sent.err().map(|_| End::Detached),
+            sent = sending => sent.unwrap_or(Some(End::Detached)),
             _ = &mut kicked => Some(End::Kicked),
             _ = &mut stopped => Some(End::Close),
         };

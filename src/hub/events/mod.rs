@@ -353,8 +353,8 @@ impl EventStore {
         let id = partition_of(&record.device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
         let now = self.clock.now_ms();
-        let event = partition.append(record, &self.disk_failures)?;
-        partition.retain(self.cutoff(now), self.settings.max_count);
+        let retention = (self.cutoff(now), self.settings.max_count);
+        let event = partition.append(record, retention, &self.disk_failures)?;
         Ok((id, event))
     }
 
@@ -502,24 +502,31 @@ impl Partition {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Appends `record` and applies `retention` (cutoff time, count) under the same lock.
     fn append(
         &self,
         mut record: Record,
+        retention: (i64, usize),
         failures: &AtomicU64,
     ) -> Result<Arc<StoredEvent>, AppendError> {
         let mut log = self.lock();
         let sequence = log.next_sequence;
         record.sequence_number = sequence;
-        let payload = record.encode();
+        let frame = record.framed();
         let offset = log.next_offset;
-        let full = log.writer.as_ref().is_some_and(|w| {
-            w.len > 0 && w.len + segment::record_len(payload.len()) > SEGMENT_BYTES
-        });
+        let full = log
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.len > 0 && w.len + frame.len() as u64 > SEGMENT_BYTES);
         // Durable, a failed write left no writer: begin a new segment for this one.
         if full || (self.durable && log.writer.is_none()) {
             self.roll(&mut log, offset);
         }
-        match log.writer.as_mut().map(|writer| writer.append(&payload)) {
+        match log
+            .writer
+            .as_mut()
+            .map(|writer| writer.append_framed(&frame))
+        {
             Some(Ok(_)) => {}
             Some(Err(source)) if self.durable => {
                 failures.fetch_add(1, Ordering::Relaxed);
@@ -546,13 +553,14 @@ impl Partition {
             None => {}
         }
         log.next_sequence = sequence + 1;
-        log.next_offset = offset + segment::record_len(payload.len());
+        log.next_offset = offset + frame.len() as u64;
         log.last_offset = Some(offset);
         log.last_enqueued_ms = record.enqueued_ms;
         log.writer_last_sequence = sequence;
         let event = Arc::new(StoredEvent { offset, record });
         log.events.push_back(event.clone());
         self.next_sequence.store(sequence + 1, Ordering::Release);
+        self.retain_locked(&mut log, retention.0, retention.1);
         drop(log);
         self.next.send_replace(sequence + 1);
         Ok(event)
@@ -577,7 +585,10 @@ impl Partition {
     /// Drops events enqueued before `cutoff_ms` and all but the newest `max_count`; deletes
     /// the closed segments left with no retained event and none capture still needs.
     fn retain(&self, cutoff_ms: i64, max_count: usize) {
-        let mut log = self.lock();
+        self.retain_locked(&mut self.lock(), cutoff_ms, max_count);
+    }
+
+    fn retain_locked(&self, log: &mut Log, cutoff_ms: i64, max_count: usize) {
         while let Some(front) = log.events.front() {
             if log.events.len() > max_count || front.record.enqueued_ms < cutoff_ms {
                 log.events.pop_front();

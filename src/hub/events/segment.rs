@@ -163,18 +163,35 @@ impl Record {
 
     /// The payload bytes (without the header).
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// The record as the log stores it, header (length, checksum) and payload in one buffer:
+    /// an append is then one allocation and one `write`.
+    pub fn framed(&self) -> Vec<u8> {
+        let mut out = vec![0; HEADER as usize];
+        self.encode_into(&mut out);
+        let payload_len = out.len() - HEADER as usize;
+        let checksum = fnv1a(&out[HEADER as usize..]);
+        out[..4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        out[4..HEADER as usize].copy_from_slice(&checksum.to_le_bytes());
+        out
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
         let props = self.properties.format();
-        let mut out = Vec::with_capacity(
+        out.reserve(
             33 + self.device_id.len() + self.generation_id.len() + props.len() + self.body.len(),
         );
         out.extend_from_slice(&self.sequence_number.to_le_bytes());
         out.extend_from_slice(&self.enqueued_ms.to_le_bytes());
-        put_bytes(&mut out, self.device_id.as_bytes());
-        put_bytes(&mut out, self.generation_id.as_bytes());
-        put_bytes(&mut out, props.as_bytes());
-        put_bytes(&mut out, &self.body);
+        put_bytes(out, self.device_id.as_bytes());
+        put_bytes(out, self.generation_id.as_bytes());
+        put_bytes(out, props.as_bytes());
+        put_bytes(out, &self.body);
         out.push(self.source.code() | (self.auth.code() << 4));
-        out
     }
 
     /// The record of `payload`, or `None` when it is not one this module wrote.
@@ -338,22 +355,14 @@ impl Writer {
         })
     }
 
-    /// Appends one record (one `write` call: header and payload together); returns its offset.
-    pub fn append(&mut self, payload: &[u8]) -> io::Result<u64> {
-        let mut frame = Vec::with_capacity(HEADER as usize + payload.len());
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&fnv1a(payload).to_le_bytes());
-        frame.extend_from_slice(payload);
-        self.file.write_all(&frame)?;
+    /// Appends a record framed by [`Record::framed`] (header and payload together) in one
+    /// `write`; returns its offset.
+    pub fn append_framed(&mut self, frame: &[u8]) -> io::Result<u64> {
+        self.file.write_all(frame)?;
         let offset = self.base_offset + self.len;
         self.len += frame.len() as u64;
         Ok(offset)
     }
-}
-
-/// The bytes a record of `payload_len` takes in the log.
-pub fn record_len(payload_len: usize) -> u64 {
-    HEADER + payload_len as u64
 }
 
 #[cfg(test)]
@@ -380,17 +389,14 @@ mod tests {
     fn records_round_trip_through_a_segment_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = Writer::open(dir.path(), 100, 0).unwrap();
-        let first = writer.append(&record(0).encode()).unwrap();
-        let second = writer.append(&record(1).encode()).unwrap();
+        let first = writer.append_framed(&record(0).framed()).unwrap();
+        let second = writer.append_framed(&record(1).framed()).unwrap();
         assert_eq!(first, 100);
         assert!(second > first);
         let whole = writer.len;
         // A crash in the middle of a third write.
-        let torn = record(2).encode();
-        let mut frame = (torn.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(&fnv1a(&torn).to_le_bytes());
-        frame.extend_from_slice(&torn[..torn.len() / 2]);
-        writer.file.write_all(&frame).unwrap();
+        let torn = record(2).framed();
+        writer.file.write_all(&torn[..torn.len() / 2]).unwrap();
 
         let path = dir.path().join(file_name(100));
         let (records, len) = read(&path, 100).unwrap();
@@ -486,7 +492,7 @@ mod tests {
     fn a_damaged_record_ends_the_segment() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = Writer::open(dir.path(), 0, 0).unwrap();
-        writer.append(&record(0).encode()).unwrap();
+        writer.append_framed(&record(0).framed()).unwrap();
         let path = dir.path().join(file_name(0));
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

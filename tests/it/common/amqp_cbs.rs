@@ -47,13 +47,7 @@ impl Cbs {
         let requests = Sender::attach(session, "cbs-requests", "$cbs")
             .await
             .unwrap();
-        let responses = Receiver::builder()
-            .name("cbs-responses")
-            .source("$cbs")
-            .target("cbs-reply")
-            .attach(session)
-            .await
-            .unwrap();
+        let responses = reply_link(session).await;
         Cbs {
             requests,
             responses,
@@ -65,36 +59,57 @@ impl Cbs {
     /// Returns the status code of the answer.
     pub async fn put_token(&mut self, policy: &str, key: &str, expiry: u64) -> i32 {
         self.sent += 1;
-        let token = sas::generate_token("localhost", key, Some(policy), expiry).unwrap();
-        let request = Message::builder()
-            .properties(Properties {
-                message_id: Some(MessageId::String(format!("put-{}", self.sent))),
-                reply_to: Some("cbs-reply".into()),
-                ..Default::default()
-            })
-            .application_properties(
-                ApplicationProperties::builder()
-                    .insert("operation", "put-token")
-                    .insert("type", "servicebus.windows.net:sastoken")
-                    .insert("name", "https://localhost")
-                    .build(),
-            )
-            .body(Body::Value(AmqpValue(Value::String(token))))
-            .build();
+        let request = put_token_request(policy, key, expiry, self.sent);
         self.requests.send(request).await.unwrap();
-        let response = tokio::time::timeout(DEADLINE, self.responses.recv::<Body<Value>>())
-            .await
-            .expect("a put-token answer")
-            .unwrap();
-        self.responses.accept(&response).await.unwrap();
-        match response
-            .message()
-            .application_properties
-            .as_ref()
-            .and_then(|p| p.0.get("status-code"))
-        {
-            Some(SimpleValue::Int(code)) => *code,
-            other => panic!("status-code {other:?}"),
-        }
+        answer(&mut self.responses).await
+    }
+}
+
+/// A put-token request (the `n`th on its link) for `policy`, answered on `cbs-reply`.
+pub fn put_token_request(policy: &str, key: &str, expiry: u64, n: u32) -> Message<Body<Value>> {
+    let token = sas::generate_token("localhost", key, Some(policy), expiry).unwrap();
+    Message::builder()
+        .properties(Properties {
+            message_id: Some(MessageId::String(format!("put-{n}"))),
+            reply_to: Some("cbs-reply".into()),
+            ..Default::default()
+        })
+        .application_properties(
+            ApplicationProperties::builder()
+                .insert("operation", "put-token")
+                .insert("type", "servicebus.windows.net:sastoken")
+                .insert("name", "https://localhost")
+                .build(),
+        )
+        .body(Body::Value(AmqpValue(Value::String(token))))
+        .build()
+}
+
+/// The reply link a put-token's answer comes back on.
+pub async fn reply_link(session: &mut SessionHandle<()>) -> Receiver {
+    Receiver::builder()
+        .name("cbs-responses")
+        .source("$cbs")
+        .target("cbs-reply")
+        .attach(session)
+        .await
+        .unwrap()
+}
+
+/// The status code of the next answer on `responses`, within the deadline.
+pub async fn answer(responses: &mut Receiver) -> i32 {
+    let response = tokio::time::timeout(DEADLINE, responses.recv::<Body<Value>>())
+        .await
+        .expect("a put-token answer")
+        .unwrap();
+    responses.accept(&response).await.unwrap();
+    match response
+        .message()
+        .application_properties
+        .as_ref()
+        .and_then(|p| p.0.get("status-code"))
+    {
+        Some(SimpleValue::Int(code)) => *code,
+        other => panic!("status-code {other:?}"),
     }
 }
