@@ -199,6 +199,11 @@ pub async fn serve(
     tokio::pin!(kicked, stopped);
     let timer = |t: u64| Box::pin(tokio::time::sleep_until(state.faults.instant_of(t)));
     let mut expiry = admitted.expires.map(timer);
+    // At the token's expiry: `Some(new expiry)` when it was renewed on `$cbs` in time.
+    let renewed = || {
+        conn.grants
+            .allows(Permission::ServiceConnect, state.faults.now_unix())
+    };
     let end = loop {
         let batch = partition.read(next, BATCH);
         if batch.is_empty() {
@@ -211,12 +216,10 @@ pub async fn serve(
             tokio::select! {
                 _ = &mut stopped => break End::Close,
                 _ = &mut kicked => break End::Kicked,
-                _ = expired => {
-                    match conn.grants.allows(Permission::ServiceConnect, state.faults.now_unix()) {
-                        Some(renewed) => expiry = renewed.map(timer),
-                        None => break End::Expired,
-                    }
-                }
+                _ = expired => match renewed() {
+                    Some(grant) => expiry = grant.map(timer),
+                    None => break End::Expired,
+                },
                 changed = changes.changed() => {
                     if changed.is_err() {
                         break End::Close;
@@ -234,13 +237,12 @@ pub async fn serve(
         let sending = async {
             for event in &batch {
                 // The deadline, not `is_elapsed`: a sleep never polled is never marked elapsed.
-                let now = tokio::time::Instant::now();
-                if expiry.as_ref().is_some_and(|sleep| sleep.deadline() <= now) {
-                    match conn
-                        .grants
-                        .allows(Permission::ServiceConnect, state.faults.now_unix())
-                    {
-                        Some(renewed) => expiry = renewed.map(timer),
+                if expiry
+                    .as_ref()
+                    .is_some_and(|sleep| sleep.deadline() <= tokio::time::Instant::now())
+                {
+                    match renewed() {
+                        Some(grant) => expiry = grant.map(timer),
                         None => return Ok(Some(End::Expired)),
                     }
                 }
