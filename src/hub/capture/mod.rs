@@ -139,10 +139,11 @@ impl Intake {
         p.next_sequence() - collected.load(Ordering::Acquire)
     }
 
-    /// Whether a message of `partition` may be accepted now; call before appending it to the
-    /// store. A refusal is counted and logged (once per thousand).
-    pub fn check(&self, partition: u32) -> Result<(), Refused> {
-        if self.behind(partition) < self.max_behind {
+    /// Whether a message of `partition` may be accepted now, with `pending` messages of the
+    /// same connection accepted but not yet appended; call before appending it to the store.
+    /// A refusal is counted and logged (once per thousand).
+    pub fn check(&self, partition: u32, pending: usize) -> Result<(), Refused> {
+        if self.behind(partition) + (pending as i64) < self.max_behind {
             return Ok(());
         }
         let refused = self.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -548,7 +549,7 @@ mod tests {
 
     /// What a connection does with a device's message: ask the intake, then append.
     fn accept(intake: &Intake, store: &EventStore, n: u32) -> Result<i64, Refused> {
-        intake.check(0)?;
+        intake.check(0, 0)?;
         Ok(append(store, n))
     }
 

@@ -10,11 +10,13 @@
 //! segment file is deleted once all its events are dropped. Retained events are kept in
 //! memory too (the count bound is the memory bound), so reads never touch the disk.
 //!
-//! Appending is one `write` under the partition's lock. Without capture, when the disk fails
-//! the partition goes on in memory alone (logged once, counted): the store is then a record for
-//! readers. With capture (`StoreSettings::durable`) the store is also what makes an
-//! acknowledged message survive a kill until capture has published it: an append whose write
-//! fails is refused (the device is not acknowledged and sends it again), and each partition
+//! Appending is one `write` under the partition's lock, for one event or for the run of
+//! telemetry a device connection read at once ([`EventStore::append_telemetry`]). Without
+//! capture, when the disk fails the partition goes on in memory alone (logged once, counted):
+//! the store is then a record for readers. With capture (`StoreSettings::durable`) the store
+//! is also what makes an acknowledged message survive a kill until capture has published it:
+//! an append whose write fails is refused (the device is not acknowledged and sends it again;
+//! of a run, what the disk wholly took before the failure is kept), and each partition
 //! keeps every segment file that holds an event capture has not published yet, whatever
 //! retention says (the capture cursor, `events/{partition}/captured`, written by capture after
 //! each file). Memory retention is unchanged, so capture reads what memory no longer holds
@@ -90,6 +92,14 @@ pub enum EventStoreError {
     PartitionCount { found: u32, asked: u32 },
     #[error("--partitions must be 1 to 32")]
     BadPartitions,
+}
+
+/// The outcome of [`EventStore::append_telemetry`]: the partition, the events stored (in the
+/// order given), and, when the durable store's disk refused the rest, why.
+pub struct Appended {
+    pub partition: u32,
+    pub events: Vec<Arc<StoredEvent>>,
+    pub refused: Option<AppendError>,
 }
 
 /// Why an append was refused (only with [`StoreSettings::durable`]).
@@ -321,7 +331,46 @@ impl EventStore {
             body,
             enqueued_time,
         );
-        self.append_record(record)
+        self.append_one(record)
+    }
+
+    /// Appends messages one device sent (in the order given) to its partition in one write:
+    /// what a device connection read at once. The events stored come back in that order;
+    /// with a durable store whose disk failed part-way, they are the ones written before the
+    /// failure (the first of them, when none were), and the error says why the rest were
+    /// refused.
+    pub fn append_telemetry(
+        &self,
+        device_id: &Arc<str>,
+        generation_id: &Arc<str>,
+        auth: AuthMethod,
+        messages: impl IntoIterator<Item = (PropertyBag, Bytes, DateTime<Utc>)>,
+    ) -> Appended {
+        let records = messages
+            .into_iter()
+            .map(|(properties, body, enqueued_time)| {
+                Record::new(
+                    Source::Telemetry,
+                    auth,
+                    device_id.clone(),
+                    generation_id.clone(),
+                    properties,
+                    body,
+                    enqueued_time,
+                )
+            })
+            .collect();
+        let partition = partition_of(device_id, self.partition_count());
+        let (events, refused) = self.partitions[partition as usize].append(
+            records,
+            self.retention(),
+            &self.disk_failures,
+        );
+        Appended {
+            partition,
+            events,
+            refused,
+        }
     }
 
     /// Appends an event of `source` (telemetry, or one the hub makes itself, such as a twin
@@ -345,17 +394,29 @@ impl EventStore {
             body,
             enqueued_time,
         );
-        self.append_record(record)
+        self.append_one(record)
     }
 
     /// Numbers `record` in its device's partition and stores it.
-    fn append_record(&self, record: Record) -> Result<(u32, Arc<StoredEvent>), AppendError> {
+    fn append_one(&self, record: Record) -> Result<(u32, Arc<StoredEvent>), AppendError> {
         let id = partition_of(&record.device_id, self.partition_count());
         let partition = &self.partitions[id as usize];
-        let now = self.clock.now_ms();
-        let retention = (self.cutoff(now), self.settings.max_count);
-        let event = partition.append(record, retention, &self.disk_failures)?;
+        let (mut events, refused) =
+            partition.append(vec![record], self.retention(), &self.disk_failures);
+        if let Some(error) = refused {
+            return Err(error);
+        }
+        // An append of one record stores it or says why not.
+        let event = events.pop().ok_or_else(|| AppendError {
+            partition: id,
+            source: std::io::Error::other("the append stored nothing"),
+        })?;
         Ok((id, event))
+    }
+
+    /// What retention keeps now: events enqueued from this time (ms) on, and this many.
+    fn retention(&self) -> (i64, usize) {
+        (self.cutoff(self.clock.now_ms()), self.settings.max_count)
     }
 
     /// Capture has published every event of `partition` before `sequence`: records it (the
@@ -502,68 +563,100 @@ impl Partition {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends `record` and applies `retention` (cutoff time, count) under the same lock.
+    /// Numbers `records` and appends them in one write, and applies `retention` (cutoff
+    /// time, count) under the same lock. Returns the events stored, in order, and why the
+    /// rest were refused: only when durable, and only those the disk did not wholly take.
     fn append(
         &self,
-        mut record: Record,
+        records: Vec<Record>,
         retention: (i64, usize),
         failures: &AtomicU64,
-    ) -> Result<Arc<StoredEvent>, AppendError> {
+    ) -> (Vec<Arc<StoredEvent>>, Option<AppendError>) {
         let mut log = self.lock();
-        let sequence = log.next_sequence;
-        record.sequence_number = sequence;
-        let frame = record.framed();
-        let offset = log.next_offset;
+        let start = log.next_offset;
+        // Every record framed into one buffer, each with where its frame ends there.
+        let mut frames = Vec::new();
+        let mut numbered = Vec::with_capacity(records.len());
+        for (sequence, mut record) in (log.next_sequence..).zip(records) {
+            record.sequence_number = sequence;
+            record.frame_into(&mut frames);
+            numbered.push((record, frames.len() as u64));
+        }
+        if numbered.is_empty() {
+            return (Vec::new(), None);
+        }
         let full = log
             .writer
             .as_ref()
-            .is_some_and(|w| w.len > 0 && w.len + frame.len() as u64 > SEGMENT_BYTES);
-        // Durable, a failed write left no writer: begin a new segment for this one.
+            .is_some_and(|w| w.len > 0 && w.len + frames.len() as u64 > SEGMENT_BYTES);
+        // Durable, a failed write left no writer: begin a new segment for these.
         if full || (self.durable && log.writer.is_none()) {
-            self.roll(&mut log, offset);
+            self.roll(&mut log, start);
         }
+        // The bytes whose records are stored: all of them, but for a durable store's failure.
+        let mut kept = frames.len() as u64;
+        let mut refused = None;
         match log
             .writer
             .as_mut()
-            .map(|writer| writer.append_framed(&frame))
+            .map(|writer| writer.append_frames(&frames))
         {
-            Some(Ok(_)) => {}
-            Some(Err(source)) if self.durable => {
+            Some((_, None)) => {}
+            Some((written, Some(source))) if self.durable => {
                 failures.fetch_add(1, Ordering::Relaxed);
-                // The failed write may have left part of a record: the next one goes to a new
-                // segment, so that reading this one back stops only at its own torn tail.
-                self.roll(&mut log, offset);
-                return Err(AppendError {
+                kept = numbered
+                    .iter()
+                    .map(|(_, end)| *end)
+                    .take_while(|end| *end <= written)
+                    .last()
+                    .unwrap_or(0);
+                refused = Some(AppendError {
                     partition: self.id,
                     source,
                 });
             }
-            Some(Err(error)) => {
+            Some((_, Some(error))) => {
                 tracing::warn!(partition = self.id, %error, "event store write failed; this partition goes on in memory alone");
                 failures.fetch_add(1, Ordering::Relaxed);
                 log.writer = None;
             }
             None if self.durable => {
                 failures.fetch_add(1, Ordering::Relaxed);
-                return Err(AppendError {
+                kept = 0;
+                refused = Some(AppendError {
                     partition: self.id,
                     source: std::io::Error::other("no segment file could be opened"),
                 });
             }
             None => {}
         }
-        log.next_sequence = sequence + 1;
-        log.next_offset = offset + frame.len() as u64;
-        log.last_offset = Some(offset);
-        log.last_enqueued_ms = record.enqueued_ms;
-        log.writer_last_sequence = sequence;
-        let event = Arc::new(StoredEvent { offset, record });
-        log.events.push_back(event.clone());
-        self.next_sequence.store(sequence + 1, Ordering::Release);
+        let mut stored = Vec::with_capacity(numbered.len());
+        let mut offset = start;
+        for (record, end) in numbered.into_iter().take_while(|(_, end)| *end <= kept) {
+            log.next_sequence = record.sequence_number + 1;
+            log.last_offset = Some(offset);
+            log.last_enqueued_ms = record.enqueued_ms;
+            log.writer_last_sequence = record.sequence_number;
+            let event = Arc::new(StoredEvent { offset, record });
+            log.events.push_back(event.clone());
+            stored.push(event);
+            offset = start + end;
+        }
+        log.next_offset = offset;
+        if refused.is_some() {
+            // The failed write may have left part of a record: what comes next goes to a new
+            // segment, so that reading this one back stops only at its own torn tail.
+            self.roll(&mut log, offset);
+        }
+        if stored.is_empty() {
+            return (stored, refused);
+        }
+        let next = log.next_sequence;
+        self.next_sequence.store(next, Ordering::Release);
         self.retain_locked(&mut log, retention.0, retention.1);
         drop(log);
-        self.next.send_replace(sequence + 1);
-        Ok(event)
+        self.next.send_replace(next);
+        (stored, refused)
     }
 
     /// Closes the open segment and begins one at `offset`.
@@ -791,6 +884,109 @@ mod tests {
         assert_eq!(info.last_sequence_number, 1);
         assert_eq!(info.last_offset, events[1].offset.to_string());
         assert!(!info.is_empty);
+    }
+
+    #[test]
+    fn a_run_of_telemetry_is_stored_in_order_in_one_write_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = Utc::now();
+        let device: Arc<str> = Arc::from("dev-1");
+        let (partition, offsets) = {
+            let store =
+                EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+            append(&store, "dev-1", 0);
+            let messages = (1..=3).map(|n| {
+                let mut properties = PropertyBag::new();
+                properties.insert("n", n.to_string());
+                (properties, Bytes::from(format!("{{\"n\":{n}}}")), now)
+            });
+            let appended =
+                store.append_telemetry(&device, &Arc::from("gen"), AuthMethod::Sas, messages);
+            assert!(appended.refused.is_none());
+            assert_eq!(appended.partition, partition_of("dev-1", 4));
+            let numbers: Vec<i64> = appended
+                .events
+                .iter()
+                .map(|e| e.sequence_number())
+                .collect();
+            assert_eq!(
+                numbers,
+                vec![1, 2, 3],
+                "numbered after what came before, in order"
+            );
+            // Each offset is where the record before it ends: one frame after another.
+            let all = store.partition(appended.partition).unwrap().read(0, 10);
+            assert_eq!(all.len(), 4);
+            for pair in all.windows(2) {
+                let frame = pair[0].record.framed().len() as u64;
+                assert_eq!(pair[1].offset, pair[0].offset + frame);
+            }
+            let info = store.partition(appended.partition).unwrap().info();
+            assert_eq!(info.last_sequence_number, 3);
+            assert_eq!(info.last_offset, all[3].offset.to_string());
+            let offsets: Vec<u64> = all.iter().map(|e| e.offset).collect();
+            (appended.partition, offsets)
+        };
+        let store = EventStore::open(dir.path(), StoreSettings::default(), Clock::System).unwrap();
+        let events = store.partition(partition).unwrap().read(0, 10);
+        assert_eq!(events.iter().map(|e| e.offset).collect::<Vec<_>>(), offsets);
+        assert_eq!(events[3].record.body, Bytes::from("{\"n\":3}"));
+        assert_eq!(
+            events[2]
+                .record
+                .properties
+                .application_properties()
+                .collect::<Vec<_>>(),
+            vec![("n", Some("2"))]
+        );
+        let empty = store.append_telemetry(&device, &Arc::from("gen"), AuthMethod::Sas, []);
+        assert!(empty.events.is_empty() && empty.refused.is_none());
+        assert_eq!(append(&store, "dev-1", 4).1, 4, "numbering goes on");
+    }
+
+    #[test]
+    fn a_durable_store_whose_disk_refuses_a_run_stores_none_of_it_and_numbers_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(dir.path(), settings_durable(), Clock::System).unwrap();
+        let (p, _) = append(&store, "dev-1", 0);
+        // The disk fills up: every write fails (ENOSPC).
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let offset = store.partitions[p as usize].lock().next_offset;
+        store.partitions[p as usize].lock().writer = Some(segment::Writer::over(full, 0, offset));
+        let messages =
+            (1..=3).map(|n| (PropertyBag::new(), Bytes::from(format!("{n}")), Utc::now()));
+        let appended = store.append_telemetry(
+            &Arc::from("dev-1"),
+            &Arc::from("gen"),
+            AuthMethod::Sas,
+            messages,
+        );
+        assert!(appended.events.is_empty());
+        let refused = appended.refused.expect("the run is refused");
+        assert_eq!(refused.partition, p);
+        assert_eq!(store.disk_failures(), 1);
+        assert_eq!(store.partition(p).unwrap().read(0, 10).len(), 1);
+        // What comes next goes to a new segment and takes the next number: nothing was given
+        // to the refused run.
+        assert_eq!(append(&store, "dev-1", 1).1, 1);
+        let reopened = EventStore::open(dir.path(), settings_durable(), Clock::System).unwrap();
+        let events = reopened.partition(p).unwrap().read(0, 10);
+        let numbers: Vec<i64> = events.iter().map(|e| e.sequence_number()).collect();
+        assert_eq!(numbers, vec![0, 1]);
+        assert_eq!(
+            events[1].offset, offset,
+            "the new segment begins where the refused run would have"
+        );
+    }
+
+    fn settings_durable() -> StoreSettings {
+        StoreSettings {
+            durable: true,
+            ..StoreSettings::default()
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use rumqttc::{
     ConnAck, ConnectReturnCode, Packet, PingResp, PubAck, Publish, QoS, SubAck,
     SubscribeReasonCode, UnsubAck,
@@ -34,6 +35,7 @@ use crate::hub::metrics::HubCounters;
 use crate::hub::registry::LiveStats;
 use crate::hub::sessions::{Attached, Outbound};
 use crate::hub::{twins, HubState};
+use crate::protocol::property_bag::PropertyBag;
 use crate::protocol::topic::{
     parse_device_publish, parse_subscription, twin_response_topic, DevicePublish, SubscriptionKind,
 };
@@ -46,6 +48,10 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 8 * 1024;
 /// Largest telemetry message: body plus property names and values.
 pub const MAX_MESSAGE_SIZE: usize = 256 * 1024;
+/// Reads after the first that one wake-up of a connection may take (`handle_read`).
+const READ_AHEAD_ROUNDS: usize = 8;
+/// Answers waiting to be written past which a connection stops reading ahead.
+const READ_AHEAD_OUT: usize = 8 * 1024;
 /// The hub's keep-alive cap: 1.5 x 1177 s.
 const MAX_IDLE: Duration = Duration::from_secs(1767);
 
@@ -221,6 +227,7 @@ pub async fn serve<S>(
         generation_id: None,
         partition: state.events.partition_of(&login.device_id),
         auth: login.auth,
+        telemetry: Vec::new(),
     };
     let reason = connection
         .run(
@@ -295,6 +302,18 @@ struct Connection<'a> {
     partition: u32,
     /// How the device authenticated, stamped on each message it sends.
     auth: AuthMethod,
+    /// Telemetry read but not yet stored: the run of messages in what one read brought, stored
+    /// in one append (one write) and acknowledged after it ([`Connection::store_telemetry`]).
+    telemetry: Vec<PendingTelemetry>,
+}
+
+/// A telemetry message accepted for storing, with the packet id its PUBACK needs (none at
+/// QoS 0).
+struct PendingTelemetry {
+    pkid: Option<u16>,
+    properties: PropertyBag,
+    body: Bytes,
+    enqueued_time: chrono::DateTime<chrono::Utc>,
 }
 
 /// Why the loop ended; logged once.
@@ -317,7 +336,7 @@ impl Connection<'_> {
         }
         // A client may send packets right behind its CONNECT without waiting for the CONNACK
         // (MQTT 3.1.1, 3.1.4): whatever arrived with it is already buffered.
-        if let Err(reason) = self.handle_buffered(inbuf) {
+        if let Err(reason) = self.handle_read(stream, inbuf) {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.out)).await;
             return reason;
         }
@@ -372,7 +391,7 @@ impl Connection<'_> {
                             idle_reset_at = now;
                             self.live.touch();
                         }
-                        if let Err(reason) = self.handle_buffered(inbuf) {
+                        if let Err(reason) = self.handle_read(stream, inbuf) {
                             // Flush what was answered before the violation, then close.
                             let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&self.out)).await;
                             return reason;
@@ -383,7 +402,52 @@ impl Connection<'_> {
         }
     }
 
-    /// Handles every complete packet in the buffer.
+    /// Handles what a read brought, and what the stream can give at once after it, then
+    /// stores the telemetry among it. One socket read brings several TLS records, which the
+    /// TLS layer hands out as far as the buffer has room: reading on while that needs no wait
+    /// stores the messages of one socket read in one append and answers them in one write.
+    /// Reading on stops at [`READ_AHEAD_ROUNDS`], once [`READ_AHEAD_OUT`] bytes of answers
+    /// wait, and when capture has no room for more. On a violation, what came before it is
+    /// still stored and acknowledged.
+    fn handle_read<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        inbuf: &mut BytesMut,
+    ) -> Result<(), CloseReason> {
+        let handled = self.read_ahead(stream, inbuf);
+        let stored = self.store_telemetry();
+        handled.and(stored)
+    }
+
+    fn read_ahead<S: AsyncRead + Unpin>(
+        &mut self,
+        stream: &mut S,
+        inbuf: &mut BytesMut,
+    ) -> Result<(), CloseReason> {
+        for _ in 0..READ_AHEAD_ROUNDS {
+            self.handle_buffered(inbuf)?;
+            let capture_full = self
+                .state
+                .capture
+                .as_ref()
+                .is_some_and(|capture| !capture.has_room(self.partition));
+            if self.out.len() >= READ_AHEAD_OUT || capture_full {
+                return Ok(());
+            }
+            match stream.read_buf(inbuf).now_or_never() {
+                Some(Ok(n)) if n > 0 => {}
+                // The end of the stream (read again by the caller's loop, which then closes)
+                // or nothing ready yet.
+                Some(Ok(_)) | None => return Ok(()),
+                Some(Err(e)) => return Err(format!("read failed: {e}")),
+            }
+        }
+        self.handle_buffered(inbuf)
+    }
+
+    /// Handles every complete packet in the buffer. Telemetry is kept to be stored by the
+    /// caller ([`Connection::store_telemetry`]), or before any other packet, so that events
+    /// and answers keep the device's order.
     fn handle_buffered(&mut self, inbuf: &mut BytesMut) -> Result<(), CloseReason> {
         loop {
             match Packet::read(inbuf, MAX_PACKET_SIZE) {
@@ -395,6 +459,11 @@ impl Connection<'_> {
     }
 
     fn handle(&mut self, packet: Packet) -> Result<(), CloseReason> {
+        // Telemetry waiting to be stored goes first (on_publish does the same for a publish
+        // that is not telemetry).
+        if !matches!(packet, Packet::Publish(_)) {
+            self.store_telemetry()?;
+        }
         match packet {
             Packet::Publish(publish) => self.on_publish(publish),
             Packet::PubAck(ack) => {
@@ -443,6 +512,10 @@ impl Connection<'_> {
         }
         let message = parse_device_publish(&publish.topic, &self.device_id)
             .map_err(|e| format!("publish refused: {e}"))?;
+        // Telemetry waiting to be stored goes before anything else the device sends.
+        if !matches!(message, DevicePublish::Telemetry { .. }) {
+            self.store_telemetry()?;
+        }
         match message {
             DevicePublish::Telemetry { properties } => {
                 let size = publish.payload.len() + properties.size_for_limit();
@@ -451,43 +524,20 @@ impl Connection<'_> {
                         "message of {size} bytes is over the {MAX_MESSAGE_SIZE}-byte limit"
                     ));
                 }
-                let enqueued_time = chrono::Utc::now();
                 // A message refused here (capture's buffer full, or the durable store's disk
-                // failing) is not acknowledged, and the connection closes so that the device
-                // sends it again.
+                // failing in store_telemetry) is not acknowledged, and the connection closes so
+                // that the device sends it again.
                 if let Some(capture) = &self.state.capture {
                     capture
-                        .check(self.partition)
+                        .check(self.partition, self.telemetry.len())
                         .map_err(|e| format!("telemetry not accepted: {e}"))?;
                 }
-                // The event store: read by the Event Hubs-compatible endpoint and by capture.
-                let (registry, id) = (&self.state.registry, &self.device_id);
-                let generation = self.generation_id.get_or_insert_with(|| {
-                    let generation = registry
-                        .get(id, |d| d.generation_id.clone())
-                        .unwrap_or_default();
-                    Arc::from(generation.as_str())
+                self.telemetry.push(PendingTelemetry {
+                    pkid: (publish.qos == QoS::AtLeastOnce).then_some(publish.pkid),
+                    properties,
+                    body: publish.payload,
+                    enqueued_time: chrono::Utc::now(),
                 });
-                let (partition, stored) = self
-                    .state
-                    .events
-                    .append(
-                        self.device_id.clone(),
-                        generation.clone(),
-                        self.auth,
-                        properties,
-                        publish.payload.clone(),
-                        enqueued_time,
-                    )
-                    .map_err(|e| {
-                        format!(
-                            "telemetry not accepted: {}",
-                            crate::common::logging::error_chain(&e)
-                        )
-                    })?;
-                self.state.telemetry.keep(partition, stored);
-                self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
-                self.puback(&publish);
             }
             DevicePublish::TwinGet { rid } => {
                 self.puback(&publish);
@@ -525,6 +575,47 @@ impl Connection<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Stores the telemetry read so far in one append to the event store (read by the Event
+    /// Hubs-compatible endpoint and by capture), then acknowledges each message stored. What
+    /// the store refused (a durable store's disk failing) is not acknowledged: the connection
+    /// closes, and the device sends it again.
+    fn store_telemetry(&mut self) -> Result<(), CloseReason> {
+        if self.telemetry.is_empty() {
+            return Ok(());
+        }
+        let (registry, id) = (&self.state.registry, &self.device_id);
+        let generation = self.generation_id.get_or_insert_with(|| {
+            let generation = registry
+                .get(id, |d| d.generation_id.clone())
+                .unwrap_or_default();
+            Arc::from(generation.as_str())
+        });
+        let pending = std::mem::take(&mut self.telemetry);
+        let pkids: Vec<Option<u16>> = pending.iter().map(|m| m.pkid).collect();
+        let appended = self.state.events.append_telemetry(
+            &self.device_id,
+            generation,
+            self.auth,
+            pending
+                .into_iter()
+                .map(|m| (m.properties, m.body, m.enqueued_time)),
+        );
+        for (stored, pkid) in appended.events.into_iter().zip(pkids) {
+            self.state.telemetry.keep(appended.partition, stored);
+            self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
+            if let Some(pkid) = pkid {
+                let _ = PubAck::new(pkid).write(&mut self.out);
+            }
+        }
+        match appended.refused {
+            Some(error) => Err(format!(
+                "telemetry not accepted: {}",
+                crate::common::logging::error_chain(&error)
+            )),
+            None => Ok(()),
+        }
     }
 
     fn puback(&mut self, publish: &Publish) {
