@@ -110,20 +110,23 @@ impl Telemetry {
         }
     }
 
-    /// Keeps an event the store has accepted (in `partition`) in the ring, numbered.
-    pub fn keep(&self, partition: u32, stored: Arc<StoredEvent>) {
+    /// Keeps events the store has accepted (in `partition`, in its order) in the ring,
+    /// numbered: one lock for the run of messages a connection stored at once.
+    pub fn keep(&self, partition: u32, stored: impl IntoIterator<Item = Arc<StoredEvent>>) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() >= self.capacity {
-            recent.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        for stored in stored {
+            if recent.len() >= self.capacity {
+                recent.pop_front();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            // Numbered under the lock, so the ring is in number order.
+            let sequence_number = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+            recent.push_back(Event {
+                sequence_number,
+                partition,
+                stored,
+            });
         }
-        // Numbered under the lock, so the ring is in number order.
-        let sequence_number = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-        recent.push_back(Event {
-            sequence_number,
-            partition,
-            stored,
-        });
     }
 
     /// The ring's events, oldest first, optionally of one device and after a number.
@@ -181,7 +184,7 @@ mod tests {
     fn buffer_keeps_the_newest_and_counts_what_it_drops() {
         let telemetry = Telemetry::new(2);
         for i in 0..3 {
-            telemetry.keep(0, stored("d1", i));
+            telemetry.keep(0, [stored("d1", i)]);
         }
         let events = telemetry.recent(None, 0, 10);
         assert_eq!(events.len(), 2);

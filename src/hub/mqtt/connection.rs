@@ -602,13 +602,16 @@ impl Connection<'_> {
                 .into_iter()
                 .map(|m| (m.properties, m.body, m.enqueued_time)),
         );
-        for (stored, pkid) in appended.events.into_iter().zip(pkids) {
-            self.state.telemetry.keep(appended.partition, stored);
-            self.live.telemetry_received.fetch_add(1, Ordering::Relaxed);
-            if let Some(pkid) = pkid {
-                let _ = PubAck::new(pkid).write(&mut self.out);
-            }
+        // The stored ones are the first, in order: a PUBACK for each of those.
+        for pkid in pkids.into_iter().take(appended.events.len()).flatten() {
+            let _ = PubAck::new(pkid).write(&mut self.out);
         }
+        self.live
+            .telemetry_received
+            .fetch_add(appended.events.len() as u64, Ordering::Relaxed);
+        self.state
+            .telemetry
+            .keep(appended.partition, appended.events);
         match appended.refused {
             Some(error) => Err(format!(
                 "telemetry not accepted: {}",
