@@ -18,9 +18,15 @@
 //! - `methods` (hub only): connects `--devices` devices that subscribe to direct methods and
 //!   answer at once; `--callers` concurrent callers invoke them over the service REST API
 //!   (keep-alive HTTPS connections) and the round trip is reported as p50/p99/max and calls/s.
+//! - `subscribe` (Mosquitto only: IoT Hub lets no client subscribe to devices' telemetry): the
+//!   MQTT counterpart of `examples/eventhub_drain.rs`, a back end reading everything. One
+//!   client subscribes to every device's telemetry at QoS 1 and counts what it receives until
+//!   SIGTERM, then prints `RESULT events=N`; SIGUSR1 prints `AT events=N` (its count at that
+//!   moment). scripts/bench-hub runs it beside the generator as the anchor's consumer.
 //!
-//! Every mode ends with one `RESULT key=value ...` line for scripts, and reports the CPU time the
-//! generator and the server used during the measured interval (they share the machine's cores).
+//! The other modes end with one `RESULT key=value ...` line for scripts, and report the CPU time
+//! the generator and the server used during the measured interval (they share the machine's
+//! cores).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +51,7 @@ enum Mode {
     Connect,
     Telemetry,
     Methods,
+    Subscribe,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -807,5 +814,45 @@ async fn main() -> Result<()> {
         Mode::Connect => run_connect(&args, setup).await,
         Mode::Telemetry => run_telemetry(&args, setup).await,
         Mode::Methods => run_methods(&args, setup).await,
+        Mode::Subscribe => run_subscribe(&setup).await,
     }
+}
+
+/// The anchor's back end: every device's telemetry through one QoS 1 subscription, counted
+/// (module notes, `subscribe`).
+async fn run_subscribe(setup: &Setup) -> Result<()> {
+    if setup.target != Target::Mosquitto {
+        bail!("--mode subscribe is for --target mosquitto: IoT Hub lets no client subscribe to devices' telemetry (its back ends read the Event Hubs-compatible endpoint: examples/eventhub_drain.rs)");
+    }
+    // A clean session: a session kept from an earlier run would hand this one the messages
+    // published while no subscriber was there.
+    let mut options = setup.options("bench-subscriber")?;
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    eventloop.set_network_options(network_options());
+    client
+        .subscribe("devices/+/messages/events/#", QoS::AtLeastOnce)
+        .await?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut mark = signal(SignalKind::user_defined1())?;
+    let mut events = 0u64;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = mark.recv() => println!("AT events={events}"),
+            event = eventloop.poll() => match event {
+                Ok(Event::Incoming(Packet::Publish(_))) => events += 1,
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        bail!("the broker refused the subscription");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => bail!("the subscriber's connection failed after {events} messages: {e}"),
+            },
+        }
+    }
+    println!("RESULT events={events}");
+    Ok(())
 }
