@@ -662,12 +662,17 @@ impl Partition {
     /// Closes the open segment and begins one at `offset`.
     fn roll(&self, log: &mut Log, offset: u64) {
         if let Some(writer) = log.writer.take() {
-            log.closed.push_back(Segment {
-                base_offset: writer.base_offset,
-                last_sequence: log.writer_last_sequence,
-            });
+            // A segment that begins where the next one would holds no whole record (its first
+            // write failed): it is begun again below, not kept as a closed one, whose deletion
+            // by retention would then remove the file the new segment writes to.
+            if writer.base_offset != offset {
+                log.closed.push_back(Segment {
+                    base_offset: writer.base_offset,
+                    last_sequence: log.writer_last_sequence,
+                });
+            }
         }
-        match segment::Writer::open(&self.dir, offset, 0) {
+        match segment::Writer::create(&self.dir, offset) {
             Ok(writer) => log.writer = Some(writer),
             Err(error) => {
                 tracing::warn!(partition = self.id, %error, "cannot begin an event segment; this partition goes on in memory alone")
@@ -980,6 +985,60 @@ mod tests {
             events[1].offset, offset,
             "the new segment begins where the refused run would have"
         );
+    }
+
+    #[test]
+    fn a_failed_first_write_into_a_new_segment_leaves_nothing_in_front_of_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::open(dir.path(), settings_durable(), Clock::System).unwrap();
+        let (p, _) = append(&store, "dev-1", 0);
+        let offset = store.partitions[p as usize].lock().next_offset;
+        // A segment begun at `offset` (the one before it closed) whose first write fails
+        // part-way: a torn record in its file, and a disk that refuses the rest (ENOSPC).
+        let partition = &store.partitions[p as usize];
+        let partition_dir = partition.dir.clone();
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        {
+            let mut log = partition.lock();
+            partition.roll(&mut log, offset);
+            log.writer = Some(segment::Writer::over(full, offset, 0));
+        }
+        std::fs::write(
+            partition_dir.join(segment::file_name(offset)),
+            b"\x40\0\0\0torn",
+        )
+        .unwrap();
+        let refused = store.append_telemetry(
+            &Arc::from("dev-1"),
+            &Arc::from("gen"),
+            AuthMethod::Sas,
+            [(PropertyBag::new(), Bytes::from("lost"), Utc::now())],
+        );
+        assert!(refused.events.is_empty() && refused.refused.is_some());
+        assert_eq!(append(&store, "dev-1", 1).1, 1);
+        assert_eq!(append(&store, "dev-1", 2).1, 2);
+        // Capture publishes the first event and retention by count drops it, and with it every
+        // segment that ends before the oldest kept one: never the one being written.
+        store.set_captured(p, 1).unwrap();
+        partition.retain(0, 2);
+        assert!(!dir_has(&partition_dir, &segment::file_name(0)));
+        drop(store);
+        let reopened = EventStore::open(dir.path(), settings_durable(), Clock::System).unwrap();
+        let events = reopened.partition(p).unwrap().read(0, 10);
+        let numbers: Vec<i64> = events.iter().map(|e| e.sequence_number()).collect();
+        assert_eq!(
+            numbers,
+            vec![1, 2],
+            "what followed the failure is read back"
+        );
+        assert_eq!(events[0].offset, offset);
+    }
+
+    fn dir_has(dir: &Path, name: &str) -> bool {
+        dir.join(name).exists()
     }
 
     fn settings_durable() -> StoreSettings {

@@ -363,6 +363,22 @@ impl Writer {
         })
     }
 
+    /// Begins a new segment at `base_offset`. A file of that name can only be what a failed
+    /// first write left of a segment begun at the same offset (a torn record, nothing whole):
+    /// it is emptied, so that the records written now are not read back behind it.
+    pub fn create(dir: &Path, base_offset: u64) -> io::Result<Writer> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dir.join(file_name(base_offset)))?;
+        Ok(Writer {
+            file,
+            base_offset,
+            len: 0,
+        })
+    }
+
     /// A writer over a file already open (tests: a disk that refuses writes).
     #[cfg(test)]
     pub fn over(file: File, base_offset: u64, len: u64) -> Writer {
