@@ -9,8 +9,9 @@ use std::str::FromStr;
 use libfuzzer_sys::fuzz_target;
 use simdevice::protocol::connection_string::{DeviceConnectionString, ServiceConnectionString};
 
-/// Long enough that no field or type name in the `Debug` output can contain it by chance.
-const MIN_SECRET_CHECKED: usize = 24;
+/// Stands in for a secret: if `Debug` showed secrets, a value with this one in their place
+/// would print differently.
+const OTHER_SECRET: &str = "c29tZXRoaW5nIGVsc2UgZW50aXJlbHk=";
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -23,22 +24,17 @@ fuzz_target!(|data: &[u8]| {
             Ok(&device),
             "{formatted:?}"
         );
-        let debug = format!("{device:?}");
-        let shown = [
-            Some(device.host_name.as_str()),
-            Some(device.device_id.as_str()),
-            device.module_id.as_deref(),
-            device.gateway_host_name.as_deref(),
-        ];
-        for secret in [&device.shared_access_key, &device.shared_access_signature]
-            .into_iter()
-            .flatten()
-        {
-            let elsewhere = shown.iter().flatten().any(|f| f.contains(secret.as_str()));
-            if secret.len() >= MIN_SECRET_CHECKED && !elsewhere {
-                assert!(!debug.contains(secret.as_str()), "Debug shows a secret");
-            }
-        }
+        // The Debug text does not depend on the secrets. (Searching it for the secret's text
+        // is not enough: another field's escapes can spell it, `\r` followed by "e..." reads
+        // as a secret that begins "re...".)
+        let mut other = device.clone();
+        other.shared_access_key = other.shared_access_key.map(|_| OTHER_SECRET.into());
+        other.shared_access_signature = other.shared_access_signature.map(|_| OTHER_SECRET.into());
+        assert_eq!(
+            format!("{device:?}"),
+            format!("{other:?}"),
+            "Debug shows a secret"
+        );
     }
 
     if let Ok(service) = ServiceConnectionString::from_str(s) {
@@ -48,12 +44,12 @@ fuzz_target!(|data: &[u8]| {
             Ok(&service),
             "{formatted:?}"
         );
-        let debug = format!("{service:?}");
-        let secret = service.shared_access_key.as_str();
-        let elsewhere =
-            service.host_name.contains(secret) || service.shared_access_key_name.contains(secret);
-        if secret.len() >= MIN_SECRET_CHECKED && !elsewhere {
-            assert!(!debug.contains(secret), "Debug shows the key");
-        }
+        let mut other = service.clone();
+        other.shared_access_key = OTHER_SECRET.into();
+        assert_eq!(
+            format!("{service:?}"),
+            format!("{other:?}"),
+            "Debug shows the key"
+        );
     }
 });
