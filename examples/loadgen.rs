@@ -43,6 +43,7 @@ use rumqttc::{
 use simdevice::common::local_hub::HubInfo;
 use simdevice::protocol::connection_string::ServiceConnectionString;
 use simdevice::protocol::sas;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -833,7 +834,6 @@ async fn run_subscribe(setup: &Setup) -> Result<()> {
     client
         .subscribe("devices/+/messages/events/#", QoS::AtLeastOnce)
         .await?;
-    use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut mark = signal(SignalKind::user_defined1())?;
     let mut events = 0u64;
