@@ -336,9 +336,9 @@ impl EventStore {
 
     /// Appends messages one device sent (in the order given) to its partition in one write:
     /// what a device connection read at once. The events stored come back in that order;
-    /// with a durable store whose disk failed part-way, they are the ones written before the
-    /// failure (the first of them, when none were), and the error says why the rest were
-    /// refused.
+    /// with a durable store whose disk failed part-way, they are the ones the disk wholly
+    /// took before the failure (none, when it took none), and the error says why the rest
+    /// were refused.
     pub fn append_telemetry(
         &self,
         device_id: &Arc<str>,
@@ -493,7 +493,7 @@ impl Partition {
         }
         if log.writer.is_none() {
             let path = dir.join(segment::file_name(0));
-            log.writer = Some(segment::Writer::open(&dir, 0, 0).map_err(io_error(&path))?);
+            log.writer = Some(segment::Writer::create(&dir, 0).map_err(io_error(&path))?);
         }
         let captured_path = dir.join(CAPTURED);
         let captured = if durable {

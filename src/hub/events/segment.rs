@@ -169,6 +169,7 @@ impl Record {
     }
 
     /// The record as the log stores it, header (length, checksum) and payload in one buffer.
+    #[cfg(test)]
     pub fn framed(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.frame_into(&mut out);
@@ -363,9 +364,10 @@ impl Writer {
         })
     }
 
-    /// Begins a new segment at `base_offset`. A file of that name can only be what a failed
-    /// first write left of a segment begun at the same offset (a torn record, nothing whole):
-    /// it is emptied, so that the records written now are not read back behind it.
+    /// Begins a new segment at `base_offset` ([`Writer::open`] goes on with the last one at
+    /// start). A file of that name can only be what a failed first write left of a segment
+    /// begun at the same offset (a torn record, nothing whole): it is emptied, so that the
+    /// records written now are not read back behind it.
     pub fn create(dir: &Path, base_offset: u64) -> io::Result<Writer> {
         let file = OpenOptions::new()
             .create(true)
