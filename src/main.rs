@@ -3,6 +3,14 @@
 
 use std::process::ExitCode;
 
+/// Builds with the hub allocate through mimalloc: the hub's telemetry and Event Hubs paths
+/// allocate per event, and with glibc's malloc the hub spent more CPU per event and its
+/// Event Hubs reader fell further behind (docs/benchmarks.md, eighth run). The device-only
+/// build keeps the system allocator, which its memory figures were measured with.
+#[cfg(feature = "hub")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{CommandFactory, Parser};
 use simdevice::cli::{Cli, Command};
 use simdevice::commands;

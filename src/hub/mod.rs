@@ -124,6 +124,9 @@ pub enum HubError {
         #[source]
         source: std::io::Error,
     },
+    /// The thread the AMQP endpoint runs on (`amqp::thread`) cannot be started.
+    #[error("cannot start the Event Hubs-compatible endpoint's thread")]
+    EndpointThread(#[source] std::io::Error),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -173,6 +176,7 @@ impl HubError {
                 tls::TlsError::Io { .. } | tls::TlsError::BadCaKey { .. }
             ),
             HubError::Store(error) => matches!(error, store::StoreError::Open { .. }),
+            HubError::EndpointThread(_) => false,
             HubError::Bind { source, .. } => matches!(
                 source.kind(),
                 ErrorKind::AddrNotAvailable | ErrorKind::PermissionDenied
@@ -240,6 +244,8 @@ pub struct Hub {
     tasks: TaskTracker,
     /// With `--capture`: its task, finished after every connection has ended.
     capture: Option<capture::Capture>,
+    /// Where the AMQP endpoint runs; dropped after its tasks have ended (`shutdown`).
+    _amqp_thread: amqp::thread::EndpointThread,
     /// The state directory is this hub's until it is dropped (after `shutdown`).
     _lock: StateLock,
 }
@@ -372,6 +378,15 @@ impl Hub {
             })
         };
         let amqp_addr = local_addr(&amqp_listener, config.bind, config.amqp.port.number())?;
+        // The endpoint's listeners, and so its connections, are driven by its own thread.
+        let amqp_thread =
+            amqp::thread::EndpointThread::start().map_err(HubError::EndpointThread)?;
+        let adopt = |listener, addr| {
+            amqp_thread
+                .adopt(listener)
+                .map_err(|source| HubError::Bind { addr, source })
+        };
+        let amqp_listener = adopt(amqp_listener, amqp_addr)?;
         let amqp_plain_addr = match &amqp_plain_listener {
             Some(listener) => Some(local_addr(
                 listener,
@@ -379,6 +394,10 @@ impl Hub {
                 config.amqp.plain_port.map_or(0, Port::number),
             )?),
             None => None,
+        };
+        let amqp_plain_listener = match (amqp_plain_listener, amqp_plain_addr) {
+            (Some(listener), Some(addr)) => Some(adopt(listener, addr)?),
+            _ => None,
         };
         // With capture the store is durable: it is what makes acknowledged messages survive a
         // kill until capture has published them.
@@ -578,23 +597,29 @@ impl Hub {
                 dps::mqtt::Transport::WebSocket,
             ));
         }
-        tasks.spawn(amqp::serve(
-            amqp_listener,
-            Some(acceptor.clone()),
-            state.clone(),
-            shutdown.clone(),
-            tasks.clone(),
-            amqp_alive,
-        ));
-        if let (Some(listener), Some(alive)) = (amqp_plain_listener, amqp_plain_alive) {
-            tasks.spawn(amqp::serve(
-                listener,
-                None,
+        tasks.spawn_on(
+            amqp::serve(
+                amqp_listener,
+                Some(acceptor.clone()),
                 state.clone(),
                 shutdown.clone(),
                 tasks.clone(),
-                alive,
-            ));
+                amqp_alive,
+            ),
+            amqp_thread.handle(),
+        );
+        if let (Some(listener), Some(alive)) = (amqp_plain_listener, amqp_plain_alive) {
+            tasks.spawn_on(
+                amqp::serve(
+                    listener,
+                    None,
+                    state.clone(),
+                    shutdown.clone(),
+                    tasks.clone(),
+                    alive,
+                ),
+                amqp_thread.handle(),
+            );
         }
         tasks.spawn(expire_events(state.clone(), shutdown.clone()));
         tasks.spawn(c2d::run_expiry(state.clone(), shutdown.clone()));
@@ -623,6 +648,7 @@ impl Hub {
             shutdown,
             tasks,
             capture,
+            _amqp_thread: amqp_thread,
             _lock: lock,
         })
     }

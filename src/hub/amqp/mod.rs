@@ -20,7 +20,8 @@
 //! `receiver` (a partition's events to one receiver), `devicebound` (cloud-to-device messages
 //! from services into `hub::c2d`), `feedback` (their feedback to services), `header` (SASL
 //! or none, as the client's protocol header asks), `coalesce` (the socket's writes gathered,
-//! since the engine flushes every frame). May not touch MQTT or the REST API.
+//! since the engine flushes every frame), `thread` (the endpoint's own runtime thread, beside
+//! the hub's pool). May not touch MQTT or the REST API.
 
 pub mod address;
 pub mod authz;
@@ -32,6 +33,7 @@ pub mod feedback;
 pub mod header;
 pub mod receiver;
 pub mod sasl;
+pub mod thread;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
