@@ -34,7 +34,8 @@ fn main() -> ExitCode {
     };
     simdevice::common::logging::init(cli.log_format, default_level);
     // One device needs no thread pool: `run` gets a single-threaded runtime, which keeps the
-    // daemon's memory and CPU small; the hub and the rest use one worker per core.
+    // daemon's memory and CPU small; the hub and the rest use one worker per core (the hub's
+    // Event Hubs endpoint adds a thread of its own: hub/amqp/thread.rs).
     let runtime = match &cli.command {
         Command::Run(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
